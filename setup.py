@@ -5,6 +5,7 @@ The Python package and the Triton kernels always install. The CUDA C++ extension
 forces it off, =1 forces it on (and fails loudly if it cannot be built).
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -12,17 +13,33 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ARCHS = ("80", "90")
+
+
+def _load_build_config():
+    # Flags shared with pyvit_ops.testing.cuda_report; loaded by path because the
+    # package itself (and torch) may not be importable yet.
+    path = os.path.join(ROOT, "pyvit_ops", "_build_config.py")
+    spec = importlib.util.spec_from_file_location("_pyvit_ops_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _load_build_config()
+
+
+def _is_toolkit(home):
+    return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+        os.path.join(home, "include", "cuda_runtime.h"))
 
 
 def _find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
+    # An nvcc on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc): only accept a
+    # directory that also holds the CUDA headers.
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+    candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    return next((home for home in candidates if _is_toolkit(home)), None)
 
 
 def _want_cuda():
@@ -39,11 +56,15 @@ def _want_cuda():
     # link step looks for libcudart in the wrong place.
     os.environ["CUDA_HOME"] = cuda_home
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         if forced:
             sys.exit("PYVIT_OPS_BUILD_CUDA=1 but torch is not importable in the build environment")
         return False, "torch not importable at build time"
+    if torch.version.cuda is None:
+        if forced:
+            sys.exit(f"PYVIT_OPS_BUILD_CUDA=1 but torch {torch.__version__} is a CPU-only build")
+        return False, f"torch {torch.__version__} is a CPU-only build"
     return True, cuda_home
 
 
@@ -54,20 +75,18 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    # One translation unit per op (csrc/<op>.cu) plus the bindings: ninja compiles them
+    # in parallel. csrc/host_emulation.h is only for the CPU test build.
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + sorted(
         glob.glob(os.path.join("csrc", "*.cpp")))
-    gencode = []
-    for arch in ARCHS:
-        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     ext = CUDAExtension(
         name="pyvit_ops._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": BUILD.CXX_FLAGS + [BUILD.archs_define()],
             # -Xptxas=-v prints registers / spills per kernel; the build log is the report.
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=-v", "-lineinfo",
-                     "-DPYVIT_ARCHS=\"" + ";".join(ARCHS) + "\""] + gencode,
+            "nvcc": BUILD.NVCC_FLAGS + ["-Xptxas=-v"] + BUILD.gencode_flags(),
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -80,11 +99,13 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels (Triton and CUDA C++) for vision-transformer operators",
     python_requires=">=3.9",
-    packages=["pyvit_ops", "pyvit_ops.ops", "pyvit_ops.reference", "pyvit_ops.testing",
-              "pyvit_ops.kernels"],
-    # kernels/ lives at the top of the repo and ships inside the package as pyvit_ops.kernels
-    package_dir={"pyvit_ops": "pyvit_ops", "pyvit_ops.kernels": "kernels"},
-    package_data={"pyvit_ops": ["csrc/*", "csrc/**/*"]},
+    packages=["pyvit_ops", "pyvit_ops.ops", "pyvit_ops.reference", "pyvit_ops.testing", "pyvit_ops.nn",
+              "pyvit_ops.kernels", "pyvit_ops.csrc"],
+    # kernels/ and csrc/ live at the top of the repo and ship inside the package as
+    # pyvit_ops.kernels and pyvit_ops/csrc (the sources pyvit_ops.testing.host builds).
+    package_dir={"pyvit_ops": "pyvit_ops", "pyvit_ops.kernels": "kernels",
+                 "pyvit_ops.csrc": "csrc"},
+    package_data={"pyvit_ops.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp"]},
     install_requires=["torch>=2.4", "triton", "numpy"],
     extras_require={"test": ["pytest", "hypothesis", "timm", "ninja", "pybind11"]},
     ext_modules=ext_modules,
