@@ -1,4 +1,23 @@
-"""pyvit_ops (integration in progress: public names are added once every op module exists)."""
+"""pyvit_ops: fused GPU kernels (Triton and CUDA C++) for vision-transformer operators.
+
+Functional API: scaled_dot_product_attention, window_attention, elsa_attention,
+avg_pool2d, poolformer_pool. Modules: pyvit_ops.nn. timm integration: patch_timm.
+``python -m pyvit_ops.info`` says which backends can run here and why.
+"""
 __version__ = "0.1.0"
 
 import torch  # noqa: F401  (loads libc10 before the CUDA extension is imported)
+
+from pyvit_ops._backend import BackendUnavailableError
+from pyvit_ops._ext import HAS_CUDA_EXT
+from pyvit_ops.ops.avg_pool2d import avg_pool2d, poolformer_pool
+from pyvit_ops.ops.elsa_attention import elsa_attention
+from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention
+from pyvit_ops.ops.window_attention import window_attention
+from pyvit_ops import nn
+from pyvit_ops.patch import patch_timm
+
+__all__ = [
+    "scaled_dot_product_attention", "window_attention", "elsa_attention", "avg_pool2d",
+    "poolformer_pool", "patch_timm", "nn", "HAS_CUDA_EXT", "BackendUnavailableError",
+]

@@ -1,0 +1,144 @@
+"""Benchmark of ``pyvit_ops.elsa_attention`` at ELSA-Swin-T/S/B stage shapes (224).
+
+Baseline (``naive``): the official ELSA module's aggregation as it runs without its CUDA
+op: softmax of the logits over the K² taps, ghost tensors expanded per sample, then
+``elsa_op``'s unfold formulation (unfold v to (B, C, K², HW), ``filters = mul * attn + add``,
+multiply and sum over the taps). v is the channel slice of the packed 1x1-conv
+projection, as in the module. The released ELSA-Swin models use λ = 0, γ = 1: the
+multiplicative ghost is all ones (``ghost_mul=None`` here; the official code materialises
+it, in v's dtype below so the baseline is not penalised by an fp32 promotion) and the
+additive one is a (C, K, K) parameter. The tiny shape also exercises ``ghost_mul``.
+
+    python -m benchmarks.elsa_attention [options of python -m benchmarks]
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from benchmarks.harness import Flops, Inputs, Shape
+
+OP = "elsa_attention"
+KERNEL = 7
+GROUP_WIDTH = 8  # the official module rounds dim_qk up to a multiple of this
+
+# (model, channels per stage); 32 channels per head, ELSA replaces stages 1-3.
+_ELSA_SWINS = (("elsa_swin_t+elsa_swin_s", (96, 192, 384)), ("elsa_swin_b", (128, 256, 512)))
+
+
+def _dim_qk(channels):
+    return math.ceil(channels // 3 * 2 / GROUP_WIDTH) * GROUP_WIDTH
+
+
+def model_shapes():
+    shapes = []
+    for model, channels in _ELSA_SWINS:
+        for stage, c in enumerate(channels):
+            shapes.append(Shape(model, f"224.s{stage + 1}", dict(
+                channels=c, heads=c // 32, grid=224 // 4 // 2 ** stage, kernel=KERNEL, dilation=1,
+                dim_qk=_dim_qk(c), ghost_mul=False)))
+    return shapes
+
+
+def tiny_shapes():
+    # 11 x 11 grid: every 7x7 window reaches the border; two heads of 8 channels.
+    return [Shape("tiny", "ghosts", dict(channels=16, heads=2, grid=11, kernel=KERNEL, dilation=1,
+                                         dim_qk=16, ghost_mul=True))]
+
+
+def reduce(params, max_heads):
+    """The shape with at most ``max_heads`` heads (same channels per head) and the factor
+    back to the full shape: every head is an independent set of programs."""
+    heads = min(params["heads"], max_heads)
+    per_head = params["channels"] // params["heads"]
+    return dict(params, heads=heads, channels=heads * per_head), params["heads"] / heads
+
+
+def describe(params, batch):
+    p = params
+    return (f"B={batch} C={p['channels']} heads={p['heads']} grid={p['grid']}x{p['grid']} "
+            f"K={p['kernel']} dilation={p['dilation']} ghost_mul={p['ghost_mul']}")
+
+
+def make_inputs(params, batch, device, dtype, requires_grad=True):
+    """v: channel slice of the (B, 2 dim_qk + C, H, W) projection; attn: (B, G K², H, W)
+    logits; ghosts: (C, K, K) parameters."""
+    c, g, grid, k = params["channels"], params["heads"], params["grid"], params["kernel"]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(*shape, std=1.0):
+        t = torch.randn(shape, generator=gen, device=device) * std
+        return t.to(dtype).requires_grad_(requires_grad)
+
+    qkv = leaf(batch, 2 * params["dim_qk"] + c, grid, grid)
+    attn = leaf(batch, g * k * k, grid, grid)
+    ghost_add = leaf(c, k, k, std=0.02)
+    ghost_mul = leaf(c, k, k) if params["ghost_mul"] else None
+    leaves = {"qkv": qkv, "attn": attn, "ghost_add": ghost_add}
+    if ghost_mul is not None:
+        leaves["ghost_mul"] = ghost_mul
+    v = qkv[:, 2 * params["dim_qk"]:]
+    return Inputs(leaves=leaves,
+                  reads={"v": v, "attn": attn, "ghost_mul": ghost_mul, "ghost_add": ghost_add},
+                  extra={"kernel": k, "dilation": params["dilation"]})
+
+
+def _elsa_op(features, mul, add, spatial_filter, k, dilation):
+    """The official ``elsa_op`` without its CUDA extension (the unfold formulation)."""
+    B, C, H, W = features.shape
+    cols = F.unfold(features, kernel_size=k, dilation=dilation, padding=k // 2 * dilation)
+    cols = cols.reshape(B, C, k * k, H * W)
+    filters = (mul.reshape(B, C, k * k, 1) * spatial_filter.reshape(B, 1, k * k, H * W)
+               + add.reshape(B, C, k * k, 1))
+    return (cols * filters).sum(2).reshape(B, C, H, W)
+
+
+def naive(inp):
+    """The official ``ELSA.forward`` from the v slice on (heads folded into the batch)."""
+    v, attn, k = inp.v, inp.attn, inp.kernel
+    B, C, H, W = v.shape
+    G = attn.shape[1] // (k * k)
+    cg = C // G
+    v = v.reshape(B * G, cg, H, W)
+    attn = attn.reshape(B * G, -1, H, W).softmax(1)
+    add = inp.ghost_add.expand(B, C, k, k).reshape(B * G, cg, k, k)
+    if inp.ghost_mul is None:
+        mul = torch.ones(B * G, cg, k, k, device=v.device, dtype=v.dtype)
+    else:
+        mul = inp.ghost_mul.expand(B, C, k, k).reshape(B * G, cg, k, k)
+    return _elsa_op(v, mul, add, attn, k, inp.dilation).reshape(B, C, H, W)
+
+
+def _pyvit(inp, backend):
+    return harness.pyvit_function(OP)(inp.v, inp.attn, inp.ghost_mul, inp.ghost_add,
+                                      kernel_size=inp.kernel, dilation=inp.dilation,
+                                      backend=backend)
+
+
+def fused(inp):
+    return _pyvit(inp, "triton")
+
+
+def providers(device):
+    return harness.pyvit_providers(_pyvit, device)
+
+
+def flops(params, batch):
+    """Per output element and tap: the filter (2) and its product with v (2) forward; the
+    backward recomputes the filter (2), accumulates dv (2) and forms dp, dM, dD (6). The
+    softmax costs ~5 operations per logit forward, ~4 backward. No matrix products."""
+    p = params
+    pixels = batch * p["grid"] ** 2
+    taps = p["kernel"] ** 2
+    outputs = pixels * p["channels"]
+    logits = pixels * p["heads"] * taps
+    return {"fwd": Flops(other=4 * outputs * taps + 5 * logits),
+            "bwd": Flops(other=10 * outputs * taps + 4 * logits)}
+
+
+if __name__ == "__main__":
+    from benchmarks.__main__ import main
+
+    sys.exit(main(["--ops", OP, *sys.argv[1:]]))

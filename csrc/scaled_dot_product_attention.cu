@@ -1,0 +1,478 @@
+// scaled_dot_product_attention kernels (interface in scaled_dot_product_attention.cuh).
+// Plain CUDA C++ (no tensor-core intrinsics) so the same source runs under host
+// emulation; automatic dispatch prefers the Triton kernels. Blocks of 128 threads stage
+// tiles of q/k/v in shared memory as fp32; everything accumulates in fp32.
+//
+// Forward: a block per (batch, 16-query tile) walks the keys 32 at a time with an online
+// softmax (log2 domain) and saves lse (natural log; +inf for a row with every key
+// masked, which makes every recomputed probability 0, as torch gives zeros).
+// Backward, deterministic (no atomics; every output element has one owner that sums in
+// a fixed order): delta = rowsum(dout * out); a key-major kernel for dk/dv looping over
+// the query tiles; a query-major kernel for dq looping over the key tiles; and, for a
+// float bias that needs a gradient, a kernel per (bias group, tile) that recomputes dS
+// for each broadcast batch index in order (and every query tile when the bias is
+// broadcast over the queries) and sums it, so no (*batch, Nq, Nk) gradient is formed.
+#include <algorithm>
+
+#include "common.cuh"
+#include "scaled_dot_product_attention.cuh"
+
+namespace pyvit {
+namespace sdpa {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Tile sizes per padded head dim DP, sized so that each kernel's fp32 tiles fit in the
+// 48 KB of static shared memory. K/V rows are padded by one float: the score loops read
+// one key per lane, and the padding spreads those rows over the banks.
+template <int DP>
+struct Tiles {
+  static constexpr int kFwdM = 16, kFwdN = 32;
+  static constexpr int kKvM = DP == 128 ? 8 : 16, kKvN = 32;
+  static constexpr int kQM = 16, kQN = DP == 128 ? 16 : 32;
+};
+
+// First output of Philox-4x32-10 for counter (c0, c1, 0, 0) and key (k0, k1): the
+// generator of Triton's tl.philox, so both backends drop the same elements.
+PV_DEVICE std::uint32_t philox_first(std::uint32_t c0, std::uint32_t c1, std::uint32_t k0,
+                                     std::uint32_t k1) {
+  std::uint32_t c2 = 0, c3 = 0;
+  for (int round = 0; round < 10; ++round) {
+    const std::uint32_t a0 = c0, a2 = c2;
+    c0 = __umulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = __umulhi(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+PV_DEVICE bool dropout_keep(const SdpaParams& p, std::int64_t z, int row, int col) {
+  const auto offset = static_cast<std::uint32_t>(row * p.Nk + col);
+  return philox_first(offset, static_cast<std::uint32_t>(z), static_cast<std::uint32_t>(p.seed),
+                      static_cast<std::uint32_t>(p.seed >> 32)) >= p.dropout_threshold;
+}
+
+// The bias term of logit (row, col) in natural units: the float bias, or 0 / -inf for a
+// bool mask.
+template <typename T>
+PV_DEVICE float bias_value(const SdpaParams& p, int z1, int z2, int row, int col) {
+  const std::int64_t off = z1 * p.b_stride[0] + z2 * p.b_stride[1] + row * p.b_stride[2] +
+                           col * p.b_stride[3];
+  switch (p.bias_kind) {
+    case SdpaBias::kBool:
+      return static_cast<const std::uint8_t*>(p.bias)[off] != 0 ? 0.f : -INFINITY;
+    case SdpaBias::kFloat32:
+      return static_cast<const float*>(p.bias)[off];
+    case SdpaBias::kSameAsQ:
+      return to_float(static_cast<const T*>(p.bias)[off]);
+    case SdpaBias::kNone:
+    default:
+      return 0.f;
+  }
+}
+
+// rows [row0, row0 + ROWS) of a (N, D) matrix at `base` into dst (row pitch LD), zero
+// outside the matrix. Consecutive threads read consecutive columns.
+template <int ROWS, int DP, int LD, typename T>
+PV_DEVICE void load_tile(float* dst, const T* __restrict__ base, std::int64_t row_stride,
+                         std::int64_t col_stride, int row0, int n, int D) {
+  for (int e = threadIdx.x; e < ROWS * DP; e += kThreads) {
+    const int r = e / DP, d = e % DP;
+    dst[r * LD + d] = row0 + r < n && d < D
+                          ? to_float(base[(row0 + r) * row_stride + d * col_stride])
+                          : 0.f;
+  }
+}
+
+template <int DP>
+PV_DEVICE float dot_row(const float* a, const float* b) {
+  float s = 0.f;
+#pragma unroll 16
+  for (int d = 0; d < DP; ++d) s += a[d] * b[d];
+  return s;
+}
+
+PV_DEVICE float warp_max(float v) {
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+PV_DEVICE float warp_sum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
+  constexpr int BM = Tiles<DP>::kFwdM, BN = Tiles<DP>::kFwdN, RPW = BM / kWarps;
+  static_assert(BN == 32, "the softmax step gives one key per lane");
+  __shared__ float qs[BM * DP], ks[BN * (DP + 1)], vs[BN * DP], ps[BM * (BN + 1)];
+  __shared__ float alpha_s[BM], l_s[BM];
+  const int num_m = static_cast<int>(ceil_div(p.Nq, BM));
+  const int row0 = static_cast<int>(blockIdx.x % num_m) * BM;
+  const std::int64_t z = blockIdx.x / num_m;
+  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const T* q = static_cast<const T*>(p.q) + z1 * p.q_stride[0] + z2 * p.q_stride[1];
+  const T* k = static_cast<const T*>(p.k) + z1 * p.k_stride[0] + z2 * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + z1 * p.v_stride[0] + z2 * p.v_stride[1];
+  load_tile<BM, DP, DP>(qs, q, p.q_stride[2], p.q_stride[3], row0, p.Nq, p.D);
+
+  const float qk_scale = p.scale * kLog2e;
+  float m[RPW], l[RPW];
+  for (int r = 0; r < RPW; ++r) m[r] = -INFINITY, l[r] = 0.f;
+  const int oi = tid / 8, od = tid % 8;  // the output row and column phase of the thread
+  float acc[DP / 8] = {};
+  for (int col0 = 0; col0 < p.Nk; col0 += BN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<BN, DP, DP + 1>(ks, k, p.k_stride[2], p.k_stride[3], col0, p.Nk, p.D);
+    load_tile<BN, DP, DP>(vs, v, p.v_stride[2], p.v_stride[3], col0, p.Nk, p.D);
+    __syncthreads();
+    for (int e = tid; e < BM * BN; e += kThreads) {  // logits, log2 units
+      const int i = e / BN, j = e % BN, row = row0 + i, col = col0 + j;
+      float s = -INFINITY;
+      if (row < p.Nq && col < p.Nk) {
+        s = dot_row<DP>(qs + i * DP, ks + j * (DP + 1)) * qk_scale;
+        if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col) * kLog2e;
+      }
+      ps[i * (BN + 1) + j] = s;
+    }
+    __syncthreads();
+    for (int r = 0; r < RPW; ++r) {  // online softmax: a warp per row, a key per lane
+      const int i = warp * RPW + r;
+      const float s = ps[i * (BN + 1) + lane];
+      const float m_new = fmaxf(m[r], warp_max(s));
+      // A row with every key masked so far keeps m = -inf: shift by 0, not inf - inf.
+      const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[r] - m_ref);
+      float prob = exp2f(s - m_ref);
+      l[r] = l[r] * alpha + warp_sum(prob);
+      m[r] = m_new;
+      if (p.dropout && !dropout_keep(p, z, row0 + i, col0 + lane)) prob = 0.f;
+      ps[i * (BN + 1) + lane] = prob;
+      if (lane == 0) alpha_s[i] = alpha;
+    }
+    __syncthreads();
+    const float alpha = alpha_s[oi];
+#pragma unroll
+    for (int c = 0; c < DP / 8; ++c) {
+      float a = acc[c] * alpha;
+      for (int j = 0; j < BN; ++j) a += ps[oi * (BN + 1) + j] * vs[j * DP + od + 8 * c];
+      acc[c] = a;
+    }
+  }
+  if (lane == 0) {
+    for (int r = 0; r < RPW; ++r) {
+      const int i = warp * RPW + r;
+      l_s[i] = l[r];
+      if (row0 + i < p.Nq) {
+        p.lse[z * p.Nq + row0 + i] = l[r] == 0.f ? INFINITY : (m[r] + log2f(l[r])) * kLn2;
+      }
+    }
+  }
+  __syncthreads();
+  const int row = row0 + oi;
+  if (row >= p.Nq) return;
+  const float li = l_s[oi];
+  const float f = p.dropout_scale / (li == 0.f ? 1.f : li);
+  T* out = static_cast<T*>(p.out_w) + (z * p.Nq + row) * p.D;
+#pragma unroll
+  for (int c = 0; c < DP / 8; ++c) {
+    if (od + 8 * c < p.D) out[od + 8 * c] = from_float<T>(acc[c] * f);
+  }
+}
+
+// delta[z, i] = sum_d dout * out: a warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) delta_kernel(const SdpaParams p) {
+  const std::int64_t r = std::int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+  if (r >= std::int64_t{p.Z1} * p.Z2 * p.Nq) return;
+  const std::int64_t z = r / p.Nq;
+  const int i = static_cast<int>(r % p.Nq);
+  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  const T* o = static_cast<const T*>(p.out) + z1 * p.o_stride[0] + z2 * p.o_stride[1] +
+               i * p.o_stride[2];
+  const T* g = static_cast<const T*>(p.dout) + z1 * p.do_stride[0] + z2 * p.do_stride[1] +
+               i * p.do_stride[2];
+  float s = 0.f;
+  for (int d = threadIdx.x % 32; d < p.D; d += 32) {
+    s += to_float(o[d * p.o_stride[3]]) * to_float(g[d * p.do_stride[3]]);
+  }
+  s = warp_sum(s);
+  if (threadIdx.x % 32 == 0) p.delta[r] = s;
+}
+
+// The backward's shared-memory tiles of one (query tile, key tile) pair.
+template <int DP, int BM, int BN>
+struct BwdTiles {
+  float qs[BM * DP], dos[BM * DP], ks[BN * (DP + 1)], vs[BN * (DP + 1)];
+  float ps[BM * (BN + 1)], dss[BM * (BN + 1)];
+  float lse[BM], delta[BM];  // lse in log2 units
+};
+
+template <int DP, int BM, int BN, typename T>
+PV_DEVICE void load_queries(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::int64_t z,
+                            int z1, int z2, int row0) {
+  load_tile<BM, DP, DP>(t.qs, static_cast<const T*>(p.q) + z1 * p.q_stride[0] + z2 * p.q_stride[1],
+                        p.q_stride[2], p.q_stride[3], row0, p.Nq, p.D);
+  load_tile<BM, DP, DP>(t.dos,
+                        static_cast<const T*>(p.dout) + z1 * p.do_stride[0] + z2 * p.do_stride[1],
+                        p.do_stride[2], p.do_stride[3], row0, p.Nq, p.D);
+  for (int i = threadIdx.x; i < BM; i += kThreads) {
+    const bool valid = row0 + i < p.Nq;
+    t.lse[i] = valid ? p.lse[z * p.Nq + row0 + i] * kLog2e : INFINITY;
+    t.delta[i] = valid ? p.delta[z * p.Nq + row0 + i] : 0.f;
+  }
+}
+
+template <int DP, int BM, int BN, typename T>
+PV_DEVICE void load_keys(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, int z1, int z2, int col0) {
+  load_tile<BN, DP, DP + 1>(t.ks,
+                            static_cast<const T*>(p.k) + z1 * p.k_stride[0] + z2 * p.k_stride[1],
+                            p.k_stride[2], p.k_stride[3], col0, p.Nk, p.D);
+  load_tile<BN, DP, DP + 1>(t.vs,
+                            static_cast<const T*>(p.v) + z1 * p.v_stride[0] + z2 * p.v_stride[1],
+                            p.v_stride[2], p.v_stride[3], col0, p.Nk, p.D);
+}
+
+// ps = the kept, rescaled probabilities (what multiplies v) and dss = dS = P * (dP - delta)
+// of the tile, 0 outside the matrix. Element e = tid + kThreads * r is the thread's r-th.
+template <int DP, int BM, int BN, typename T>
+PV_DEVICE void probs_and_dscores(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::int64_t z,
+                                 int z1, int z2, int row0, int col0) {
+  const float qk_scale = p.scale * kLog2e;
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int i = e / BN, j = e % BN, row = row0 + i, col = col0 + j;
+    float pv = 0.f, ds = 0.f;
+    if (row < p.Nq && col < p.Nk) {
+      float s = dot_row<DP>(t.qs + i * DP, t.ks + j * (DP + 1)) * qk_scale;
+      if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col) * kLog2e;
+      const float prob = exp2f(s - t.lse[i]);
+      float dp = dot_row<DP>(t.dos + i * DP, t.vs + j * (DP + 1));
+      pv = prob;
+      if (p.dropout) {
+        const bool keep = dropout_keep(p, z, row, col);
+        pv = keep ? prob * p.dropout_scale : 0.f;
+        dp = keep ? dp * p.dropout_scale : 0.f;
+      }
+      ds = prob * (dp - t.delta[i]);
+    }
+    t.ps[i * (BN + 1) + j] = pv;
+    t.dss[i * (BN + 1) + j] = ds;
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
+  constexpr int BM = Tiles<DP>::kKvM, BN = Tiles<DP>::kKvN;
+  static_assert(kThreads == 4 * BN, "four threads per key");
+  __shared__ BwdTiles<DP, BM, BN> t;
+  const int num_n = static_cast<int>(ceil_div(p.Nk, BN));
+  const int col0 = static_cast<int>(blockIdx.x % num_n) * BN;
+  const std::int64_t z = blockIdx.x / num_n;
+  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
+  const int j = threadIdx.x / 4, dph = threadIdx.x % 4;
+  float dk[DP / 4] = {}, dv[DP / 4] = {};
+  for (int row0 = 0; row0 < p.Nq; row0 += BM) {
+    __syncthreads();
+    load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0);
+    __syncthreads();
+    probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, row0, col0);
+    __syncthreads();
+    for (int i = 0; i < BM; ++i) {
+      const float pij = t.ps[i * (BN + 1) + j], dsij = t.dss[i * (BN + 1) + j];
+#pragma unroll
+      for (int c = 0; c < DP / 4; ++c) {
+        dv[c] += pij * t.dos[i * DP + dph + 4 * c];
+        dk[c] += dsij * t.qs[i * DP + dph + 4 * c];
+      }
+    }
+  }
+  const int col = col0 + j;
+  if (col >= p.Nk) return;
+  T* dk_out = static_cast<T*>(p.dk) + (z * p.Nk + col) * p.D;
+  T* dv_out = static_cast<T*>(p.dv) + (z * p.Nk + col) * p.D;
+#pragma unroll
+  for (int c = 0; c < DP / 4; ++c) {
+    const int d = dph + 4 * c;
+    if (d < p.D) {
+      dk_out[d] = from_float<T>(dk[c] * p.scale);
+      dv_out[d] = from_float<T>(dv[c]);
+    }
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
+  constexpr int BM = Tiles<DP>::kQM, BN = Tiles<DP>::kQN;
+  static_assert(kThreads == 8 * BM, "eight threads per query");
+  __shared__ BwdTiles<DP, BM, BN> t;
+  const int num_m = static_cast<int>(ceil_div(p.Nq, BM));
+  const int row0 = static_cast<int>(blockIdx.x % num_m) * BM;
+  const std::int64_t z = blockIdx.x / num_m;
+  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0);
+  const int i = threadIdx.x / 8, dph = threadIdx.x % 8;
+  float dq[DP / 8] = {};
+  for (int col0 = 0; col0 < p.Nk; col0 += BN) {
+    __syncthreads();
+    load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
+    __syncthreads();
+    probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, row0, col0);
+    __syncthreads();
+    for (int j = 0; j < BN; ++j) {
+      const float dsij = t.dss[i * (BN + 1) + j];
+#pragma unroll
+      for (int c = 0; c < DP / 8; ++c) dq[c] += dsij * t.ks[j * (DP + 1) + dph + 8 * c];
+    }
+  }
+  const int row = row0 + i;
+  if (row >= p.Nq) return;
+  T* out = static_cast<T*>(p.dq) + (z * p.Nq + row) * p.D;
+#pragma unroll
+  for (int c = 0; c < DP / 8; ++c) {
+    if (dph + 8 * c < p.D) out[dph + 8 * c] = from_float<T>(dq[c] * p.scale);
+  }
+}
+
+// How the dbias kernel walks the batch: ng groups (the batch dims the bias has) times nb
+// broadcast indices; row_bcast: the bias is broadcast over the queries too.
+struct DbiasPlan {
+  int ng = 1, nb = 1;
+  bool bcast1 = false, bcast2 = false, row_bcast = false;
+
+  PV_HOST_DEVICE void coords(int g, int b, int Z2, int& z1, int& z2) const {
+    if (bcast1 && bcast2) {
+      z1 = b / Z2, z2 = b % Z2;
+    } else if (bcast1) {
+      z1 = b, z2 = g;
+    } else if (bcast2) {
+      z1 = g, z2 = b;
+    } else {
+      z1 = g / Z2, z2 = g % Z2;
+    }
+  }
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) dbias_kernel(const SdpaParams p, const DbiasPlan plan) {
+  constexpr int BM = Tiles<DP>::kQM, BN = Tiles<DP>::kQN, PER = BM * BN / kThreads;
+  __shared__ BwdTiles<DP, BM, BN> t;
+  const int num_m = static_cast<int>(ceil_div(p.Nq, BM));
+  const int num_n = static_cast<int>(ceil_div(p.Nk, BN));
+  const int tiles_m = plan.row_bcast ? 1 : num_m;
+  const int col0 = static_cast<int>(blockIdx.x % num_n) * BN;
+  const int mt = static_cast<int>(blockIdx.x / num_n % tiles_m);
+  const int g = static_cast<int>(blockIdx.x / num_n / tiles_m);
+  const int m_begin = plan.row_bcast ? 0 : mt, m_end = plan.row_bcast ? num_m : mt + 1;
+  float acc[PER] = {};
+  for (int b = 0; b < plan.nb; ++b) {
+    int z1, z2;
+    plan.coords(g, b, p.Z2, z1, z2);
+    const std::int64_t z = std::int64_t{z1} * p.Z2 + z2;
+    for (int m = m_begin; m < m_end; ++m) {
+      __syncthreads();
+      load_queries<DP, BM, BN, T>(t, p, z, z1, z2, m * BM);
+      load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
+      __syncthreads();
+      probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, m * BM, col0);
+      // Each thread reads back the elements it wrote itself: no barrier needed.
+      for (int r = 0; r < PER; ++r) {
+        const int e = threadIdx.x + kThreads * r;
+        acc[r] += t.dss[e / BN * (BN + 1) + e % BN];
+      }
+    }
+  }
+  int z1, z2;
+  plan.coords(g, 0, p.Z2, z1, z2);
+  const std::int64_t base = z1 * p.db_stride[0] + z2 * p.db_stride[1];
+  const auto store = [&](int row, int col, float value) {
+    const std::int64_t off = base + row * p.db_stride[2] + col * p.db_stride[3];
+    if (p.dbias_f32) {
+      static_cast<float*>(p.dbias)[off] = value;
+    } else {
+      static_cast<T*>(p.dbias)[off] = from_float<T>(value);
+    }
+  };
+  if (!plan.row_bcast) {
+    for (int r = 0; r < PER; ++r) {
+      const int e = threadIdx.x + kThreads * r, row = mt * BM + e / BN, col = col0 + e % BN;
+      if (row < p.Nq && col < p.Nk) store(row, col, acc[r]);
+    }
+    return;
+  }
+  __syncthreads();
+  for (int r = 0; r < PER; ++r) {
+    const int e = threadIdx.x + kThreads * r;
+    t.dss[e / BN * (BN + 1) + e % BN] = acc[r];
+  }
+  __syncthreads();
+  const int j = threadIdx.x;
+  if (j < BN && col0 + j < p.Nk) {
+    float s = 0.f;
+    for (int i = 0; i < BM; ++i) s += t.dss[i * (BN + 1) + j];
+    store(0, col0 + j, s);
+  }
+}
+
+template <typename F>
+cudaError_t dispatch(const SdpaParams& p, const F& f) {
+  return PV_DTYPE_SWITCH(p.dtype, T, [&] {
+    if (p.D <= 32) return f(T{}, std::integral_constant<int, 32>{});
+    if (p.D <= 64) return f(T{}, std::integral_constant<int, 64>{});
+    return f(T{}, std::integral_constant<int, 128>{});
+  });
+}
+
+}  // namespace sdpa
+
+cudaError_t scaled_dot_product_attention_fwd(const SdpaParams& p, cudaStream_t stream) {
+  const std::int64_t z = std::int64_t{p.Z1} * p.Z2;
+  if (z == 0 || p.Nq == 0) return cudaSuccess;
+  return sdpa::dispatch(p, [&](auto t, auto dp) {
+    using T = decltype(t);
+    constexpr int DP = decltype(dp)::value;
+    const auto grid = static_cast<unsigned>(ceil_div(p.Nq, sdpa::Tiles<DP>::kFwdM) * z);
+    PV_LAUNCH((sdpa::fwd_kernel<T, DP>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& p, cudaStream_t stream) {
+  const std::int64_t z = std::int64_t{p.Z1} * p.Z2;
+  if (z == 0 || p.Nq == 0 || p.Nk == 0) return cudaSuccess;
+  sdpa::DbiasPlan plan;
+  plan.bcast1 = p.b_stride[0] == 0 && p.Z1 > 1;
+  plan.bcast2 = p.b_stride[1] == 0 && p.Z2 > 1;
+  plan.row_bcast = p.b_stride[2] == 0 && p.Nq > 1;
+  plan.nb = (plan.bcast1 ? p.Z1 : 1) * (plan.bcast2 ? p.Z2 : 1);
+  plan.ng = static_cast<int>(z / plan.nb);
+  return sdpa::dispatch(p, [&](auto t, auto dp) {
+    using T = decltype(t);
+    constexpr int DP = decltype(dp)::value;
+    using Tiles = sdpa::Tiles<DP>;
+    const dim3 block(sdpa::kThreads);
+    PV_LAUNCH((sdpa::delta_kernel<T>), dim3(static_cast<unsigned>(ceil_div(z * p.Nq, sdpa::kWarps))),
+              block, 0, stream, p);
+    cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+    PV_LAUNCH((sdpa::dkdv_kernel<T, DP>), dim3(static_cast<unsigned>(ceil_div(p.Nk, Tiles::kKvN) * z)),
+              block, 0, stream, p);
+    if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    const std::int64_t num_m = ceil_div(p.Nq, Tiles::kQM), num_n = ceil_div(p.Nk, Tiles::kQN);
+    PV_LAUNCH((sdpa::dq_kernel<T, DP>), dim3(static_cast<unsigned>(num_m * z)), block, 0, stream, p);
+    if ((error = cudaGetLastError()) != cudaSuccess || p.dbias == nullptr) return error;
+    const std::int64_t blocks = plan.ng * (plan.row_bcast ? 1 : num_m) * num_n;
+    PV_LAUNCH((sdpa::dbias_kernel<T, DP>), dim3(static_cast<unsigned>(blocks)), block, 0, stream, p,
+              plan);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace pyvit

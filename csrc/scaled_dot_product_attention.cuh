@@ -1,0 +1,47 @@
+// scaled_dot_product_attention: softmax(q k^T * scale + bias) v, forward and backward.
+// Launcher interface: no torch, no device code.
+#pragma once
+
+#include "api.h"
+
+namespace pyvit {
+
+// How the bias is read: absent, a bool mask (bytes, nonzero = attend), float32, or the
+// dtype of q.
+enum class SdpaBias : std::uint8_t { kNone, kBool, kFloat32, kSameAsQ };
+
+// Tensors are (Z1, Z2, N, D) (bias (Z1, Z2, Nq, Nk)), read through strides in elements
+// (z1, z2, row, col order); broadcast bias dims have stride 0. Outputs out, dq, dk, dv
+// are contiguous; lse and delta are contiguous fp32 (Z1, Z2, Nq). dbias (float32 or q's
+// dtype, per dbias_f32) is written through db_stride, 0 on the dims it is reduced over.
+// Dropout keeps element (z, i, j) when the first Philox-4x32-10 output for counter
+// (i * Nk + j, z, 0, 0) and key (seed low, seed high) is >= dropout_threshold.
+struct SdpaParams {
+  DType dtype = DType::kFloat32;
+  SdpaBias bias_kind = SdpaBias::kNone;
+  const void *q = nullptr, *k = nullptr, *v = nullptr, *bias = nullptr;
+  const void *out = nullptr, *dout = nullptr;
+  void* out_w = nullptr;
+  float* lse = nullptr;
+  float* delta = nullptr;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr, *dbias = nullptr;
+  std::int64_t q_stride[4] = {}, k_stride[4] = {}, v_stride[4] = {}, b_stride[4] = {};
+  std::int64_t o_stride[4] = {}, do_stride[4] = {}, db_stride[4] = {};
+  int Z1 = 0, Z2 = 0, Nq = 0, Nk = 0, D = 0;
+  float scale = 1.f, dropout_scale = 1.f;
+  bool dropout = false;
+  std::uint32_t dropout_threshold = 0;
+  std::uint64_t seed = 0;
+  bool dbias_f32 = false;
+};
+
+// Largest head dim the kernels take.
+constexpr int kSdpaMaxHeadDim = 128;
+
+// Writes out_w (contiguous, q's dtype) and lse.
+cudaError_t scaled_dot_product_attention_fwd(const SdpaParams& params, cudaStream_t stream);
+// Writes delta (scratch), dq, dk, dv and, if dbias is set, dbias (its reduced shape;
+// the caller handles a bias broadcast along the keys, whose gradient is zero).
+cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& params, cudaStream_t stream);
+
+}  // namespace pyvit

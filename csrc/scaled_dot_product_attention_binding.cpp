@@ -1,0 +1,172 @@
+// Binding of scaled_dot_product_attention (see bindings.h): validation, device guard,
+// stream, launch. Takes the ops layer's folded (Z1, Z2, N, D) views, like the Triton
+// launchers in kernels/scaled_dot_product_attention.py.
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "bindings.h"
+#include "scaled_dot_product_attention.cuh"
+
+namespace sdpa_bind {
+
+using namespace pyvit_bind;
+
+void copy_strides(std::int64_t (&dst)[4], const at::Tensor& t) {
+  for (int d = 0; d < 4; ++d) dst[d] = t.stride(d);
+}
+
+// Shapes, dtypes, bias and dropout shared by the forward and backward.
+pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                              double scale, double dropout_p, int64_t seed) {
+  pyvit::SdpaParams p;
+  p.dtype = check_float_tensor(op, "q", q, 4);
+  TORCH_CHECK_TYPE(check_float_tensor(op, "k", k, 4) == p.dtype &&
+                       check_float_tensor(op, "v", v, 4) == p.dtype,
+                   op, ": k and v must have the dtype of q (", q.scalar_type(), "), got ",
+                   k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
+                    ": q, k, v must be on one device, got ", q.device(), ", ", k.device(),
+                    ", ", v.device());
+  const int64_t Z1 = q.size(0), Z2 = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
+  TORCH_CHECK_VALUE(k.sizes() == c10::IntArrayRef({Z1, Z2, Nk, D}) && v.sizes() == k.sizes(),
+                    op, ": k and v must have shape [", Z1, ", ", Z2, ", Nk, ", D, "], got ",
+                    k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(D >= 1 && D <= pyvit::kSdpaMaxHeadDim, op, ": head dim must be in [1, ",
+                    pyvit::kSdpaMaxHeadDim, "], got ", D);
+  TORCH_CHECK_VALUE(Z1 <= INT_MAX && Z2 <= INT_MAX && Nq <= INT_MAX && Nk <= INT_MAX &&
+                        Z1 * Z2 * std::max<int64_t>(Nq, Nk) <= INT_MAX,
+                    op, ": q of shape ", q.sizes(), " and k of shape ", k.sizes(),
+                    " are too large (the grid is indexed in 32 bits)");
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, op,
+                    ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p == 0.0 || Nq * Nk < (int64_t{1} << 31), op,
+                    ": dropout needs Nq * Nk < 2**31, got ", Nq, " * ", Nk);
+  p.Z1 = static_cast<int>(Z1), p.Z2 = static_cast<int>(Z2);
+  p.Nq = static_cast<int>(Nq), p.Nk = static_cast<int>(Nk), p.D = static_cast<int>(D);
+  p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  copy_strides(p.q_stride, q), copy_strides(p.k_stride, k), copy_strides(p.v_stride, v);
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.device() == q.device(), op, ": bias must be on the device of q (",
+                      q.device(), "), got ", b.device());
+    TORCH_CHECK_VALUE(b.sizes() == c10::IntArrayRef({Z1, Z2, Nq, Nk}), op,
+                      ": bias must be a [", Z1, ", ", Z2, ", ", Nq, ", ", Nk,
+                      "] view (broadcast dims with stride 0), got ", b.sizes());
+    if (b.scalar_type() == at::kBool) {
+      p.bias_kind = pyvit::SdpaBias::kBool;
+    } else if (b.scalar_type() == at::kFloat) {
+      p.bias_kind = pyvit::SdpaBias::kFloat32;
+    } else {
+      TORCH_CHECK_TYPE(b.scalar_type() == q.scalar_type(), op,
+                       ": bias must be bool, float32 or the dtype of q (", q.scalar_type(),
+                       "), got ", b.scalar_type());
+      p.bias_kind = pyvit::SdpaBias::kSameAsQ;
+    }
+    p.bias = b.const_data_ptr();
+    copy_strides(p.b_stride, b);
+  }
+  p.scale = static_cast<float>(scale);
+  p.dropout = dropout_p > 0.0;
+  // As the Triton kernels: threshold p * 2^32 in fp32, capped below 2^32.
+  const float threshold = std::min(static_cast<float>(dropout_p) * 4294967296.0f, 4294967040.0f);
+  p.dropout_threshold = static_cast<std::uint32_t>(threshold);
+  p.dropout_scale = dropout_p >= 1.0 ? 0.f : static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.seed = static_cast<std::uint64_t>(seed);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& bias, double scale,
+                                            double dropout_p, int64_t seed) {
+  constexpr const char* op = "scaled_dot_product_attention_fwd";
+  pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({p.Z1, p.Z2, p.Nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const DeviceContext context(q);
+  p.out_w = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  check_launch(pyvit::scaled_dot_product_attention_fwd(p, context.stream()), op);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, double dropout_p, int64_t seed, bool bias_requires_grad) {
+  constexpr const char* op = "scaled_dot_product_attention_bwd";
+  pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout},
+                                std::pair<const char*, const at::Tensor&>{"out", out}}) {
+    TORCH_CHECK_TYPE(check_float_tensor(op, name, t, 4) == p.dtype, op, ": ", name,
+                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes() && t.device() == q.device(), op, ": ", name,
+                      " must have the shape and device of q (", q.sizes(), ", ", q.device(),
+                      "), got ", t.sizes(), ", ", t.device());
+  }
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                        lse.sizes() == c10::IntArrayRef({p.Z1, p.Z2, p.Nq}) &&
+                        lse.device() == q.device(),
+                    op, ": lse must be a contiguous float32 [", p.Z1, ", ", p.Z2, ", ", p.Nq,
+                    "] tensor on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(),
+                    " strides ", lse.strides(), " on ", lse.device());
+  TORCH_CHECK_VALUE(!bias_requires_grad || (bias.has_value() && bias->scalar_type() != at::kBool),
+                    op, ": bias_requires_grad needs a float bias");
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), contiguous);
+  at::Tensor dk = at::empty(k.sizes(), contiguous);
+  at::Tensor dv = at::empty(v.sizes(), contiguous);
+  at::Tensor dbias = at::empty({0}, q.options());
+  const bool empty = dq.numel() == 0 || dk.numel() == 0;
+  if (bias_requires_grad) {
+    // The bias view's shape with each broadcast dim (stride 0, size > 1) reduced to 1.
+    std::vector<int64_t> reduced(4);
+    for (int d = 0; d < 4; ++d) {
+      reduced[d] = bias->stride(d) == 0 && bias->size(d) > 1 ? 1 : bias->size(d);
+    }
+    // A bias constant along the keys has a zero gradient (softmax is shift-invariant).
+    const bool zero = empty || (p.b_stride[3] == 0 && p.Nk > 1);
+    dbias = zero ? at::zeros(reduced, bias->options()) : at::empty(reduced, bias->options());
+    if (!zero) {
+      p.dbias = dbias.mutable_data_ptr();
+      p.dbias_f32 = dbias.scalar_type() == at::kFloat;
+      for (int d = 0; d < 4; ++d) p.db_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
+    }
+  }
+  if (empty) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv, dbias};
+  }
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  const DeviceContext context(q);
+  p.out = out.const_data_ptr(), p.dout = dout.const_data_ptr();
+  copy_strides(p.o_stride, out), copy_strides(p.do_stride, dout);
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());
+  p.delta = delta.mutable_data_ptr<float>();
+  p.dq = dq.mutable_data_ptr(), p.dk = dk.mutable_data_ptr(), p.dv = dv.mutable_data_ptr();
+  check_launch(pyvit::scaled_dot_product_attention_bwd(p, context.stream()), op);
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace sdpa_bind
+
+PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
+  m.def(
+      "scaled_dot_product_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, "
+      "float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "scaled_dot_product_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? bias, float scale, float dropout_p, int seed, "
+      "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {
+  m.impl("scaled_dot_product_attention_fwd", &sdpa_bind::sdpa_fwd);
+  m.impl("scaled_dot_product_attention_bwd", &sdpa_bind::sdpa_bwd);
+}

@@ -1,0 +1,70 @@
+// Swin window attention (W-MSA / SW-MSA) of image-layout token grids. Launcher
+// interface: no torch, no device code.
+#pragma once
+
+#include "api.h"
+
+namespace pyvit {
+
+// Largest window area (wh * ww) the kernels take: a window is one 64-token tile.
+constexpr int kWindowAttentionMaxArea = 64;
+
+// A (B, H, W, heads, D) tensor read through its strides (elements, in that order).
+struct WindowAttentionTokens {
+  const void* data = nullptr;
+  std::int64_t stride[5] = {0, 0, 0, 0, 0};
+};
+
+// Semantics of timm's SwinTransformerBlock._attn (pyvit_ops.reference.window_attention):
+// roll by (-sh, -sw), pad bottom / right to window multiples, attend inside each
+// wh x ww window with the relative position bias and, where shifted, mask_value between
+// shift regions; un-partition, crop, roll back. Window w of num_windows =
+// B * ceil(H / wh) * ceil(W / ww) is (b, wy, wx) in row-major order.
+//
+// The caller guarantees: 1 <= wh <= H, 1 <= ww <= W, wh * ww <= kWindowAttentionMaxArea,
+// 0 <= sh < wh, 0 <= sw < ww; every element offset inside one image of q, k, v and
+// dout and the H * W * heads * D elements of one output image fit in int32;
+// num_windows * heads < 2^31.
+struct WindowAttentionParams {
+  DType dtype = DType::kFloat32;  // of q, k, v, out, dout and the token outputs
+  int B = 0, H = 0, W = 0, heads = 0, D = 0;
+  int wh = 1, ww = 1, sh = 0, sw = 0;
+  float scale = 1.f;         // applied to q k^T
+  float mask_value = -100.f;  // added between tokens of different shift regions
+  WindowAttentionTokens q, k, v;
+  // ((2wh - 1)(2ww - 1), heads) fp32 contiguous, or null (no bias).
+  const float* table = nullptr;
+  // Key / value of padded tokens: (heads, D) fp32 contiguous (already rounded to
+  // dtype), or null for zeros.
+  const float* pad_k = nullptr;
+  const float* pad_v = nullptr;
+  // Forward outputs: out (contiguous (B, H, W, heads, D)) and lse, the base-2
+  // log-sum-exp of every score row, fp32 contiguous (num_windows, heads, wh * ww).
+  void* out = nullptr;
+  float* lse = nullptr;
+  // Backward inputs: the output gradient and the forward's lse (the backward does not
+  // need the forward's output).
+  WindowAttentionTokens dout;
+  const float* lse_in = nullptr;
+  // Backward outputs: dq, dk, dv contiguous (B, H, W, heads, D); when table_grad,
+  // dtable ((2wh - 1)(2ww - 1), heads) fp32; when pad_grad, dpad (2, heads, D) fp32
+  // (dpad_k then dpad_v). workspace: window_attention_bwd_workspace_floats(params)
+  // floats, no initial value needed.
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  bool table_grad = false, pad_grad = false;
+  float* dtable = nullptr;
+  float* dpad = nullptr;
+  float* workspace = nullptr;
+};
+
+cudaError_t window_attention_fwd(const WindowAttentionParams& params, cudaStream_t stream);
+cudaError_t window_attention_bwd(const WindowAttentionParams& params, cudaStream_t stream);
+
+// Scratch floats the backward needs for its deterministic reductions (per-block
+// partial sums of the table and pad gradients), given the geometry and the two flags.
+std::int64_t window_attention_bwd_workspace_floats(const WindowAttentionParams& params);
+
+// Dynamic shared memory per block of the forward / backward kernel, in bytes.
+int window_attention_shared_bytes(int window_area, bool backward);
+
+}  // namespace pyvit

@@ -1,0 +1,526 @@
+"""Triton Swin window attention (W-MSA / SW-MSA), forward and backward.
+
+Semantics: ``pyvit_ops.reference.window_attention`` (timm's roll, then pad, then
+partition; relative position bias; shift-region mask on the padded grid).
+
+Nothing is materialised: a program finds the tokens of its window by index
+arithmetic. Slot ``t`` of window ``(b, wy, wx)`` sits at ``(py, px) = (wy*wh + t//ww,
+wx*ww + t%ww)`` of the rolled, padded grid; if inside the ``H x W`` grid it is the
+original token ``((py + sh) mod H, (px + sw) mod W)`` (read from q / k / v through their
+strides, so q, k, v may be slices of one packed projection), otherwise a padded
+token whose key / value is the ``pad_k`` / ``pad_v`` row of its head. The relative
+position bias is gathered from the ``((2wh-1)(2ww-1), heads)`` table per (query, key)
+pair; the shift mask comes from the slot positions: on the padded grid only the
+last window row (column) is split into two regions, at ``wh - sh`` (``ww - sw``),
+exactly where timm's ``get_attn_mask`` puts its boundaries.
+
+Work split: a program owns one head and a run of consecutive windows of one
+*kind* (interior, last row, last column, corner). All its windows share the bias
+and the shift mask, so it gathers the bias and builds the mask once, as the
+``(bias + mask) / scale`` start of the score accumulator, and then loops over its
+windows doing only loads, two (forward) or five (backward) ``tl.dot`` and the
+softmax; the loop is software-pipelined (the next window's q / k / v load while
+this one computes). About 8 programs per SM; heads vary fastest over program ids,
+so the programs of the same windows run together and share the L2 lines of their
+tokens. Per window-head (7x7, D = 32) the forward loop body is ~650 instructions
+per thread, comparable with the time its 12.5 KB of q / k / v / out take at HBM
+bandwidth; a per-(window, head) program that redid the gather and index math ran
+~2000.
+
+Tiles: the whole window (N = wh*ww <= 64 tokens) is one ``BLOCK_N x BLOCK_N`` score
+tile (N padded to 32 or 64 for ``tl.dot``), so the softmax is exact in one pass.
+Packing several windows into one 128-row tile was rejected: the attention is
+block-diagonal, so it would only add masked work to a memory-bound operator.
+Products use tensor cores in every dtype: fp16 / bf16 operands, and TF32 for fp32
+inputs (IEEE fp32 dots fall back to FMA loops that spill; TF32 rounds the
+operands to 10 mantissa bits, about 1e-3 relative error on the scores, as
+``torch.backends.cuda.matmul.allow_tf32 = True`` would). Accumulation is fp32.
+
+Saved for the backward: the output and the log-sum-exp of every score row, fp32,
+``(num_windows, heads, N)`` with ``num_windows = B * ceil(H/wh) * ceil(W/ww)``, in
+base 2 (``log2(sum_j 2^(s_ij log2 e))``); the CUDA backend uses the same layout.
+
+Backward: the same programs recompute each window from q, k and the lse, with
+(key, query) tiles so that dk and dv come out of their dots untransposed. dq, dk,
+dv of a window's real tokens belong to that window alone, so they are written
+directly. The two reductions are deterministic without atomics: a program sums
+``dS`` (the gradient of the bias-added scores) over its windows in registers and
+writes one ``N x N`` partial, and the launcher adds the partials in program order
+and gathers the ``N x N`` sums into table rows with a fixed index list. The pad
+gradient (dk / dv summed over padded keys) is a second launch of the same kernel
+(``PAD_GRAD``) over the last-row / last-column programs, made only when the grid
+is padded and a pad needs its gradient.
+
+Element offsets inside one image are int32, the batch offset is int64.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from pyvit_ops.reference.window_attention import relative_position_index
+
+MAX_WINDOW_AREA = 64
+MAX_HEAD_DIM = 128
+MAX_HEAD_DIM_FP32 = 64  # fp32 tiles are twice the size: D = 128 spills
+_INT32_MAX = 2**31 - 1
+_NUM_STAGES = 2  # the window loop prefetches the next window's tokens
+
+
+@triton.jit
+def _slot_rows_cols(WW, BLOCK_N: tl.constexpr):
+    """Slot t -> (t, ty, tx) inside a window of width WW. t // WW goes through an fp32
+    reciprocal, exact here ((t + 0.5) / WW stays 0.5 / WW away from integers), since
+    integer division by a runtime value costs ~20 instructions a slot."""
+    t = tl.arange(0, BLOCK_N)
+    ty = ((t.to(tl.float32) + 0.5) * (1.0 / WW)).to(tl.int32)
+    return t, ty, t - ty * WW
+
+
+@triton.jit
+def _program_windows(pid, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM):
+    """The head and the windows of program ``pid``.
+
+    Windows are split into four kinds, each walked by its own programs: interior,
+    last row, last column, corner. A program's windows therefore share one shift
+    mask, folded into its loop-invariant score accumulator. Returns h, the kind
+    (last_row, last_col), the kind's sub-grid (ny, nx) of windows and the program's
+    range [first, end) of indices into it."""
+    h = pid % HEADS
+    g = pid // HEADS
+    n0 = B * (n_wh - 1) * (n_ww - 1)
+    n1 = B * (n_ww - 1)
+    n2 = B * (n_wh - 1)
+    g0 = tl.cdiv(n0, WINDOWS_PER_PROGRAM)
+    g1 = tl.cdiv(n1, WINDOWS_PER_PROGRAM)
+    g2 = tl.cdiv(n2, WINDOWS_PER_PROGRAM)
+    c1 = g >= g0
+    c2 = g >= g0 + g1
+    c3 = g >= g0 + g1 + g2
+    last_row = (c1 & ~c2) | c3
+    last_col = c2
+    g -= tl.where(c1, g0, 0) + tl.where(c2, g1, 0) + tl.where(c3, g2, 0)
+    count = tl.where(c3, B, tl.where(c2, n2, tl.where(c1, n1, n0)))
+    ny = tl.where(last_row, 1, n_wh - 1)
+    nx = tl.where(last_col, 1, n_ww - 1)
+    first = g * WINDOWS_PER_PROGRAM
+    return h, last_row, last_col, ny, nx, first, tl.minimum(first + WINDOWS_PER_PROGRAM, count)
+
+
+@triton.jit
+def _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scale,
+                       mask_value, HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KEYS_AS_ROWS: tl.constexpr):
+    """What the program's windows share: per slot (ty, tx) and whether it is inside the
+    window, and the score accumulator ``(bias + shift mask) / scale`` (-inf on key
+    slots past N), the bias gathered from the table of head ``h``; a (query, key)
+    tile, or (key, query) with ``KEYS_AS_ROWS`` (bias transposed, mask symmetric).
+
+    Shift regions only split the last window row (column), at slot row WH - SH
+    (column WW - SW), where timm's get_attn_mask puts its boundaries."""
+    t, ty, tx = _slot_rows_cols(WW, BLOCK_N)
+    in_win = t < WH * WW
+    region = ((ty >= WH - SH) & last_row).to(tl.int32) * 2 + ((tx >= WW - SW) & last_col).to(tl.int32)
+    acc0 = tl.where(region[:, None] != region[None, :], mask_value, 0.0)
+    if HAS_TABLE:
+        # rel(i, j) = (ty_i - ty_j + WH - 1)(2WW - 1) + tx_i - tx_j + WW - 1 = row_i - col_j.
+        # Slots past N take the centre row / column 0, so the gather stays inside the
+        # table without a mask (their scores are discarded).
+        centre = (WH - 1) * (2 * WW - 1) + WW - 1
+        col = tl.where(in_win, ty * (2 * WW - 1) + tx, 0)
+        row = tl.where(in_win, centre + col, centre)
+        if KEYS_AS_ROWS:
+            acc0 += tl.load(table_ptr + (row[None, :] - col[:, None]) * HEADS + h)
+        else:
+            acc0 += tl.load(table_ptr + (row[:, None] - col[None, :]) * HEADS + h)
+    # -inf before the product by 1 / scale: the sign comes out right for any scale.
+    if KEYS_AS_ROWS:
+        acc0 = tl.where(in_win[:, None], acc0, float("-inf")) * inv_scale
+    else:
+        acc0 = tl.where(in_win[None, :], acc0, float("-inf")) * inv_scale
+    return ty, tx, in_win, acc0
+
+
+@triton.jit
+def _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW,
+                   ty, tx, in_win):
+    """Window ``e`` of the program's sub-grid: its index w among all windows (row-major
+    over (B, n_wh, n_ww)), batch index and, per slot, the real-token flag and source
+    position (oy, ox)."""
+    b = e // (ny * nx)
+    wy = (e // nx) % ny + tl.where(last_row, n_wh - 1, 0)
+    wx = e % nx + tl.where(last_col, n_ww - 1, 0)
+    py = wy * WH + ty
+    px = wx * WW + tx
+    real = in_win & (py < H) & (px < W)
+    # Rolling by -shift puts original token (p + shift) mod size at p.
+    oy = py + SH
+    oy = tl.where(oy >= H, oy - H, oy)
+    ox = px + SW
+    ox = tl.where(ox >= W, ox - W, ox)
+    return (b * n_wh + wy) * n_ww + wx, b, real, oy, ox
+
+
+@triton.jit
+def _scores_log2(a, b, acc0, scale):
+    """(a b^T * scale + bias + shift mask) * log2(e), (a, b) = (q, k), or (k, q) for the
+    transposed scores. Bias and mask enter as the dot's accumulator: loop-invariant,
+    it is converted once to the dot's layout, and the softmax stays in that layout."""
+    s = tl.dot(a, tl.trans(b), acc0, input_precision="tf32")
+    return s * (scale * 1.4426950408889634)
+
+
+@triton.jit
+def _load_tokens(ptr, b, oy, ox, h, d, real, d_ok, s_b, s_h, s_w, s_head, s_d):
+    ptrs = ptr + b.to(tl.int64) * s_b + h * s_head \
+        + (oy * s_h + ox * s_w)[:, None] + d[None, :] * s_d
+    return tl.load(ptrs, mask=real[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tokens(ptr, value, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D):
+    """Store rows of a contiguous (B, H, W, heads, D) tensor."""
+    ptrs = ptr + b.to(tl.int64) * H * W * HEADS * D + h * D \
+        + ((oy * W + ox) * HEADS * D)[:, None] + d[None, :]
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=real[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _window_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, pad_k_ptr, pad_v_ptr, out_ptr, lse_ptr,
+        B, H, W, n_wh, n_ww, HEADS, D, WINDOWS_PER_PROGRAM,
+        WH, WW, SH, SW, scale, inv_scale, mask_value,
+        stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
+        stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
+        HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    h, last_row, last_col, ny, nx, first, end = _program_windows(
+        tl.program_id(0), HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
+    ty, tx, in_win, acc0 = _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row,
+                                              last_col, inv_scale, mask_value, HAS_TABLE,
+                                              BLOCK_N, False)
+    t = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
+    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
+    for e in range(first, end):
+        w, b, real, oy, ox = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
+                                            WH, WW, SH, SW, ty, tx, in_win)
+        is_pad = (in_win & ~real)[:, None]
+        q = _load_tokens(q_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+        k = _load_tokens(k_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+        k = tl.where(is_pad, pad_k[None, :], k)
+        s = _scores_log2(q, k, acc0, scale)
+        m = tl.max(s, 1)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        v = _load_tokens(v_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+        v = tl.where(is_pad, pad_v[None, :], v)
+        out = tl.dot(p.to(v.dtype), v, input_precision="tf32") / l[:, None]
+        _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+        tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, m + tl.log2(l), mask=in_win)
+
+
+@triton.jit
+def _window_attention_bwd_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, table_ptr, pad_k_ptr, pad_v_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dpad_ptr,
+        B, H, W, n_wh, n_ww, HEADS, D, WINDOWS_PER_PROGRAM, FIRST_PROGRAM,
+        WH, WW, SH, SW, scale, inv_scale, mask_value,
+        stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
+        stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
+        stride_ob, stride_oh, stride_ow, stride_ohead, stride_od,
+        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
+        HAS_TABLE: tl.constexpr, PAD_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr):
+    """dq, dk, dv and the partial dbias of this program's windows; with ``PAD_GRAD``
+    instead only the partial gradient of the pad vectors (dk, dv summed over padded
+    keys), launched over the last-row / last-column programs alone."""
+    pid = tl.program_id(0)
+    h, last_row, last_col, ny, nx, first, end = _program_windows(
+        pid + FIRST_PROGRAM, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
+    N = WH * WW
+    # Tiles are (key, query): dv and dk come out of the dots without transposes.
+    ty, tx, in_win, acc0 = _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row,
+                                              last_col, inv_scale, mask_value, HAS_TABLE,
+                                              BLOCK_N, True)
+    t = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
+    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
+    dbias = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    dpad_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dpad_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e in range(first, end):
+        w, b, real, oy, ox = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
+                                            WH, WW, SH, SW, ty, tx, in_win)
+        is_pad = (in_win & ~real)[:, None]
+        q = _load_tokens(q_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+        k = _load_tokens(k_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+        k = tl.where(is_pad, pad_k[None, :], k)
+        o = _load_tokens(out_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_ob, stride_oh, stride_ow, stride_ohead, stride_od)
+        do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
+                          stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        v = _load_tokens(v_ptr, b, oy, ox, h, d, real, d_ok,
+                         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+        v = tl.where(is_pad, pad_v[None, :], v)
+        dp = tl.dot(v, tl.trans(do), input_precision="tf32")
+        s = _scores_log2(k, q, acc0, scale)
+        # Queries past N get lse = +inf, hence p = 0; padded queries have dout = 0.
+        lse = tl.load(lse_ptr + (w * HEADS + h) * N + t, mask=in_win, other=float("inf"))
+        p = tl.exp2(s - lse[None, :])
+        ds = p * (dp - delta[None, :])
+        if HAS_TABLE and not PAD_GRAD:
+            dbias += ds
+        p = p.to(do.dtype)
+        ds = ds.to(q.dtype)
+        dv = tl.dot(p, do, input_precision="tf32")
+        dk = tl.dot(ds, q, input_precision="tf32") * scale
+        if PAD_GRAD:
+            dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
+            dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
+        else:
+            _store_tokens(dv_ptr, dv, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+            _store_tokens(dk_ptr, dk, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+            dq = tl.dot(tl.trans(ds), k, input_precision="tf32") * scale
+            _store_tokens(dq_ptr, dq, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+    if PAD_GRAD:
+        tl.store(dpad_ptr + (pid * 2) * D + d, dpad_k, mask=d_ok)
+        tl.store(dpad_ptr + (pid * 2 + 1) * D + d, dpad_v, mask=d_ok)
+    elif HAS_TABLE:
+        # dbias is (key, query); the buffer is (query, key).
+        pair = (t < N)[:, None] & (t < N)[None, :]
+        tl.store(dbias_ptr + (pid * N + t[None, :]) * N + t[:, None], dbias, mask=pair)
+
+
+# --------------------------------------------------------------------------- configs
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_BLOCK_NS = (32, 64)          # window-area buckets (7x7 -> 64)
+_BLOCK_DS = (32, 64, 128)     # head-dim buckets (masked loads: 48, 80, 96 cost no extra bytes)
+
+
+
+
+def _num_warps(block_n, block_d, dtype_name, backward):
+    """One warp per 16 score rows; 8 warps where the tiles would not fit 4 warps'
+    registers without spilling (checked with the static compile report)."""
+    warps = block_n // 16
+    if block_n == 64 and (block_d == 128 or (backward and block_d == 64 and dtype_name == "fp32")):
+        warps = 8
+    return warps
+
+
+def _blocks(N, D):
+    block_n = next(b for b in _BLOCK_NS if b >= N)
+    block_d = next(b for b in _BLOCK_DS if b >= D)
+    return block_n, block_d
+
+
+def _check_int32(**tensors):
+    for name, t in tensors.items():
+        if sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) > _INT32_MAX:
+            raise ValueError(f"{name}: offsets within one image must fit in int32, got shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+
+
+def _geometry(q, window_size):
+    B, H, W, heads, D = q.shape
+    wh, ww = window_size
+    n_wh, n_ww = triton.cdiv(H, wh), triton.cdiv(W, ww)
+    return B, H, W, heads, D, n_wh, n_ww, B * n_wh * n_ww
+
+
+def _table_fp32(table, device):
+    """The kernels gather fp32 bias from a contiguous table (a few KB); a dummy when None."""
+    if table is None:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    return table.to(torch.float32).contiguous()
+
+
+def _pad_rows(pad, q):
+    """Pad vector in q's dtype (timm's projection of the zero padding is in that dtype)."""
+    heads, D = q.shape[3:]
+    if pad is None:
+        return torch.zeros(heads, D, dtype=q.dtype, device=q.device)
+    return pad.to(q.dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _window_groups(B, n_wh, n_ww, heads, device):
+    """(windows per program, programs per window kind): a program walks consecutive
+    windows of one kind (interior, last row, last column, corner; see
+    ``_program_windows``) for one head.
+
+    On a GPU about 8 programs per SM: a few waves of resident programs, each
+    pipelining its window loop and building its accumulator start (bias gather,
+    mask) once; the backward's partial dbias buffer stays ``8 * SMs * N^2`` floats
+    (~10 MB at N = 49 on H100). In the interpreter 4 programs, so tests walk several
+    windows per program, some with a ragged last group.
+    """
+    num_windows = B * n_wh * n_ww
+    target = 8 * _sm_count(device) if device.type == "cuda" else 4
+    per_program = triton.cdiv(num_windows, max(1, min(num_windows, target // heads)))
+    kinds = (B * (n_wh - 1) * (n_ww - 1), B * (n_ww - 1), B * (n_wh - 1), B)
+    return per_program, [triton.cdiv(n, per_program) * heads for n in kinds]
+
+
+def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, scale, mask_value):
+    """Forward; returns ``out`` (contiguous (B, H, W, heads, D)) and ``lse`` (fp32,
+    ``(num_windows, heads, N)``, base 2). Arguments are validated by the caller:
+    window_size / shift_size are (h, w) pairs with shift < window <= grid, N <= 64,
+    D <= 128, scale nonzero, table ((2wh-1)(2ww-1), heads) or None, pad_k / pad_v
+    (heads, D) or None (zeros)."""
+    B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
+    (wh, ww), (sh, sw) = window_size, shift_size
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(num_windows, heads, wh * ww, dtype=torch.float32, device=q.device)
+    _check_int32(q=q, k=k, v=v, out=out)
+    if out.numel() == 0:
+        return out, lse
+    block_n, block_d = _blocks(wh * ww, D)
+    dtype_name = _DTYPE_NAMES[q.dtype]
+    per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device)
+    _window_attention_fwd_kernel[(sum(programs),)](
+        q, k, v, _table_fp32(table, q.device), _pad_rows(pad_k, q), _pad_rows(pad_v, q),
+        out, lse, B, H, W, n_wh, n_ww, heads, D, per_program, wh, ww, sh, sw,
+        float(scale), 1.0 / scale, float(mask_value),
+        *q.stride(), *k.stride(), *v.stride(),
+        HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=_num_warps(block_n, block_d, dtype_name, backward=False),
+        num_stages=_NUM_STAGES)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs_by_table_row(window_size, device):
+    """(R, N) flat (query * N + key) indices of the pairs that read each table row,
+    padded with N*N (an appended zero); every row has at most N pairs."""
+    index = relative_position_index(window_size, device=device).flatten()
+    n_pairs = index.numel()
+    rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=rows)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n_pairs, device=device) - starts[index[order]]
+    pairs = torch.full((rows, window_size[0] * window_size[1]), n_pairs, dtype=torch.long,
+                       device=device)
+    pairs[index[order], rank] = order
+    return pairs
+
+
+def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_size, shift_size,
+                         scale, mask_value, needs_input_grad):
+    """Gradients ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; an entry is None when the
+    matching flag of ``needs_input_grad`` (same order) is False. dq / dk / dv are
+    contiguous (B, H, W, heads, D) in q's dtype, dtable has the table's shape and
+    dtype, dpad_k / dpad_v are (heads, D) in the pads' dtypes. Deterministic.
+
+    The pad gradients take a second launch over the last-row / last-column windows
+    (the only ones with padded keys), and only when the grid is padded: kept out of
+    the main kernel, their accumulators would push it into register spills."""
+    B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
+    (wh, ww), (sh, sw) = window_size, shift_size
+    N = wh * ww
+    need_q, need_k, need_v, need_table, need_pad_k, need_pad_v = needs_input_grad
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    _check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
+    has_table = table is not None
+    per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device)
+    dbias = torch.empty(sum(programs) * N * N if has_table else 0, dtype=torch.float32,
+                        device=q.device)
+    want_pad = (need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None)
+    padded = H % wh != 0 or W % ww != 0
+    dpad = torch.zeros(sum(programs[1:]) if want_pad and padded else 0, 2, D,
+                       dtype=torch.float32, device=q.device)
+    if dq.numel():
+        block_n, block_d = _blocks(N, D)
+        dtype_name = _DTYPE_NAMES[q.dtype]
+        args = (q, k, v, out, dout, lse, _table_fp32(table, q.device),
+                _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
+                B, H, W, n_wh, n_ww, heads, D, per_program)
+        rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride())
+        config = dict(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d,
+                                    num_warps=_num_warps(block_n, block_d, dtype_name, backward=True),
+                      num_stages=_NUM_STAGES)
+        _window_attention_bwd_kernel[(sum(programs),)](*args, 0, *rest, PAD_GRAD=False, **config)
+        if dpad.shape[0]:
+            _window_attention_bwd_kernel[(dpad.shape[0],)](*args, programs[0], *rest,
+                                                           PAD_GRAD=True, **config)
+    dtable = None
+    if has_table and need_table:
+        # Fixed-order reductions: over programs, then over the pairs of each table row.
+        summed = dbias.view(-1, heads, N * N).sum(0)
+        summed = torch.cat([summed, summed.new_zeros(heads, 1)], dim=1)
+        pairs = _pairs_by_table_row((wh, ww), q.device)
+        dtable = summed[:, pairs].sum(-1).t().to(table.dtype)
+    dpad = dpad.view(-1, heads, 2, D)
+    dpad_k = dpad_v = None
+    if need_pad_k and pad_k is not None:
+        dpad_k = dpad[:, :, 0].sum(0).to(pad_k.dtype)
+    if need_pad_v and pad_v is not None:
+        dpad_v = dpad[:, :, 1].sum(0).to(pad_v.dtype)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dtable,
+            dpad_k, dpad_v)
+
+
+# --------------------------------------------------------------------------- static specs
+
+
+def static_compile_specs():
+    """Every (kernel, BLOCK_N, BLOCK_D, HAS_TABLE, dtype) the launchers can pick. The
+    head-dim strides are the constexpr 1 (Triton specialises them for dense rows) and
+    the other strides multiples of 16 (D and heads * D are, for the head dims listed)."""
+    specs = []
+    for kernel, backward in ((_window_attention_fwd_kernel, False),
+                             (_window_attention_bwd_kernel, True)):
+        unit = [a for a in kernel.arg_names if a.startswith("stride_") and a.endswith("d")
+                and not a.endswith("head")]
+        strided = [a for a in kernel.arg_names if a.startswith("stride_") and a not in unit]
+        variants = [(t, p) for t in (True, False) for p in ((False, True) if backward else (False,))]
+        for dtype in ("fp16", "bf16", "fp32"):
+            for block_n in _BLOCK_NS:
+                for block_d in _BLOCK_DS:
+                    for has_table, pad_grad in variants:
+                        constexprs = {a: 1 for a in unit}
+                        constexprs.update(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d)
+                        if backward:
+                            constexprs["PAD_GRAD"] = pad_grad
+                        signature = {}
+                        for a in kernel.arg_names:
+                            if a in constexprs:
+                                signature[a] = "constexpr"
+                            elif a in ("table_ptr", "lse_ptr", "dbias_ptr", "dpad_ptr"):
+                                signature[a] = "*fp32"
+                            elif a.endswith("_ptr"):
+                                signature[a] = f"*{dtype}"
+                            elif a in ("scale", "inv_scale", "mask_value"):
+                                signature[a] = "fp32"
+                            else:
+                                signature[a] = "i32"
+                        specs.append({
+                            "name": (f"{kernel.__name__}_n{block_n}_d{block_d}"
+                                     f"{'_table' if has_table else ''}"
+                                     f"{'_pad' if pad_grad else ''}_{dtype}"),
+                            "fn": kernel, "signature": signature, "constexprs": constexprs,
+                            "num_warps": _num_warps(block_n, block_d, dtype, backward),
+                            "num_stages": _NUM_STAGES,
+                            "uses_dot": True, "dtype": dtype,
+                            "divisible_by_16": strided + ["D"]})
+    return specs

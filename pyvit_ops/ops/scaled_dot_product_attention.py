@@ -1,0 +1,254 @@
+"""``pyvit_ops.scaled_dot_product_attention``: public function, validation, backend
+choice and the ``torch.library`` registration of the kernels.
+
+The kernels take 4-D ``(Z1, Z2, N, D)`` tensors; the user's batch dims are folded
+into Z1, Z2 as strided views (no copy) wherever the strides of q, k, v and of the
+broadcast bias allow it (see ``_Fold``).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops.reference import scaled_dot_product_attention as reference
+
+OP = "scaled_dot_product_attention"
+# Both kernel backends pad the head dim to a power of two of at most 128.
+MAX_HEAD_DIM = 128
+
+
+def _reasons(backend, q, k, v, attn_bias):
+    """Why ``backend`` cannot run this call ([] = it can)."""
+    reasons = _backend.common_reasons(backend, OP, tensors=[q, k, v, attn_bias])
+    if backend in ("triton", "cuda") and q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} (the {backend} kernels "
+                       "hold the padded head dim in registers / shared memory)")
+    return reasons
+
+
+def _validate(q, k, v, attn_bias, scale, dropout_p):
+    _checks.check_tensor("q", q, min_ndim=3)
+    _checks.check_tensor("k", k, min_ndim=3)
+    _checks.check_tensor("v", v, min_ndim=3)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    if attn_bias is not None and not isinstance(attn_bias, torch.Tensor):
+        raise TypeError(f"attn_bias: expected a torch.Tensor or None, got "
+                        f"{type(attn_bias).__name__}")
+    _checks.check_same_device(q=q, k=k, v=v, attn_bias=attn_bias)
+    batch, nk, d = q.shape[:-2], k.shape[-2], q.shape[-1]
+    if k.shape[:-2] != batch or k.shape[-1] != d:
+        raise ValueError(f"k: expected shape {(*batch, 'Nk', d)} (q's batch dims and head dim), "
+                         f"got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if attn_bias is not None:
+        # torch's rule for attn_mask: bool, float32, or the dtype of q.
+        if attn_bias.dtype not in (torch.bool, torch.float32, q.dtype):
+            raise TypeError(f"attn_bias: expected dtype bool, float32 or {q.dtype} (as q), "
+                            f"got {attn_bias.dtype}")
+        full = (*batch, q.shape[-2], nk)
+        try:
+            broadcast = torch.broadcast_shapes(attn_bias.shape, full)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != torch.Size(full):
+            raise ValueError(f"attn_bias: expected a shape broadcastable to {full} "
+                             f"(*batch, Nq, Nk), got {tuple(attn_bias.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
+            or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
+
+
+def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout_p=0.0,
+                                 backend=None):
+    """``softmax(q @ k^T * scale + attn_bias) @ v`` over any leading batch dims.
+
+    q: ``(*batch, Nq, D)``; k, v: ``(*batch, Nk, D)``; ``scale`` defaults to
+    ``D ** -0.5``. ``attn_bias`` follows ``torch.nn.functional.scaled_dot_product_attention``'s
+    ``attn_mask``: a float tensor (float32 or q's dtype) broadcastable to
+    ``(*batch, Nq, Nk)`` is added to the logits, a bool one keeps the logits where it is
+    True. A query row with every key masked gives zeros (and zero gradients), as torch.
+    The gradient of a float bias comes back in the bias's own shape, reduced over its
+    broadcast dims inside the kernels. A bias constant along the keys gets an exactly
+    zero gradient (softmax is shift-invariant).
+
+    ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)); the
+    mask is a hash of a seed drawn from torch's CPU generator (``torch.manual_seed``
+    controls it), recomputed identically in the backward.
+
+    Gradients are deterministic on every backend (no float atomics).
+    """
+    _validate(q, k, v, attn_bias, scale, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    backend = _backend.choose(OP, backend, lambda b: _reasons(b, q, k, v, attn_bias),
+                              device=q.device)
+    if backend == "reference":
+        return reference.scaled_dot_product_attention(q, k, v, attn_bias, scale=scale,
+                                                      dropout_p=dropout_p)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+    out, _ = torch.ops.pyvit_ops.scaled_dot_product_attention_fwd(
+        q, k, v, attn_bias, scale, dropout_p, seed, backend)
+    return out
+
+
+# ----------------------------------------------------------------------------- folding
+
+def _merge_groups(batch, strides):
+    """Runs of consecutive batch dims (size-1 dims dropped) that every stride list can
+    view as one dim: the outer stride is the inner stride times the inner size."""
+    groups = []
+    for i, n in enumerate(batch):
+        if n == 1:
+            continue
+        if groups and all(st[groups[-1][-1]] == st[i] * n for st in strides):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class _Fold:
+    """The (Z1, Z2) views of q, k, v (and bias, dout, out) for the kernels.
+
+    Zero-copy unless the batch strides cannot be grouped into two dims. Then, in order:
+    q, k, v are made contiguous (a copy of inputs the size of the attention's own
+    inputs, only for such unusual layouts); if the bias's broadcast pattern alone still
+    needs three groups (e.g. a ``(nW, 1, N, N)`` mask over ``(B, nW, H)``), the bias is
+    materialised over the batch dims after its leading broadcast ones, and its gradient
+    is summed back to the bias's shape afterwards.
+    """
+
+    def __init__(self, q, k, v, bias, bias_grad):
+        self.batch = tuple(q.shape[:-2])
+        self.nq, self.nk = q.shape[-2], k.shape[-2]
+        self.bias_shape = None if bias is None else tuple(bias.shape)
+        full = (*self.batch, self.nq, self.nk)
+        bias_full = None
+        if bias is not None:
+            if bias_grad and any(st == 0 and n > 1 for st, n in zip(bias.stride(), bias.shape)):
+                # A bias that is itself an expanded view has a gradient per position.
+                bias = bias.contiguous()
+            bias_full = bias.expand(full)
+        nb = len(self.batch)
+        groups = self._groups([q, k, v, bias_full])
+        if len(groups) > 2:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            groups = self._groups([q, k, v, bias_full])
+        if len(groups) > 2:
+            lead = 0
+            while lead < nb and (bias_full.stride(lead) == 0 or self.batch[lead] == 1):
+                lead += 1
+            inner = bias_full[(0,) * lead]
+            rows = self.nq if inner.stride(-2) != 0 else 1
+            cols = self.nk if inner.stride(-1) != 0 else 1
+            bias_full = inner[..., :rows, :cols].contiguous().expand(full)
+            groups = self._groups([q, k, v, bias_full])
+        self.groups = groups
+        self.q, self.k, self.v = (self.view(t) for t in (q, k, v))
+        self.bias = None if bias_full is None else self.view(bias_full)
+        self.bias_full = bias_full
+
+    def _groups(self, tensors):
+        nb = len(self.batch)
+        return _merge_groups(self.batch, [t.stride()[:nb] for t in tensors if t is not None])
+
+    def view(self, t):
+        """``t`` (``(*batch, R, C)``) as ``(Z1, Z2, R, C)``; a copy only if its own
+        strides do not fit the groups (dout from autograd may be any view)."""
+        if any(t.stride(g[j]) != t.stride(g[j + 1]) * t.shape[g[j + 1]]
+               for g in self.groups for j in range(len(g) - 1)):
+            t = t.contiguous()
+        sizes = [math.prod(self.batch[i] for i in g) for g in self.groups]
+        strides = [t.stride(g[-1]) for g in self.groups]
+        sizes, strides = [1] * (2 - len(sizes)) + sizes, [0] * (2 - len(strides)) + strides
+        return t.as_strided((*sizes, t.shape[-2], t.shape[-1]),
+                            (*strides, t.stride(-2), t.stride(-1)))
+
+    def unfold(self, t4, tail):
+        return t4.reshape(*self.batch, *tail)
+
+    def unfold_dbias(self, dbias4):
+        """The launcher's reduced dbias back in the bias's own shape."""
+        full = self.bias_full
+        reduced = [n if (st != 0 and n > 1) else 1 for st, n in zip(full.stride(), full.shape)]
+        lead = (1,) * (full.dim() - len(self.bias_shape))
+        dbias = dbias4.reshape(reduced).sum_to_size(lead + self.bias_shape)
+        return dbias.reshape(self.bias_shape).contiguous()
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _launchers(backend, q):
+    """The launchers of ``backend``: the Triton module, or the CUDA ops, which take the
+    same folded 4-D tensors and an int seed."""
+    if backend == "triton":
+        from pyvit_ops.kernels import scaled_dot_product_attention as kernels
+
+        return kernels
+    if backend == "cuda":
+        return _ext.lib(q)
+    raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+
+
+def _seed(seed):
+    return 0 if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: float, dropout_p: float, seed: Optional[torch.Tensor],
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    fold = _Fold(q, k, v, bias, bias_grad=False)
+    out, lse = _launchers(backend, q).scaled_dot_product_attention_fwd(
+        fold.q, fold.k, fold.v, fold.bias, scale, dropout_p, _seed(seed))
+    return fold.unfold(out, out.shape[-2:]), fold.unfold(lse, lse.shape[-1:])
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, bias, scale, dropout_p, seed, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+            dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool,
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dbias); dbias is an empty tensor unless bias_requires_grad."""
+    fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad)
+    lse4 = fold.view(lse.unsqueeze(-1)).squeeze(-1).contiguous()
+    dq, dk, dv, dbias = _launchers(backend, q).scaled_dot_product_attention_bwd(
+        fold.view(dout), fold.q, fold.k, fold.v, fold.view(out), lse4, fold.bias, scale,
+        dropout_p, _seed(seed), bias_requires_grad)
+    dbias = fold.unfold_dbias(dbias) if bias_requires_grad else q.new_empty(0)
+    return (fold.unfold(dq, q.shape[-2:]), fold.unfold(dk, k.shape[-2:]),
+            fold.unfold(dv, v.shape[-2:]), dbias)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
+              backend):
+    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, scale, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, out, lse, seed = ctx.saved_tensors
+    bias_grad = bias is not None and bias.dtype != torch.bool and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.pyvit_ops.scaled_dot_product_attention_bwd(
+        dout, q, k, v, out, lse, bias, ctx.scale, ctx.dropout_p, seed, bias_grad, ctx.backend)
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)

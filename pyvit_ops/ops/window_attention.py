@@ -1,0 +1,234 @@
+"""``pyvit_ops.window_attention``: Swin W-MSA / SW-MSA, fused (SPEC §2).
+
+Backends: "reference" (``pyvit_ops.reference.window_attention``, differentiable
+PyTorch), "triton" (``pyvit_ops.kernels.window_attention``) and "cuda" (the C++
+extension's ``window_attention_fwd`` / ``_bwd``). The kernel backends go through the
+custom ops ``pyvit_ops::window_attention_fwd`` / ``_bwd``, which return / take the
+output and its fp32 base-2 log-sum-exp of shape ``(num_windows, heads, N)``,
+``num_windows = B * ceil(H / wh) * ceil(W / ww)``, ``N = wh * ww``.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops.reference import window_attention as reference
+
+_OP = "window_attention"
+
+
+def _triton_module():
+    from pyvit_ops.kernels import window_attention as kernels
+
+    return kernels
+
+
+# csrc/window_attention.cuh: one block holds a window's scores in a 64x64 tile.
+CUDA_MAX_WINDOW_AREA = 64
+
+
+def _reasons(backend, q, k, v, table, pad_kv, window_size):
+    tensors = [q, k, v, table, *(pad_kv or ())]
+    reasons = _backend.common_reasons(backend, _OP, tensors=tensors)
+    D = q.shape[-1]
+    area = window_size[0] * window_size[1]
+    if backend == "triton":
+        kernels = _triton_module()
+        if D > kernels.MAX_HEAD_DIM:
+            reasons.append(f"head dim {D} > {kernels.MAX_HEAD_DIM}: the Triton kernel keeps a "
+                           "window's q, k, v tiles in registers")
+        elif q.dtype == torch.float32 and D > kernels.MAX_HEAD_DIM_FP32:
+            reasons.append(f"float32 with head dim {D} > {kernels.MAX_HEAD_DIM_FP32}: the "
+                           "Triton kernel's fp32 tiles would spill registers")
+        if area > kernels.MAX_WINDOW_AREA:
+            reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
+                           f"{kernels.MAX_WINDOW_AREA}: the Triton kernel holds a whole window "
+                           "in one score tile")
+    if backend == "cuda" and area > CUDA_MAX_WINDOW_AREA:
+        reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
+                       f"{CUDA_MAX_WINDOW_AREA}: the CUDA kernel holds a whole window in one "
+                       "64x64 score tile")
+    return reasons
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("pyvit_ops::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
+        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor], window_h: int,
+        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
+        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton_module().window_attention_fwd(
+            q, k, v, table, pad_k, pad_v, (window_h, window_w), (shift_h, shift_w), scale,
+            mask_value)
+    if backend == "cuda":
+        return tuple(_ext.lib(q).window_attention_fwd(
+            q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
+            mask_value))
+    raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+
+
+def _lse_shape(q, window_h, window_w):
+    B, H, W, heads, _ = q.shape
+    return (B * math.ceil(H / window_h) * math.ceil(W / window_w), heads, window_h * window_w)
+
+
+@_window_attention_fwd.register_fake
+def _(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
+      backend):
+    return (q.new_empty(q.shape),
+            q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
+
+
+@torch.library.custom_op("pyvit_ops::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        out: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
+        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor], window_h: int,
+        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
+        table_grad: bool, pad_grad: bool, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dtable, dpad_k, dpad_v); dtable / dpads are empty tensors unless
+    ``table_grad`` / ``pad_grad`` (custom ops cannot return None)."""
+    if backend == "triton":
+        grads = _triton_module().window_attention_bwd(
+            dout, q, k, v, out, lse, table, pad_k, pad_v, (window_h, window_w),
+            (shift_h, shift_w), scale, mask_value,
+            (True, True, True, table_grad, pad_grad, pad_grad))
+    elif backend == "cuda":
+        grads = _ext.lib(q).window_attention_bwd(
+            dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
+            scale, mask_value, table_grad, pad_grad)
+    else:
+        raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+    # The parameter gradients are tiny; contiguous is what register_fake promises.
+    grads = [g if i < 3 or g is None else g.contiguous() for i, g in enumerate(grads)]
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@_window_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
+      mask_value, table_grad, pad_grad, backend):
+    def like(t, wanted):
+        return t.new_empty(t.shape) if wanted and t is not None else q.new_empty(0)
+
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+            like(table, table_grad), like(pad_k, pad_grad), like(pad_v, pad_grad))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, pad_k, pad_v, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table, pad_k, pad_v)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, table, pad_k, pad_v = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = torch.ops.pyvit_ops.window_attention_bwd(
+        dout, q, k, v, out, lse, table, pad_k, pad_v, *ctx.params[:-1],
+        table_grad=need[3], pad_grad=need[4] or need[5], backend=ctx.params[-1])
+    return tuple(g if n else None for g, n in zip(grads, need[:6])) + (None,) * 7
+
+
+_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value):
+    _checks.check_tensor("q", q, ndim=5)
+    _checks.check_tensor("k", k, ndim=5)
+    _checks.check_tensor("v", v, ndim=5)
+    _checks.check_shape("k", k, q.shape)
+    _checks.check_shape("v", v, q.shape)
+    _checks.check_same_dtype(q=q, k=k, v=v)
+    B, H, W, heads, D = q.shape
+    wh, ww = _checks.pair("window_size", window_size)
+    sh, sw = _checks.pair("shift_size", shift_size)
+    if wh < 1 or ww < 1:
+        raise ValueError(f"window_size: expected positive sizes, got {(wh, ww)}")
+    if wh > H or ww > W:
+        raise ValueError(f"window_size: expected at most the grid (H, W) = {(H, W)} of q, "
+                         f"got {(wh, ww)}")
+    if not (0 <= sh < wh and 0 <= sw < ww):
+        raise ValueError(f"shift_size: expected 0 <= shift < window_size {(wh, ww)} per axis, "
+                         f"got {(sh, sw)}")
+    allowed = tuple(dict.fromkeys((q.dtype, torch.float32)))
+    pad_k = pad_v = None
+    if table is not None:
+        _checks.check_tensor("rel_pos_bias_table", table, ndim=2, dtypes=allowed)
+        _checks.check_shape("rel_pos_bias_table", table, ((2 * wh - 1) * (2 * ww - 1), heads))
+    if pad_kv is not None:
+        if not isinstance(pad_kv, (tuple, list)) or len(pad_kv) != 2:
+            got = f"length {len(pad_kv)}" if isinstance(pad_kv, (tuple, list)) else \
+                type(pad_kv).__name__
+            raise TypeError(f"pad_kv: expected a pair (k_pad, v_pad) of (heads, D) tensors, got {got}")
+        pad_k, pad_v = pad_kv
+        for name, pad in (("pad_kv[0]", pad_k), ("pad_kv[1]", pad_v)):
+            _checks.check_tensor(name, pad, ndim=2, dtypes=allowed)
+            _checks.check_shape(name, pad, (heads, D))
+    _checks.check_same_device(q=q, k=k, v=v, rel_pos_bias_table=table, **{
+        "pad_kv[0]": pad_k, "pad_kv[1]": pad_v})
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {scale!r}")
+    elif scale == 0 or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a nonzero finite float, got {scale}")
+    if isinstance(mask_value, bool) or not isinstance(mask_value, (int, float)):
+        raise TypeError(f"mask_value: expected a float (timm: -100.0), got {mask_value!r}")
+    if math.isnan(mask_value) or mask_value == math.inf:
+        raise ValueError(f"mask_value: expected a number below +inf (timm: -100.0), got {mask_value}")
+    return (wh, ww), (sh, sw), pad_k, pad_v, float(scale), float(mask_value)
+
+
+def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
+                     pad_kv=None, mask_value=-100.0, backend=None):
+    """Swin window attention of image-layout token grids, fused.
+
+    q, k, v: ``(B, H, W, heads, D)``, not rolled, padded or partitioned (typically
+    strided views of one ``(B, H, W, 3, heads, D)`` projection). Returns
+    ``(B, H, W, heads, D)`` in q's dtype.
+
+    Exactly timm's ``SwinTransformerBlock._attn`` + ``WindowAttention`` (timm >= 1.0):
+    roll by ``-shift_size``, then pad bottom / right to window multiples, attend
+    inside each window (``softmax(q k^T * scale + bias + mask) v``), un-partition,
+    crop, roll back. The official microsoft/Swin-Transformer pads *before* it
+    rolls, which differs when H or W is not a multiple of the window.
+
+    window_size, shift_size: int or ``(h, w)``; ``window_size <= (H, W)`` and
+    ``0 <= shift_size < window_size`` per axis. rel_pos_bias_table:
+    ``((2 wh - 1)(2 ww - 1), heads)`` (timm's parameter) or None; it is gathered per
+    (query, key) pair and its gradient comes back in its shape. scale: default
+    ``D ** -0.5``. pad_kv: ``(k_pad, v_pad)``, each ``(heads, D)``, the key / value of
+    padded tokens, which attention sees as real tokens (in timm the projection of
+    the zero padding, i.e. the qkv bias); zeros when None; rounded to q's dtype.
+    mask_value: added between tokens of different shift regions (timm: -100.0).
+    Table and pads may be in q's dtype or float32. Gradients flow to q, k, v, the
+    table and the pads, deterministically (no atomics) on every backend.
+    backend: None (automatic), "reference", "triton" or "cuda". The Triton kernels
+    run the products of float32 inputs on TF32 tensor cores (~1e-3 relative error
+    on the scores); "reference" keeps full float32.
+    """
+    window_size, shift_size, pad_k, pad_v, scale, mask_value = _check_args(
+        q, k, v, rel_pos_bias_table, pad_kv, window_size, shift_size, scale, mask_value)
+    backend = _backend.choose(
+        _OP, backend,
+        lambda b: _reasons(b, q, k, v, rel_pos_bias_table, pad_kv, window_size),
+        device=q.device)
+    if backend == "reference":
+        return reference.window_attention(
+            q, k, v, rel_pos_bias_table, window_size=window_size, shift_size=shift_size,
+            scale=scale, pad_kv=pad_kv, mask_value=mask_value)
+    out, _ = torch.ops.pyvit_ops.window_attention_fwd(
+        q, k, v, rel_pos_bias_table, pad_k, pad_v, *window_size, *shift_size, scale, mask_value,
+        backend)
+    return out

@@ -1,0 +1,57 @@
+"""``patch_timm(model)``: swap a timm model's attention / token mixers for
+pyvit_ops operators in place.
+
+What is swapped (and what is not):
+- ``timm.layers.Attention`` (ViT, DeiT, CaiT's patch attention is TalkingHeadAttn and
+  stays: its talking-head projections sit between the logits and the softmax, which
+  no fused attention can absorb) → ``pyvit_ops.nn.Attention``;
+- ``timm.models.cait.ClassAttn`` → ``pyvit_ops.nn.ClassAttn`` (Nq = 1);
+- ``timm.models.swin_transformer.SwinTransformerBlock`` → its ``_attn`` (roll, pad,
+  partition, masked window attention, reverse) becomes one call of
+  ``pyvit_ops.nn.WindowAttention`` (fused); blocks whose window is larger than the
+  feature map (timm's ``always_partition``) keep timm's path;
+- ``timm.models.metaformer.Pooling`` (PoolFormer) → ``pyvit_ops.nn.Pooling``.
+Parameters are shared, not copied: the patched model trains the same tensors and
+its state_dict keys are unchanged.
+"""
+import types
+
+
+from pyvit_ops.nn.attention import Attention, ClassAttn
+from pyvit_ops.nn.pooling import Pooling
+from pyvit_ops.nn.window_attention import WindowAttention
+
+
+def _swin_attn(block, x):
+    _, H, W, _ = x.shape
+    if block.window_size[0] > H or block.window_size[1] > W:
+        return type(block)._attn(block, x)
+    return block.attn(x, window_size=tuple(block.window_size), shift_size=tuple(block.shift_size))
+
+
+def patch_timm(model, backend=None):
+    """Patch ``model`` in place and return it; ``backend`` is passed to every operator."""
+    from timm.layers import Attention as TimmAttention
+    from timm.models.cait import ClassAttn as TimmClassAttn
+    from timm.models.metaformer import Pooling as TimmPooling
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    replacements = []
+    for parent in model.modules():
+        if isinstance(parent, SwinTransformerBlock) and not isinstance(parent.attn, WindowAttention):
+            parent.attn = WindowAttention.from_timm(parent.attn, backend=backend)
+            parent._attn = types.MethodType(_swin_attn, parent)
+            continue
+        for name, child in parent.named_children():
+            if type(child) is TimmAttention:
+                replacements.append((parent, name, Attention.from_timm(child, backend=backend)))
+            elif type(child) is TimmClassAttn:
+                replacements.append((parent, name, ClassAttn.from_timm(child, backend=backend)))
+            elif type(child) is TimmPooling:
+                replacements.append((parent, name, Pooling(child.pool.kernel_size, backend=backend)))
+    for parent, name, new in replacements:
+        setattr(parent, name, new)
+    return model
+
+
+__all__ = ["patch_timm"]

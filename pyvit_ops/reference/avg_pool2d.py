@@ -1,0 +1,53 @@
+"""Reference avg_pool2d / PoolFormer pooling: plain, differentiable PyTorch.
+
+The semantics are those of ``torch.nn.functional.avg_pool2d(..., ceil_mode=False,
+count_include_pad=False)``: each output is the mean of the window's in-image
+elements only. The output geometry helpers below are shared by the kernels and
+the fake (meta) implementation so that every backend agrees on shape and layout.
+"""
+import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
+
+from pyvit_ops import _checks
+
+
+def pool_params(kernel_size, stride, padding):
+    """Normalise int-or-pair arguments to ``(h, w)`` tuples; padding defaults to
+    ``kernel_size // 2``."""
+    kernel_size = _checks.pair("kernel_size", kernel_size)
+    stride = _checks.pair("stride", stride)
+    if padding is None:
+        padding = (kernel_size[0] // 2, kernel_size[1] // 2)
+    return kernel_size, stride, _checks.pair("padding", padding)
+
+
+def output_size(size, kernel_size, stride, padding):
+    """Pooled length of one spatial axis (floor mode, as torch with ceil_mode=False)."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def output_shape(x_shape, kernel_size, stride, padding):
+    B, C, H, W = x_shape
+    return (B, C, output_size(H, kernel_size[0], stride[0], padding[0]),
+            output_size(W, kernel_size[1], stride[1], padding[1]))
+
+
+def output_memory_format(x):
+    """The layout of the output (and of grad_x): the input's, as torch's pooling
+    decides it (``Tensor.suggest_memory_format``), so strided views of a
+    channels_last tensor stay channels_last."""
+    return suggest_memory_format(x)
+
+
+def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False):
+    """Average pooling that excludes padding from the count; ``subtract_input``
+    returns ``pool(x) - x`` (needs a same-size output, i.e. stride 1)."""
+    kernel_size, stride, padding = pool_params(kernel_size, stride, padding)
+    y = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=False)
+    return y - x if subtract_input else y
+
+
+def poolformer_pool(x, pool_size=3):
+    """PoolFormer's token mixer: ``AvgPool2d(pool_size, 1, pool_size // 2,
+    count_include_pad=False)(x) - x``."""
+    return avg_pool2d(x, pool_size, 1, None, subtract_input=True)

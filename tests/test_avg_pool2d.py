@@ -1,0 +1,347 @@
+"""avg_pool2d / poolformer_pool (SPEC §4).
+
+- the reference against ``nn.AvgPool2d(count_include_pad=False)`` and timm's Pooling,
+  and gradcheck in float64;
+- the Triton (interpreter) and CUDA (host emulation) kernels against the reference,
+  forward and gradient, every dtype, NCHW and channels_last, views, every tile config;
+- ``pyvit_ops.nn.Pooling`` against timm's ``Pooling``, alone and inside a MetaFormer;
+- custom-op registration (opcheck, torch.compile, double backward) and input errors.
+"""
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.metaformer import MetaFormer
+from timm.models.metaformer import Pooling as TimmPooling
+from torch._prims_common import suggest_memory_format
+from torch.testing import assert_close
+
+import pyvit_ops.kernels.avg_pool2d as kernels
+from pyvit_ops import _backend, _ext, avg_pool2d, poolformer_pool
+from pyvit_ops.nn import Pooling
+from pyvit_ops.reference import avg_pool2d as reference
+from pyvit_ops.testing import traffic
+
+# (kernel_size, stride, padding, subtract_input); padding None = kernel_size // 2.
+GEOMETRIES = [
+    (3, 1, None, True),                  # PoolFormer
+    (3, 1, None, False),
+    (5, 1, None, True),
+    (7, 1, None, True),                  # 7-wide windows on 9-wide rows: all touch a border
+    (3, 2, 1, False),                    # strided, overlapping windows
+    (2, 2, 0, False),                    # even kernel, no padding, disjoint windows
+    ((3, 5), (2, 1), (1, 2), False),     # non-square kernel, stride and padding
+    (4, 1, 2, False),                    # even kernel with padding: output larger than x
+]
+GEOMETRY_IDS = ["k3-sub", "k3", "k5-sub", "k7-sub", "k3s2", "k2s2p0", "k3x5s2x1", "k4p2"]
+
+# (dtype, atol, rtol) against a float64 oracle: fp32 accumulation in the kernels, so
+# the error is the rounding of the result to the dtype (|values| up to ~4).
+TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 2e-3, 2e-3),
+    (torch.bfloat16, 1.6e-2, 1.6e-2),
+]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _oracle(x, grad_out, kernel_size, stride, padding, subtract_input):
+    """Reference output and x-gradient, in float64."""
+    x64 = x.detach().double().requires_grad_()
+    out = reference.avg_pool2d(x64, kernel_size, stride, padding, subtract_input=subtract_input)
+    (grad,) = torch.autograd.grad(out, x64, grad_out.double())
+    return out, grad
+
+
+def _check(x, kernel_size, stride, padding, subtract_input, backend, atol, rtol,
+           grad_out_like=torch.randn_like):
+    """``pyvit_ops.avg_pool2d`` on ``backend``: output, x-gradient and their memory
+    format against the float64 reference."""
+    x = x.detach().requires_grad_()
+    out = avg_pool2d(x, kernel_size, stride, padding, subtract_input=subtract_input,
+                     backend=backend)
+    grad_out = grad_out_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    ref_out, ref_grad = _oracle(x, grad_out, kernel_size, stride, padding, subtract_input)
+    assert out.dtype == grad.dtype == x.dtype
+    assert out.shape == ref_out.shape and grad.shape == x.shape
+    fmt = suggest_memory_format(x)
+    assert out.is_contiguous(memory_format=fmt), (out.stride(), fmt)
+    assert grad.is_contiguous(memory_format=fmt), (grad.stride(), fmt)
+    assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_reference_matches_torch_avg_pool(geometry):
+    kernel_size, stride, padding, subtract_input = geometry
+    x = torch.randn(2, 3, 13, 9, dtype=torch.float64)
+    pad = kernel_size // 2 if padding is None else padding
+    expected = nn.AvgPool2d(kernel_size, stride, pad, count_include_pad=False)(x)
+    if subtract_input:
+        expected = expected - x
+    out = reference.avg_pool2d(x, kernel_size, stride, padding, subtract_input=subtract_input)
+    assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pool_size", [3, 5, 7])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_reference_poolformer_pool_matches_timm(pool_size, channels_last):
+    x = torch.randn(2, 4, 13, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = reference.poolformer_pool(x, pool_size)
+    assert_close(out, TimmPooling(pool_size)(x), atol=0, rtol=0)
+    assert out.is_contiguous(memory_format=suggest_memory_format(x))
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4], GEOMETRIES[6]],
+                         ids=["k3-sub", "k3s2", "k3x5s2x1"])
+def test_reference_gradcheck(geometry):
+    kernel_size, stride, padding, subtract_input = geometry
+    x = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: reference.avg_pool2d(t, kernel_size, stride, padding,
+                                       subtract_input=subtract_input), (x,))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@pytest.fixture(scope="module")
+def host_ops():
+    """The CUDA kernels built for the CPU under host emulation."""
+    try:
+        from pyvit_ops.testing import host
+
+        host.load()
+    except Exception as exc:  # no compiler / build failure: report it, do not hide it
+        pytest.skip(f"cuda backend: host-emulation build failed: {type(exc).__name__}: {exc}")
+    ok, why = _ext.has_op("avg_pool2d_fwd", "cpu")
+    if not ok:
+        pytest.skip(f"cuda backend: {why}")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request):
+    if request.param == "cuda":
+        request.getfixturevalue("host_ops")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_kernel_matches_reference(backend, geometry, channels_last, dtype, atol, rtol):
+    # 13 x 9 with 3 channels: no size is a multiple of any tile; borders on every side.
+    x = torch.randn(2, 3, 13, 9).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _check(x, *geometry, backend, atol, rtol)
+
+
+def _strided_like(t):
+    """A gradient that is a non-contiguous view (every other element of a wider tensor)."""
+    return torch.randn(*t.shape, 2, dtype=t.dtype)[..., 0]
+
+
+VIEWS = {
+    "channel_slice": lambda: torch.randn(2, 6, 13, 9)[:, 1:4],
+    "spatial_crop": lambda: torch.randn(2, 3, 16, 12)[:, :, 2:15, 1:10],
+    "w_step_2": lambda: torch.randn(2, 3, 13, 18)[..., ::2],
+    "channels_last_channel_slice": lambda: torch.randn(2, 6, 13, 9).to(
+        memory_format=torch.channels_last)[:, 1:4],
+    "nhwc_crop": lambda: torch.randn(2, 15, 9, 3).permute(0, 3, 1, 2)[:, :, 1:14],
+}
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]], ids=["k3-sub", "k3s2"])
+def test_kernel_reads_views_in_place(backend, view, geometry):
+    x = VIEWS[view]()
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    _check(x, *geometry, backend, 1e-5, 1e-5, grad_out_like=_strided_like)
+
+
+# One shape per tile config the launchers pick (W for NCHW, C for channels_last).
+TILE_SHAPES = [((1, 2, 5, 5), False), ((1, 2, 6, 14), False), ((1, 1, 5, 20), False),
+               ((1, 1, 3, 70), False), ((1, 20, 3, 5), True), ((1, 70, 3, 3), True)]
+
+
+@pytest.mark.parametrize("shape, channels_last", TILE_SHAPES)
+def test_kernel_every_tile_config(backend, shape, channels_last):
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _check(x, 3, 1, None, True, backend, 1e-5, 1e-5)
+
+
+def test_kernel_empty_batch(backend):
+    x = torch.randn(0, 3, 5, 4, requires_grad=True)
+    out = avg_pool2d(x, 3, 2, backend=backend)
+    assert out.shape == (0, 3, 3, 2)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_moves_compulsory_bytes_only(channels_last):
+    # With a perfect cache the fused kernels read each input element once and write
+    # each output once; timm's unfused pool(x) - x goes through memory 5 times.
+    x = torch.randn(2, 16, 13, 9, dtype=torch.float16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    params = ((3, 3), (1, 1), (1, 1), True)
+    out, fwd = traffic.count_triton_traffic(kernels.avg_pool2d_fwd, x, *params)
+    grad, bwd = traffic.count_triton_traffic(kernels.avg_pool2d_bwd, torch.randn_like(out), x,
+                                             *params)
+    for report, moved in ((fwd, (x, out)), (bwd, (out, grad))):
+        need = traffic.compulsory_bytes(*moved)
+        assert (report["unique_read_bytes"], report["write_bytes"]) == (
+            need["read_bytes"], need["write_bytes"])
+    _, unfused = traffic.count_aten_traffic(TimmPooling(3), x)
+    assert unfused["total_bytes"] == 5 * traffic.tensor_bytes(x)
+    assert fwd["unique_read_bytes"] + fwd["write_bytes"] == 2 * traffic.tensor_bytes(x)
+
+
+def test_static_compile_specs_cover_every_tile_config():
+    specs = kernels.static_compile_specs()
+    tile_keys = ("CHANNELS_LAST", "BLOCK_C", "BLOCK_H", "BLOCK_W")
+    assert len({s["name"] for s in specs}) == len(specs)
+    compiled = {(s["fn"].__name__, *(s["constexprs"][k] for k in tile_keys),
+                 s["signature"][s["fn"].arg_names[0]]) for s in specs}
+    for channels_last in (False, True):
+        for size in range(1, 600, 7):  # channels (channels_last) or row length (NCHW)
+            tile = kernels._tile_config(size, size, channels_last)
+            for name in ("_avg_pool2d_fwd_kernel", "_avg_pool2d_bwd_kernel"):
+                for dtype in ("*fp32", "*fp16", "*bf16"):
+                    assert (name, channels_last, *tile, dtype) in compiled
+
+
+def test_triton_rejects_samples_beyond_int32_offsets():
+    x = torch.empty(1, 2**12, 2**10, 2**10, device="meta")
+    assert not kernels.offsets_fit_int32(x)
+    with pytest.raises(_backend.BackendUnavailableError, match="int32"):
+        avg_pool2d(x, backend="triton")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("module_backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("pool_size", [3, 5, 7])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_pooling_module_matches_timm(request, module_backend, pool_size, channels_last):
+    if module_backend == "cuda":
+        request.getfixturevalue("host_ops")
+    ours = Pooling(pool_size, backend=module_backend, dim=3, proj_drop=0.0)
+    theirs = TimmPooling(pool_size=pool_size, dim=3, proj_drop=0.0)
+    assert not ours.state_dict() and not theirs.state_dict()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 13, 9)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out, expected = ours(x), theirs(x)
+    assert out.is_contiguous(memory_format=suggest_memory_format(x))
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    assert_close(torch.autograd.grad(out, x, grad_out)[0],
+                 torch.autograd.grad(expected, x, grad_out)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module_backend", ["reference", "triton"])
+def test_pooling_module_as_timm_metaformer_token_mixer(module_backend):
+    # timm builds every token mixer as token_mixer(dim=..., proj_drop=..., device=...,
+    # dtype=...): the drop-in must accept that and give the same model.
+    class Mixer(Pooling):  # MetaFormer wants a class (it calls issubclass on it)
+        def __init__(self, **kw):
+            super().__init__(backend=module_backend, **kw)
+
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=5)
+    theirs = MetaFormer(token_mixers=TimmPooling, **kwargs).eval()
+    ours = MetaFormer(token_mixers=Mixer, **kwargs).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(1, 3, 40, 40)
+    assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_opcheck(channels_last):
+    x = torch.randn(1, 2, 5, 4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    params = ([3, 3], [1, 1], [1, 1], True, "triton")
+    torch.library.opcheck(torch.ops.pyvit_ops.avg_pool2d_fwd.default,
+                          (x.requires_grad_(), *params))
+    torch.library.opcheck(torch.ops.pyvit_ops.avg_pool2d_bwd.default,
+                          (torch.randn_like(x), x.detach(), *params))
+
+
+def test_triton_torch_compile_fullgraph():
+    x = torch.randn(2, 3, 7, 6, requires_grad=True)
+    compiled = torch.compile(lambda t: poolformer_pool(t, 3, backend="triton"),
+                             fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    expected = reference.poolformer_pool(x.detach(), 3)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_close(x.grad, torch.autograd.grad(
+        reference.poolformer_pool(x, 3).sum(), x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_triton_double_backward():
+    x = torch.randn(1, 2, 7, 6, requires_grad=True)
+    grads = {}
+    for backend in ("reference", "triton"):
+        grad_out = torch.ones(1, 2, 4, 3, requires_grad=True)
+        out = avg_pool2d(x, 3, 2, 1, backend=backend)
+        (grad_x,) = torch.autograd.grad(out, x, grad_out, create_graph=True)
+        grads[backend] = torch.autograd.grad(grad_x, grad_out, torch.arange(84.0).view(x.shape))
+    assert_close(grads["triton"], grads["reference"], atol=1e-4, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+BAD_INPUTS = [
+    (dict(x=torch.randn(3, 13, 9)), ValueError,
+     r"x: expected a 4-D tensor, got shape \(3, 13, 9\)"),
+    (dict(x=torch.ones(1, 1, 5, 5, dtype=torch.int32)), TypeError, r"x: expected dtype in .*int32"),
+    (dict(kernel_size=0), ValueError, r"kernel_size: expected sizes >= 1, got \(0, 0\)"),
+    (dict(kernel_size=(3, 3, 3)), TypeError, r"kernel_size: expected an int or a pair"),
+    (dict(stride=(1, 0)), ValueError, r"stride: expected strides >= 1, got \(1, 0\)"),
+    (dict(padding=2), ValueError,
+     r"padding: expected 0 <= padding <= kernel_size // 2 = \(1, 1\) .*got \(2, 2\)"),
+    (dict(padding=-1), ValueError, r"padding: expected 0 <= padding"),
+    (dict(x=torch.randn(1, 1, 2, 9), kernel_size=5, padding=1), ValueError,
+     r"x: spatial size \(2, 9\) is too small for kernel_size \(5, 5\)"),
+    (dict(stride=2, subtract_input=True), ValueError,
+     r"subtract_input: needs stride \(1, 1\).*got stride \(2, 2\)"),
+    (dict(kernel_size=4, subtract_input=True), ValueError,
+     r"subtract_input: needs an output the size of x.*got output \(1, 2, 14, 10\)"),
+    (dict(subtract_input=1), TypeError, r"subtract_input: expected a bool, got 1"),
+    (dict(backend="cudnn"), ValueError, r"backend: expected one of"),
+    (dict(x=torch.randn(1, 2, 13, 9, dtype=torch.float64), backend="triton"),
+     _backend.BackendUnavailableError, r"float64 runs only on the reference backend"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", BAD_INPUTS)
+def test_bad_input(change, error, match):
+    args = dict(x=torch.randn(1, 2, 13, 9), kernel_size=3, stride=1, padding=None,
+                subtract_input=False)
+    args.update(change)
+    x = args.pop("x")
+    with pytest.raises(error, match=match):
+        avg_pool2d(x, **args)

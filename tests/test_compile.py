@@ -1,0 +1,220 @@
+"""torch.library / torch.compile integration of every pyvit_ops custom op.
+
+1. ``torch.library.opcheck`` on each ``pyvit_ops::*`` op (schema, fake tensor,
+   autograd registration, AOT dispatch), backend "triton" (interpreter, conftest) and
+   "cuda" (host emulation) where the host build has the op.
+2. ``torch.compile(fullgraph=True)`` of each public operator and nn module, forward
+   and backward against eager, with no recompile on a second call of the same shapes.
+Shapes are tiny: the interpreter and host emulation are slow on CPU.
+"""
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+
+import pyvit_ops
+from pyvit_ops import _ext
+from pyvit_ops.testing import host
+
+OPS = torch.ops.pyvit_ops
+
+
+def _r(*shape, grad=True):
+    return torch.randn(*shape, dtype=torch.float32, requires_grad=grad)
+
+
+# ---------------------------------------------------------------- opcheck argument sets
+# Each factory returns the positional args of one op call for `backend`. The backward
+# ops get their saved tensors from a forward call of the same backend.
+
+
+def _sdpa_fwd(backend):
+    # Nq != Nk, head dim not a power of two, a float bias broadcast over the batch dim.
+    return (_r(2, 3, 5), _r(2, 4, 5), _r(2, 4, 5), _r(1, 3, 4), 0.4, 0.0, None, backend)
+
+
+def _sdpa_bwd(backend):
+    q, k, v, bias, scale, p, seed, _ = _sdpa_fwd(backend)
+    out, lse = OPS.scaled_dot_product_attention_fwd(q.detach(), k.detach(), v.detach(),
+                                                    bias.detach(), scale, p, seed, backend)
+    return (_r(*out.shape), q, k, v, out, lse, bias, scale, p, seed, True, backend)
+
+
+def _window_fwd(backend):
+    # 5 x 3 grid, 2 x 2 windows: padding on both axes, a shift, 2 heads.
+    heads, D, (wh, ww) = 2, 4, (2, 2)
+    q, k, v = (_r(1, 5, 3, heads, D) for _ in range(3))
+    table = _r((2 * wh - 1) * (2 * ww - 1), heads)
+    return (q, k, v, table, _r(heads, D), _r(heads, D), wh, ww, 1, 1, D ** -0.5, -100.0,
+            backend)
+
+
+def _window_bwd(backend):
+    q, k, v, table, pad_k, pad_v, *params = _window_fwd(backend)
+    out, lse = OPS.window_attention_fwd(*(t.detach() for t in (q, k, v, table, pad_k, pad_v)),
+                                        *params)
+    return (_r(*out.shape), q, k, v, out, lse, table, pad_k, pad_v, *params[:-1], True, True,
+            params[-1])
+
+
+def _elsa_fwd(backend):
+    # 2 heads of 2 channels, 3 x 3 window on a 4 x 5 image (borders on every side).
+    B, C, H, W, G, K = 1, 4, 4, 5, 2, 3
+    return (_r(B, C, H, W), _r(B, G * K * K, H, W), _r(C, K, K), _r(C, K, K), K, 1, True,
+            backend)
+
+
+def _elsa_bwd(backend):
+    v, attn, mul, add, *params = _elsa_fwd(backend)
+    return (_r(*v.shape), v, attn, mul, add, *params[:-1], [True, True, True, True],
+            params[-1])
+
+
+def _pool_fwd(backend):
+    return (_r(1, 2, 5, 4), [3, 3], [1, 1], [1, 1], True, backend)
+
+
+def _pool_bwd(backend):
+    x, *params = _pool_fwd(backend)
+    return (_r(*x.shape), x, *params)
+
+
+OPCHECK_CASES = {
+    "scaled_dot_product_attention_fwd": _sdpa_fwd,
+    "scaled_dot_product_attention_bwd": _sdpa_bwd,
+    "window_attention_fwd": _window_fwd,
+    "window_attention_bwd": _window_bwd,
+    "elsa_attention_fwd": _elsa_fwd,
+    "elsa_attention_bwd": _elsa_bwd,
+    "avg_pool2d_fwd": _pool_fwd,
+    "avg_pool2d_bwd": _pool_bwd,
+}
+
+
+def test_every_custom_op_is_covered():
+    registered = {name for name in dir(OPS) if name.endswith(("_fwd", "_bwd"))}
+    assert registered <= set(OPCHECK_CASES), registered - set(OPCHECK_CASES)
+
+
+# The backward ops of the attention operators have no autograd formula (no double
+# backward; the avg_pool2d pair is linear, so each is the other's gradient): their
+# inputs do not require grad, which opcheck would otherwise backpropagate through.
+NO_DOUBLE_BACKWARD = {"scaled_dot_product_attention_bwd", "window_attention_bwd",
+                      "elsa_attention_bwd"}
+
+def _opcheck_params():
+    return [pytest.param(name, backend, id=f"{name}-{backend}")
+            for name in sorted(OPCHECK_CASES) for backend in ("triton", "cuda")]
+
+
+@pytest.fixture(scope="module")
+def host_ops():
+    return host.load()
+
+
+@pytest.mark.parametrize("name, backend", _opcheck_params())
+def test_opcheck(name, backend, request):
+    if backend == "cuda":
+        request.getfixturevalue("host_ops")
+        ok, reason = _ext.has_op(name, "cpu")
+        if not ok:
+            pytest.skip(f"cuda backend: {reason}")
+    torch.manual_seed(0)
+    args = OPCHECK_CASES[name](backend)
+    if name in NO_DOUBLE_BACKWARD:
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(OPS, name), args)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5):
+    """Compile ``fn`` (fullgraph), call it twice with the same shapes (one compile
+    allowed), and compare outputs and input gradients with eager."""
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+
+    def run(f):
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        out = f(*leaves)
+        # A fixed random cotangent: a plain sum would hide errors that cancel.
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(cot)
+        return out.detach(), [t.grad for t in leaves if t.requires_grad]
+
+    expected, expected_grads = run(fn)
+    for _ in range(2):
+        out, grads = run(compiled)
+        torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, atol=atol, rtol=rtol)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compiles"
+
+
+def _sdpa_call():
+    def fn(q, k, v, bias):
+        return pyvit_ops.scaled_dot_product_attention(q, k, v, bias, backend="triton")
+    return fn, [_r(2, 3, 5), _r(2, 4, 5), _r(2, 4, 5), _r(1, 3, 4)]
+
+
+def _window_call():
+    def fn(q, k, v, table):
+        return pyvit_ops.window_attention(q, k, v, table, window_size=2, shift_size=1,
+                                          backend="triton")
+    return fn, [_r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(9, 2)]
+
+
+def _elsa_call():
+    def fn(v, attn, mul, add):
+        return pyvit_ops.elsa_attention(v, attn, mul, add, kernel_size=3, backend="triton")
+    return fn, [_r(1, 4, 4, 5), _r(1, 18, 4, 5), _r(4, 3, 3), _r(4, 3, 3)]
+
+
+def _avg_pool_call():
+    def fn(x):
+        return pyvit_ops.avg_pool2d(x, 3, stride=2, padding=1, backend="triton")
+    return fn, [_r(1, 2, 5, 4)]
+
+
+def _poolformer_call():
+    def fn(x):
+        return pyvit_ops.poolformer_pool(x, 3, backend="triton")
+    return fn, [_r(1, 2, 5, 4)]
+
+
+@pytest.mark.parametrize("case", [_sdpa_call, _window_call, _elsa_call, _avg_pool_call,
+                                  _poolformer_call],
+                         ids=lambda c: c.__name__.strip("_").removesuffix("_call"))
+def test_compile_operator(case):
+    torch.manual_seed(0)
+    fn, inputs = case()
+    _compiled_matches_eager(fn, inputs)
+
+
+def _module_cases():
+    nn = pyvit_ops.nn
+    return {
+        "Attention": (lambda: nn.Attention(8, num_heads=2, qkv_bias=True), (2, 5, 8)),
+        "ClassAttn": (lambda: nn.ClassAttn(8, num_heads=2, qkv_bias=True), (2, 5, 8)),
+        "WindowAttention": (lambda: nn.WindowAttention(8, 2, window_size=2, shift_size=1),
+                            (1, 5, 3, 8)),
+        "ELSA": (lambda: nn.ELSA(8, 2, kernel_size=3), (1, 4, 5, 8)),
+        "Pooling": (lambda: nn.Pooling(3), (1, 2, 5, 4)),
+    }
+
+
+@pytest.mark.parametrize("name", ["Attention", "ClassAttn", "WindowAttention", "ELSA",
+                                  "Pooling"])
+def test_compile_module(name):
+    torch.manual_seed(0)
+    make, shape = _module_cases()[name]
+    module = make()
+    module.backend = "reference"
+    params = dict(module.named_parameters())
+
+    def fn(x, *values):
+        return torch.func.functional_call(module, dict(zip(params, values)), (x,))
+
+    # Parameters are inputs so their gradients are compared too.
+    _compiled_matches_eager(fn, [_r(*shape), *params.values()])

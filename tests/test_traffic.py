@@ -1,0 +1,146 @@
+"""The memory-traffic meters count exactly the bytes that are moved."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from pyvit_ops.testing.traffic import (compulsory_bytes, count_aten_traffic,
+                                       count_triton_traffic, tensor_bytes)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@triton.jit
+def _copy_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(Y + offs, tl.load(X + offs, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def _pair_sum_kernel(X, Y, N, BLOCK: tl.constexpr):
+    # y[i] = x[i] + x[i + 1]: every x element but the first is loaded twice.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N - 1
+    a = tl.load(X + offs, mask=mask)
+    b = tl.load(X + offs + 1, mask=mask)
+    tl.store(Y + offs, a + b, mask=mask)
+
+
+@triton.jit
+def _atomic_count_kernel(X, COUNT, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + offs, mask=mask, other=0)
+    tl.atomic_add(COUNT, tl.sum(x, axis=0))
+
+
+def _launch(kernel, x, y, block=128):
+    kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block)
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1000, 1, 128])
+def test_triton_copy_counts_masked_tail_exactly(dtype, n):
+    x = torch.randn(n).to(dtype)
+    y, report = count_triton_traffic(_launch, _copy_kernel, x, torch.empty_like(x))
+    assert torch.equal(y, x)
+    nbytes = n * x.element_size()     # 1000 fp16 -> 2000 B, not the 1024 lanes launched
+    assert report["read_bytes"] == report["write_bytes"] == nbytes
+    assert report["unique_read_bytes"] == report["unique_write_bytes"] == nbytes
+    assert report["total_bytes"] == 2 * nbytes
+    assert report["launches"] == 1
+    assert report["by_kernel"]["_copy_kernel"]["read_bytes"] == nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_repeated_loads_counted_per_access_and_unique(dtype):
+    n = 300
+    x = torch.randn(n).to(dtype)
+    y = torch.zeros(n - 1, dtype=dtype)
+    out, report = count_triton_traffic(_launch, _pair_sum_kernel, x, y)
+    torch.testing.assert_close(out.float(), (x[:-1] + x[1:]).float())
+    size = x.element_size()
+    assert report["read_bytes"] == 2 * (n - 1) * size
+    assert report["unique_read_bytes"] == n * size
+    assert report["write_bytes"] == report["unique_write_bytes"] == (n - 1) * size
+
+
+def test_triton_several_kernels_and_atomics():
+    x = torch.ones(200, dtype=torch.int32)
+    count = torch.zeros(1, dtype=torch.int32)
+
+    def run():
+        _launch(_copy_kernel, x, torch.empty_like(x), block=64)
+        _launch(_atomic_count_kernel, x, count, block=64)
+
+    _, report = count_triton_traffic(run)
+    assert count.item() == 200
+    copy, atomic = report["by_kernel"]["_copy_kernel"], report["by_kernel"]["_atomic_count_kernel"]
+    assert copy == {"launches": 1, "read_bytes": 800, "write_bytes": 800,
+                    "unique_read_bytes": 800, "unique_write_bytes": 800}
+    # 4 programs each read their slice and do one 4-byte atomic read-modify-write
+    assert atomic["read_bytes"] == 800 + 4 * 4 and atomic["write_bytes"] == 4 * 4
+    assert atomic["unique_write_bytes"] == 4
+    # x is read by both kernels: unique across the whole run counts it once
+    assert report["unique_read_bytes"] == 800 + 4
+    assert report["read_bytes"] == 800 + 816
+
+
+def test_triton_meter_requires_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="interpreter"):
+        count_triton_traffic(lambda: None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 13), (1,)])
+def test_aten_composition(dtype, shape):
+    x = torch.randn(shape).to(dtype)
+    result, report = count_aten_traffic(lambda t: (t * 2 + 1).sum(), x)
+    torch.testing.assert_close(result, (x * 2 + 1).sum())
+    n = x.numel() * x.element_size()
+    s = x.element_size()              # sum returns a 0-d tensor of x's dtype
+    assert report["ops"]["aten.mul.Tensor"] == {"calls": 1, "read_bytes": n, "write_bytes": n}
+    assert report["ops"]["aten.add.Tensor"] == {"calls": 1, "read_bytes": n, "write_bytes": n}
+    assert report["ops"]["aten.sum.default"] == {"calls": 1, "read_bytes": n, "write_bytes": s}
+    assert report["read_bytes"] == 3 * n
+    assert report["write_bytes"] == 2 * n + s
+    assert report["total_bytes"] == 5 * n + s
+
+
+def test_aten_views_move_nothing_and_inplace_rules():
+    x = torch.randn(4, 6)
+    out = torch.empty(6, 4)
+
+    def f(t):
+        v = t.t()                              # view: 0 bytes
+        r = v.reshape(24)                      # non-contiguous: clone (moves) + _unsafe_view (0)
+        r.add_(1.0)                            # reads and writes r
+        torch.mul(v, 2.0, out=out)             # out= is written, not read
+        out.copy_(v)                           # copy_ does not read its destination
+        return r.view(4, 6).expand(3, 4, 6).sum()   # expand: x's bytes once
+
+    _, report = count_aten_traffic(f, x)
+    ops = report["ops"]
+    b = x.numel() * 4
+    for view in ("aten.t.default", "aten._unsafe_view.default", "aten.view.default",
+                 "aten.expand.default"):
+        assert ops[view]["read_bytes"] == ops[view]["write_bytes"] == 0, view
+    assert ops["aten.clone.default"] == {"calls": 1, "read_bytes": b, "write_bytes": b}
+    assert ops["aten.add_.Tensor"] == {"calls": 1, "read_bytes": b, "write_bytes": b}
+    assert ops["aten.mul.out"] == {"calls": 1, "read_bytes": b, "write_bytes": b}
+    assert ops["aten.copy_.default"] == {"calls": 1, "read_bytes": b, "write_bytes": b}
+    assert ops["aten.sum.default"] == {"calls": 1, "read_bytes": b, "write_bytes": 4}
+
+
+def test_compulsory_bytes():
+    q = torch.empty(2, 3, 5, dtype=torch.float16)
+    bias = torch.empty(5, dtype=torch.float32).expand(2, 3, 5)   # broadcast: read once
+    out = torch.empty(2, 3, 5, dtype=torch.bfloat16)
+    got = compulsory_bytes([q, bias, None, q], out)
+    assert got == {"read_bytes": 60 + 20, "write_bytes": 60, "total_bytes": 140}
+    assert tensor_bytes(torch.empty(0, 3)) == 0
+    with pytest.raises(TypeError, match="inputs must be tensors"):
+        compulsory_bytes([q, 3], out)

@@ -1,0 +1,323 @@
+"""window_attention: reference vs timm, Triton (interpreter) vs reference, errors."""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import (SwinTransformerBlock, get_relative_position_index,
+                                          window_partition, window_reverse)
+
+import pyvit_ops.ops.window_attention as ops
+from pyvit_ops import _backend
+from pyvit_ops.kernels import window_attention as kernels
+from pyvit_ops.reference.window_attention import window_attention as reference
+
+# (B, H, W, heads, D, window, shift): borders, padding on one / both axes, non-square
+# windows and shifts, a shift on one axis only, N not a multiple of the tile.
+GEOMETRIES = [
+    (1, 9, 10, 2, 8, (4, 5), (2, 1)),     # pad both axes, non-square window and shift
+    (2, 14, 14, 3, 4, 7, 3),              # Swin: 7x7 windows, shift 3, no padding
+    (1, 10, 7, 2, 6, (5, 3), (2, 0)),     # shift on H only, pad W
+    (1, 9, 10, 1, 5, (3, 4), (0, 2)),     # shift on W only, pad H and W
+    (1, 8, 8, 2, 4, 4, 0),                # W-MSA: no shift, no padding
+    (1, 7, 9, 2, 4, 7, (3, 4)),           # one window row covering the whole height
+]
+
+
+def _packed_qkv(B, H, W, heads, D, dtype=torch.float64, scale=1.0):
+    """q, k, v as strided views of one (B, H, W, 3, heads, D) projection."""
+    qkv = torch.randn(B, H, W, 3, heads, D, dtype=dtype) * scale
+    return qkv.unbind(3)
+
+
+def _table(window, heads, dtype=torch.float64):
+    wh, ww = (window, window) if isinstance(window, int) else window
+    return torch.randn((2 * wh - 1) * (2 * ww - 1), heads, dtype=dtype)
+
+
+def _timm_mask(padded, window, shift):
+    """timm's own SW-MSA mask on the padded grid (None without shift)."""
+    block = types.SimpleNamespace(window_size=window, shift_size=shift,
+                                  window_area=window[0] * window[1])
+    return SwinTransformerBlock.get_attn_mask(block, x=padded)
+
+
+def _timm_transcription(q, k, v, table, window, shift, scale, pad_k, pad_v):
+    """timm's SwinTransformerBlock._attn + WindowAttention math on q / k / v, written
+    with timm's window_partition / window_reverse / relative index / get_attn_mask."""
+    B, H, W, heads, D = q.shape
+    C, (wh, ww), (sh, sw) = heads * D, window, shift
+    N = wh * ww
+    x = [t.reshape(B, H, W, C) for t in (q, k, v)]
+    if sh or sw:
+        x = [torch.roll(t, shifts=(-sh, -sw), dims=(1, 2)) for t in x]
+    ph, pw = (wh - H % wh) % wh, (ww - W % ww) % ww
+    x = [F.pad(t, (0, 0, 0, pw, 0, ph)) for t in x]
+    Hp, Wp = H + ph, W + pw
+    real = torch.zeros(Hp, Wp, 1, dtype=torch.bool)
+    real[:H, :W] = True
+    x[1] = torch.where(real, x[1], pad_k.reshape(C))
+    x[2] = torch.where(real, x[2], pad_v.reshape(C))
+    qw, kw, vw = (window_partition(t, (wh, ww)).view(-1, N, heads, D).transpose(1, 2) for t in x)
+    attn = (qw * scale) @ kw.transpose(-2, -1)
+    index = get_relative_position_index(wh, ww)
+    attn = attn + table[index.view(-1)].view(N, N, heads).permute(2, 0, 1)
+    mask = _timm_mask(x[0], (wh, ww), (sh, sw))
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = (attn.view(-1, nw, heads, N, N) + mask[None, :, None]).view(-1, heads, N, N)
+    out = (attn.softmax(-1) @ vw).transpose(1, 2).reshape(-1, wh, ww, C)
+    out = window_reverse(out, (wh, ww), Hp, Wp)[:, :H, :W]
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    return out.reshape(B, H, W, heads, D)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("B,H,W,heads,D,window,shift", GEOMETRIES)
+def test_reference_matches_timm_transcription(B, H, W, heads, D, window, shift):
+    window, shift = _pair(window), _pair(shift)
+    q, k, v = _packed_qkv(B, H, W, heads, D)
+    table = _table(window, heads)
+    pad_k, pad_v = torch.randn(2, heads, D, dtype=torch.float64)
+    scale = 0.37
+    expected = _timm_transcription(q, k, v, table, window, shift, scale, pad_k, pad_v)
+    out = reference(q, k, v, table, window_size=window, shift_size=shift, scale=scale,
+                    pad_kv=(pad_k, pad_v))
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("B,H,W,heads,D,window,shift", GEOMETRIES)
+def test_reference_matches_timm_block(B, H, W, heads, D, window, shift):
+    """Through a real timm SwinTransformerBlock._attn (qkv bias -> padded tokens)."""
+    torch.manual_seed(0)
+    C = heads * D
+    block = SwinTransformerBlock(C, (H, W), num_heads=heads, window_size=window,
+                                 shift_size=shift, always_partition=True,
+                                 dynamic_mask=True).double()
+    attn = block.attn
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    torch.nn.init.normal_(attn.qkv.bias)
+    x = torch.randn(B, H, W, C, dtype=torch.float64)
+    q, k, v = attn.qkv(x).view(B, H, W, 3, heads, D).unbind(3)
+    _, bias_k, bias_v = attn.qkv.bias.view(3, heads, D).unbind(0)
+    out = reference(q, k, v, attn.relative_position_bias_table, window_size=window,
+                    shift_size=shift, scale=attn.scale, pad_kv=(bias_k, bias_v))
+    torch.testing.assert_close(attn.proj(out.reshape(B, H, W, C)), block._attn(x),
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_reference_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 2, 2))
+    table = _table((3, 4), 2).requires_grad_()
+    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 2, dtype=torch.float64))
+
+    def fn(q, k, v, table, pad_k, pad_v):
+        return reference(q, k, v, table, window_size=(3, 4), shift_size=(1, 2),
+                         pad_kv=(pad_k, pad_v))
+
+    # fast_mode: random projections of the Jacobian instead of all of its entries.
+    assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v), fast_mode=True)
+
+
+# --------------------------------------------------------------------------- triton
+
+# (dtype, atol, rtol): fp32 dots are IEEE; half kernels round P and dS to the input
+# dtype before the second products, as every fused attention does.
+DTYPES = [
+    (torch.float32, 5e-6, 2e-5),
+    (torch.float16, 3e-3, 3e-3),
+    (torch.bfloat16, 4e-2, 2e-2),
+]
+
+# (B, H, W, heads, D, window, shift, table, pad, param_dtype, layout); param_dtype is
+# the table's and pads' dtype ("input": q's). Windows per backward program: the
+# interpreter aims at 4 programs, so most cases walk several windows in one program,
+# some with a ragged last group (10x13 / (4, 6): 9 windows, 2 groups of 5 and 4).
+TRITON_CASES = [
+    pytest.param(1, 9, 10, 2, 32, (4, 5), (2, 1), True, True, "float32", "packed",
+                 id="pad-hw-nonsquare"),
+    pytest.param(2, 7, 7, 3, 16, 7, 3, True, True, "input", "mixed", id="swin7-shift3-D16"),
+    pytest.param(1, 10, 13, 2, 48, (4, 6), (0, 3), True, True, "input", "packed",
+                 id="shift-w-D48"),
+    pytest.param(1, 12, 8, 1, 64, 8, 0, False, False, None, "mixed", id="w8-unshifted-notable"),
+    # Head dim 80 -> the 128 bucket, which the Triton kernels take for half types only.
+    # Head dim 80: the 128 bucket, taken for half types; float32 must be refused.
+    pytest.param(1, 5, 6, 1, 80, (3, 4), (1, 2), True, True, "input", "packed", id="D80"),
+]
+
+
+def _qkv_views(B, H, W, heads, D, dtype, layout):
+    if layout == "packed":
+        return _packed_qkv(B, H, W, heads, D, dtype=dtype)
+    # q contiguous, k read through a (B, W, H, ...) transpose, v from a packed projection.
+    q = torch.randn(B, H, W, heads, D, dtype=dtype)
+    k = torch.randn(B, W, H, heads, D, dtype=dtype).transpose(1, 2)
+    v = _packed_qkv(B, H, W, heads, D, dtype=dtype)[2]
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize(
+    "B,H,W,heads,D,window,shift,with_table,with_pad,param_dtype,layout", TRITON_CASES)
+def test_triton_matches_reference(B, H, W, heads, D, window, shift, with_table, with_pad,
+                                  param_dtype, layout, dtype, atol, rtol):
+    if dtype == torch.float32 and D > kernels.MAX_HEAD_DIM_FP32:
+        # Not a skip: the Triton backend must refuse this call, with its reason.
+        with pytest.raises(_backend.BackendUnavailableError, match="float32 with head dim"):
+            ops.window_attention(*_packed_qkv(B, H, W, heads, D, dtype), window_size=window,
+                                 backend="triton")
+        return
+    torch.manual_seed(0)
+    q, k, v = _qkv_views(B, H, W, heads, D, dtype, layout)
+    inputs = [q, k, v]
+    param_dtype = dtype if param_dtype == "input" else torch.float32
+    table = _table(window, heads, param_dtype) if with_table else None
+    pads = tuple(torch.randn(2, heads, D, dtype=param_dtype).unbind(0)) if with_pad else None
+    inputs += [table] if with_table else []
+    inputs += list(pads) if with_pad else []
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    # Upstream gradient as a non-contiguous view, as after a permuting projection.
+    grad = torch.randn(B, W, H, heads, D, dtype=dtype).transpose(1, 2)
+
+    def run(backend, tensors):
+        q, k, v, *rest = tensors
+        table = rest.pop(0) if with_table else None
+        pad_kv = tuple(rest) if with_pad else None
+        out = ops.window_attention(q, k, v, table, window_size=window, shift_size=shift,
+                                   pad_kv=pad_kv, backend=backend)
+        # Without padding the pads do not reach the reference's graph: zero gradient.
+        return out, torch.autograd.grad(out, tensors, grad.to(out.dtype), allow_unused=True,
+                                        materialize_grads=True)
+
+    out, grads = run("triton", inputs)
+    # Oracle: the reference in float64 on the same values, pads rounded to q's dtype as
+    # the kernel's contract says (the rounding passes the gradient through unchanged).
+    oracle = [t.detach().double() for t in inputs]
+    if with_pad:
+        oracle[-2:] = [t.detach().to(dtype).double() for t in inputs[-2:]]
+    expected, expected_grads = run("reference", [t.requires_grad_() for t in oracle])
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
+    names = ["q", "k", "v"] + (["table"] if with_table else []) + (["pad_k", "pad_v"] if with_pad else [])
+    for name, g, e, t in zip(names, grads, expected_grads, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        # Summed gradients (table, pads) add up many terms: scale the tolerance.
+        scale = max(1.0, e.abs().max().item() / 4) if name in ("table", "pad_k", "pad_v") else 1.0
+        torch.testing.assert_close(g.double(), e, atol=atol * scale, rtol=rtol,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_triton_backward_is_deterministic():
+    torch.manual_seed(0)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 9, 10, 2, 32, torch.float16))
+    table = _table((4, 5), 2, torch.float32).requires_grad_()
+    pad_kv = tuple(t.requires_grad_() for t in torch.randn(2, 2, 32, dtype=torch.float16))
+    tensors = (q, k, v, table, *pad_kv)
+    grad = torch.randn(1, 9, 10, 2, 32, dtype=torch.float16)
+    results = []
+    for _ in range(2):
+        out = ops.window_attention(q, k, v, table, window_size=(4, 5), shift_size=(2, 1),
+                                   pad_kv=pad_kv, backend="triton")
+        results.append(torch.autograd.grad(out, tensors, grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_triton_gradients_only_where_asked():
+    torch.manual_seed(0)
+    q, k, v = _packed_qkv(1, 8, 8, 2, 32, torch.float32)
+    q = q.detach().requires_grad_()
+    table = _table(4, 2, torch.float32)
+    pad_kv = tuple(torch.randn(2, 2, 32).unbind(0))
+    out = ops.window_attention(q, k, v, table, window_size=4, shift_size=2, pad_kv=pad_kv,
+                               backend="triton")
+    out.sum().backward()
+    assert q.grad is not None and table.grad is None and pad_kv[0].grad is None
+
+
+def test_custom_op_opcheck():
+    torch.manual_seed(0)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 1, 16, torch.float32))
+    table = _table((4, 5), 1, torch.float32).requires_grad_()
+    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 1, 16))
+    args = (q, k, v, table, pad_k, pad_v, 4, 5, 1, 2, 0.25, -100.0, "triton")
+    torch.library.opcheck(torch.ops.pyvit_ops.window_attention_fwd, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _valid_args():
+    q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
+    return dict(q=q, k=k, v=v, rel_pos_bias_table=_table((4, 5), 2, torch.float32),
+                window_size=(4, 5), shift_size=(2, 1),
+                pad_kv=tuple(torch.zeros(2, 2, 8).unbind(0)))
+
+
+BAD_INPUTS = [
+    ("q", lambda a: a["q"][..., 0], ValueError, "q: expected a 5-D tensor"),
+    ("q", lambda a: a["q"].tolist(), TypeError, "q: expected a torch.Tensor"),
+    ("k", lambda a: a["k"][:, :8], ValueError, "k: expected shape (1, 9, 10, 2, 8)"),
+    ("v", lambda a: a["v"].half(), TypeError, "v: expected dtype torch.float32"),
+    ("q", lambda a: a["q"].int(), TypeError, "q: expected dtype in"),
+    ("rel_pos_bias_table", lambda a: torch.zeros(49, 2), ValueError,
+     "rel_pos_bias_table: expected shape (63, 2), got (49, 2)"),
+    ("rel_pos_bias_table", lambda a: a["rel_pos_bias_table"].half(), TypeError,
+     "rel_pos_bias_table: expected dtype in (float32)"),
+    ("pad_kv", lambda a: a["pad_kv"][0], TypeError, "pad_kv: expected a pair"),
+    ("pad_kv", lambda a: (torch.zeros(2, 7), torch.zeros(2, 8)), ValueError,
+     "pad_kv[0]: expected shape (2, 8), got (2, 7)"),
+    ("pad_kv", lambda a: (torch.zeros(2, 8), torch.zeros(2, 8, device="meta")), ValueError,
+     "pad_kv[1]: expected device cpu"),
+    ("window_size", lambda a: (10, 5), ValueError, "window_size: expected at most the grid (H, W) = (9, 10)"),
+    ("window_size", lambda a: (0, 5), ValueError, "window_size: expected positive sizes"),
+    ("window_size", lambda a: 4.0, TypeError, "window_size: expected an int or a pair"),
+    ("shift_size", lambda a: (4, 1), ValueError, "shift_size: expected 0 <= shift < window_size (4, 5)"),
+    ("shift_size", lambda a: (-1, 1), ValueError, "shift_size: expected 0 <= shift"),
+    ("scale", lambda a: "x", TypeError, "scale: expected a float or None"),
+    ("scale", lambda a: 0.0, ValueError, "scale: expected a nonzero finite float"),
+    ("mask_value", lambda a: float("nan"), ValueError, "mask_value: expected a number below +inf"),
+    ("mask_value", lambda a: None, TypeError, "mask_value: expected a float"),
+    ("backend", lambda a: "cudnn", ValueError, "backend: expected one of"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,message", BAD_INPUTS)
+def test_bad_inputs(name, make, exc, message):
+    args = _valid_args()
+    args[name] = make(args)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=None) as info:
+        ops.window_attention(q, k, v, **args)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("backend,change,reason", [
+    ("triton", dict(D=160), "head dim 160 > 128"),
+    ("triton", dict(D=96), "float32 with head dim 96 > 64"),
+    ("triton", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
+    ("triton", dict(dtype=torch.float64), "float64 runs only on the reference backend"),
+    ("cuda", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
+])
+def test_forced_backend_reasons(backend, change, reason):
+    D, window = change.get("D", 8), change.get("window", (4, 5))
+    q, k, v = _packed_qkv(1, 9, 10, 2, D, change.get("dtype", torch.float32))
+    with pytest.raises(_backend.BackendUnavailableError, match="window_attention") as info:
+        ops.window_attention(q, k, v, window_size=window, backend=backend)
+    assert reason in str(info.value)
+
+
+def test_cpu_default_is_reference():
+    q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
+    out = ops.window_attention(q, k, v, window_size=(4, 5), shift_size=(2, 1))
+    torch.testing.assert_close(out, reference(q, k, v, window_size=(4, 5), shift_size=(2, 1)))
