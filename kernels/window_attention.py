@@ -54,6 +54,7 @@ is padded and a pad needs its gradient.
 Element offsets inside one image are int32, the batch offset is int64.
 """
 import functools
+import itertools
 
 import torch
 import triton
@@ -65,7 +66,6 @@ MAX_WINDOW_AREA = 64
 MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_FP32 = 64  # fp32 tiles are twice the size: D = 128 spills
 _INT32_MAX = 2**31 - 1
-_NUM_STAGES = 2  # the window loop prefetches the next window's tokens
 
 
 @triton.jit
@@ -121,7 +121,8 @@ def _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, 
     (column WW - SW), where timm's get_attn_mask puts its boundaries."""
     t, ty, tx = _slot_rows_cols(WW, BLOCK_N)
     in_win = t < WH * WW
-    region = ((ty >= WH - SH) & last_row).to(tl.int32) * 2 + ((tx >= WW - SW) & last_col).to(tl.int32)
+    region = ((ty >= WH - SH) & last_row).to(tl.int32) * 2 \
+        + ((tx >= WW - SW) & last_col).to(tl.int32)
     acc0 = tl.where(region[:, None] != region[None, :], mask_value, 0.0)
     if HAS_TABLE:
         # rel(i, j) = (ty_i - ty_j + WH - 1)(2WW - 1) + tx_i - tx_j + WW - 1 = row_i - col_j.
@@ -313,13 +314,31 @@ _BLOCK_DS = (32, 64, 128)     # head-dim buckets (masked loads: 48, 80, 96 cost 
 
 
 
-def _num_warps(block_n, block_d, dtype_name, backward):
-    """One warp per 16 score rows; 8 warps where the tiles would not fit 4 warps'
-    registers without spilling (checked with the static compile report)."""
-    warps = block_n // 16
-    if block_n == 64 and (block_d == 128 or (backward and block_d == 64 and dtype_name == "fp32")):
-        warps = 8
-    return warps
+def _config(block_n, block_d, dtype_name, backward, arch):
+    """(num_warps, num_stages), chosen from a static compile sweep (registers and
+    spills on sm_80 / sm_90a; see static_compile_specs).
+
+    4 warps (16 score rows each) for 64-token windows, 8 where bigger tiles (head
+    dim 128; in the backward, whose five products hold more tiles live, anything
+    beyond half precision with head dim 32) need the registers of twice the
+    threads; 4 warps split over rows and columns for 32-token windows. The window
+    loop is pipelined (2 stages) except in the backward on sm_80, where the
+    prefetch buffers push the loop into spills.
+    """
+    if block_n == 32:
+        warps = 4
+    elif backward:
+        warps = 4 if block_d == 32 and dtype_name != "fp32" else 8
+    else:
+        warps = 8 if block_d == 128 else 4
+    return warps, 2 if not backward or arch >= 90 else 1
+
+
+def _arch(device):
+    """90 for H100 and newer, else 80 (A100, and the interpreter): the config row."""
+    if device.type != "cuda":
+        return 80
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 def _blocks(N, D):
@@ -394,7 +413,8 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
     if out.numel() == 0:
         return out, lse
     block_n, block_d = _blocks(wh * ww, D)
-    dtype_name = _DTYPE_NAMES[q.dtype]
+    num_warps, num_stages = _config(block_n, block_d, _DTYPE_NAMES[q.dtype], False,
+                                    _arch(q.device))
     per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device)
     _window_attention_fwd_kernel[(sum(programs),)](
         q, k, v, _table_fp32(table, q.device), _pad_rows(pad_k, q), _pad_rows(pad_v, q),
@@ -402,8 +422,7 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
         float(scale), 1.0 / scale, float(mask_value),
         *q.stride(), *k.stride(), *v.stride(),
         HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=_num_warps(block_n, block_d, dtype_name, backward=False),
-        num_stages=_NUM_STAGES)
+        num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
@@ -450,15 +469,15 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                        dtype=torch.float32, device=q.device)
     if dq.numel():
         block_n, block_d = _blocks(N, D)
-        dtype_name = _DTYPE_NAMES[q.dtype]
+        num_warps, num_stages = _config(block_n, block_d, _DTYPE_NAMES[q.dtype], True,
+                                        _arch(q.device))
         args = (q, k, v, out, dout, lse, _table_fp32(table, q.device),
                 _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
                 B, H, W, n_wh, n_ww, heads, D, per_program)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride())
         config = dict(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d,
-                                    num_warps=_num_warps(block_n, block_d, dtype_name, backward=True),
-                      num_stages=_NUM_STAGES)
+                      num_warps=num_warps, num_stages=num_stages)
         _window_attention_bwd_kernel[(sum(programs),)](*args, 0, *rest, PAD_GRAD=False, **config)
         if dpad.shape[0]:
             _window_attention_bwd_kernel[(dpad.shape[0],)](*args, programs[0], *rest,
@@ -484,43 +503,49 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
 
 
 def static_compile_specs():
-    """Every (kernel, BLOCK_N, BLOCK_D, HAS_TABLE, dtype) the launchers can pick. The
-    head-dim strides are the constexpr 1 (Triton specialises them for dense rows) and
-    the other strides multiples of 16 (D and heads * D are, for the head dims listed)."""
+    """Every (kernel, BLOCK_N, BLOCK_D, HAS_TABLE, PAD_GRAD, dtype, warps, stages) the
+    launchers can pick. Where the config differs between sm_80 and sm_90a, each
+    spec names its arch (``archs``: meaningful for that arch only). The head-dim
+    strides are the constexpr 1 (Triton specialises them for dense rows); D and the
+    other strides are multiples of 16 (for the head dims listed, so are heads * D)."""
     specs = []
     for kernel, backward in ((_window_attention_fwd_kernel, False),
                              (_window_attention_bwd_kernel, True)):
         unit = [a for a in kernel.arg_names if a.startswith("stride_") and a.endswith("d")
                 and not a.endswith("head")]
         strided = [a for a in kernel.arg_names if a.startswith("stride_") and a not in unit]
-        variants = [(t, p) for t in (True, False) for p in ((False, True) if backward else (False,))]
-        for dtype in ("fp16", "bf16", "fp32"):
-            for block_n in _BLOCK_NS:
-                for block_d in _BLOCK_DS:
-                    for has_table, pad_grad in variants:
-                        constexprs = {a: 1 for a in unit}
-                        constexprs.update(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d)
-                        if backward:
-                            constexprs["PAD_GRAD"] = pad_grad
-                        signature = {}
-                        for a in kernel.arg_names:
-                            if a in constexprs:
-                                signature[a] = "constexpr"
-                            elif a in ("table_ptr", "lse_ptr", "dbias_ptr", "dpad_ptr"):
-                                signature[a] = "*fp32"
-                            elif a.endswith("_ptr"):
-                                signature[a] = f"*{dtype}"
-                            elif a in ("scale", "inv_scale", "mask_value"):
-                                signature[a] = "fp32"
-                            else:
-                                signature[a] = "i32"
-                        specs.append({
-                            "name": (f"{kernel.__name__}_n{block_n}_d{block_d}"
-                                     f"{'_table' if has_table else ''}"
-                                     f"{'_pad' if pad_grad else ''}_{dtype}"),
-                            "fn": kernel, "signature": signature, "constexprs": constexprs,
-                            "num_warps": _num_warps(block_n, block_d, dtype, backward),
-                            "num_stages": _NUM_STAGES,
-                            "uses_dot": True, "dtype": dtype,
-                            "divisible_by_16": strided + ["D"]})
+        flags = [(t, p) for t in (True, False) for p in ((False, True) if backward else (False,))]
+        for dtype, block_n, block_d, (has_table, pad_grad) in itertools.product(
+                ("fp16", "bf16", "fp32"), _BLOCK_NS, _BLOCK_DS, flags):
+            if dtype == "fp32" and block_d > MAX_HEAD_DIM_FP32:
+                continue
+            constexprs = {a: 1 for a in unit}
+            constexprs.update(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d)
+            if backward:
+                constexprs["PAD_GRAD"] = pad_grad
+            signature = {}
+            for a in kernel.arg_names:
+                if a in constexprs:
+                    signature[a] = "constexpr"
+                elif a in ("table_ptr", "lse_ptr", "dbias_ptr", "dpad_ptr"):
+                    signature[a] = "*fp32"
+                elif a.endswith("_ptr"):
+                    signature[a] = f"*{dtype}"
+                elif a in ("scale", "inv_scale", "mask_value"):
+                    signature[a] = "fp32"
+                else:
+                    signature[a] = "i32"
+            name = (f"{kernel.__name__}_n{block_n}_d{block_d}{'_table' if has_table else ''}"
+                    f"{'_pad' if pad_grad else ''}_{dtype}")
+            configs = {arch: _config(block_n, block_d, dtype, backward, arch) for arch in (80, 90)}
+            per_arch = configs[80] != configs[90]
+            for arch in (80, 90) if per_arch else (80,):
+                num_warps, num_stages = configs[arch]
+                spec = {"name": name + (f"_sm{arch}" if per_arch else ""), "fn": kernel,
+                        "signature": signature, "constexprs": constexprs,
+                        "num_warps": num_warps, "num_stages": num_stages, "uses_dot": True,
+                        "dtype": dtype, "divisible_by_16": strided + ["D"]}
+                if per_arch:
+                    spec["archs"] = (arch,)
+                specs.append(spec)
     return specs

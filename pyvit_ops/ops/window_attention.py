@@ -170,7 +170,8 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
         if not isinstance(pad_kv, (tuple, list)) or len(pad_kv) != 2:
             got = f"length {len(pad_kv)}" if isinstance(pad_kv, (tuple, list)) else \
                 type(pad_kv).__name__
-            raise TypeError(f"pad_kv: expected a pair (k_pad, v_pad) of (heads, D) tensors, got {got}")
+            raise TypeError("pad_kv: expected a pair (k_pad, v_pad) of (heads, D) tensors, "
+                            f"got {got}")
         pad_k, pad_v = pad_kv
         for name, pad in (("pad_kv[0]", pad_k), ("pad_kv[1]", pad_v)):
             _checks.check_tensor(name, pad, ndim=2, dtypes=allowed)
@@ -186,7 +187,8 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
     if isinstance(mask_value, bool) or not isinstance(mask_value, (int, float)):
         raise TypeError(f"mask_value: expected a float (timm: -100.0), got {mask_value!r}")
     if math.isnan(mask_value) or mask_value == math.inf:
-        raise ValueError(f"mask_value: expected a number below +inf (timm: -100.0), got {mask_value}")
+        raise ValueError("mask_value: expected a number below +inf (timm: -100.0), "
+                         f"got {mask_value}")
     return (wh, ww), (sh, sw), pad_k, pad_v, float(scale), float(mask_value)
 
 

@@ -33,7 +33,9 @@ def relative_position_index(window_size, device=None):
     wh, ww = window_size
     t = torch.arange(wh * ww, device=device)
     ty, tx = t // ww, t % ww
-    return (ty[:, None] - ty[None, :] + wh - 1) * (2 * ww - 1) + (tx[:, None] - tx[None, :] + ww - 1)
+    dy = ty[:, None] - ty[None, :]
+    dx = tx[:, None] - tx[None, :]
+    return (dy + wh - 1) * (2 * ww - 1) + (dx + ww - 1)
 
 
 def _region_labels(padded, window, shift, device):

@@ -397,12 +397,16 @@ def run_report(modules=None, archs=ARCHS, jobs=2):
         refs = [_module_name(m) for m in modules]
     for ref in refs:
         try:
-            names = [spec.get("name", f"{ref}[{i}]") for i, spec in enumerate(_specs(ref))]
+            specs = _specs(ref)
         except Exception as exc:
             records.append({"module": ref, "kernel": ref, "backend": "triton",
                             "error": _error(exc)})
             continue
-        tasks += [(ref, i, name, arch) for i, name in enumerate(names) for arch in archs]
+        # A spec may name the archs it is meant for (a launcher picking e.g. its
+        # pipeline depth per arch); it is compiled only for those.
+        tasks += [(ref, i, spec.get("name", f"{ref}[{i}]"), arch)
+                  for i, spec in enumerate(specs) for arch in archs
+                  if int(arch) in {int(a) for a in spec.get("archs", archs)}]
     if jobs <= 1 or len(tasks) <= 1:
         return records + [_compile_task(*t) for t in tasks]
     # spawn: workers import the kernel modules afresh instead of forking a process
