@@ -8,7 +8,8 @@ its launchers can pick in ``static_compile_specs()``; each spec is a dict::
      # optional:
      "uses_dot": bool,            # the kernel has a tl.dot: expect tensor-core instructions
      "dtype": str,                # label for the report (default: the pointer element types)
-     "divisible_by_16": [arg]}    # integer args the launcher guarantees to be multiples of 16
+     "divisible_by_16": [arg],    # integer args the launcher guarantees to be multiples of 16
+     "archs": [80, 90]}           # only these targets (default: every arch of the report)
 
 ``compile_triton(spec, arch)`` compiles one spec for sm_80 (A100) or sm_90a (H100) and
 reads the cubin with the CUDA tools shipped beside Triton: registers, shared memory,
