@@ -5,6 +5,7 @@ count_include_pad=False)``: each output is the mean of the window's in-image
 elements only. The output geometry helpers below are shared by the kernels and
 the fake (meta) implementation so that every backend agrees on shape and layout.
 """
+import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
@@ -27,6 +28,8 @@ def output_size(size, kernel_size, stride, padding):
 
 
 def output_shape(x_shape, kernel_size, stride, padding):
+    """``(B, C, Ho, Wo)`` of pooling an ``x_shape = (B, C, H, W)`` input; the pool
+    arguments are ``(h, w)`` pairs (see ``pool_params``)."""
     B, C, H, W = x_shape
     return (B, C, output_size(H, kernel_size[0], stride[0], padding[0]),
             output_size(W, kernel_size[1], stride[1], padding[1]))
@@ -43,8 +46,31 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False
     """Average pooling that excludes padding from the count; ``subtract_input``
     returns ``pool(x) - x`` (needs a same-size output, i.e. stride 1)."""
     kernel_size, stride, padding = pool_params(kernel_size, stride, padding)
-    y = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=False)
-    return y - x if subtract_input else y
+    if subtract_input:
+        return _PoolMinusInput.apply(x, kernel_size, stride, padding)
+    return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=False)
+
+
+class _PoolMinusInput(torch.autograd.Function):
+    """``pool(x) - x`` with torch's pooling, holding one image-sized tensor where the
+    composition holds two, forward and backward (the CPU path's peak memory). The
+    backward is made of differentiable torch ops, so double backward still works."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding):
+        ctx.save_for_backward(x)
+        ctx.pool = (kernel_size, stride, padding)
+        y = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode=False,
+                         count_include_pad=False)
+        return y.sub_(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        kernel_size, stride, padding = ctx.pool
+        grad_x = torch.ops.aten.avg_pool2d_backward(grad, x, kernel_size, stride, padding,
+                                                    False, False, None)
+        return grad_x - grad if torch.is_grad_enabled() else grad_x.sub_(grad), None, None, None
 
 
 def poolformer_pool(x, pool_size=3):

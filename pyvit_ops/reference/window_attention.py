@@ -127,10 +127,10 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     if rel_pos_bias_table is not None:
         index = relative_position_index((wh, ww), device=q.device)
         bias = rel_pos_bias_table.to(dtype)[index.reshape(-1)].view(N, N, heads).permute(2, 0, 1)
-        attn = attn + bias
+        attn = attn.add_(bias)  # in place: the product's backward does not need it
     mask = shift_mask(H, W, (wh, ww), (sh, sw), mask_value, dtype=dtype, device=q.device)
     if mask is not None:
-        attn = attn + mask[:, None]
+        attn = attn.add_(mask[:, None])
     out = attn.softmax(dim=-1) @ v
 
     out = _unpartition(out, (wh, ww), Hp, Wp)[:, :H, :W]
