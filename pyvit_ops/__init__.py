@@ -2,6 +2,11 @@
 
 Functional API: scaled_dot_product_attention, window_attention, elsa_attention,
 avg_pool2d, poolformer_pool. Modules: pyvit_ops.nn. timm integration: patch_timm.
+Each operator takes ``backend=None | "reference" | "triton" | "cuda"`` (or the
+``PYVIT_OPS_BACKEND`` environment variable): automatic choice runs the reference on
+CPU tensors and the kernels on CUDA tensors where they can; a forced backend that
+cannot run raises ``BackendUnavailableError`` with every reason.
+``HAS_CUDA_EXT``: True when the CUDA C++ extension (``pyvit_ops._C``) imported.
 ``python -m pyvit_ops.info`` says which backends can run here and why.
 """
 __version__ = "0.1.0"

@@ -60,7 +60,44 @@ def choose(op, backend, reasons, device):
     return "reference"
 
 
+# Autocast casts these (as torch's own autocast: float64 and integer / bool tensors pass).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(t):
+    """The low-precision dtype autocast asks for on ``t``'s device type, or None when
+    autocast is off there (or ``t`` is not a tensor: validation reports that)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    device_type = t.device.type
+    if not torch.amp.is_autocast_available(device_type) or \
+            not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(t, dtype, *, keep_float32=False):
+    """``t`` cast to autocast's ``dtype`` if it is an eligible float tensor.
+
+    ``keep_float32``: a float32 parameter (bias table, pads, ghost filters, a float32
+    attention bias) stays float32, the operators read it as is, so it remains the fp32
+    master and its gradient comes back in float32 without a low-precision copy.
+    """
+    if not isinstance(t, torch.Tensor) or t.dtype not in _AUTOCAST_ELIGIBLE:
+        return t
+    if keep_float32 and t.dtype == torch.float32:
+        return t
+    return t.to(dtype)
+
+
+def autocast_disabled(t):
+    """Context in which the operator runs after its inputs were cast: the reference's
+    float32 math (and anything else inside) must not be autocast again."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def interpreter_enabled():
+    """True when ``TRITON_INTERPRET`` is set: Triton kernels then run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -85,9 +122,11 @@ def common_reasons(backend, op, tensors):
         err = _triton_import_error()
         if err:
             reasons.append(err)
-        if devices - {"cuda"} and not interpreter_enabled():
-            reasons.append(f"tensors on {sorted(devices - {'cuda'})}: Triton kernels need CUDA "
-                           "tensors (or TRITON_INTERPRET=1 for the interpreter)")
+        # The interpreter runs CPU tensors; nothing runs meta or other devices.
+        foreign = devices - ({"cuda", "cpu"} if interpreter_enabled() else {"cuda"})
+        if foreign:
+            reasons.append(f"tensors on {sorted(foreign)}: Triton kernels need CUDA tensors "
+                           "(or CPU tensors with TRITON_INTERPRET=1 for the interpreter)")
         return reasons
     if backend == "cuda":
         from pyvit_ops import _ext

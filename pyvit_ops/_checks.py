@@ -17,6 +17,44 @@ def check_tensor(name, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES):
         raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
 
 
+def check_features(name, t, ndim, features, layout):
+    """A float ``ndim``-D tensor whose last dim has ``features`` entries (a module's
+    input, e.g. layout "(B, N, C)")."""
+    check_tensor(name, t, ndim=ndim)
+    if t.shape[-1] != features:
+        raise ValueError(f"{name}: expected shape {layout} with C = {features}, got "
+                         f"{tuple(t.shape)}")
+
+
+def check_int(name, value, minimum, *, odd=False):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    if odd and value % 2 == 0:
+        raise ValueError(f"{name}: expected an odd size (a window centred on its pixel), "
+                         f"got {value}")
+
+
+def odd_pair(name, value):
+    """``pair(name, value)`` of odd sizes >= 1 (a window centred on its pixel)."""
+    sizes = pair(name, value)
+    for size in sizes:
+        check_int(name, size, 1, odd=True)
+    return sizes
+
+
+def check_module(name, module, expected, attributes):
+    """A module with the ``attributes`` that ``from_timm`` reads (``expected`` names the
+    class it wraps, for the message)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{name}: expected a {expected} module, got {type(module).__name__}")
+    missing = [a for a in attributes if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"{name}: expected a {expected} module, got {type(module).__name__} "
+                        f"(no {', '.join(missing)})")
+
+
 def check_shape(name, t, expected):
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")

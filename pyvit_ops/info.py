@@ -31,6 +31,12 @@ def _triton_version():
 
 
 def collect():
+    """Everything ``main`` prints, as a JSON-ready dict: versions, the CUDA extension
+    (built, archs, or why not) and, per operator, ``{backend: {"available", "reason"}}``
+    for a tensor on this machine's device (the GPU if there is one, else the CPU) plus
+    the automatic order on CUDA. Only the reasons that do not depend on a call's
+    shapes are probed (device, float64, extension); head-dim or window limits show up
+    per call."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     probe = torch.empty(1, device=device)
     operators = {}
@@ -58,6 +64,7 @@ def collect():
 
 
 def main(argv=None):
+    """Print ``collect()`` as text, or as one JSON object with ``--json``."""
     parser = argparse.ArgumentParser(prog="python -m pyvit_ops.info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     info = collect()

@@ -16,7 +16,9 @@ its state_dict keys are unchanged.
 """
 import types
 
+from torch import nn
 
+from pyvit_ops import _backend
 from pyvit_ops.nn.attention import Attention, ClassAttn
 from pyvit_ops.nn.pooling import Pooling
 from pyvit_ops.nn.window_attention import WindowAttention
@@ -30,12 +32,29 @@ def _swin_attn(block, x):
 
 
 def patch_timm(model, backend=None):
-    """Patch ``model`` in place and return it; ``backend`` is passed to every operator."""
+    """Patch ``model`` in place and return it; ``backend`` is passed to every operator.
+
+    ``model``: any ``nn.Module`` holding the timm modules listed in this module's
+    docstring (a whole timm model, or a part of one); other modules are untouched and
+    patching twice changes nothing. Works on any device and dtype, before or after
+    ``.cuda()`` / ``.to(dtype)`` / loading weights, since parameters are shared.
+    ``backend``: None (automatic per call), "reference", "triton" or "cuda"; the
+    ``PYVIT_OPS_BACKEND`` environment variable applies when it is None.
+    Raises ValueError for what the fused modules cannot express: a Swin
+    ``WindowAttention`` with attention dropout, a gated timm ``Attention``; and when
+    ``model`` holds none of those modules (nor already patched ones): a model that is
+    not one of these timm families would otherwise run unchanged, silently.
+    Needs timm >= 1.0.
+    """
     from timm.layers import Attention as TimmAttention
     from timm.models.cait import ClassAttn as TimmClassAttn
     from timm.models.metaformer import Pooling as TimmPooling
     from timm.models.swin_transformer import SwinTransformerBlock
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a timm model), got "
+                        f"{type(model).__name__}")
+    _backend.requested_backend(backend)
     replacements = []
     for parent in model.modules():
         if isinstance(parent, SwinTransformerBlock) and not isinstance(parent.attn, WindowAttention):
@@ -51,6 +70,11 @@ def patch_timm(model, backend=None):
                 replacements.append((parent, name, Pooling(child.pool.kernel_size, backend=backend)))
     for parent, name, new in replacements:
         setattr(parent, name, new)
+    patched = (Attention, ClassAttn, WindowAttention, Pooling)
+    if not any(isinstance(m, patched) for m in model.modules()):
+        raise ValueError(f"model: no timm module to patch in {type(model).__name__} (expected "
+                         "Swin blocks, ViT/DeiT Attention, CaiT ClassAttn or MetaFormer "
+                         "Pooling)")
     return model
 
 

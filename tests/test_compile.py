@@ -2,11 +2,18 @@
 
 1. ``torch.library.opcheck`` on each ``pyvit_ops::*`` op (schema, fake tensor,
    autograd registration, AOT dispatch), backend "triton" (interpreter, conftest) and
-   "cuda" (host emulation) where the host build has the op.
-2. ``torch.compile(fullgraph=True)`` of each public operator and nn module, forward
-   and backward against eager, with no recompile on a second call of the same shapes.
+   "cuda" (host emulation) where the host build has the op. The registered ops are
+   enumerated, so a new op without a case fails the coverage test.
+2. ``torch.compile(fullgraph=True)`` (no graph break) of each public operator and nn
+   module on every backend, forward and backward against eager, with no recompile on
+   a second call of the same shapes; also under ``torch.autocast``. Coverage tests
+   tie the cases to ``pyvit_ops.__all__`` and ``pyvit_ops.nn.__all__``.
 Shapes are tiny: the interpreter and host emulation are slow on CPU.
 """
+import importlib
+import inspect
+import pkgutil
+
 import pytest
 import torch
 import torch._dynamo
@@ -91,9 +98,21 @@ OPCHECK_CASES = {
 }
 
 
+def _registered_ops():
+    # Import every operator module (not only those pyvit_ops/__init__ imports): each
+    # registers its custom ops on import.
+    import pyvit_ops.ops
+
+    for info in pkgutil.iter_modules(pyvit_ops.ops.__path__):
+        importlib.import_module(f"pyvit_ops.ops.{info.name}")
+    return {name for name in dir(OPS)
+            if isinstance(getattr(OPS, name), torch._ops.OpOverloadPacket)}
+
+
 def test_every_custom_op_is_covered():
-    registered = {name for name in dir(OPS) if name.endswith(("_fwd", "_bwd"))}
-    assert registered <= set(OPCHECK_CASES), registered - set(OPCHECK_CASES)
+    registered = _registered_ops()
+    assert len(registered) >= 8
+    assert registered == set(OPCHECK_CASES), registered ^ set(OPCHECK_CASES)
 
 
 # The backward ops of the attention operators have no autograd formula (no double
@@ -102,9 +121,13 @@ def test_every_custom_op_is_covered():
 NO_DOUBLE_BACKWARD = {"scaled_dot_product_attention_bwd", "window_attention_bwd",
                       "elsa_attention_bwd"}
 
+KERNEL_BACKENDS = ("triton", "cuda")
+BACKENDS = ("reference",) + KERNEL_BACKENDS
+
+
 def _opcheck_params():
     return [pytest.param(name, backend, id=f"{name}-{backend}")
-            for name in sorted(OPCHECK_CASES) for backend in ("triton", "cuda")]
+            for name in sorted(OPCHECK_CASES) for backend in KERNEL_BACKENDS]
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +135,15 @@ def host_ops():
     return host.load()
 
 
+def _use(backend, request):
+    if backend == "cuda":
+        request.getfixturevalue("host_ops")
+
+
 @pytest.mark.parametrize("name, backend", _opcheck_params())
 def test_opcheck(name, backend, request):
     if backend == "cuda":
-        request.getfixturevalue("host_ops")
+        _use(backend, request)
         ok, reason = _ext.has_op(name, "cpu")
         if not ok:
             pytest.skip(f"cuda backend: {reason}")
@@ -129,17 +157,28 @@ def test_opcheck(name, backend, request):
 # ---------------------------------------------------------------- torch.compile
 
 
-def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5):
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles the same public functions again (other backends, dtypes):
+    # without a reset they would count against dynamo's per-function recompile limit.
+    torch._dynamo.reset()
+
+
+def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5, autocast=None):
     """Compile ``fn`` (fullgraph), call it twice with the same shapes (one compile
-    allowed), and compare outputs and input gradients with eager."""
+    allowed), and compare outputs and input gradients with eager; inside
+    ``torch.autocast("cpu", dtype=autocast)`` when given."""
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
 
     def run(f):
         leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-        out = f(*leaves)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+            out = f(*leaves)
+        if autocast:
+            assert out.dtype == autocast
         # A fixed random cotangent: a plain sum would hide errors that cancel.
-        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
         out.backward(cot)
         return out.detach(), [t.grad for t in leaves if t.requires_grad]
 
@@ -152,44 +191,66 @@ def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5):
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compiles"
 
 
-def _sdpa_call():
+def _sdpa_call(backend):
     def fn(q, k, v, bias):
-        return pyvit_ops.scaled_dot_product_attention(q, k, v, bias, backend="triton")
+        return pyvit_ops.scaled_dot_product_attention(q, k, v, bias, backend=backend)
     return fn, [_r(2, 3, 5), _r(2, 4, 5), _r(2, 4, 5), _r(1, 3, 4)]
 
 
-def _window_call():
-    def fn(q, k, v, table):
+def _window_call(backend):
+    def fn(q, k, v, table, pad_k, pad_v):
         return pyvit_ops.window_attention(q, k, v, table, window_size=2, shift_size=1,
-                                          backend="triton")
-    return fn, [_r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(9, 2)]
+                                          pad_kv=(pad_k, pad_v), backend=backend)
+    return fn, [_r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(9, 2), _r(2, 4),
+                _r(2, 4)]
 
 
-def _elsa_call():
+def _elsa_call(backend):
     def fn(v, attn, mul, add):
-        return pyvit_ops.elsa_attention(v, attn, mul, add, kernel_size=3, backend="triton")
+        return pyvit_ops.elsa_attention(v, attn, mul, add, kernel_size=3, backend=backend)
     return fn, [_r(1, 4, 4, 5), _r(1, 18, 4, 5), _r(4, 3, 3), _r(4, 3, 3)]
 
 
-def _avg_pool_call():
+def _avg_pool_call(backend):
     def fn(x):
-        return pyvit_ops.avg_pool2d(x, 3, stride=2, padding=1, backend="triton")
+        return pyvit_ops.avg_pool2d(x, 3, stride=2, padding=1, backend=backend)
     return fn, [_r(1, 2, 5, 4)]
 
 
-def _poolformer_call():
+def _poolformer_call(backend):
     def fn(x):
-        return pyvit_ops.poolformer_pool(x, 3, backend="triton")
+        return pyvit_ops.poolformer_pool(x, 3, backend=backend)
     return fn, [_r(1, 2, 5, 4)]
 
 
-@pytest.mark.parametrize("case", [_sdpa_call, _window_call, _elsa_call, _avg_pool_call,
-                                  _poolformer_call],
-                         ids=lambda c: c.__name__.strip("_").removesuffix("_call"))
-def test_compile_operator(case):
+OPERATOR_CASES = {
+    "scaled_dot_product_attention": _sdpa_call,
+    "window_attention": _window_call,
+    "elsa_attention": _elsa_call,
+    "avg_pool2d": _avg_pool_call,
+    "poolformer_pool": _poolformer_call,
+}
+
+
+def test_every_public_operator_is_covered():
+    functions = {name for name in pyvit_ops.__all__
+                 if inspect.isfunction(getattr(pyvit_ops, name)) and name != "patch_timm"}
+    assert functions == set(OPERATOR_CASES), functions ^ set(OPERATOR_CASES)
+
+
+# (backend, autocast dtype or None, tolerance): under autocast, compiled and eager may
+# round the low-precision results differently.
+COMPILE_MODES = [pytest.param(b, None, 1e-5, id=b) for b in BACKENDS] + [
+    pytest.param(b, torch.bfloat16, 1e-2, id=f"{b}-autocast-bf16") for b in KERNEL_BACKENDS]
+
+
+@pytest.mark.parametrize("backend, autocast, tol", COMPILE_MODES)
+@pytest.mark.parametrize("name", list(OPERATOR_CASES))
+def test_compile_operator(name, backend, autocast, tol, request):
+    _use(backend, request)
     torch.manual_seed(0)
-    fn, inputs = case()
-    _compiled_matches_eager(fn, inputs)
+    fn, inputs = OPERATOR_CASES[name](backend)
+    _compiled_matches_eager(fn, inputs, atol=tol, rtol=tol, autocast=autocast)
 
 
 def _module_cases():
@@ -204,13 +265,19 @@ def _module_cases():
     }
 
 
+def test_every_module_is_covered():
+    assert set(pyvit_ops.nn.__all__) == set(_module_cases())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["Attention", "ClassAttn", "WindowAttention", "ELSA",
                                   "Pooling"])
-def test_compile_module(name):
+def test_compile_module(name, backend, request):
+    _use(backend, request)
     torch.manual_seed(0)
     make, shape = _module_cases()[name]
     module = make()
-    module.backend = "reference"
+    module.backend = backend
     params = dict(module.named_parameters())
 
     def fn(x, *values):

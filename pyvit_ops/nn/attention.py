@@ -6,7 +6,13 @@ Parameter and submodule names are timm's (``qkv``, ``q_norm``, ``k_norm``, ``nor
 import torch
 from torch import nn
 
+from pyvit_ops import _checks
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention
+
+# What from_timm reads of a timm Attention / CaiT ClassAttn.
+_ATTENTION_PARTS = ("num_heads", "head_dim", "attn_dim", "scale", "qkv", "q_norm", "k_norm",
+                    "attn_drop", "norm", "proj", "proj_drop")
+_CLASS_ATTN_PARTS = ("num_heads", "scale", "q", "k", "v", "attn_drop", "proj", "proj_drop")
 
 
 class Attention(nn.Module):
@@ -14,6 +20,14 @@ class Attention(nn.Module):
 
     ``forward(x: (B, N, C), attn_mask=None, is_causal=False) -> (B, N, C)``. q, k and v stay strided
     views of the one qkv projection; the kernels read them in place.
+
+    Constructor: ``dim`` channels, ``num_heads`` heads of ``attn_head_dim`` (default
+    ``dim // num_heads``) channels; ``qkv_bias``, ``proj_bias``; ``qk_norm`` applies
+    ``norm_layer(head_dim)`` to q and k; ``attn_drop`` is the attention dropout
+    (``dropout_p`` of the operator, in training only); ``backend`` is passed to
+    ``pyvit_ops.scaled_dot_product_attention``. Pass arguments by keyword: the
+    positional order differs from timm's. ``from_timm`` wraps an existing timm module
+    instead, keeping the options this constructor lacks (``scale_norm``, ``dim_out``).
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, proj_bias=True,
@@ -38,19 +52,24 @@ class Attention(nn.Module):
 
     @classmethod
     def from_timm(cls, module, backend=None):
-        """Wrap a timm ``Attention``, sharing its submodules (and so its parameters)."""
+        """Wrap a timm ``Attention``, sharing its submodules (and so its parameters and
+        state_dict keys). Raises ValueError for timm's gated attention (``gated=True``)."""
+        _checks.check_module("module", module, "timm Attention", _ATTENTION_PARTS)
         if getattr(module, "gate", None) is not None:
             raise ValueError("module: gated timm Attention is not supported")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for name in ("num_heads", "head_dim", "attn_dim", "scale"):
+        for name in _ATTENTION_PARTS:
             setattr(new, name, getattr(module, name))
         new.backend = backend
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-            setattr(new, name, getattr(module, name))
         return new
 
     def forward(self, x, attn_mask=None, is_causal=False):
+        """``x``: ``(B, N, dim)`` -> ``(B, N, dim)``. ``attn_mask``: bool (True = attend)
+        or float (added to the logits), broadcastable to ``(B, num_heads, N, N)``, as in
+        timm / torch. ``is_causal=True`` (with ``attn_mask=None``) masks keys after the
+        query."""
+        _checks.check_features("x", x, 3, self.qkv.in_features, "(B, N, C)")
         B, N, _ = x.shape
         if is_causal:
             if attn_mask is not None:
@@ -68,11 +87,19 @@ class Attention(nn.Module):
 
 class ClassAttn(nn.Module):
     """CaiT class attention (the class token attends to all tokens: Nq = 1),
-    a drop-in for ``timm.models.cait.ClassAttn``."""
+    a drop-in for ``timm.models.cait.ClassAttn`` with its parameter names (``q``,
+    ``k``, ``v``, ``proj``).
+
+    ``forward(x: (B, N, dim)) -> (B, 1, dim)``: the updated class token ``x[:, 0]``.
+    Constructor arguments are timm's; ``backend`` is passed to
+    ``pyvit_ops.scaled_dot_product_attention``.
+    """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0,
                  backend=None):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.backend = backend
@@ -85,14 +112,18 @@ class ClassAttn(nn.Module):
 
     @classmethod
     def from_timm(cls, module, backend=None):
+        """Wrap a timm ``ClassAttn``, sharing its submodules (and so its parameters)."""
+        _checks.check_module("module", module, "timm ClassAttn", _CLASS_ATTN_PARTS)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.num_heads, new.scale, new.backend = module.num_heads, module.scale, backend
-        for name in ("q", "k", "v", "attn_drop", "proj", "proj_drop"):
+        for name in _CLASS_ATTN_PARTS:
             setattr(new, name, getattr(module, name))
+        new.backend = backend
         return new
 
     def forward(self, x):
+        """``x``: ``(B, N, dim)``, class token first -> ``(B, 1, dim)``."""
+        _checks.check_features("x", x, 3, self.q.in_features, "(B, N, C)")
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x[:, 0]).reshape(B, 1, h, C // h).transpose(1, 2)

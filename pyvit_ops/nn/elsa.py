@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from pyvit_ops import _checks
 from pyvit_ops.ops.elsa_attention import elsa_attention
 
 
@@ -29,6 +30,8 @@ class ELSA(nn.Module):
     ``ghost_head`` is ``(2, 1, dim_v, K, K)`` [mul; add] when lam and gamma are both
     non-zero, ``(1, dim_v, K, K)`` holding the add (lam == 0) or the mul
     (gamma == 0) part alone, and None when both are 0.
+    ``backend`` is passed to ``pyvit_ops.elsa_attention``; ``stride != 1`` and a
+    ``dim_v`` not divisible by ``num_heads`` raise ValueError.
     """
 
     def __init__(self, dim, num_heads, dim_qk=None, dim_v=None, kernel_size=5, stride=1,
@@ -37,6 +40,8 @@ class ELSA(nn.Module):
         super().__init__()
         if stride != 1:
             raise ValueError(f"stride: the fused ELSA operator supports stride 1 only, got {stride}")
+        _checks.check_int("kernel_size", kernel_size, 1, odd=True)
+        _checks.check_int("dilation", dilation, 1)
         self.dim = dim
         self.num_heads = num_heads
         dim_qk = dim_qk or dim // 3 * 2
@@ -94,6 +99,9 @@ class ELSA(nn.Module):
         return mul, add
 
     def forward(self, x):
+        """``x``: ``(B, H, W, dim)`` (channels last, as the official module) ->
+        ``(B, H, W, dim)``; steps 1-7 of the class docstring."""
+        _checks.check_features("x", x, 4, self.dim, "(B, H, W, C)")
         B, H, W, _ = x.shape
         K = self.kernel_size
         qkv = self.pre_proj(x.permute(0, 3, 1, 2))  # channels_last strides: no copy
@@ -109,6 +117,7 @@ class ELSA(nn.Module):
         return self.proj_drop(self.post_proj(y.permute(0, 2, 3, 1)))
 
     def extra_repr(self):
+        """The hyper-parameters shown by ``print(module)``."""
         return (f"dim={self.dim}, num_heads={self.num_heads}, dim_qk={self.dim_qk}, "
                 f"dim_v={self.dim_v}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
                 f"lam={self.lam}, gamma={self.gamma}, scale={self.scale}")

@@ -1,6 +1,7 @@
 """PoolFormer's token mixer on pyvit_ops.poolformer_pool."""
 from torch import nn
 
+from pyvit_ops import _checks
 from pyvit_ops.ops.avg_pool2d import poolformer_pool
 
 
@@ -17,11 +18,14 @@ class Pooling(nn.Module):
 
     def __init__(self, pool_size=3, backend=None, **kwargs):
         super().__init__()
+        _checks.odd_pair("pool_size", pool_size)
         self.pool_size = pool_size
         self.backend = backend
 
     def forward(self, x):
+        """``x``: ``(B, C, H, W)`` -> ``pool(x) - x``, same shape, dtype and memory format."""
         return poolformer_pool(x, self.pool_size, backend=self.backend)
 
     def extra_repr(self):
+        """The options shown by ``print(module)``."""
         return f"pool_size={self.pool_size}, backend={self.backend!r}"

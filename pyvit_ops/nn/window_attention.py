@@ -2,8 +2,14 @@
 import torch
 from torch import nn
 
-from pyvit_ops._checks import pair
+from pyvit_ops import _checks
 from pyvit_ops.ops.window_attention import window_attention
+
+
+# What from_timm reads of a timm WindowAttention (scalars first, then the submodules
+# and the table it shares).
+_TIMM_PARTS = ("window_size", "num_heads", "scale", "relative_position_bias_table", "qkv",
+               "attn_drop", "proj", "proj_drop")
 
 
 class WindowAttention(nn.Module):
@@ -16,6 +22,12 @@ class WindowAttention(nn.Module):
     (``qkv``, ``proj``, ``relative_position_bias_table``), so checkpoints load.
     Padded tokens see the qkv bias as their key / value, as timm's zero padding
     before the projection makes them.
+
+    Constructor: timm's ``WindowAttention`` arguments plus ``shift_size`` (int or
+    ``(h, w)``, the default shift of ``forward``) and ``backend`` (passed to
+    ``pyvit_ops.window_attention``). ``attn_drop`` must be 0: there is no attention
+    dropout in the fused operator. Unlike timm's module, which takes partitioned
+    windows ``(num_windows * B, N, C)`` and a mask, ``forward`` takes the grid.
     """
 
     def __init__(self, dim, num_heads, window_size=7, shift_size=0, head_dim=None,
@@ -23,8 +35,11 @@ class WindowAttention(nn.Module):
         super().__init__()
         if attn_drop:
             raise ValueError(f"attn_drop: window attention has no dropout kernel, got {attn_drop}")
-        self.window_size = pair("window_size", window_size)
-        self.shift_size = pair("shift_size", shift_size)
+        self.window_size = _checks.pair("window_size", window_size)
+        self.shift_size = _checks.pair("shift_size", shift_size)
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"num_heads: must divide dim={dim} (or give head_dim), got "
+                             f"{num_heads}")
         self.num_heads = num_heads
         head_dim = head_dim or dim // num_heads
         self.scale = head_dim ** -0.5
@@ -40,18 +55,27 @@ class WindowAttention(nn.Module):
 
     @classmethod
     def from_timm(cls, module, backend=None):
-        """Wrap a timm ``WindowAttention``, sharing its parameters."""
+        """Wrap a timm ``WindowAttention``, sharing its parameters (state_dict keys
+        unchanged; timm's non-persistent ``relative_position_index`` is not needed). The
+        shift defaults to 0: ``patch_timm`` passes each block's shift to ``forward``.
+        Raises ValueError if the module has attention dropout."""
+        _checks.check_module("module", module, "timm WindowAttention", _TIMM_PARTS)
         if module.attn_drop.p:
             raise ValueError(f"module: attn_drop={module.attn_drop.p} is not supported")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.window_size, new.shift_size = tuple(module.window_size), (0, 0)
         new.num_heads, new.scale, new.backend = module.num_heads, module.scale, backend
-        for name in ("relative_position_bias_table", "qkv", "attn_drop", "proj", "proj_drop"):
+        for name in _TIMM_PARTS[3:]:
             setattr(new, name, getattr(module, name))
         return new
 
     def forward(self, x, window_size=None, shift_size=None):
+        """``x``: ``(B, H, W, dim)`` token grid (any H, W at least the window) ->
+        ``(B, H, W, dim)``: qkv projection, fused shifted-window attention, ``proj``.
+        ``window_size`` / ``shift_size`` (int or ``(h, w)``) override the module's for
+        this call; the relative position table must match the window."""
+        _checks.check_features("x", x, 4, self.qkv.in_features, "(B, H, W, C)")
         B, H, W, _ = x.shape
         heads = self.num_heads
         qkv = self.qkv(x).view(B, H, W, 3, heads, -1)

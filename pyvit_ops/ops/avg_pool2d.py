@@ -107,6 +107,9 @@ _avg_pool2d_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_contex
 
 def _check_args(x, kernel_size, stride, padding, subtract_input):
     _checks.check_tensor("x", x, ndim=4)
+    if x.shape[1] == 0:
+        # torch's avg_pool2d rejects it too (only the batch may be empty).
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
     kernel_size, stride, padding = reference.pool_params(kernel_size, stride, padding)
     if min(kernel_size) < 1:
         raise ValueError(f"kernel_size: expected sizes >= 1, got {kernel_size}")
@@ -150,7 +153,14 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False
     with the default padding).
     backend: None (automatic), "reference", "triton" or "cuda". The gradient is
     deterministic on every backend (gathered, no atomics).
+    Under ``torch.autocast`` (any device type) x is cast to the autocast dtype and
+    pooled in it (float32 sums): the memory-bound pooling then moves half the bytes.
     """
+    low = _backend.autocast_dtype(x)
+    if low is not None:
+        with _backend.autocast_disabled(x):
+            return avg_pool2d(_backend.autocast_cast(x, low), kernel_size, stride, padding,
+                              subtract_input=subtract_input, backend=backend)
     kernel_size, stride, padding = _check_args(x, kernel_size, stride, padding, subtract_input)
     backend = _backend.choose(_OP, backend, lambda b: _reasons(b, x), device=x.device)
     if backend == "reference":
@@ -162,5 +172,9 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False
 
 def poolformer_pool(x, pool_size=3, *, backend=None):
     """PoolFormer's token mixer, ``AvgPool2d(pool_size, 1, pool_size // 2,
-    count_include_pad=False)(x) - x``, fused into one pass (forward and backward)."""
+    count_include_pad=False)(x) - x``, fused into one pass (forward and backward).
+
+    x: ``(B, C, H, W)``; returns the same shape, dtype and memory format. pool_size:
+    odd int (or ``(h, w)`` of odd ints). backend: as ``avg_pool2d``."""
+    _checks.odd_pair("pool_size", pool_size)
     return avg_pool2d(x, pool_size, 1, None, subtract_input=True, backend=backend)

@@ -123,21 +123,12 @@ _elsa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
 def _check_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax):
     _checks.check_tensor("v", v, ndim=4)
     _checks.check_tensor("attn", attn, ndim=4)
     _checks.check_same_dtype(v=v, attn=attn)
-    _check_int("kernel_size", kernel_size, 1)
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size: expected an odd window size, got {kernel_size}")
-    _check_int("dilation", dilation, 1)
+    _checks.check_int("kernel_size", kernel_size, 1, odd=True)
+    _checks.check_int("dilation", dilation, 1)
     if not isinstance(apply_softmax, bool):
         raise TypeError(f"apply_softmax: expected a bool, got {apply_softmax!r}")
     B, C, H, W = v.shape
@@ -180,8 +171,19 @@ def elsa_attention(v, attn, ghost_mul=None, ghost_add=None, *, kernel_size=7, di
     Returns ``(B, C, H, W)`` in v's dtype and memory format. Gradients reach v,
     attn (through the softmax), ghost_mul and ghost_add, deterministically (no float
     atomics) on every backend. backend: None (automatic), "reference", "triton"
-    or "cuda".
+    or "cuda". Under ``torch.autocast`` (any device type) v and attn are cast to the
+    autocast dtype and the operator runs in it (float32 softmax and sums, output in
+    that dtype); float32 ghost filters are read as is, with fp32 gradients.
     """
+    low = _backend.autocast_dtype(v)
+    if low is not None:
+        with _backend.autocast_disabled(v):
+            return elsa_attention(
+                _backend.autocast_cast(v, low), _backend.autocast_cast(attn, low),
+                *(_backend.autocast_cast(g, low, keep_float32=True)
+                  for g in (ghost_mul, ghost_add)),
+                kernel_size=kernel_size, dilation=dilation, apply_softmax=apply_softmax,
+                backend=backend)
     heads = _check_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax)
     backend = _backend.choose(
         _OP, backend, lambda b: _reasons(b, v, attn, ghost_mul, ghost_add, heads, kernel_size),

@@ -37,6 +37,8 @@ def _validate(q, k, v, attn_bias, scale, dropout_p):
                         f"{type(attn_bias).__name__}")
     _checks.check_same_device(q=q, k=k, v=v, attn_bias=attn_bias)
     batch, nk, d = q.shape[:-2], k.shape[-2], q.shape[-1]
+    if d == 0:
+        raise ValueError(f"q: expected a head dim (last dim) >= 1, got shape {tuple(q.shape)}")
     if k.shape[:-2] != batch or k.shape[-1] != d:
         raise ValueError(f"k: expected shape {(*batch, 'Nk', d)} (q's batch dims and head dim), "
                          f"got {tuple(k.shape)}")
@@ -57,8 +59,9 @@ def _validate(q, k, v, attn_bias, scale, dropout_p):
                              f"(*batch, Nq, Nk), got {tuple(attn_bias.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
-            or not 0.0 <= dropout_p <= 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
+    if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
 
 
@@ -75,12 +78,28 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     broadcast dims inside the kernels. A bias constant along the keys gets an exactly
     zero gradient (softmax is shift-invariant).
 
-    ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)); the
-    mask is a hash of a seed drawn from torch's CPU generator (``torch.manual_seed``
-    controls it), recomputed identically in the backward.
+    ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)). On
+    the Triton / CUDA backends the mask is a hash of a seed drawn from torch's CPU
+    generator (``torch.manual_seed`` controls it), recomputed identically in the
+    backward; the reference backend uses torch's own attention dropout. The two draw
+    different masks for the same seed.
 
-    Gradients are deterministic on every backend (no float atomics).
+    Returns ``(*batch, Nq, D)`` in q's dtype (q, k, v share one dtype: float32,
+    float16, bfloat16, or float64 on the reference). Gradients are deterministic on
+    every backend (no float atomics). backend: None (automatic), "reference",
+    "triton" or "cuda"; the kernels take head dims up to 128.
+
+    Under ``torch.autocast`` (any device type) q, k, v are cast to the autocast dtype
+    and the operator runs in it (float32 accumulation, output in that dtype); a
+    float32 ``attn_bias`` is read as is (an fp32 parameter keeps fp32 gradients).
     """
+    low = _backend.autocast_dtype(q)
+    if low is not None:
+        with _backend.autocast_disabled(q):
+            return scaled_dot_product_attention(
+                *(_backend.autocast_cast(t, low) for t in (q, k, v)),
+                _backend.autocast_cast(attn_bias, low, keep_float32=True), scale=scale,
+                dropout_p=dropout_p, backend=backend)
     _validate(q, k, v, attn_bias, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)

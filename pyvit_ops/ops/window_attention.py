@@ -38,9 +38,10 @@ def _reasons(backend, q, k, v, table, pad_kv, window_size):
         if D > kernels.MAX_HEAD_DIM:
             reasons.append(f"head dim {D} > {kernels.MAX_HEAD_DIM}: the Triton kernel keeps a "
                            "window's q, k, v tiles in registers")
-        elif q.dtype == torch.float32 and D > kernels.MAX_HEAD_DIM_FP32:
-            reasons.append(f"float32 with head dim {D} > {kernels.MAX_HEAD_DIM_FP32}: the "
-                           "Triton kernel's fp32 tiles would spill registers")
+        elif q.dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
+            reasons.append(f"float32 with head dim {D} > {kernels.max_head_dim_fp32(area)} "
+                           f"(window area {area}): the Triton kernel's fp32 tiles would "
+                           "spill registers")
         if area > kernels.MAX_WINDOW_AREA:
             reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
                            f"{kernels.MAX_WINDOW_AREA}: the Triton kernel holds a whole window "
@@ -151,6 +152,8 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
     _checks.check_shape("v", v, q.shape)
     _checks.check_same_dtype(q=q, k=k, v=v)
     B, H, W, heads, D = q.shape
+    if D == 0:
+        raise ValueError(f"q: expected a head dim (last dim) >= 1, got shape {tuple(q.shape)}")
     wh, ww = _checks.pair("window_size", window_size)
     sh, sw = _checks.pair("shift_size", shift_size)
     if wh < 1 or ww < 1:
@@ -219,7 +222,20 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     backend: None (automatic), "reference", "triton" or "cuda". The Triton kernels
     run the products of float32 inputs on TF32 tensor cores (~1e-3 relative error
     on the scores); "reference" keeps full float32.
+    Under ``torch.autocast`` (any device type) q, k, v are cast to the autocast dtype
+    and the operator runs in it (float32 scores and softmax, output in that dtype);
+    a float32 table and pads are read as is: fp32 masters with fp32 gradients.
     """
+    low = _backend.autocast_dtype(q)
+    if low is not None:
+        if isinstance(pad_kv, (tuple, list)):
+            pad_kv = tuple(_backend.autocast_cast(p, low, keep_float32=True) for p in pad_kv)
+        with _backend.autocast_disabled(q):
+            return window_attention(
+                *(_backend.autocast_cast(t, low) for t in (q, k, v)),
+                _backend.autocast_cast(rel_pos_bias_table, low, keep_float32=True),
+                window_size=window_size, shift_size=shift_size, scale=scale, pad_kv=pad_kv,
+                mask_value=mask_value, backend=backend)
     window_size, shift_size, pad_k, pad_v, scale, mask_value = _check_args(
         q, k, v, rel_pos_bias_table, pad_kv, window_size, shift_size, scale, mask_value)
     backend = _backend.choose(

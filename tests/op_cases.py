@@ -1,0 +1,129 @@
+"""Tiny calls of every public operator and nn module, shared by the autocast,
+determinism and bad-input tests.
+
+An ``OpCase`` makes fresh leaf tensors (``inputs``: activations; ``params``: tensors
+that are parameters in a model: bias tables, pads, ghost filters, a learned bias)
+and calls its operator on them with a given backend. Shapes are small for the
+interpreter and host emulation but still hit the edges: Nq != Nk, head dims that
+are not powers of two, broadcast biases, windows padded on both axes with a shift,
+image borders, strided pooling.
+"""
+import torch
+
+import pyvit_ops
+from pyvit_ops.testing import host
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+def use_backend(backend):
+    """The cuda backend runs the kernels' source on CPU tensors through the
+    host-emulation build: load it (built once, cached)."""
+    if backend == "cuda":
+        host.load()
+
+
+class OpCase:
+    def __init__(self, name, call, inputs, params=()):
+        self.name, self.call = name, call
+        self._inputs, self._params = inputs, params
+
+    def tensors(self, dtype=torch.float32, seed=0, grad=True, param_dtype=None):
+        """Fresh leaves (inputs in ``dtype``, params in ``param_dtype`` or ``dtype``);
+        same values for the same seed."""
+        g = torch.Generator().manual_seed(seed)
+        made = [torch.randn(s, generator=g).to(dtype) for s in self._inputs]
+        made += [torch.randn(s, generator=g).to(param_dtype or dtype) for s in self._params]
+        return [t.requires_grad_(grad) for t in made]
+
+    @property
+    def num_inputs(self):
+        return len(self._inputs)
+
+    def __repr__(self):
+        return self.name
+
+
+def _sdpa(q, k, v, *bias, backend):
+    return pyvit_ops.scaled_dot_product_attention(q, k, v, *bias, scale=0.4, backend=backend)
+
+
+def _window(window_size, shift_size):
+    def call(q, k, v, table, pad_k, pad_v, backend):
+        return pyvit_ops.window_attention(q, k, v, table, window_size=window_size,
+                                          shift_size=shift_size, pad_kv=(pad_k, pad_v),
+                                          backend=backend)
+    return call
+
+
+def _elsa(kernel_size, dilation):
+    def call(v, attn, ghost_mul, ghost_add, backend):
+        return pyvit_ops.elsa_attention(v, attn, ghost_mul, ghost_add, kernel_size=kernel_size,
+                                        dilation=dilation, backend=backend)
+    return call
+
+
+def _avg_pool(x, backend):
+    return pyvit_ops.avg_pool2d(x, 3, stride=2, padding=1, backend=backend)
+
+
+def _poolformer(x, backend):
+    return pyvit_ops.poolformer_pool(x, 3, backend=backend)
+
+
+# (B=2, heads=2, Nq=5, Nk=7, D=12): Nq != Nk, D not a power of two.
+_Q, _KV = (2, 2, 5, 12), (2, 2, 7, 12)
+OP_CASES = [
+    OpCase("sdpa", _sdpa, [_Q, _KV, _KV]),
+    # Broadcast biases: the gradient is reduced over the broadcast dims in the kernels.
+    OpCase("sdpa_bias_heads", _sdpa, [_Q, _KV, _KV], [(2, 5, 7)]),
+    OpCase("sdpa_bias_keys", _sdpa, [_Q, _KV, _KV], [(2, 1, 1, 7)]),
+    OpCase("sdpa_class_token", _sdpa, [(2, 2, 1, 12), _KV, _KV], [(1, 7)]),
+    # 5 x 3 grid, 2 x 2 windows: padding on both axes, a shift, 6 windows, 2 heads.
+    OpCase("window", _window(2, 1), [(1, 5, 3, 2, 4)] * 3, [(9, 2), (2, 4), (2, 4)]),
+    # 2 heads of 2 channels, 3 x 3 window with dilation 2 on a 5 x 4 image (every tap
+    # leaves the image somewhere), 2 samples (the ghost gradients sum over them).
+    OpCase("elsa", _elsa(3, 2), [(2, 4, 5, 4), (2, 18, 5, 4)], [(4, 3, 3), (4, 3, 3)]),
+    OpCase("avg_pool2d", _avg_pool, [(1, 2, 5, 4)]),
+    OpCase("poolformer_pool", _poolformer, [(2, 3, 5, 4)]),
+]
+
+
+class ModuleCase:
+    def __init__(self, name, make, shape):
+        self.name, self.make, self.shape = name, make, shape
+
+    def build(self, backend, seed=0):
+        torch.manual_seed(seed)
+        module = self.make()
+        module.backend = backend
+        return module
+
+    def __repr__(self):
+        return self.name
+
+
+def _module_cases():
+    nn = pyvit_ops.nn
+    return [
+        ModuleCase("Attention", lambda: nn.Attention(24, num_heads=2, qkv_bias=True), (2, 5, 24)),
+        ModuleCase("ClassAttn", lambda: nn.ClassAttn(24, num_heads=2, qkv_bias=True), (2, 5, 24)),
+        ModuleCase("WindowAttention", lambda: nn.WindowAttention(8, 2, window_size=2, shift_size=1),
+                   (1, 5, 3, 8)),
+        ModuleCase("ELSA", lambda: nn.ELSA(8, 2, kernel_size=3), (1, 4, 5, 8)),
+        ModuleCase("Pooling", lambda: nn.Pooling(3), (1, 2, 5, 4)),
+    ]
+
+
+MODULE_CASES = _module_cases()
+
+
+def run_backward(fn, leaves, seed=1):
+    """``fn(*leaves)`` and the gradients of every leaf that requires grad, for a fixed
+    random cotangent (a plain sum would hide errors that cancel)."""
+    for t in leaves:
+        t.grad = None
+    out = fn(*leaves)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    out.backward(cot)
+    return out.detach(), [t.grad for t in leaves if t.requires_grad]
