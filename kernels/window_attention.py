@@ -65,7 +65,16 @@ from pyvit_ops.reference.window_attention import relative_position_index
 MAX_WINDOW_AREA = 64
 MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_FP32 = 64  # fp32 tiles are twice the size: D = 128 spills
+MAX_HEAD_DIM_FP32_WIDE = 32  # ... and with windows over 32 tokens, D = 64 spills
+
+
+def max_head_dim_fp32(window_area):
+    """Largest float32 head dim the kernels take for windows of ``window_area`` tokens."""
+    return MAX_HEAD_DIM_FP32 if window_area <= _BLOCK_NS[0] else MAX_HEAD_DIM_FP32_WIDE
 _INT32_MAX = 2**31 - 1
+# Backward passes (the kernel's PASS): dq / dk / dv, pad-vector sums, dbias alone
+# (constexpr so that kernels may read them; ``.value`` on the host side).
+_QKV, _PAD, _BIAS = (tl.constexpr(i) for i in range(3))
 
 
 @triton.jit
@@ -188,6 +197,48 @@ def _store_tokens(ptr, value, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D):
 
 
 @triton.jit
+def _program_setup(pid, table_ptr, pad_k_ptr, pad_v_ptr, B, n_wh, n_ww, HEADS, D,
+                   WINDOWS_PER_PROGRAM, WH, WW, SH, SW, inv_scale, mask_value,
+                   HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   KEYS_AS_ROWS: tl.constexpr):
+    """Everything loop-invariant of program ``pid`` (see ``_program_windows`` and
+    ``_window_invariants``), plus the head-dim range and the head's pad rows."""
+    h, last_row, last_col, ny, nx, first, end = _program_windows(
+        pid, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
+    ty, tx, in_win, acc0 = _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row,
+                                              last_col, inv_scale, mask_value, HAS_TABLE,
+                                              BLOCK_N, KEYS_AS_ROWS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
+    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
+    return h, last_row, last_col, ny, nx, first, end, ty, tx, in_win, acc0, d, d_ok, pad_k, pad_v
+
+
+@triton.jit
+def _load_padded(ptr, pad, is_pad, b, oy, ox, h, d, real, d_ok, s_b, s_h, s_w, s_head, s_d):
+    """Key or value rows of a window: padded slots take the head's pad row."""
+    return tl.where(is_pad, pad[None, :],
+                    _load_tokens(ptr, b, oy, ox, h, d, real, d_ok, s_b, s_h, s_w, s_head, s_d))
+
+
+@triton.jit
+def _window_qk(e, q_ptr, k_ptr, pad_k, h, d, d_ok, ny, nx, last_row, last_col, H, W, n_wh,
+               n_ww, WH, WW, SH, SW, ty, tx, in_win,
+               stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+               stride_kb, stride_kh, stride_kw, stride_khead, stride_kd):
+    """Window ``e``'s tokens (``_window_tokens``), padded-slot flags and q, k rows."""
+    w, b, real, oy, ox = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
+                                        WH, WW, SH, SW, ty, tx, in_win)
+    is_pad = (in_win & ~real)[:, None]
+    q = _load_tokens(q_ptr, b, oy, ox, h, d, real, d_ok,
+                     stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+    k = _load_padded(k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
+                     stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+    return w, b, real, oy, ox, is_pad, q, k
+
+
+@triton.jit
 def _window_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, pad_k_ptr, pad_v_ptr, out_ptr, lse_ptr,
         B, H, W, n_wh, n_ww, HEADS, D, WINDOWS_PER_PROGRAM,
@@ -196,32 +247,23 @@ def _window_attention_fwd_kernel(
         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
         HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    h, last_row, last_col, ny, nx, first, end = _program_windows(
-        tl.program_id(0), HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
-    ty, tx, in_win, acc0 = _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row,
-                                              last_col, inv_scale, mask_value, HAS_TABLE,
-                                              BLOCK_N, False)
+    h, last_row, last_col, ny, nx, first, end, ty, tx, in_win, acc0, d, d_ok, pad_k, pad_v = \
+        _program_setup(tl.program_id(0), table_ptr, pad_k_ptr, pad_v_ptr, B, n_wh, n_ww, HEADS,
+                       D, WINDOWS_PER_PROGRAM, WH, WW, SH, SW, inv_scale, mask_value,
+                       HAS_TABLE, BLOCK_N, BLOCK_D, False)
     t = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
-    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
     for e in range(first, end):
-        w, b, real, oy, ox = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
-                                            WH, WW, SH, SW, ty, tx, in_win)
-        is_pad = (in_win & ~real)[:, None]
-        q = _load_tokens(q_ptr, b, oy, ox, h, d, real, d_ok,
-                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
-        k = _load_tokens(k_ptr, b, oy, ox, h, d, real, d_ok,
-                         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-        k = tl.where(is_pad, pad_k[None, :], k)
+        w, b, real, oy, ox, is_pad, q, k = _window_qk(
+            e, q_ptr, k_ptr, pad_k, h, d, d_ok, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
+            WH, WW, SH, SW, ty, tx, in_win,
+            stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+            stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
         s = _scores_log2(q, k, acc0, scale)
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
         l = tl.sum(p, 1)
-        v = _load_tokens(v_ptr, b, oy, ox, h, d, real, d_ok,
+        v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                          stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-        v = tl.where(is_pad, pad_v[None, :], v)
         out = tl.dot(p.to(v.dtype), v, input_precision="tf32") / l[:, None]
         _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
         tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, m + tl.log2(l), mask=in_win)
@@ -229,77 +271,70 @@ def _window_attention_fwd_kernel(
 
 @triton.jit
 def _window_attention_bwd_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, table_ptr, pad_k_ptr, pad_v_ptr,
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, table_ptr, pad_k_ptr, pad_v_ptr,
         dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dpad_ptr,
         B, H, W, n_wh, n_ww, HEADS, D, WINDOWS_PER_PROGRAM, FIRST_PROGRAM,
         WH, WW, SH, SW, scale, inv_scale, mask_value,
         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
-        stride_ob, stride_oh, stride_ow, stride_ohead, stride_od,
         stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
-        HAS_TABLE: tl.constexpr, PAD_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr):
-    """dq, dk, dv and the partial dbias of this program's windows; with ``PAD_GRAD``
-    instead only the partial gradient of the pad vectors (dk, dv summed over padded
-    keys), launched over the last-row / last-column programs alone."""
+        HAS_TABLE: tl.constexpr, PASS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One backward pass over this program's windows (``PASS``): ``_QKV`` writes dq, dk,
+    dv; ``_PAD`` only the partial gradient of the pad vectors (dk, dv summed over padded
+    keys), launched over the last-row / last-column programs alone; ``_BIAS`` only the
+    partial dbias. ``BIAS_GRAD``: this pass sums dS into the partial dbias."""
     pid = tl.program_id(0)
-    h, last_row, last_col, ny, nx, first, end = _program_windows(
-        pid + FIRST_PROGRAM, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
-    N = WH * WW
     # Tiles are (key, query): dv and dk come out of the dots without transposes.
-    ty, tx, in_win, acc0 = _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row,
-                                              last_col, inv_scale, mask_value, HAS_TABLE,
-                                              BLOCK_N, True)
+    h, last_row, last_col, ny, nx, first, end, ty, tx, in_win, acc0, d, d_ok, pad_k, pad_v = \
+        _program_setup(pid + FIRST_PROGRAM, table_ptr, pad_k_ptr, pad_v_ptr, B, n_wh, n_ww,
+                       HEADS, D, WINDOWS_PER_PROGRAM, WH, WW, SH, SW, inv_scale, mask_value,
+                       HAS_TABLE, BLOCK_N, BLOCK_D, True)
+    N = WH * WW
     t = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
-    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
     dbias = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     dpad_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dpad_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for e in range(first, end):
-        w, b, real, oy, ox = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
-                                            WH, WW, SH, SW, ty, tx, in_win)
-        is_pad = (in_win & ~real)[:, None]
-        q = _load_tokens(q_ptr, b, oy, ox, h, d, real, d_ok,
-                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
-        k = _load_tokens(k_ptr, b, oy, ox, h, d, real, d_ok,
-                         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-        k = tl.where(is_pad, pad_k[None, :], k)
-        o = _load_tokens(out_ptr, b, oy, ox, h, d, real, d_ok,
-                         stride_ob, stride_oh, stride_ow, stride_ohead, stride_od)
-        do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
-                          stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        v = _load_tokens(v_ptr, b, oy, ox, h, d, real, d_ok,
-                         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-        v = tl.where(is_pad, pad_v[None, :], v)
-        dp = tl.dot(v, tl.trans(do), input_precision="tf32")
+        w, b, real, oy, ox, is_pad, q, k = _window_qk(
+            e, q_ptr, k_ptr, pad_k, h, d, d_ok, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
+            WH, WW, SH, SW, ty, tx, in_win,
+            stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+            stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
         s = _scores_log2(k, q, acc0, scale)
         # Queries past N get lse = +inf, hence p = 0; padded queries have dout = 0.
         lse = tl.load(lse_ptr + (w * HEADS + h) * N + t, mask=in_win, other=float("inf"))
         p = tl.exp2(s - lse[None, :])
-        ds = p * (dp - delta[None, :])
-        if HAS_TABLE and not PAD_GRAD:
-            dbias += ds
-        p = p.to(do.dtype)
-        ds = ds.to(q.dtype)
-        dv = tl.dot(p, do, input_precision="tf32")
-        dk = tl.dot(ds, q, input_precision="tf32") * scale
-        if PAD_GRAD:
+        do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
+                          stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
+        if PASS == _PAD:
+            dv = tl.dot(p.to(do.dtype), do, input_precision="tf32")
             dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
-            dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
-        else:
+        elif PASS == _QKV:
+            dv = tl.dot(p.to(do.dtype), do, input_precision="tf32")
             _store_tokens(dv_ptr, dv, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+        v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
+                         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+        dp = tl.dot(v, tl.trans(do), input_precision="tf32")
+        # delta_i = sum_j p_ij dp_ij (= dout_i . out_i): the whole row is in the tile, so
+        # the output need not be read.
+        ds = p * (dp - tl.sum(p * dp, 0)[None, :])
+        if BIAS_GRAD:
+            dbias += ds
+        if PASS == _PAD:
+            dk = tl.dot(ds.to(q.dtype), q, input_precision="tf32") * scale
+            dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
+        elif PASS == _QKV:
+            ds = ds.to(q.dtype)
+            dk = tl.dot(ds, q, input_precision="tf32") * scale
             _store_tokens(dk_ptr, dk, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
             dq = tl.dot(tl.trans(ds), k, input_precision="tf32") * scale
             _store_tokens(dq_ptr, dq, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
-    if PAD_GRAD:
+    if PASS == _PAD:
         tl.store(dpad_ptr + (pid * 2) * D + d, dpad_k, mask=d_ok)
         tl.store(dpad_ptr + (pid * 2 + 1) * D + d, dpad_v, mask=d_ok)
-    elif HAS_TABLE:
+    elif BIAS_GRAD:
         # dbias is (key, query); the buffer is (query, key).
         pair = (t < N)[:, None] & (t < N)[None, :]
         tl.store(dbias_ptr + (pid * N + t[None, :]) * N + t[:, None], dbias, mask=pair)
@@ -319,11 +354,11 @@ def _config(block_n, block_d, dtype_name, backward, arch):
     spills on sm_80 / sm_90a; see static_compile_specs).
 
     4 warps (16 score rows each) for 64-token windows, 8 where bigger tiles (head
-    dim 128; in the backward, whose five products hold more tiles live, anything
-    beyond half precision with head dim 32) need the registers of twice the
-    threads; 4 warps split over rows and columns for 32-token windows. The window
-    loop is pipelined (2 stages) except in the backward on sm_80, where the
-    prefetch buffers push the loop into spills.
+    dim 128; in the backward, whose products hold more tiles live, anything beyond
+    half precision with head dim 32) need the registers of twice the threads; 4
+    warps split over rows and columns for 32-token windows. The forward's window
+    loop is pipelined (2 stages); the backward's only for 32-token windows with head
+    dim <= 64 on sm_90a: elsewhere the prefetch buffers push it into spills.
     """
     if block_n == 32:
         warps = 4
@@ -331,7 +366,28 @@ def _config(block_n, block_d, dtype_name, backward, arch):
         warps = 4 if block_d == 32 and dtype_name != "fp32" else 8
     else:
         warps = 8 if block_d == 128 else 4
-    return warps, 2 if not backward or arch >= 90 else 1
+    if not backward:
+        return warps, 2
+    return warps, 2 if arch >= 90 and block_n == 32 and block_d <= 64 else 1
+
+
+def _split_bias(block_n, block_d, dtype_name):
+    """Whether dbias takes its own pass. Its ``BLOCK_N x BLOCK_N`` fp32 accumulator stays
+    live across the window loop; beside the five products of 64-token windows it fits
+    only with half-precision head dim 32 (Swin). The separate pass re-reads q, k, v,
+    dout and recomputes the scores, but needs two products only."""
+    return block_n > _BLOCK_NS[0] and (block_d > 32 or dtype_name == "fp32")
+
+
+def _bwd_passes(block_n, block_d, dtype_name, bias_grad, pad_grad):
+    """(PASS, BIAS_GRAD) of every backward launch, in order."""
+    split = bias_grad and _split_bias(block_n, block_d, dtype_name)
+    passes = [(_QKV.value, bias_grad and not split)]
+    if split:
+        passes.append((_BIAS.value, True))
+    if pad_grad:
+        passes.append((_PAD.value, False))
+    return passes
 
 
 def _arch(device):
@@ -394,7 +450,9 @@ def _window_groups(B, n_wh, n_ww, heads, device):
     """
     num_windows = B * n_wh * n_ww
     target = 8 * _sm_count(device) if device.type == "cuda" else 4
-    per_program = triton.cdiv(num_windows, max(1, min(num_windows, target // heads)))
+    # At least one window per program: an empty batch launches nothing but still sizes
+    # the (empty) partial buffers.
+    per_program = max(1, triton.cdiv(num_windows, max(1, min(num_windows, target // heads))))
     kinds = (B * (n_wh - 1) * (n_ww - 1), B * (n_ww - 1), B * (n_wh - 1), B)
     return per_program, [triton.cdiv(n, per_program) * heads for n in kinds]
 
@@ -461,7 +519,8 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
     _check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
     has_table = table is not None
     per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device)
-    dbias = torch.empty(sum(programs) * N * N if has_table else 0, dtype=torch.float32,
+    want_bias = has_table and need_table
+    dbias = torch.empty(sum(programs) * N * N if want_bias else 0, dtype=torch.float32,
                         device=q.device)
     want_pad = (need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None)
     padded = H % wh != 0 or W % ww != 0
@@ -469,21 +528,24 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                        dtype=torch.float32, device=q.device)
     if dq.numel():
         block_n, block_d = _blocks(N, D)
-        num_warps, num_stages = _config(block_n, block_d, _DTYPE_NAMES[q.dtype], True,
-                                        _arch(q.device))
-        args = (q, k, v, out, dout, lse, _table_fp32(table, q.device),
+        dtype_name = _DTYPE_NAMES[q.dtype]
+        num_warps, num_stages = _config(block_n, block_d, dtype_name, True, _arch(q.device))
+        args = (q, k, v, dout, lse, _table_fp32(table, q.device),
                 _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
                 B, H, W, n_wh, n_ww, heads, D, per_program)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride())
+                *q.stride(), *k.stride(), *v.stride(), *dout.stride())
         config = dict(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d,
                       num_warps=num_warps, num_stages=num_stages)
-        _window_attention_bwd_kernel[(sum(programs),)](*args, 0, *rest, PAD_GRAD=False, **config)
-        if dpad.shape[0]:
-            _window_attention_bwd_kernel[(dpad.shape[0],)](*args, programs[0], *rest,
-                                                           PAD_GRAD=True, **config)
+        for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias,
+                                            dpad.shape[0] > 0):
+            # The pad pass walks the last-row / last-column programs only.
+            grid, first = ((dpad.shape[0], programs[0]) if pass_ == _PAD.value
+                           else (sum(programs), 0))
+            _window_attention_bwd_kernel[(grid,)](*args, first, *rest, PASS=pass_,
+                                                  BIAS_GRAD=bias_grad, **config)
     dtable = None
-    if has_table and need_table:
+    if want_bias:
         # Fixed-order reductions: over programs, then over the pairs of each table row.
         summed = dbias.view(-1, heads, N * N).sum(0)
         summed = torch.cat([summed, summed.new_zeros(heads, 1)], dim=1)
@@ -503,49 +565,59 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
 
 
 def static_compile_specs():
-    """Every (kernel, BLOCK_N, BLOCK_D, HAS_TABLE, PAD_GRAD, dtype, warps, stages) the
-    launchers can pick. Where the config differs between sm_80 and sm_90a, each
-    spec names its arch (``archs``: meaningful for that arch only). The head-dim
+    """Every (kernel, BLOCK_N, BLOCK_D, HAS_TABLE, PASS, BIAS_GRAD, dtype, warps, stages)
+    the launchers can pick. A spec the launchers pick on one of sm_80 / sm_90a only
+    names that arch (``archs``, and an ``_sm80`` / ``_sm90`` suffix). The head-dim
     strides are the constexpr 1 (Triton specialises them for dense rows); D and the
     other strides are multiples of 16 (for the head dims listed, so are heads * D)."""
+    picks = {}   # (name, kernel, dtype, constexprs, warps, stages) -> archs
+    for arch, dtype, block_n, block_d in itertools.product(
+            (80, 90), ("fp16", "bf16", "fp32"), _BLOCK_NS, _BLOCK_DS):
+        if dtype == "fp32" and block_d > max_head_dim_fp32(block_n):
+            continue
+        for kernel, backward in ((_window_attention_fwd_kernel, False),
+                                 (_window_attention_bwd_kernel, True)):
+            variants = [((("HAS_TABLE", t),), f"{'_table' if t else ''}") for t in (True, False)]
+            if backward:
+                # (HAS_TABLE, dbias wanted, pad launch) as window_attention_bwd sees them.
+                variants = []
+                for t, bias, pad in itertools.product((True, False), repeat=3):
+                    if bias and not t:
+                        continue
+                    for p, g in _bwd_passes(block_n, block_d, dtype, bias, pad):
+                        variants.append(((("HAS_TABLE", t), ("PASS", p), ("BIAS_GRAD", g)),
+                                         f"{'_table' if t else ''}"
+                                         f"{('', '_pad', '_bias')[p]}{'_dbias' if g else ''}"))
+            for constexprs, suffix in variants:
+                constexprs += (("BLOCK_N", block_n), ("BLOCK_D", block_d))
+                key = (f"{kernel.__name__}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
+                       dtype, constexprs, *_config(block_n, block_d, dtype, backward, arch))
+                picks.setdefault(key, [])
+                if arch not in picks[key]:
+                    picks[key].append(arch)
     specs = []
-    for kernel, backward in ((_window_attention_fwd_kernel, False),
-                             (_window_attention_bwd_kernel, True)):
+    for (name, kernel, dtype, constexprs, num_warps, num_stages), archs in picks.items():
         unit = [a for a in kernel.arg_names if a.startswith("stride_") and a.endswith("d")
                 and not a.endswith("head")]
         strided = [a for a in kernel.arg_names if a.startswith("stride_") and a not in unit]
-        flags = [(t, p) for t in (True, False) for p in ((False, True) if backward else (False,))]
-        for dtype, block_n, block_d, (has_table, pad_grad) in itertools.product(
-                ("fp16", "bf16", "fp32"), _BLOCK_NS, _BLOCK_DS, flags):
-            if dtype == "fp32" and block_d > MAX_HEAD_DIM_FP32:
-                continue
-            constexprs = {a: 1 for a in unit}
-            constexprs.update(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d)
-            if backward:
-                constexprs["PAD_GRAD"] = pad_grad
-            signature = {}
-            for a in kernel.arg_names:
-                if a in constexprs:
-                    signature[a] = "constexpr"
-                elif a in ("table_ptr", "lse_ptr", "dbias_ptr", "dpad_ptr"):
-                    signature[a] = "*fp32"
-                elif a.endswith("_ptr"):
-                    signature[a] = f"*{dtype}"
-                elif a in ("scale", "inv_scale", "mask_value"):
-                    signature[a] = "fp32"
-                else:
-                    signature[a] = "i32"
-            name = (f"{kernel.__name__}_n{block_n}_d{block_d}{'_table' if has_table else ''}"
-                    f"{'_pad' if pad_grad else ''}_{dtype}")
-            configs = {arch: _config(block_n, block_d, dtype, backward, arch) for arch in (80, 90)}
-            per_arch = configs[80] != configs[90]
-            for arch in (80, 90) if per_arch else (80,):
-                num_warps, num_stages = configs[arch]
-                spec = {"name": name + (f"_sm{arch}" if per_arch else ""), "fn": kernel,
-                        "signature": signature, "constexprs": constexprs,
-                        "num_warps": num_warps, "num_stages": num_stages, "uses_dot": True,
-                        "dtype": dtype, "divisible_by_16": strided + ["D"]}
-                if per_arch:
-                    spec["archs"] = (arch,)
-                specs.append(spec)
+        constexprs = dict(constexprs, **{a: 1 for a in unit})
+        signature = {}
+        for a in kernel.arg_names:
+            if a in constexprs:
+                signature[a] = "constexpr"
+            elif a in ("table_ptr", "lse_ptr", "dbias_ptr", "dpad_ptr"):
+                signature[a] = "*fp32"
+            elif a.endswith("_ptr"):
+                signature[a] = f"*{dtype}"
+            elif a in ("scale", "inv_scale", "mask_value"):
+                signature[a] = "fp32"
+            else:
+                signature[a] = "i32"
+        spec = {"name": name, "fn": kernel, "signature": signature, "constexprs": constexprs,
+                "num_warps": num_warps, "num_stages": num_stages, "uses_dot": True,
+                "dtype": dtype, "divisible_by_16": strided + ["D"]}
+        if len(archs) == 1:
+            spec["name"] += f"_sm{archs[0]}"
+            spec["archs"] = tuple(archs)
+        specs.append(spec)
     return specs

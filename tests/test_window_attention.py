@@ -1,4 +1,7 @@
-"""window_attention: reference vs timm, Triton (interpreter) vs reference, errors."""
+"""window_attention: reference vs timm; the kernel backends vs the reference: "triton"
+(the Triton kernels in the interpreter) and "cuda" (the CUDA C++ kernels of
+csrc/window_attention.cu on CPU tensors under host emulation, pyvit_ops.testing.host);
+errors of the public function and of the CUDA bindings."""
 import types
 
 import pytest
@@ -11,6 +14,7 @@ import pyvit_ops.ops.window_attention as ops
 from pyvit_ops import _backend
 from pyvit_ops.kernels import window_attention as kernels
 from pyvit_ops.reference.window_attention import window_attention as reference
+from pyvit_ops.testing import host
 
 # (B, H, W, heads, D, window, shift): borders, padding on one / both axes, non-square
 # windows and shifts, a shift on one axis only, N not a multiple of the tile.
@@ -24,10 +28,9 @@ GEOMETRIES = [
 ]
 
 
-def _packed_qkv(B, H, W, heads, D, dtype=torch.float64, scale=1.0):
+def _packed_qkv(B, H, W, heads, D, dtype=torch.float64):
     """q, k, v as strided views of one (B, H, W, 3, heads, D) projection."""
-    qkv = torch.randn(B, H, W, 3, heads, D, dtype=dtype) * scale
-    return qkv.unbind(3)
+    return torch.randn(B, H, W, 3, heads, D, dtype=dtype).unbind(3)
 
 
 def _table(window, heads, dtype=torch.float64):
@@ -127,31 +130,61 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v), fast_mode=True)
 
 
-# --------------------------------------------------------------------------- triton
+# --------------------------------------------------------------------------- kernels
 
-# (dtype, atol, rtol): fp32 dots are IEEE; half kernels round P and dS to the input
-# dtype before the second products, as every fused attention does.
-DTYPES = [
-    (torch.float32, 5e-6, 2e-5),
-    (torch.float16, 3e-3, 3e-3),
-    (torch.bfloat16, 4e-2, 2e-2),
-]
+BACKENDS = ["triton", "cuda"]
 
-# (B, H, W, heads, D, window, shift, table, pad, param_dtype, layout); param_dtype is
-# the table's and pads' dtype ("input": q's). Windows per backward program: the
-# interpreter aims at 4 programs, so most cases walk several windows in one program,
-# some with a ragged last group (10x13 / (4, 6): 9 windows, 2 groups of 5 and 4).
-TRITON_CASES = [
-    pytest.param(1, 9, 10, 2, 32, (4, 5), (2, 1), True, True, "float32", "packed",
-                 id="pad-hw-nonsquare"),
-    pytest.param(2, 7, 7, 3, 16, 7, 3, True, True, "input", "mixed", id="swin7-shift3-D16"),
-    pytest.param(1, 10, 13, 2, 48, (4, 6), (0, 3), True, True, "input", "packed",
-                 id="shift-w-D48"),
-    pytest.param(1, 12, 8, 1, 64, 8, 0, False, False, None, "mixed", id="w8-unshifted-notable"),
-    # Head dim 80 -> the 128 bucket, which the Triton kernels take for half types only.
+
+def _use(backend):
+    """The cuda backend runs on CPU tensors once the host-emulation build is loaded."""
+    if backend == "cuda":
+        host.load()
+
+
+# (backend, dtype) -> (atol, rtol). Triton: fp32 products are exact in the interpreter
+# (TF32 on a GPU); half kernels round P and dS to the input dtype before the second
+# products, as every fused attention does. CUDA: every product and the softmax run in
+# fp32 (probabilities are not rounded), so the error is about the rounding of the result.
+TOLERANCES = {
+    ("triton", torch.float32): (5e-6, 2e-5),
+    ("triton", torch.float16): (3e-3, 3e-3),
+    ("triton", torch.bfloat16): (4e-2, 2e-2),
+    ("cuda", torch.float32): (5e-6, 2e-5),
+    ("cuda", torch.float16): (1e-3, 1e-3),
+    ("cuda", torch.bfloat16): (8e-3, 8e-3),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, H, W, heads, D, window, shift, table, pad, param_dtype, layout, scale, mask_value,
+# backends); param_dtype is the table's and pads' dtype ("input": q's). Windows per
+# backward program: the interpreter and the host build aim at 4 programs / blocks, so
+# most cases walk several windows in one program, some with a ragged last group
+# (10x13 / (4, 6): 9 windows, 2 groups of 5 and 4).
+CASES = [
+    (1, 9, 10, 2, 32, (4, 5), (2, 1), True, True, "float32", "packed", None, -100.0,
+     ("triton",), "pad-hw-nonsquare-D32"),
+    (1, 9, 10, 2, 8, (4, 5), (2, 1), True, True, "float32", "packed", None, -100.0,
+     ("cuda",), "pad-hw-nonsquare-D8"),
+    (2, 7, 7, 3, 16, 7, 3, True, True, "input", "mixed", None, -100.0,
+     ("triton",), "swin7-shift3-D16"),
+    (1, 14, 14, 3, 32, 7, 3, True, True, "input", "mixed", None, -100.0,
+     ("cuda",), "swin7-shift3-D32"),
+    (1, 10, 13, 2, 48, (4, 6), (0, 3), True, True, "input", "packed", None, -100.0,
+     ("triton",), "shift-w-D48"),
+    (1, 10, 13, 2, 48, (4, 6), (0, 3), True, True, "input", "packed", 0.37, -2.5,
+     ("cuda",), "shift-w-D48-soft-mask"),
+    (1, 12, 8, 1, 64, 8, 0, False, False, None, "mixed", None, -100.0,
+     ("triton", "cuda"), "w8-N64-unshifted-notable"),
     # Head dim 80: the 128 bucket, taken for half types; float32 must be refused.
-    pytest.param(1, 5, 6, 1, 80, (3, 4), (1, 2), True, True, "input", "packed", id="D80"),
+    (1, 5, 6, 1, 80, (3, 4), (1, 2), True, True, "input", "packed", None, -100.0,
+     ("triton",), "D80"),
+    (2, 5, 9, 2, 6, (3, 4), (1, 2), True, True, "float32", "mixed", None, -100.0,
+     ("cuda",), "N12-D6-unaligned"),
+    (1, 4, 7, 1, 130, (3, 5), (2, 0), True, True, "float32", "packed", None, float("-inf"),
+     ("cuda",), "D130-five-chunks-shift-h-inf-mask"),
 ]
+KERNEL_CASES = [pytest.param(backend, *case[:-2], id=f"{backend}-{case[-1]}")
+                for case in CASES for backend in case[-2]]
 
 
 def _qkv_views(B, H, W, heads, D, dtype, layout):
@@ -164,59 +197,65 @@ def _qkv_views(B, H, W, heads, D, dtype, layout):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize(
-    "B,H,W,heads,D,window,shift,with_table,with_pad,param_dtype,layout", TRITON_CASES)
-def test_triton_matches_reference(B, H, W, heads, D, window, shift, with_table, with_pad,
-                                  param_dtype, layout, dtype, atol, rtol):
-    if dtype == torch.float32 and D > kernels.MAX_HEAD_DIM_FP32:
+def _run(backend, tensors, with_table, with_pad, grad, **kwargs):
+    q, k, v, *rest = tensors
+    table = rest.pop(0) if with_table else None
+    pad_kv = tuple(rest) if with_pad else None
+    out = ops.window_attention(q, k, v, table, pad_kv=pad_kv, backend=backend, **kwargs)
+    # Without padding the pads do not reach the reference's graph: zero gradient.
+    return out, torch.autograd.grad(out, tensors, grad.to(out.dtype), allow_unused=True,
+                                    materialize_grads=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("backend,B,H,W,heads,D,window,shift,with_table,with_pad,param_dtype,"
+                         "layout,scale,mask_value", KERNEL_CASES)
+def test_kernel_matches_reference(backend, B, H, W, heads, D, window, shift, with_table,
+                                  with_pad, param_dtype, layout, scale, mask_value, dtype):
+    kwargs = dict(window_size=window, shift_size=shift, scale=scale, mask_value=mask_value)
+    area = _pair(window)[0] * _pair(window)[1]
+    if backend == "triton" and dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
         # Not a skip: the Triton backend must refuse this call, with its reason.
         with pytest.raises(_backend.BackendUnavailableError, match="float32 with head dim"):
-            ops.window_attention(*_packed_qkv(B, H, W, heads, D, dtype), window_size=window,
-                                 backend="triton")
+            ops.window_attention(*_packed_qkv(B, H, W, heads, D, dtype), backend="triton",
+                                 **kwargs)
         return
+    _use(backend)
+    atol, rtol = TOLERANCES[backend, dtype]
     torch.manual_seed(0)
-    q, k, v = _qkv_views(B, H, W, heads, D, dtype, layout)
-    inputs = [q, k, v]
+    inputs = list(_qkv_views(B, H, W, heads, D, dtype, layout))
     param_dtype = dtype if param_dtype == "input" else torch.float32
-    table = _table(window, heads, param_dtype) if with_table else None
-    pads = tuple(torch.randn(2, heads, D, dtype=param_dtype).unbind(0)) if with_pad else None
-    inputs += [table] if with_table else []
-    inputs += list(pads) if with_pad else []
+    if with_table:
+        inputs.append(_table(window, heads, param_dtype))
+    if with_pad:
+        inputs += list(torch.randn(2, heads, D, dtype=param_dtype).unbind(0))
     inputs = [t.detach().requires_grad_() for t in inputs]
     # Upstream gradient as a non-contiguous view, as after a permuting projection.
     grad = torch.randn(B, W, H, heads, D, dtype=dtype).transpose(1, 2)
 
-    def run(backend, tensors):
-        q, k, v, *rest = tensors
-        table = rest.pop(0) if with_table else None
-        pad_kv = tuple(rest) if with_pad else None
-        out = ops.window_attention(q, k, v, table, window_size=window, shift_size=shift,
-                                   pad_kv=pad_kv, backend=backend)
-        # Without padding the pads do not reach the reference's graph: zero gradient.
-        return out, torch.autograd.grad(out, tensors, grad.to(out.dtype), allow_unused=True,
-                                        materialize_grads=True)
-
-    out, grads = run("triton", inputs)
+    out, grads = _run(backend, inputs, with_table, with_pad, grad, **kwargs)
     # Oracle: the reference in float64 on the same values, pads rounded to q's dtype as
     # the kernel's contract says (the rounding passes the gradient through unchanged).
     oracle = [t.detach().double() for t in inputs]
     if with_pad:
         oracle[-2:] = [t.detach().to(dtype).double() for t in inputs[-2:]]
-    expected, expected_grads = run("reference", [t.requires_grad_() for t in oracle])
-    assert out.dtype == dtype and out.is_contiguous()
+    expected, expected_grads = _run("reference", [t.requires_grad_() for t in oracle],
+                                    with_table, with_pad, grad, **kwargs)
+    assert out.dtype == dtype and out.shape == (B, H, W, heads, D) and out.is_contiguous()
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
-    names = ["q", "k", "v"] + (["table"] if with_table else [])
-    names += ["pad_k", "pad_v"] if with_pad else []
+    names = ["q", "k", "v"] + ["table"] * with_table + ["pad_k", "pad_v"] * with_pad
     for name, g, e, t in zip(names, grads, expected_grads, inputs):
         assert g.dtype == t.dtype and g.shape == t.shape, name
         # Summed gradients (table, pads) add up many terms: scale the tolerance.
-        scale = max(1.0, e.abs().max().item() / 4) if name in ("table", "pad_k", "pad_v") else 1.0
-        torch.testing.assert_close(g.double(), e, atol=atol * scale, rtol=rtol,
+        summed = name in ("table", "pad_k", "pad_v")
+        scale_tol = max(1.0, e.abs().max().item() / 4) if summed else 1.0
+        torch.testing.assert_close(g.double(), e, atol=atol * scale_tol, rtol=rtol,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_triton_backward_is_deterministic():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend):
+    _use(backend)
     torch.manual_seed(0)
     q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 9, 10, 2, 32, torch.float16))
     table = _table((4, 5), 2, torch.float32).requires_grad_()
@@ -226,30 +265,61 @@ def test_triton_backward_is_deterministic():
     results = []
     for _ in range(2):
         out = ops.window_attention(q, k, v, table, window_size=(4, 5), shift_size=(2, 1),
-                                   pad_kv=pad_kv, backend="triton")
-        results.append(torch.autograd.grad(out, tensors, grad))
+                                   pad_kv=pad_kv, backend=backend)
+        results.append((out, *torch.autograd.grad(out, tensors, grad)))
     for first, second in zip(*results):
         assert torch.equal(first, second)
 
 
-def test_triton_gradients_only_where_asked():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_only_where_asked(backend):
+    """Without table / pad gradients the backward skips their reductions."""
+    _use(backend)
     torch.manual_seed(0)
-    q, k, v = _packed_qkv(1, 8, 8, 2, 32, torch.float32)
+    q, k, v = _packed_qkv(1, 8, 10, 2, 16, torch.float32)
     q = q.detach().requires_grad_()
     table = _table(4, 2, torch.float32)
-    pad_kv = tuple(torch.randn(2, 2, 32).unbind(0))
-    out = ops.window_attention(q, k, v, table, window_size=4, shift_size=2, pad_kv=pad_kv,
-                               backend="triton")
+    pad_kv = tuple(torch.randn(2, 2, 16).unbind(0))
+    kwargs = dict(window_size=4, shift_size=2, pad_kv=pad_kv)
+    out = ops.window_attention(q, k, v, table, backend=backend, **kwargs)
     out.sum().backward()
     assert q.grad is not None and table.grad is None and pad_kv[0].grad is None
+    expected = reference(q, k, v, table, **kwargs)
+    (expected_dq,) = torch.autograd.grad(expected, q, torch.ones_like(expected))
+    torch.testing.assert_close(q.grad, expected_dq, atol=5e-6, rtol=2e-5)
 
 
-def test_custom_op_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_gradient_is_zero_without_padding(backend):
+    _use(backend)
+    torch.manual_seed(0)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 8, 8, 2, 8, torch.float32))
+    pad_kv = tuple(t.requires_grad_() for t in torch.randn(2, 2, 8))
+    out = ops.window_attention(q, k, v, window_size=4, shift_size=2, pad_kv=pad_kv,
+                               backend=backend)
+    dpad_k, dpad_v = torch.autograd.grad(out, pad_kv, torch.randn_like(out))
+    assert torch.equal(dpad_k, torch.zeros(2, 8)) and torch.equal(dpad_v, torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    _use(backend)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(0, 6, 6, 2, 8, torch.float32))
+    table = _table(3, 2, torch.float32).requires_grad_()
+    out = ops.window_attention(q, k, v, table, window_size=3, shift_size=1, backend=backend)
+    assert out.shape == (0, 6, 6, 2, 8)
+    (dtable,) = torch.autograd.grad(out, table, torch.ones_like(out))
+    assert torch.equal(dtable, torch.zeros_like(table))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_op_opcheck(backend):
+    _use(backend)
     torch.manual_seed(0)
     q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 1, 16, torch.float32))
     table = _table((4, 5), 1, torch.float32).requires_grad_()
     pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 1, 16))
-    args = (q, k, v, table, pad_k, pad_v, 4, 5, 1, 2, 0.25, -100.0, "triton")
+    args = (q, k, v, table, pad_k, pad_v, 4, 5, 1, 2, 0.25, -100.0, backend)
     torch.library.opcheck(torch.ops.pyvit_ops.window_attention_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
@@ -307,7 +377,8 @@ def test_bad_inputs(name, make, exc, message):
 
 @pytest.mark.parametrize("backend,change,reason", [
     ("triton", dict(D=160), "head dim 160 > 128"),
-    ("triton", dict(D=96), "float32 with head dim 96 > 64"),
+    ("triton", dict(D=96), "float32 with head dim 96 > 64 (window area 20)"),
+    ("triton", dict(D=48, window=(8, 5)), "float32 with head dim 48 > 32 (window area 40)"),
     ("triton", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
     ("triton", dict(dtype=torch.float64), "float64 runs only on the reference backend"),
     ("cuda", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
@@ -324,3 +395,48 @@ def test_cpu_default_is_reference():
     q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
     out = ops.window_attention(q, k, v, window_size=(4, 5), shift_size=(2, 1))
     torch.testing.assert_close(out, reference(q, k, v, window_size=(4, 5), shift_size=(2, 1)))
+
+
+# The CUDA bindings validate what they are given, whoever calls them.
+FWD_ARG_NAMES = ("q", "k", "v", "table", "pad_k", "pad_v", "window_h", "window_w", "shift_h",
+                 "shift_w", "scale", "mask_value")
+
+
+def _fwd_args(**changes):
+    q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
+    args = dict(q=q, k=k, v=v, table=_table((4, 5), 2, torch.float32), pad_k=torch.zeros(2, 8),
+                pad_v=torch.zeros(2, 8), window_h=4, window_w=5, shift_h=2, shift_w=1, scale=0.35,
+                mask_value=-100.0)
+    args.update({name: change(args) if callable(change) else change
+                 for name, change in changes.items()})
+    return [args[name] for name in FWD_ARG_NAMES]
+
+
+BAD_BINDING_INPUTS = [
+    (dict(window_h=9, window_w=8), ValueError, "windows of at most 64 tokens, got 9x8 = 72"),
+    (dict(window_h=10), ValueError, "window_size must be positive and at most the grid"),
+    (dict(shift_h=4), ValueError, "shift_size must satisfy 0 <= shift < window_size"),
+    (dict(k=lambda a: a["k"].half()), TypeError, "k must have the dtype of q"),
+    (dict(v=lambda a: a["v"][:, :8]), ValueError, "v must have the shape of q"),
+    (dict(table=torch.zeros(49, 2)), ValueError, "table must have shape [63, 2]"),
+    (dict(pad_v=None), ValueError, "pad_k and pad_v must both be given"),
+    (dict(q=lambda a: a["q"].double()), TypeError, "q must be float32, float16 or bfloat16"),
+]
+
+
+@pytest.mark.parametrize("changes,error,match", BAD_BINDING_INPUTS)
+def test_binding_rejects_bad_input(changes, error, match):
+    host_ops = host.load()
+    with pytest.raises(error) as info:
+        host_ops.window_attention_fwd(*_fwd_args(**changes))
+    assert match in str(info.value)
+
+
+def test_binding_rejects_bad_lse():
+    host_ops = host.load()
+    q, k, v, table, pad_k, pad_v, *geometry = _fwd_args()
+    out, lse = host_ops.window_attention_fwd(q, k, v, table, pad_k, pad_v, *geometry)
+    with pytest.raises(ValueError) as info:
+        host_ops.window_attention_bwd(out, q, k, v, out, lse[:, :1], table, pad_k, pad_v,
+                                      *geometry, True, True)
+    assert "lse must have shape [6, 2, 20], got [6, 1, 20]" in str(info.value)
