@@ -14,13 +14,12 @@ recomputed probability is exp(-inf) = 0 and its output and gradients are 0
 Backward, three kernels, no float atomics (deterministic):
 - preprocess: delta = rowsum(dO * O);
 - dk/dv (key-major): one program per key block and batch, looping over the queries;
-  at head dim 128 dv and dk are two passes of the same kernel (register budget);
 - dq (query-major): one program per query block and batch, looping over the keys.
 dbias is reduced over the bias's broadcast dims inside these kernels. The programs
 of one "bias group" (the batch dims the bias is not broadcast over) walk the
 broadcast batch indices themselves, in a fixed order: a bias broadcast over the
 queries (e.g. a ``(B, 1, 1, Nk)`` key bias) is summed per key in registers by the
-pass that computes dk; a bias with a query axis is summed per tile by the dq kernel
+dk/dv kernel; a bias with a query axis is summed per tile by the dq kernel
 in an fp32 buffer that only the owning program reads and writes. When that leaves
 too few programs to fill the GPU, the broadcast batch is split into chunks whose
 partial sums (``(chunks, *dbias)``, at most ~2 x SMs / blocks of them) are added once,
@@ -80,6 +79,18 @@ def _dropout_keep(seed, z, offsets, dropout_p):
 
 
 @triton.jit
+def _query_program(Nq, Z2, BLOCK_M: tl.constexpr):
+    """(rows, flat batch z, z1, z2) of a program of the query-block-major launches (forward,
+    preprocess). Query blocks of one batch are neighbours in launch order: they share
+    K/V in L2."""
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    pid = tl.program_id(0)
+    z = (pid // num_m).to(tl.int64)
+    rows = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, z, z // Z2, z % Z2
+
+
+@triton.jit
 def _scaled_dot_product_attention_fwd_kernel(
         Q, K, V, Bias, Out, Lse,
         seed, sm_scale, dropout_p, dropout_scale,
@@ -91,14 +102,7 @@ def _scaled_dot_product_attention_fwd_kernel(
         Z2, Nq, Nk, D,
         BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    pid = tl.program_id(0)
-    # Query blocks of one batch are neighbours in launch order: they share K/V in L2.
-    pid_m = pid % num_m
-    z = (pid // num_m).to(tl.int64)
-    z1 = z // Z2
-    z2 = z % Z2
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, z, z1, z2 = _query_program(Nq, Z2, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = rows < Nq
@@ -154,13 +158,7 @@ def _scaled_dot_product_attention_bwd_preprocess_kernel(
         stride_dz1, stride_dz2, stride_dm, stride_dd,
         Z2, Nq, D,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    z = (pid // num_m).to(tl.int64)
-    z1 = z // Z2
-    z2 = z % Z2
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, z, z1, z2 = _query_program(Nq, Z2, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < Nq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(Out + z1 * stride_oz1 + z2 * stride_oz2 + rows[:, None] * stride_om
@@ -190,6 +188,22 @@ def _batch_coords(g, b, Z2, BCAST1: tl.constexpr, BCAST2: tl.constexpr):
 
 
 @triton.jit
+def _backward_program(n, NG, NB, B_CHUNK, BLOCK: tl.constexpr):
+    """This backward program's (indices of its block of the ``n`` rows or keys, bias group
+    g, split, first and end broadcast index): programs are ordered block-fastest, then
+    group, then batch chunk."""
+    num_blocks = tl.cdiv(n, BLOCK)
+    pid = tl.program_id(0)
+    offs = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
+    rest = pid // num_blocks
+    g = (rest % NG).to(tl.int64)
+    split = rest // NG
+    b_start = split.to(tl.int64) * B_CHUNK
+    b_end = tl.minimum(b_start + B_CHUNK, NB)
+    return offs, g, split, b_start, b_end
+
+
+@triton.jit
 def _scaled_dot_product_attention_bwd_dkdv_kernel(
         Q, K, V, Bias, DO, Lse, Delta, DK, DV, DBias,
         seed, sm_scale, dropout_p, dropout_scale,
@@ -204,20 +218,10 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
         Z2, Nq, Nk, D, NG, NB, B_CHUNK,
         BIAS: tl.constexpr, DBIAS: tl.constexpr, BCAST1: tl.constexpr, BCAST2: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk, dv of one key block for each batch of a chunk; with DBIAS, the gradient of
     a bias broadcast over the queries (one value per key), summed over the chunk."""
-    num_n = tl.cdiv(Nk, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n
-    rest = pid // num_n
-    g = (rest % NG).to(tl.int64)
-    split = rest // NG
-    b_start = split.to(tl.int64) * B_CHUNK
-    b_end = tl.minimum(b_start + B_CHUNK, NB)
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols, g, split, b_start, b_end = _backward_program(Nk, NG, NB, B_CHUNK, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = cols < Nk
@@ -231,9 +235,8 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
         z = z1 * Z2 + z2
         k = tl.load(K + z1 * stride_kz1 + z2 * stride_kz2 + cols[:, None] * stride_kn
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if COMPUTE_DK:
-            v = tl.load(V + z1 * stride_vz1 + z2 * stride_vz2 + cols[:, None] * stride_vn
-                        + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = tl.load(V + z1 * stride_vz1 + z2 * stride_vz2 + cols[:, None] * stride_vn
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         q_base = Q + z1 * stride_qz1 + z2 * stride_qz2
         do_base = DO + z1 * stride_doz1 + z2 * stride_doz2
         b_base = Bias + z1 * stride_bz1 + z2 * stride_bz2
@@ -243,48 +246,39 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
             rows = start_m + offs_m
             mask_m = rows < Nq
             qo_mask = mask_m[:, None] & mask_d[None, :]
-            qo_mask_t = mask_d[:, None] & mask_m[None, :]
-            # Transposed tiles (keys x queries), so that dk, dv need no transpose. q and
-            # dO are read in both orientations (the second read hits L1/L2): transposing
-            # in registers would replicate the whole tile in every warp.
-            qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=qo_mask_t, other=0.0)
+            # Tiles are keys x queries, so that dk, dv need no transpose. q and dO are read
+            # once and transposed for k q^T and v dO^T (a layout change of the dot
+            # operand), not read a second time.
+            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=qo_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=qo_mask, other=0.0)
             # Padded rows get lse = +inf, hence probability 0.
             lse = tl.load(Lse + z * Nq + rows, mask=mask_m, other=float("inf"))
-            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             st = _add_bias(st, b_base + rows[None, :] * stride_bm + cols[:, None] * stride_bn,
                            mask_n[:, None] & mask_m[None, :], BIAS)
             pt = tl.exp2(st - lse[None, :] * _LOG2E)
+            # (this order of the products is the one measured spill-free in every config)
             if DROPOUT:
                 keep = _dropout_keep(seed, z, rows[None, :] * Nk + cols[:, None], dropout_p)
-            if COMPUTE_DV:
-                do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                             mask=qo_mask, other=0.0)
-                if DROPOUT:
-                    pdt = tl.where(keep, pt * dropout_scale, 0.0)
-                else:
-                    pdt = pt
-                dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PRECISION)
-            if COMPUTE_DK:
-                dot = tl.load(do_base + rows[None, :] * stride_dom + offs_d[:, None] * stride_dod,
-                              mask=qo_mask_t, other=0.0)
-                dpt = tl.dot(v, dot, input_precision=PRECISION)
-                if DROPOUT:
-                    dpt = tl.where(keep, dpt * dropout_scale, 0.0)
-                delta = tl.load(Delta + z * Nq + rows, mask=mask_m, other=0.0)
-                dst = pt * (dpt - delta[None, :])
-                q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=qo_mask, other=0.0)
-                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-                if DBIAS:
-                    dcol += tl.sum(dst, 1)
-        if COMPUTE_DK:
-            tl.store(DK + z1 * stride_dkz1 + z2 * stride_dkz2 + cols[:, None] * stride_dkn
-                     + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
-                     mask=kv_mask)
-        if COMPUTE_DV:
-            tl.store(DV + z1 * stride_dvz1 + z2 * stride_dvz2 + cols[:, None] * stride_dvn
-                     + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+                pdt = tl.where(keep, pt * dropout_scale, 0.0)
+            else:
+                pdt = pt
+            dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if DROPOUT:
+                dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+            delta = tl.load(Delta + z * Nq + rows, mask=mask_m, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+            if DBIAS:
+                dcol += tl.sum(dst, 1)
+        tl.store(DK + z1 * stride_dkz1 + z2 * stride_dkz2 + cols[:, None] * stride_dkn
+                 + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(DV + z1 * stride_dvz1 + z2 * stride_dvz2 + cols[:, None] * stride_dvn
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     if DBIAS:
         z1, z2 = _batch_coords(g, b_start, Z2, BCAST1, BCAST2)
@@ -310,16 +304,7 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
     """dq of one query block for each batch of a chunk; with DBIAS, the gradient of a
     bias with a query axis, summed over the chunk's batches in an fp32 buffer that only
     this program touches: a read-add-write in a fixed order (no atomics)."""
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    rest = pid // num_m
-    g = (rest % NG).to(tl.int64)
-    split = rest // NG
-    b_start = split.to(tl.int64) * B_CHUNK
-    b_end = tl.minimum(b_start + B_CHUNK, NB)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, g, split, b_start, b_end = _backward_program(Nq, NG, NB, B_CHUNK, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = rows < Nq
@@ -344,27 +329,23 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
         for start_n in range(0, Nk, BLOCK_N):
             cols = start_n + offs_n
             mask_n = cols < Nk
-            kv_mask_t = mask_d[:, None] & mask_n[None, :]
+            kv_mask = mask_n[:, None] & mask_d[None, :]
             tile_mask = mask_m[:, None] & mask_n[None, :]
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=kv_mask_t, other=0.0)
-            vt = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                         mask=kv_mask_t, other=0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = _add_bias(s, b_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
                           tile_mask, BIAS)
             # Padded keys: -inf (probability 0); else exp2(0 - lse) could even overflow.
             s = tl.where(mask_n[None, :], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, vt, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, z, rows[:, None] * Nk + cols[None, :], dropout_p)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             ds = p * (dp - delta[:, None])
-            # k again in its natural layout (an L1/L2 hit): transposing kt in registers
-            # would replicate the whole tile in every warp.
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
             if DBIAS:
                 # The buffer is padded to whole tiles (padded entries receive ds = 0),
@@ -399,10 +380,10 @@ def _precision(dtype):
 
 
 # Tile configs, chosen with static_compile_specs (triton.compile for sm_80 / sm_90a) for
-# no register spills in the heaviest variant (fp32 bias + dropout + dbias) where one
-# exists: 128 query rows need 8 warps; the backward's recomputed tiles leave room for
-# 16-row steps only; fp32 inputs (3xTF32 splits every operand in two) and head dim
-# 128 need the smallest tiles.
+# no register spills in the light and the heaviest variant (fp32 bias + dropout + dbias)
+# of every config: 128 query rows need 8 warps; fp32 inputs (3xTF32 splits every
+# operand in two) and head dim 128 need the smallest tiles. ptxas's allocation is not
+# monotonic in the tile size: the backward configs are measured points, not a rule.
 
 def _fwd_config(Nq, block_d, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
@@ -417,22 +398,23 @@ def _fwd_config(Nq, block_d, dtype):
 
 
 def _dq_config(Nq, block_d, dtype):
-    """(BLOCK_M queries per program, BLOCK_N keys per step, num_warps, num_stages)."""
+    """(BLOCK_M queries per program, BLOCK_N keys per step, num_warps, num_stages).
+    Each program reads all of K and V once: the fewer query blocks, the less traffic."""
     if dtype == torch.float32:
-        return (16, 16, 4, 1) if block_d == 128 else (16, 32, 4, 1)
-    return 16, 64, 4, 1
+        # (8 warps on a 16 x 16 tile: the only fp32 head-dim-128 point without spills)
+        return (16, 16, 8, 1) if block_d == 128 else (16, 32, 4, 1)
+    if Nq <= 16 or block_d == 128:
+        return 16, 64, 4, 1
+    return 64, 32, 4, 1
 
 
-def _dkdv_configs(block_d, dtype):
-    """Launches of the dk/dv kernel: (BLOCK_M queries per step, BLOCK_N keys per program,
-    num_warps, num_stages, COMPUTE_DK, COMPUTE_DV). At head dim 128 (half inputs) the two
-    fp32 accumulators do not fit beside the recomputed tiles: dv and dk are separate
-    passes (the dv pass recomputes only q k^T: 5 matmuls instead of 4)."""
+def _dkdv_config(block_d, dtype):
+    """(BLOCK_M queries per step, BLOCK_N keys per program, num_warps, num_stages) of the
+    dk/dv kernel. Each program reads all of Q and dO once: the fewer key blocks, the
+    less traffic."""
     if dtype == torch.float32:
-        return [(16, 16, 4, 1, True, True)]
-    if block_d == 128:
-        return [(32, 64, 4, 1, False, True), (16, 128, 8, 1, True, False)]
-    return [(16, 32, 4, 1, True, True)]
+        return (16, 16, 8, 1) if block_d == 128 else (16, 16, 4, 1)
+    return (16, 32, 4, 1) if block_d == 128 else (16, 128, 8, 1)
 
 
 def _bias_args(bias, like):
@@ -561,11 +543,10 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
         BLOCK_M=64, BLOCK_D=block_d, num_warps=4)
 
     dq_m, dq_n, dq_warps, dq_stages = _dq_config(Nq, block_d, q.dtype)
-    dkdv = _dkdv_configs(block_d, q.dtype)
-    num_m = triton.cdiv(Nq, dq_m)
-    num_n = [triton.cdiv(Nk, cfg[1]) for cfg in dkdv]
+    kv_m, kv_n, kv_warps, kv_stages = _dkdv_config(block_d, q.dtype)
+    num_m, num_n = triton.cdiv(Nq, dq_m), triton.cdiv(Nk, kv_n)
     dq_plan = _BatchPlan(Z1, Z2, blocks=num_m)
-    dkdv_plans = [_BatchPlan(Z1, Z2, blocks=n) for n in num_n]
+    kv_plan = _BatchPlan(Z1, Z2, blocks=num_n)
     column = tile = False
     db_buf, db_strides = q, (0, 0, 0, 0, 0)
     # A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient
@@ -573,12 +554,11 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     if bias_requires_grad and not (bs[3] == 0 and Nk > 1):
         bcast = dict(bcast1=bs[0] == 0 and Z1 > 1, bcast2=bs[1] == 0 and Z2 > 1, device=q.device)
         # One value per key (bias broadcast over the queries): reduced in registers by
-        # the key-major pass that computes dk; else tiles, reduced by the query-major one.
+        # the key-major kernel; else tiles, reduced by the query-major one.
         column = bs[2] == 0 and Nq > 1
         tile = not column
         if column:
-            i = next(i for i, cfg in enumerate(dkdv) if cfg[4])
-            dkdv_plans[i] = plan = _BatchPlan(Z1, Z2, blocks=num_n[i], **bcast)
+            kv_plan = plan = _BatchPlan(Z1, Z2, blocks=num_n, **bcast)
         else:
             dq_plan = plan = _BatchPlan(Z1, Z2, blocks=num_m, **bcast)
         # fp32 partial sums, one per split. Tiles are padded to whole blocks so that the
@@ -591,14 +571,13 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
         db_strides = (db_buf.stride(0),) + tuple(
             0 if n == 1 else st for st, n in zip(db_buf.stride()[1:], db_buf.shape[1:]))
 
-    for (block_m, block_n, warps, stages, do_dk, do_dv), plan in zip(dkdv, dkdv_plans):
-        _scaled_dot_product_attention_bwd_dkdv_kernel[plan.grid](
-            q, k, v, bias_t, dout, lse, delta, dk, dv, db_buf, *scalars,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dk.stride(),
-            *dv.stride(), *db_strides[:3], db_strides[4],
-            Z2, Nq, Nk, D, *plan.args(), DBIAS=column and do_dk, **plan.flags(), **common,
-            COMPUTE_DK=do_dk, COMPUTE_DV=do_dv, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages, maxnreg=_MAXNREG)
+    _scaled_dot_product_attention_bwd_dkdv_kernel[kv_plan.grid](
+        q, k, v, bias_t, dout, lse, delta, dk, dv, db_buf, *scalars,
+        *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dk.stride(),
+        *dv.stride(), *db_strides[:3], db_strides[4],
+        Z2, Nq, Nk, D, *kv_plan.args(), DBIAS=column, **kv_plan.flags(), **common,
+        BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages,
+        maxnreg=_MAXNREG)
     _scaled_dot_product_attention_bwd_dq_kernel[dq_plan.grid](
         q, k, v, bias_t, dout, lse, delta, dq, db_buf, *scalars,
         *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(), *db_strides,
@@ -704,14 +683,12 @@ def static_compile_specs():
                         f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_{tag}", dname,
                         dict(common, **bcast, DBIAS=heavy, BLOCK_M=bm, BLOCK_N=bn),
                         warps, stages, pointers))
-                for bm, bn, warps, stages, do_dk, do_dv in _dkdv_configs(block_d, dtype):
-                    part = "dkdv" if do_dk and do_dv else "dk" if do_dk else "dv"
-                    specs.append(_spec(
-                        _scaled_dot_product_attention_bwd_dkdv_kernel,
-                        f"sdpa_bwd_{part}_m{bm}n{bn}w{warps}_{tag}", dname,
-                        dict(common, **bcast, DBIAS=heavy and do_dk, BLOCK_M=bm, BLOCK_N=bn,
-                             COMPUTE_DK=do_dk, COMPUTE_DV=do_dv),
-                        warps, stages, pointers))
+                bm, bn, warps, stages = _dkdv_config(block_d, dtype)
+                specs.append(_spec(
+                    _scaled_dot_product_attention_bwd_dkdv_kernel,
+                    f"sdpa_bwd_dkdv_m{bm}n{bn}w{warps}_{tag}", dname,
+                    dict(common, **bcast, DBIAS=heavy, BLOCK_M=bm, BLOCK_N=bn),
+                    warps, stages, pointers))
     specs.append(_spec(_scaled_dot_product_attention_dropout_mask_kernel,
                        "sdpa_dropout_mask", "u8", dict(BLOCK=1024), 4, 1, {"Keep": "*u8"}))
     return specs

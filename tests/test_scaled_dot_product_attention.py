@@ -1,11 +1,15 @@
-"""scaled_dot_product_attention: reference vs torch, Triton kernels (interpreter) vs an
+"""scaled_dot_product_attention: reference vs torch; the kernels of both backends vs an
 fp64 oracle, forward and every gradient (q, k, v and the bias in its broadcast shape),
-dropout, determinism and input errors.
+dropout, determinism and input errors. The ``backend`` parameter runs the Triton kernels
+in the interpreter ("triton") and the CUDA C++ kernels under host emulation
+(pyvit_ops.testing.host, "cuda"), both on CPU tensors.
 
 Kernel tolerances follow flash-attention's rule: the kernel's error against the fp64
 oracle may be at most 2x PyTorch's own error at the same precision (the plain
 ``softmax(q @ k^T * scale + bias) @ v`` composition in that dtype) plus a small floor.
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +18,30 @@ from pyvit_ops import _backend
 from pyvit_ops.kernels import scaled_dot_product_attention as kernels
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention as sdpa
 from pyvit_ops.reference.scaled_dot_product_attention import scaled_dot_product_attention as ref
+from pyvit_ops.testing import host
 
 # (dtype, floor added to the 2x-PyTorch bound): kernel vs fp64 oracle.
 KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # (dtype, atol, rtol): reference vs torch's F.scaled_dot_product_attention (math path).
 REF_TOL = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3),
            (torch.bfloat16, 1.6e-2, 1.6e-2)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def host_ops():
+    """The CUDA C++ kernels compiled for the CPU (host emulation)."""
+    return host.load()
+
+
+BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cuda":
+        request.getfixturevalue("host_ops")
+    return request.param
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -39,7 +61,8 @@ def _torch_lowp(q, k, v, bias, scale):
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias
-    return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
+    # A row with every key masked is 0, as torch's SDPA returns (softmax gives NaN).
+    return torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype), v)
 
 
 def _grads(fn, inputs, dout):
@@ -61,10 +84,10 @@ def _check_rule(names, got, oracle, lowp, floor):
             f"{name}: max |kernel - fp64| = {err:.3e} > 2 x PyTorch's own {own:.3e} + {floor:g}")
 
 
-def _compare_kernel(q, k, v, bias, dtype):
-    """Forward and all gradients (a float bias's included) of the Triton backend vs the
-    fp64 reference, under the 2x-PyTorch rule."""
-    scale = q.shape[-1] ** -0.5
+def _compare_kernel(q, k, v, bias, dtype, backend, scale=None):
+    """Forward and all gradients (a float bias's included) of ``backend`` vs the fp64
+    reference, under the 2x-PyTorch rule."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = bias if bias is not None and bias.dtype == torch.bool else None
     inputs = [q, k, v] if bias is None or mask is not None else [q, k, v, bias]
     names = ["out", "dq", "dk", "dv", "dbias"][:len(inputs) + 1]
@@ -75,7 +98,7 @@ def _compare_kernel(q, k, v, bias, dtype):
         return f
 
     dout = _randn(*q.shape, dtype=torch.float64)
-    got = _grads(call(lambda *a: sdpa(*a, scale=scale, backend="triton"), lambda t: t),
+    got = _grads(call(lambda *a: sdpa(*a, scale=scale, backend=backend), lambda t: t),
                  inputs, dout)
     oracle = _grads(call(lambda *a: ref(*a, scale=scale), lambda t: t.double()), inputs, dout)
     lowp = _grads(call(lambda *a: _torch_lowp(*a, scale), lambda t: t), inputs, dout)
@@ -103,6 +126,10 @@ def test_reference_matches_torch(dtype, atol, rtol, batch, nq, nk, bias_kind, bi
     bias = None if bias_kind is None else _bias(bias_kind, bias_shape, dtype)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     torch.testing.assert_close(ref(q, k, v, bias), expected, atol=atol, rtol=rtol)
+    # The plain composition the reference uses when given a dropout mask (keep all).
+    keep_all = torch.ones(nq, nk, dtype=torch.bool)
+    torch.testing.assert_close(ref(q, k, v, bias, dropout_mask=keep_all), expected,
+                               atol=atol, rtol=rtol)
     # The public function's reference backend is this reference.
     torch.testing.assert_close(sdpa(q, k, v, bias, backend="reference"), ref(q, k, v, bias))
 
@@ -113,8 +140,10 @@ def test_reference_fully_masked_rows_like_torch():
     q, k, v = (_randn(2, 5, 8).requires_grad_() for _ in range(3))
     mask = torch.rand(5, 5) > 0.4
     mask[2] = False
-    for m in (mask, torch.zeros(5, 5).masked_fill(~mask, float("-inf"))):
-        out = ref(q, k, v, m)
+    keep_all = torch.ones(5, 5, dtype=torch.bool)
+    for m, keep in itertools.product(
+            (mask, torch.zeros(5, 5).masked_fill(~mask, float("-inf"))), (None, keep_all)):
+        out = ref(q, k, v, m, dropout_mask=keep)
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         torch.testing.assert_close(out, expected)
         assert (out[:, 2] == 0).all()
@@ -151,15 +180,32 @@ def test_reference_gradcheck_float64(bias_kind):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-# ----------------------------------------------------------------------------- Triton
+# ----------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_triton_matches_reference_bias_2d(dtype):
-    """Heads x tokens not a multiple of any block, D = 48 (padded to 64), (N, N) bias."""
+# (backends, batch, Nq, Nk, D, bias shape or None), each in every dtype: N not a multiple
+# of any tile, Nq = 1, head dims of each bucket (32, 64, 128) incl. padded 48 and 80.
+# The largest shape runs in the interpreter only: host emulation takes ~20 s per dtype.
+SHAPES = [
+    ("N37-D48-bias-2d", ["triton"], (2, 3), 37, 37, 48, (37, 37)),
+    ("N37-D32-bias-per-head", BACKENDS, (1, 2), 37, 37, 32, (2, 37, 37)),
+    ("Nq1-D64-bias-per-batch", BACKENDS, (2, 1), 1, 33, 64, (2, 1, 1, 33)),
+    ("D80-bias-broadcast-all", BACKENDS, (1, 2), 20, 17, 80, (1, 1, 20, 17)),
+    ("bias-key-row-over-b-and-queries", BACKENDS, (2, 2), 9, 40, 32, (1, 2, 1, 40)),
+    ("D128-no-bias", BACKENDS, (1, 1), 17, 5, 128, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, batch, nq, nk, d, bias_shape", [
+    pytest.param(b, *case, id=f"{b}-{name}")
+    for name, backends, *case in SHAPES for b in backends], indirect=["backend"])
+def test_kernel_matches_reference(backend, dtype, batch, nq, nk, d, bias_shape):
     torch.manual_seed(0)
-    q, k, v = (_randn(2, 3, 37, 48, dtype=dtype) for _ in range(3))
-    _compare_kernel(q, k, v, _randn(37, 37, dtype=dtype), dtype)
+    q = _randn(*batch, nq, d, dtype=dtype)
+    k, v = _randn(*batch, nk, d, dtype=dtype), _randn(*batch, nk, d, dtype=dtype)
+    bias = None if bias_shape is None else _randn(*bias_shape, dtype=dtype)
+    _compare_kernel(q, k, v, bias, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype, bias_kind, bias_shape", [
@@ -170,42 +216,51 @@ def test_triton_matches_reference_bias_2d(dtype):
     (torch.float16, "fp32", (3, 19, 21)),       # float32 bias with half q (torch allows it)
     (torch.float32, "bool", (2, 1, 1, 21)),
 ])
-def test_triton_bias_broadcast_grads(dtype, bias_kind, bias_shape):
+def test_kernel_bias_broadcast_grads(backend, dtype, bias_kind, bias_shape):
     torch.manual_seed(0)
     q = _randn(2, 3, 19, 32, dtype=dtype)
     k, v = _randn(2, 3, 21, 32, dtype=dtype), _randn(2, 3, 21, 32, dtype=dtype)
     bias_dtype = torch.float32 if bias_kind == "fp32" else dtype
     _compare_kernel(q, k, v, _bias("bool" if bias_kind == "bool" else "float", bias_shape,
-                                   bias_dtype), dtype)
+                                   bias_dtype), dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_float32_bias_and_scale(backend, dtype):
+    """A float32 bias with a low-precision q, and a scale that is not D ** -0.5."""
+    torch.manual_seed(0)
+    q, k, v = (_randn(1, 2, n, 32, dtype=dtype) for n in (19, 21, 21))
+    _compare_kernel(q, k, v, _randn(1, 2, 19, 21), dtype, backend, scale=0.3)
 
 
 @pytest.mark.parametrize("dtype, nq, nk, d, bias_rows", [
     (torch.float16, 1, 45, 64, 1),      # CaiT class attention
     (torch.float32, 9, 70, 16, 9),      # Nq != Nk, several key blocks
-    (torch.bfloat16, 20, 13, 128, 1),   # largest head dim: separate dv / dk passes
+    (torch.bfloat16, 20, 13, 128, 1),   # largest head dim
 ])
-def test_triton_shapes(dtype, nq, nk, d, bias_rows):
+def test_kernel_shapes(backend, dtype, nq, nk, d, bias_rows):
     torch.manual_seed(0)
     q = _randn(2, 2, nq, d, dtype=dtype)
     k, v = _randn(2, 2, nk, d, dtype=dtype), _randn(2, 2, nk, d, dtype=dtype)
-    _compare_kernel(q, k, v, _randn(2, 1, bias_rows, nk, dtype=dtype), dtype)
+    _compare_kernel(q, k, v, _randn(2, 1, bias_rows, nk, dtype=dtype), dtype, backend)
 
 
 def test_triton_vit_197_tokens():
-    """ViT-B/16 at 224: 197 tokens, D = 64, several query blocks."""
+    """ViT-B/16 at 224: 197 tokens, D = 64, several query and key blocks (interpreter
+    only: host emulation takes minutes at this size)."""
     torch.manual_seed(0)
     q, k, v = (_randn(1, 2, 197, 64, dtype=torch.float16) for _ in range(3))
-    _compare_kernel(q, k, v, None, torch.float16)
+    _compare_kernel(q, k, v, None, torch.float16, "triton")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_packed_qkv_views(dtype):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_packed_qkv_views(backend, dtype):
     """q, k, v sliced from one (B, N, 3, H, D) projection, as timm's Attention does: no copy."""
     torch.manual_seed(0)
     qkv = _randn(2, 23, 3, 3, 16, dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
-    _compare_kernel(q, k, v, _randn(3, 23, 23, dtype=dtype), dtype)
+    _compare_kernel(q, k, v, _randn(3, 23, 23, dtype=dtype), dtype, backend)
 
 
 def test_fold_is_zero_copy_for_packed_qkv():
@@ -219,37 +274,53 @@ def test_fold_is_zero_copy_for_packed_qkv():
 
 
 @pytest.mark.parametrize("bias_shape", [(4, 3, 9, 9), (4, 1, 9, 9)])
-def test_triton_five_dim_batch(bias_shape):
+def test_kernel_five_dim_batch(backend, bias_shape):
     """(B, windows, heads, N, D); a (nW, 1, N, N) mask needs three batch groups and takes
     the partial-materialisation path."""
     torch.manual_seed(0)
     q, k, v = (_randn(2, 4, 3, 9, 16) for _ in range(3))
-    _compare_kernel(q, k, v, _randn(*bias_shape), torch.float32)
+    _compare_kernel(q, k, v, _randn(*bias_shape), torch.float32, backend)
 
 
-def test_triton_no_keys_gives_zeros_like_torch():
+def test_kernel_no_keys_gives_zeros_like_torch(backend):
     q = torch.randn(2, 3, 5, 16, requires_grad=True)
     k = v = torch.randn(2, 3, 0, 16)
-    out = sdpa(q, k, v, backend="triton")
+    out = sdpa(q, k, v, backend=backend)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
     (dq,) = torch.autograd.grad(out.sum(), [q])
     assert (dq == 0).all()
 
 
-def test_triton_fully_masked_rows():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_bool_mask_with_empty_rows(backend, dtype):
+    """A query that attends to nothing: zeros and zero gradients, as torch."""
     torch.manual_seed(0)
-    q, k, v = (_randn(2, 2, 10, 16).requires_grad_() for _ in range(3))
-    mask = torch.rand(10, 12) > 0.5
-    mask[3] = False
-    k2, v2 = (_randn(2, 2, 12, 16).requires_grad_() for _ in range(2))
-    out = sdpa(q, k2, v2, mask, backend="triton")
-    expected = ref(q, k2, v2, mask)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    q, k, v = _randn(1, 2, 18, 32, dtype=dtype), *(_randn(1, 2, 35, 32, dtype=dtype)
+                                                    for _ in range(2))
+    mask = torch.rand(1, 18, 35) > 0.5
+    mask[:, 3] = False
+    _compare_kernel(q, k, v, mask, dtype, backend)
+    out = sdpa(q, k, v, mask, backend=backend)
     assert (out[:, :, 3] == 0).all()
-    grads = torch.autograd.grad(out.sum(), [q, k2, v2])
-    expected_grads = torch.autograd.grad(expected.sum(), [q, k2, v2])
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_dropout_matches_keep_mask(backend):
+    """Both backends drop the elements of ``dropout_keep_mask`` for the seed the public
+    function draws from torch's generator, in the forward and the backward."""
+    torch.manual_seed(0)
+    q, k, v, dout = _randn(1, 2, 13, 32), _randn(1, 2, 35, 32), _randn(1, 2, 35, 32), \
+        _randn(1, 2, 13, 32)
+    bias, p = _randn(2, 13, 35), 0.3
+    torch.manual_seed(5)
+    got = _grads(lambda *a: sdpa(*a, dropout_p=p, backend=backend), [q, k, v, bias], dout)
+    torch.manual_seed(5)  # the same seed draw as the call above
+    seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
+    keep = kernels.dropout_keep_mask(seed, (1, 2, 13, 35), p, q.device)
+    assert 0 < keep.sum() < keep.numel()
+    expected = _grads(lambda *a: ref(*a, dropout_p=p, dropout_mask=keep),
+                      [t.double() for t in (q, k, v, bias)], dout.double())
+    for name, g, e in zip(["out", "dq", "dk", "dv", "dbias"], got, expected):
+        torch.testing.assert_close(g, e.float(), atol=1e-4, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("bias_shape, bias_kind", [((2, 1, 19, 21), "float"), ((19, 21), "bool")])
@@ -280,16 +351,33 @@ def test_triton_dropout_matches_reference_with_kernel_mask(bias_shape, bias_kind
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_triton_dropout_seed_from_torch_generator():
+def test_kernel_dropout_seed_from_torch_generator(backend):
     torch.manual_seed(0)
     q, k, v = (_randn(1, 2, 17, 16) for _ in range(3))
     torch.manual_seed(7)
-    a = sdpa(q, k, v, dropout_p=0.5, backend="triton")
+    a = sdpa(q, k, v, dropout_p=0.5, backend=backend)
     torch.manual_seed(7)
-    b = sdpa(q, k, v, dropout_p=0.5, backend="triton")
-    c = sdpa(q, k, v, dropout_p=0.5, backend="triton")
+    b = sdpa(q, k, v, dropout_p=0.5, backend=backend)
+    c = sdpa(q, k, v, dropout_p=0.5, backend=backend)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def _assert_deterministic(backend, q, k, v, bias, dout):
+    runs = [_grads(lambda *a: sdpa(*a, backend=backend), [q, k, v, bias], dout)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    expected = _grads(lambda *a: ref(*a), [q, k, v, bias], dout)
+    for name, g, e in zip(["out", "dq", "dk", "dv", "dbias"], runs[0], expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_kernel_backward_is_deterministic(backend):
+    torch.manual_seed(0)
+    q, k, v, dout = _randn(2, 2, 20, 32), _randn(2, 2, 37, 32), _randn(2, 2, 37, 32), \
+        _randn(2, 2, 20, 32)
+    _assert_deterministic(backend, q, k, v, _randn(1, 2, 20, 37), dout)
 
 
 @pytest.mark.parametrize("bias_shape", [(19, 21), (2, 1, 21)])
@@ -301,23 +389,15 @@ def test_triton_backward_is_deterministic_with_chunked_dbias(monkeypatch, bias_s
     torch.manual_seed(0)
     q = _randn(3, 2, 19, 16)
     k, v = _randn(3, 2, 21, 16), _randn(3, 2, 21, 16)
-    bias = _randn(*bias_shape)
-    dout = _randn(3, 2, 19, 16)
-    runs = [_grads(lambda *a: sdpa(*a, backend="triton"), [q, k, v, bias], dout)
-            for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-    expected = _grads(lambda *a: ref(*a), [q, k, v, bias], dout)
-    for name, g, e in zip(["out", "dq", "dk", "dv", "dbias"], runs[0], expected):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+    _assert_deterministic("triton", q, k, v, _randn(*bias_shape), _randn(3, 2, 19, 16))
 
 
-def test_custom_op_opcheck():
+def test_custom_op_opcheck(backend):
     torch.manual_seed(0)
     q, k, v = (_randn(2, 2, 9, 16).requires_grad_() for _ in range(3))
     bias = _randn(2, 1, 9, 9).requires_grad_()
     torch.library.opcheck(torch.ops.pyvit_ops.scaled_dot_product_attention_fwd.default,
-                          (q, k, v, bias, 0.25, 0.0, None, "triton"))
+                          (q, k, v, bias, 0.25, 0.0, None, backend))
 
 
 def test_torch_compile_fullgraph_with_dropout():
@@ -393,3 +473,15 @@ def test_forced_backend_reasons(make, backend, match):
 def test_float64_runs_on_reference_by_default():
     q, k, v = _qkv(1, 4, 8, dtype=torch.float64)
     torch.testing.assert_close(sdpa(q, k, v), ref(q, k, v))
+
+
+def test_cuda_binding_names_bad_argument(host_ops):
+    q = torch.randn(1, 1, 4, 8)
+    wide = torch.randn(1, 1, 4, 130)
+    with pytest.raises(ValueError, match="head dim"):
+        host_ops.scaled_dot_product_attention_fwd(wide, wide, wide, None, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="bias"):
+        host_ops.scaled_dot_product_attention_fwd(q, q, q, torch.randn(1, 1, 4, 5), 1.0, 0.0, 0)
+    int_bias = torch.ones(1, 1, 4, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="bias"):
+        host_ops.scaled_dot_product_attention_fwd(q, q, q, int_bias, 1.0, 0.0, 0)

@@ -139,10 +139,10 @@ def test_occupancy(registers, shared, num_warps, arch, warps, limit):
 # lists each config). strict=True: once a module is spill-free this test XPASSes and
 # fails, so the marker has to go.
 KNOWN_SPILLS = {
-    "scaled_dot_product_attention": "12 of 250 records spill: head-dim-128 backward "
-                                    "configs (dk / dkdv / dq) on sm_80 and sm_90a",
-    "window_attention": "backward configs spill (head dim 64 on sm_80, fp32, head dim 128 "
-                        "on sm_90a, 2 values at D=32 on sm_80); every forward is spill-free",
+    "window_attention": "9 of 210 records spill, all 64-token windows in half precision: "
+                        "pad pass at head dim 64 (sm_80) and 128 (sm_90a), dbias pass at "
+                        "head dim 128 (sm_80); every forward and the Swin (D=32) configs "
+                        "are spill-free",
 }
 KERNEL_MODULES = ["avg_pool2d", "scaled_dot_product_attention", "window_attention",
                   "elsa_attention"]
