@@ -92,9 +92,7 @@ def run_timing(args, device, log=print):
     rows = []
     for op in args.ops:
         module = harness.load_op(op)
-        shapes = module.tiny_shapes() if args.tiny else module.model_shapes()
-        if args.models:
-            shapes = [s for s in shapes if any(s.name.startswith(m) for m in args.models)]
+        shapes = harness.selected_shapes(module, args.tiny, args.models)
         providers = module.providers(device)
         if args.providers:
             providers = {k: v for k, v in providers.items() if k in args.providers}
@@ -145,11 +143,6 @@ def _static_selection(ops):
     return ["--modules", *ops, "--sources", *[s for s in sources if os.path.exists(s)]]
 
 
-def _write_lines(path, lines):
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def write_summary(out, device):
     """``summary_<device>.md``: the target checks of the latest timing run on this device
     and of the latest traffic and static runs in ``out``, each with its file's date."""
@@ -184,7 +177,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.timing:
         rows = run_timing(args, device)
-        _write_lines(os.path.join(args.out, f"timings_{harness.device_tag(device)}.targets.txt"),
+        harness.write_lines(os.path.join(args.out, f"timings_{harness.device_tag(device)}.targets.txt"),
                      targets.timing_lines(rows, device.type))
     tiny = ["--tiny"] if args.tiny else []
     if args.traffic if args.traffic is not None else cpu_mode:

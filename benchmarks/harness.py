@@ -30,6 +30,7 @@ import dataclasses
 import datetime
 import functools
 import importlib
+import json
 import math
 import os
 import platform
@@ -114,6 +115,28 @@ def load_op(name):
     if name not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {name!r}")
     return importlib.import_module(f"benchmarks.{name}")
+
+
+def selected_shapes(module, tiny, models=None):
+    """The benchmark script's tiny (CI) or model shapes; with ``models``, only those
+    whose name starts with one of them."""
+    shapes = module.tiny_shapes() if tiny else module.model_shapes()
+    if models:
+        shapes = [s for s in shapes if any(s.name.startswith(m) for m in models)]
+    return shapes
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_records(path, records, target_lines):
+    """``records`` as JSON to ``path``, their target checks to ``<stem>.targets.txt``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    write_lines(os.path.splitext(path)[0] + ".targets.txt", target_lines)
 
 
 def pyvit_function(name):

@@ -14,7 +14,6 @@ tensor_core_instructions. The target check (no spills, tensor cores in every ``t
 kernel) is written beside the JSON as ``<name>.targets.txt``.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -25,7 +24,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import targets  # noqa: E402
+from benchmarks import harness, targets  # noqa: E402
 
 ARCHS = (80, 90)
 _TARGET = {80: "sm_80", 90: "sm_90a"}  # Triton compiles sm_90 as sm_90a (wgmma)
@@ -146,12 +145,8 @@ def main(argv=None):
         except Exception as exc:  # no nvcc, or a file that does not compile: say so
             records.append({"kernel": "csrc/*.cu", "backend": "cuda",
                             "error": f"{type(exc).__name__}: {exc}"[:4000]})
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(records, f, indent=1)
     lines = targets.static_lines(records)
-    with open(os.path.splitext(args.json)[0] + ".targets.txt", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_records(args.json, records, lines)
     print(format_table(records))
     print("\n".join(lines))
     print(f"{len(records)} records in {time.perf_counter() - start:.0f} s -> {args.json}")

@@ -30,7 +30,6 @@ process (``python -m benchmarks`` starts it). The target check is written beside
 JSON as ``<name>.targets.txt``.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -184,17 +183,10 @@ def main(argv=None):
     records = []
     for op in args.ops:
         module = harness.load_op(op)
-        shapes = module.tiny_shapes() if args.tiny else module.model_shapes()
-        if args.models:
-            shapes = [s for s in shapes if any(s.name.startswith(m) for m in args.models)]
-        for shape in shapes:
+        for shape in harness.selected_shapes(module, args.tiny, args.models):
             records += measure(module, shape, args.batch, _DTYPES[args.dtype], args.max_units)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(records, f, indent=1)
     lines = targets.traffic_lines(records)
-    with open(os.path.splitext(args.json)[0] + ".targets.txt", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_records(args.json, records, lines)
     print("\n".join(lines))
     print(f"{len(records)} records in {time.perf_counter() - start:.0f} s -> {args.json}")
     return 0

@@ -14,58 +14,60 @@ constexpr int kPoolThreads = 256;
 // [lo, hi): the part of window [start, start + k) inside [0, size).
 struct Span {
   int lo, hi;
+  PV_DEVICE int size() const { return hi - lo; }
 };
 PV_DEVICE Span clip_window(int start, int k, int size) {
   return {max(start, 0), min(start + k, size)};
 }
 
-template <typename T, bool kSubtract, bool kChannelsLast>
-__global__ void __launch_bounds__(kPoolThreads)
-    avg_pool2d_fwd_kernel(const AvgPool2dParams p, const NchwIndex index,
-                          const std::uint32_t total) {
-  const std::uint32_t i = blockIdx.x * kPoolThreads + threadIdx.x;
-  if (i >= total) return;
-  const Coord4 o = index.at<kChannelsLast>(i);
-  const T* __restrict__ x =
-      static_cast<const T*>(p.in) + o.n * p.in_stride[0] + o.c * p.in_stride[1];
-  const Span rows = clip_window(o.h * p.sh - p.ph, p.kh, p.H);
-  const Span cols = clip_window(o.w * p.sw - p.pw, p.kw, p.W);
+// Forward: the mean of output (h, w)'s window over its in-image taps, `x` at its plane.
+template <typename T>
+PV_DEVICE float window_mean(const AvgPool2dParams& p, const T* __restrict__ x, int h, int w) {
+  const Span rows = clip_window(h * p.sh - p.ph, p.kh, p.H);
+  const Span cols = clip_window(w * p.sw - p.pw, p.kw, p.W);
   float sum = 0.f;
-  for (int h = rows.lo; h < rows.hi; ++h) {
-    const T* __restrict__ row = x + h * p.in_stride[2];
-    for (int w = cols.lo; w < cols.hi; ++w) sum += to_float(row[w * p.in_stride[3]]);
+  for (int ih = rows.lo; ih < rows.hi; ++ih) {
+    const T* __restrict__ row = x + ih * p.in_stride[2];
+    for (int iw = cols.lo; iw < cols.hi; ++iw) sum += to_float(row[iw * p.in_stride[3]]);
   }
-  float y = sum / static_cast<float>((rows.hi - rows.lo) * (cols.hi - cols.lo));
-  if constexpr (kSubtract) y -= to_float(x[o.h * p.in_stride[2] + o.w * p.in_stride[3]]);
-  static_cast<T*>(p.out)[i] = from_float<T>(y);
+  return sum / static_cast<float>(rows.size() * cols.size());
 }
 
-template <typename T, bool kSubtract, bool kChannelsLast>
-__global__ void __launch_bounds__(kPoolThreads)
-    avg_pool2d_bwd_kernel(const AvgPool2dParams p, const NchwIndex index,
-                          const std::uint32_t total) {
-  const std::uint32_t i = blockIdx.x * kPoolThreads + threadIdx.x;
-  if (i >= total) return;
-  const Coord4 g = index.at<kChannelsLast>(i);
-  const T* __restrict__ dy =
-      static_cast<const T*>(p.in) + g.n * p.in_stride[0] + g.c * p.in_stride[1];
+// Backward: grad_x (h, w) = sum of grad_out / window size over the windows covering
+// (h, w), `dy` at its plane.
+template <typename T>
+PV_DEVICE float covering_sum(const AvgPool2dParams& p, const T* __restrict__ dy, int h, int w) {
   // Windows covering row h: oh*sh - ph <= h < oh*sh - ph + kh (columns likewise).
-  const int oh_lo = g.h + p.ph < p.kh ? 0 : (g.h + p.ph - p.kh) / p.sh + 1;
-  const int oh_hi = min((g.h + p.ph) / p.sh + 1, p.Ho);
-  const int ow_lo = g.w + p.pw < p.kw ? 0 : (g.w + p.pw - p.kw) / p.sw + 1;
-  const int ow_hi = min((g.w + p.pw) / p.sw + 1, p.Wo);
+  const int oh_lo = h + p.ph < p.kh ? 0 : (h + p.ph - p.kh) / p.sh + 1;
+  const int oh_hi = min((h + p.ph) / p.sh + 1, p.Ho);
+  const int ow_lo = w + p.pw < p.kw ? 0 : (w + p.pw - p.kw) / p.sw + 1;
+  const int ow_hi = min((w + p.pw) / p.sw + 1, p.Wo);
   float sum = 0.f;
   for (int oh = oh_lo; oh < oh_hi; ++oh) {
     const Span rows = clip_window(oh * p.sh - p.ph, p.kh, p.H);
     const T* __restrict__ row = dy + oh * p.in_stride[2];
     for (int ow = ow_lo; ow < ow_hi; ++ow) {
       const Span cols = clip_window(ow * p.sw - p.pw, p.kw, p.W);
-      sum += to_float(row[ow * p.in_stride[3]]) /
-             static_cast<float>((rows.hi - rows.lo) * (cols.hi - cols.lo));
+      sum += to_float(row[ow * p.in_stride[3]]) / static_cast<float>(rows.size() * cols.size());
     }
   }
-  if constexpr (kSubtract) sum -= to_float(dy[g.h * p.in_stride[2] + g.w * p.in_stride[3]]);
-  static_cast<T*>(p.out)[i] = from_float<T>(sum);
+  return sum;
+}
+
+// One thread per element of the tensor written (the output, or grad_x), reading the
+// same (n, c) plane of `in` (x, or grad_out). With kSubtract (stride 1, same size) the
+// element at the thread's own (h, w) is one of the taps just read: a cache hit.
+template <typename T, bool kBackward, bool kSubtract, bool kChannelsLast>
+__global__ void __launch_bounds__(kPoolThreads)
+    avg_pool2d_kernel(const AvgPool2dParams p, const NchwIndex index, const std::uint32_t total) {
+  const std::uint32_t i = blockIdx.x * kPoolThreads + threadIdx.x;
+  if (i >= total) return;
+  const Coord4 o = index.at<kChannelsLast>(i);
+  const T* __restrict__ in =
+      static_cast<const T*>(p.in) + o.n * p.in_stride[0] + o.c * p.in_stride[1];
+  float y = kBackward ? covering_sum(p, in, o.h, o.w) : window_mean(p, in, o.h, o.w);
+  if constexpr (kSubtract) y -= to_float(in[o.h * p.in_stride[2] + o.w * p.in_stride[3]]);
+  static_cast<T*>(p.out)[i] = from_float<T>(y);
 }
 
 template <bool kBackward>
@@ -80,8 +82,7 @@ cudaError_t launch_avg_pool2d(const AvgPool2dParams& p, cudaStream_t stream) {
   return PV_DTYPE_SWITCH(p.dtype, T, [&] {
     return PV_BOOL_SWITCH(p.subtract_input, kSubtract, [&] {
       return PV_BOOL_SWITCH(p.channels_last, kChannelsLast, [&] {
-        const auto kernel = kBackward ? avg_pool2d_bwd_kernel<T, kSubtract, kChannelsLast>
-                                      : avg_pool2d_fwd_kernel<T, kSubtract, kChannelsLast>;
+        const auto kernel = avg_pool2d_kernel<T, kBackward, kSubtract, kChannelsLast>;
         for (std::int64_t n0 = 0; n0 < p.N; n0 += images_per_launch) {
           AvgPool2dParams chunk = p;
           chunk.N = static_cast<int>(std::min<std::int64_t>(images_per_launch, p.N - n0));

@@ -42,6 +42,18 @@ pyvit::AvgPool2dParams avg_pool2d_params(const char* op, const at::Tensor& x,
   return p;
 }
 
+// Runs `launcher` reading `in` (through its strides) and writing `out`; returns `out`.
+at::Tensor launch(const char* op, pyvit::AvgPool2dParams& p, const at::Tensor& in, at::Tensor out,
+                  cudaError_t (*launcher)(const pyvit::AvgPool2dParams&, cudaStream_t)) {
+  if (out.numel() == 0) return out;
+  const DeviceContext context(in);
+  p.in = in.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  for (int d = 0; d < 4; ++d) p.in_stride[d] = in.stride(d);
+  check_launch(launcher(p, context.stream()), op);
+  return out;
+}
+
 at::Tensor avg_pool2d_fwd(const at::Tensor& x, c10::IntArrayRef kernel_size,
                           c10::IntArrayRef stride, c10::IntArrayRef padding,
                           bool subtract_input) {
@@ -51,13 +63,7 @@ at::Tensor avg_pool2d_fwd(const at::Tensor& x, c10::IntArrayRef kernel_size,
   at::Tensor out = at::empty({p.N, p.C, p.Ho, p.Wo},
                              x.options().memory_format(x.suggest_memory_format()));
   check_int32_image(op, "the output", out);
-  if (out.numel() == 0) return out;
-  const DeviceContext context(x);
-  p.in = x.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  for (int d = 0; d < 4; ++d) p.in_stride[d] = x.stride(d);
-  check_launch(pyvit::avg_pool2d_fwd(p, context.stream()), op);
-  return out;
+  return launch(op, p, x, out, pyvit::avg_pool2d_fwd);
 }
 
 at::Tensor avg_pool2d_bwd(const at::Tensor& grad_out, const at::Tensor& x,
@@ -66,23 +72,13 @@ at::Tensor avg_pool2d_bwd(const at::Tensor& grad_out, const at::Tensor& x,
   constexpr const char* op = "avg_pool2d_bwd";
   pyvit::AvgPool2dParams p =
       avg_pool2d_params(op, x, kernel_size, stride, padding, subtract_input);
-  TORCH_CHECK_VALUE(check_float_tensor(op, "grad_out", grad_out, 4) == p.dtype, op,
-                    ": grad_out must have the dtype of x (", x.scalar_type(), "), got ",
-                    grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device(), op,
-                    ": grad_out must be on the device of x (", x.device(), "), got ",
-                    grad_out.device());
+  check_like(op, "grad_out", grad_out, 4, "x", x);
   TORCH_CHECK_VALUE(grad_out.sizes() == c10::IntArrayRef({p.N, p.C, p.Ho, p.Wo}), op,
                     ": grad_out must have the output shape [", p.N, ", ", p.C, ", ", p.Ho, ", ",
                     p.Wo, "], got ", grad_out.sizes());
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
-  if (grad_x.numel() == 0) return grad_x;
-  const DeviceContext context(x);
-  p.in = grad_out.const_data_ptr();
-  p.out = grad_x.mutable_data_ptr();
-  for (int d = 0; d < 4; ++d) p.in_stride[d] = grad_out.stride(d);
-  check_launch(pyvit::avg_pool2d_bwd(p, context.stream()), op);
-  return grad_x;
+  return launch(op, p, grad_out,
+                at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
+                pyvit::avg_pool2d_bwd);
 }
 
 }  // namespace avg_pool2d_bind

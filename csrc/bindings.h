@@ -94,6 +94,23 @@ inline pyvit::DType check_float_tensor(const char* op, const char* name, const a
   }
 }
 
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on the device of ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+// `t` is a float tensor of `ndim` dimensions with the dtype (else TypeError) and on the
+// device of `ref`.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, int64_t ndim,
+                       const char* ref_name, const at::Tensor& ref) {
+  check_float_tensor(op, name, t, ndim);
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name,
+                   " must have the dtype of ", ref_name, " (", ref.scalar_type(), "), got ",
+                   t.scalar_type());
+  check_same_device(op, name, t, ref_name, ref);
+}
+
 // (h, w) from a 1- or 2-element int list.
 inline std::pair<int, int> hw_pair(const char* op, const char* name, c10::IntArrayRef v) {
   TORCH_CHECK_VALUE(v.size() == 1 || v.size() == 2, op, ": ", name,

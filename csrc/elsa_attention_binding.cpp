@@ -48,9 +48,8 @@ pyvit::ElsaTensor tensor_arg(const at::Tensor& t, const void* data) {
 void check_ghost(const char* op, const char* name, const std::optional<at::Tensor>& ghost,
                  const at::Tensor& v, int64_t K) {
   if (!ghost) return;
-  check_float_tensor(op, name, *ghost, 3);
-  TORCH_CHECK_VALUE(ghost->device() == v.device(), op, ": ", name, " must be on the device of v (",
-                    v.device(), "), got ", ghost->device());
+  check_float_tensor(op, name, *ghost, 3);  // any float dtype: fp32 parameters under AMP
+  check_same_device(op, name, *ghost, "v", v);
   TORCH_CHECK_VALUE(ghost->sizes() == c10::IntArrayRef({v.size(1), K, K}), op, ": ", name,
                     " must have shape [", v.size(1), ", ", K, ", ", K, "], got ", ghost->sizes());
 }
@@ -79,11 +78,7 @@ pyvit::ElsaAttentionParams make_params(const char* op, const at::Tensor& v, cons
                                        at::Tensor& ghost) {
   pyvit::ElsaAttentionParams p;
   p.dtype = check_float_tensor(op, "v", v, 4);
-  TORCH_CHECK_VALUE(check_float_tensor(op, "attn", attn, 4) == p.dtype, op,
-                    ": attn must have the dtype of v (", v.scalar_type(), "), got ",
-                    attn.scalar_type());
-  TORCH_CHECK_VALUE(attn.device() == v.device(), op, ": attn must be on the device of v (",
-                    v.device(), "), got ", attn.device());
+  check_like(op, "attn", attn, 4, "v", v);
   TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, op,
                     ": kernel_size must be a positive odd int, got ", kernel_size);
   TORCH_CHECK_VALUE(dilation >= 1 && dilation <= INT_MAX, op,
@@ -155,11 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> elsa_attention_bwd(
   at::Tensor ghost;
   pyvit::ElsaAttentionParams p = make_params(op, v, attn, ghost_mul, ghost_add, kernel_size,
                                              dilation, apply_softmax, ghost);
-  TORCH_CHECK_VALUE(check_float_tensor(op, "dout", dout, 4) == p.dtype, op,
-                    ": dout must have the dtype of v (", v.scalar_type(), "), got ",
-                    dout.scalar_type());
-  TORCH_CHECK_VALUE(dout.device() == v.device(), op, ": dout must be on the device of v (",
-                    v.device(), "), got ", dout.device());
+  check_like(op, "dout", dout, 4, "v", v);
   TORCH_CHECK_VALUE(dout.sizes() == v.sizes(), op, ": dout must have the shape of v ", v.sizes(),
                     ", got ", dout.sizes());
   check_sample_span(op, "dout", dout);

@@ -107,16 +107,27 @@ PV_DEVICE float warp_sum(float v) {
   return v;
 }
 
+// This block's tile of a grid of (ceil(length / block) tiles) x (Z1 * Z2 batches), tiles
+// fastest: the tile's first row / column and the batch z = z1 * Z2 + z2.
+struct BlockTile {
+  int start;
+  std::int64_t z;
+  int z1, z2;
+};
+PV_DEVICE BlockTile block_tile(const SdpaParams& p, int length, int block) {
+  const int tiles = static_cast<int>(ceil_div(length, block));
+  const std::int64_t z = blockIdx.x / tiles;
+  return {static_cast<int>(blockIdx.x % tiles) * block, z, static_cast<int>(z / p.Z2),
+          static_cast<int>(z % p.Z2)};
+}
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
   constexpr int BM = Tiles<DP>::kFwdM, BN = Tiles<DP>::kFwdN, RPW = BM / kWarps;
   static_assert(BN == 32, "the softmax step gives one key per lane");
   __shared__ float qs[BM * DP], ks[BN * (DP + 1)], vs[BN * DP], ps[BM * (BN + 1)];
   __shared__ float alpha_s[BM], l_s[BM];
-  const int num_m = static_cast<int>(ceil_div(p.Nq, BM));
-  const int row0 = static_cast<int>(blockIdx.x % num_m) * BM;
-  const std::int64_t z = blockIdx.x / num_m;
-  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  const auto [row0, z, z1, z2] = block_tile(p, p.Nq, BM);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const T* q = static_cast<const T*>(p.q) + z1 * p.q_stride[0] + z2 * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + z1 * p.k_stride[0] + z2 * p.k_stride[1];
@@ -272,10 +283,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
   constexpr int BM = Tiles<DP>::kKvM, BN = Tiles<DP>::kKvN;
   static_assert(kThreads == 4 * BN, "four threads per key");
   __shared__ BwdTiles<DP, BM, BN> t;
-  const int num_n = static_cast<int>(ceil_div(p.Nk, BN));
-  const int col0 = static_cast<int>(blockIdx.x % num_n) * BN;
-  const std::int64_t z = blockIdx.x / num_n;
-  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  const auto [col0, z, z1, z2] = block_tile(p, p.Nk, BN);
   load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
   const int j = threadIdx.x / 4, dph = threadIdx.x % 4;
   float dk[DP / 4] = {}, dv[DP / 4] = {};
@@ -313,10 +321,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
   constexpr int BM = Tiles<DP>::kQM, BN = Tiles<DP>::kQN;
   static_assert(kThreads == 8 * BM, "eight threads per query");
   __shared__ BwdTiles<DP, BM, BN> t;
-  const int num_m = static_cast<int>(ceil_div(p.Nq, BM));
-  const int row0 = static_cast<int>(blockIdx.x % num_m) * BM;
-  const std::int64_t z = blockIdx.x / num_m;
-  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
+  const auto [row0, z, z1, z2] = block_tile(p, p.Nq, BM);
   load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0);
   const int i = threadIdx.x / 8, dph = threadIdx.x % 8;
   float dq[DP / 8] = {};

@@ -52,8 +52,7 @@ pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Ten
   copy_strides(p.q_stride, q), copy_strides(p.k_stride, k), copy_strides(p.v_stride, v);
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.device() == q.device(), op, ": bias must be on the device of q (",
-                      q.device(), "), got ", b.device());
+    check_same_device(op, "bias", b, "q", q);
     TORCH_CHECK_VALUE(b.sizes() == c10::IntArrayRef({Z1, Z2, Nq, Nk}), op,
                       ": bias must be a [", Z1, ", ", Z2, ", ", Nq, ", ", Nk,
                       "] view (broadcast dims with stride 0), got ", b.sizes());
@@ -104,11 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout},
                                 std::pair<const char*, const at::Tensor&>{"out", out}}) {
-    TORCH_CHECK_TYPE(check_float_tensor(op, name, t, 4) == p.dtype, op, ": ", name,
-                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.sizes() == q.sizes() && t.device() == q.device(), op, ": ", name,
-                      " must have the shape and device of q (", q.sizes(), ", ", q.device(),
-                      "), got ", t.sizes(), ", ", t.device());
+    check_like(op, name, t, 4, "q", q);
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ",
+                      q.sizes(), ", got ", t.sizes());
   }
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                         lse.sizes() == c10::IntArrayRef({p.Z1, p.Z2, p.Nq}) &&

@@ -169,6 +169,23 @@ PV_DEVICE void stage_table(const Geometry& g, const float* table, int h, float* 
   for (int r = threadIdx.x; r < g.R; r += kThreads) table_s[r] = table[r * g.heads + h] * kLog2e;
 }
 
+// The front of both kernels' shared memory: per token slot its source row, column and
+// bias / region code (setup_window fills them), then the head's column of the table,
+// staged here. The kernels carve their own buffers from `rest`.
+struct SharedFront {
+  int* sy;
+  int* sx;
+  int* code;
+  float* table;
+  float* rest;
+};
+PV_DEVICE SharedFront shared_front(float* smem, const Geometry& g, const float* table, int h) {
+  int* slots = reinterpret_cast<int*>(smem);
+  float* table_s = smem + kSlotInts;
+  if (table != nullptr) stage_table(g, table, h, table_s);
+  return {slots, slots + kTile, slots + 2 * kTile, table_s, table_s + kMaxTableRows};
+}
+
 // ---- global <-> shared ---------------------------------------------------------------
 // Elements d0..d0+3 of token slot t as fp32: the token's row, the pad row for a padded
 // slot (zeros without pads), zeros past N or past D.
@@ -431,19 +448,13 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(const FwdArgs a) {
   const Geometry& g = a.g;
   PV_DYNAMIC_SHARED(float, smem);
-  int* sy = reinterpret_cast<int*>(smem);
-  int* sx = sy + kTile;
-  int* code = sx + kTile;
-  float* table_s = smem + kSlotInts;
-  float* qt = table_s + kMaxTableRows;
+  const int tid = threadIdx.x, it = tid >> 3, jt = tid & 7;
+  const int h = blockIdx.x % g.heads, w = blockIdx.x / g.heads;
+  const auto [sy, sx, code, table_s, qt] = shared_front(smem, g, a.table, h);
   float* kt = qt + kChunk * kTile;
   float* pt = qt;  // probabilities replace q^T, k^T once the scores are done
   float* vs = qt + probability_floats(g.N);
   float* partials = vs + g.N * kVStride;
-
-  const int tid = threadIdx.x, it = tid >> 3, jt = tid & 7;
-  const int h = blockIdx.x % g.heads, w = blockIdx.x / g.heads;
-  if (a.table != nullptr) stage_table(g, a.table, h, table_s);
   const Window win = setup_window(g, w, sy, sx, code);
   __syncthreads();
 
@@ -527,23 +538,17 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const BwdArgs a) {
   const Geometry& g = a.g;
   PV_DYNAMIC_SHARED(float, smem);
-  int* sy = reinterpret_cast<int*>(smem);
-  int* sx = sy + kTile;
-  int* code = sx + kTile;
-  float* table_s = smem + kSlotInts;
-  float* lse_s = table_s + kMaxTableRows;
+  const int tid = threadIdx.x, it = tid >> 3, jt = tid & 7, dt = jt;
+  const int h = blockIdx.x % g.heads, group = blockIdx.x / g.heads;
+  const auto [sy, sx, code, table_s, lse_s] = shared_front(smem, g, a.table, h);
   float* qt = lse_s + kTile;
   float* kt = qt + kChunk * kTile;
   float* dot = kt + kChunk * kTile;
   float* x = dot + kChunk * kTile;  // v^T, then P / dS in the layout each product needs
   float* pad_sum = x + bwd_x_floats(g.N);  // [k / v][unit][column]
-
-  const int tid = threadIdx.x, it = tid >> 3, jt = tid & 7, dt = jt;
-  const int h = blockIdx.x % g.heads, group = blockIdx.x / g.heads;
   const int w_begin = group * a.windows_per_block;
   const int w_end = min(w_begin + a.windows_per_block, g.num_windows);
   const bool has_table = a.table != nullptr;
-  if (has_table) stage_table(g, a.table, h, table_s);
 
   // Table rows tid and tid + 128 of this head: this thread sums their gradient.
   float dtable[2] = {0.f, 0.f};

@@ -21,12 +21,8 @@ void check_int32_tokens(const char* op, const char* name, const at::Tensor& t) {
                     t.strides(), " is too large: the kernels index one image in 32 bits");
 }
 
-void check_tokens(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
-                  pyvit::DType dtype) {
-  TORCH_CHECK_TYPE(check_float_tensor(op, name, t, 5) == dtype, op, ": ", name,
-                   " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " must be on the device of q (",
-                    q.device(), "), got ", t.device());
+void check_tokens(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  check_like(op, name, t, 5, "q", q);
   TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ",
                     q.sizes(), ", got ", t.sizes());
   check_int32_tokens(op, name, t);
@@ -43,8 +39,7 @@ pyvit::WindowAttentionTokens tokens(const at::Tensor& t) {
 at::Tensor small_fp32(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
                       c10::IntArrayRef shape) {
   check_float_tensor(op, name, t, static_cast<int64_t>(shape.size()));
-  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " must be on the device of q (",
-                    q.device(), "), got ", t.device());
+  check_same_device(op, name, t, "q", q);
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
                     t.sizes());
   return t.to(at::kFloat).contiguous();
@@ -65,8 +60,8 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   pyvit::WindowAttentionParams& p = call.p;
   p.dtype = check_float_tensor(op, "q", q, 5);
   check_int32_tokens(op, "q", q);
-  check_tokens(op, "k", k, q, p.dtype);
-  check_tokens(op, "v", v, q, p.dtype);
+  check_tokens(op, "k", k, q);
+  check_tokens(op, "v", v, q);
   const auto s = q.sizes();
   TORCH_CHECK_VALUE(s[0] <= INT_MAX && s[1] <= INT_MAX && s[2] <= INT_MAX && s[3] <= INT_MAX &&
                         s[4] <= INT_MAX && s[1] * s[2] * s[3] * s[4] <= INT_MAX,
@@ -151,13 +146,12 @@ window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   Call call = make_call(op, q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
                         scale, mask_value);
   pyvit::WindowAttentionParams& p = call.p;
-  check_tokens(op, "dout", dout, q, p.dtype);
+  check_tokens(op, "dout", dout, q);
   // Part of the op's contract (the Triton backward reads it); these kernels need only lse.
-  check_tokens(op, "out", out, q, p.dtype);
+  check_tokens(op, "out", out, q);
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ",
                    lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": lse must be on the device of q (",
-                    q.device(), "), got ", lse.device());
+  check_same_device(op, "lse", lse, "q", q);
   const std::array<int64_t, 3> lse_shape = {call.num_windows, p.heads, p.wh * p.ww};
   TORCH_CHECK_VALUE(lse.sizes() == c10::IntArrayRef(lse_shape), op, ": lse must have shape ",
                     c10::IntArrayRef(lse_shape), ", got ", lse.sizes());

@@ -37,8 +37,8 @@ _INT32_MAX = 2**31 - 1
 @triton.jit
 def _tile(C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
           CHANNELS_LAST: tl.constexpr):
-    """(n, c, h, w) of this program's tile; c, h, w broadcast to a 3-D tile whose
-    last axis is the contiguous one of the layout."""
+    """(n, c, h, w, in-tensor mask) of this program's tile; c, h, w broadcast to a
+    3-D tile whose last axis is the contiguous one of the layout."""
     pid = tl.program_id(0)
     n_wb = tl.cdiv(W, BLOCK_W)
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -52,9 +52,16 @@ def _tile(C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.con
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
     if CHANNELS_LAST:  # tile (H, W, C)
-        return n, c[None, None, :], h[:, None, None], w[None, :, None]
+        c, h, w = c[None, None, :], h[:, None, None], w[None, :, None]
     else:  # tile (C, H, W)
-        return n, c[:, None, None], h[None, :, None], w[None, None, :]
+        c, h, w = c[:, None, None], h[None, :, None], w[None, None, :]
+    return n, c, h, w, (c < C) & (h < H) & (w < W)
+
+
+@triton.jit
+def _in_image(start, K: tl.constexpr, size):
+    """How many of the window's taps [start, start + K) lie in [0, size); >= 1."""
+    return tl.maximum(tl.minimum(start + K, size) - tl.maximum(start, 0), 1)
 
 
 @triton.jit
@@ -65,14 +72,11 @@ def _avg_pool2d_fwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PH: tl.constexpr, PW: tl.constexpr, SUBTRACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    n, c, oh, ow = _tile(C, OH, OW, BLOCK_C, BLOCK_H, BLOCK_W, CHANNELS_LAST)
-    out_ok = (c < C) & (oh < OH) & (ow < OW)
+    n, c, oh, ow, out_ok = _tile(C, OH, OW, BLOCK_C, BLOCK_H, BLOCK_W, CHANNELS_LAST)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
-    # In-image taps only (count_include_pad=False); >= 1 on lanes outside the output.
-    count_h = tl.minimum(h0 + KH, H) - tl.maximum(h0, 0)
-    count_w = tl.minimum(w0 + KW, W) - tl.maximum(w0, 0)
-    count = tl.maximum(count_h * count_w, 1).to(tl.float32)
+    # In-image taps only (count_include_pad=False).
+    count = (_in_image(h0, KH, H) * _in_image(w0, KW, W)).to(tl.float32)
 
     # Pointer to each window's top-left tap; the taps are scalar offsets from it.
     corner = x_ptr + n.to(tl.int64) * stride_xn + (
@@ -102,8 +106,7 @@ def _avg_pool2d_bwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PH: tl.constexpr, PW: tl.constexpr, SUBTRACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    n, c, ih, iw = _tile(C, H, W, BLOCK_C, BLOCK_H, BLOCK_W, CHANNELS_LAST)
-    in_ok = (c < C) & (ih < H) & (iw < W)
+    n, c, ih, iw, in_ok = _tile(C, H, W, BLOCK_C, BLOCK_H, BLOCK_W, CHANNELS_LAST)
     # Output row oh covers input rows [oh*SH - PH, oh*SH - PH + KH); the last one
     # that can cover ih is (ih + PH) // SH, and at most ceil(KH / SH) do.
     oh_last = (ih + PH) // SH
@@ -118,8 +121,7 @@ def _avg_pool2d_bwd_kernel(
         row_ok = in_ok & (oh >= 0) & (oh < OH)
         if KH % SH != 0:  # then some candidates' windows end above ih
             row_ok = row_ok & (h0 + KH > ih)
-        count_h = tl.maximum(tl.minimum(h0 + KH, H) - tl.maximum(h0, 0), 1)
-        inv_count_h = 1.0 / count_h.to(tl.float32)
+        inv_count_h = 1.0 / _in_image(h0, KH, H).to(tl.float32)
         row = tl.zeros(in_ok.shape, dtype=tl.float32)
         for jw in tl.static_range((KW + SW - 1) // SW):
             ow = ow_last - jw
@@ -127,9 +129,8 @@ def _avg_pool2d_bwd_kernel(
             ok = row_ok & (ow >= 0) & (ow < OW)
             if (jw + 1) * SW > KW:
                 ok = ok & (w0 + KW > iw)
-            count_w = tl.maximum(tl.minimum(w0 + KW, W) - tl.maximum(w0, 0), 1)
             g = tl.load(last - (jh * stride_gh + jw * stride_gw), mask=ok, other=0.0)
-            row += g.to(tl.float32) * (1.0 / count_w.to(tl.float32))
+            row += g.to(tl.float32) * (1.0 / _in_image(w0, KW, W).to(tl.float32))
         acc += row * inv_count_h
     if SUBTRACT:  # stride 1: grad_out[ih, iw] is the candidate (PH, PW), a cache hit
         acc -= tl.load(last - (PH * stride_gh + PW * stride_gw), mask=in_ok).to(tl.float32)

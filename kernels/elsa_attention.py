@@ -28,18 +28,22 @@ ghost filter built on the fly from the unexpanded tensors; out-of-image taps are
 masked (zero padding, no renormalisation).
 
 Backward, two kernels, no float atomics:
-- ``_elsa_attention_bwd_attn_kernel`` (grid (pixel tiles, G, batch chunks)), tiles
-  (row taps, pixels, channels) holding one row of K taps (padded to K_PAD). A
-  pre-pass over the chunk's samples stores each pixel's ``lse2`` and the centre
-  tap's ``dp`` in fp32 scratch (B, G, H*W). Then, per row ty and per sample:
+- ``_elsa_attention_bwd_attn_kernel`` (grid (tile chunks, G, batch chunks)), tiles
+  (row taps, pixels, channels) holding one row of K taps (padded to K_PAD). A program
+  works on (sample, pixel tile) items: a chunk of samples times a chunk of tiles
+  (``work_chunks``). A pre-pass over its items stores each pixel's ``lse2`` and the
+  centre tap's ``dp`` in fp32 scratch (B, G, H*W). Then, per row ty and per item:
   ``prod = dy * v[o + delta_t]`` for the row's taps, ``dp_t = sum_c M[c, t] prod``
   (grad of p) written to dattn, and ``p_t * prod`` / ``prod`` accumulated in
-  registers over the chunk; after the chunk they are reduced over the pixels into
-  this program's fp32 partial rows of dM / dD, buffers (programs, KK, C) that
+  registers over the items; after them they are reduced over the pixels into this
+  program's fp32 partial rows of dM / dD, buffers (programs, KK, C) that
   ``torch.sum`` reduces in a fixed order afterwards (deterministic). Rows outer,
-  samples inner: the expensive cross-thread reduction over pixels happens once per
-  row and chunk instead of per tap and sample, and a row's K taps share one band
-  of v. The softmax backward ``dl_t = p_t * (dp_t - sum_s p_s dp_s)`` needs every
+  items inner: the expensive cross-thread reduction over pixels happens once per
+  row and program instead of per tap and item, and a row's K taps share one band
+  of v. A partial row (KK * C fp32) weighs as much as ~16 pixels' compulsory
+  traffic, so every program gets at least _MIN_ITEMS items, from several tiles when
+  the batch is small (at batch 1 one tile per program would double the bytes).
+  The softmax backward ``dl_t = p_t * (dp_t - sum_s p_s dp_s)`` needs every
   tap's dp first: after a CTA barrier each sample's dp are re-read (cache-hot) and
   overwritten with dl. The stored intermediate is ``dp_t - dp_centre``, so that
   rounding it to fp16 / bf16 costs no more than rounding the result (plain dp_t
@@ -69,6 +73,7 @@ _CL_PIXELS = (64, 32, 16, 8)  # their BLOCK_P candidates, largest first
 _MAX_TILE_ATTN = 4096  # K_PAD * BLOCK_C * BLOCK_P of the attn-gradient kernel
 MAX_HEAD_CHANNELS = 128  # BLOCK_C = next_pow2(C / G) must hold one head
 _TARGET_PROGRAMS = 1024  # attn-gradient kernel: ~8 waves on 132 SMs, few partial rows
+_MIN_ITEMS = 8  # attn-gradient kernel: (sample, pixel tile) pairs per partial row, at least
 _INT32_MAX = 2**31 - 1
 
 
@@ -93,6 +98,36 @@ def _channel_tile(CG, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
         return c[None, :], (c < CG)[None, :]
     else:
         return c[:, None], (c < CG)[:, None]
+
+
+@triton.jit
+def _head_program(CG, H, W, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr):
+    """Sample, head, pixel rows / columns / mask and the head's channels / mask of a
+    program of the (pixel tiles, G, B) grid, as broadcasting tiles."""
+    g = tl.program_id(1)
+    _, h, w, ok = _pixel_tile(H, W, BLOCK_P, CHANNELS_LAST)
+    c, c_ok = _channel_tile(CG, BLOCK_C, CHANNELS_LAST)
+    return tl.program_id(2).to(tl.int64), g, h, w, ok, g * CG + c, c_ok
+
+
+@triton.jit
+def _ghost_filter(p, m_ptr, d_ptr, ch, c_ok, ty, tx, stride_mc, stride_mh, stride_mw,
+                  stride_dc, stride_dh, stride_dw, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr):
+    """``M[ch, ty, tx] * p + D[ch, ty, tx]`` in fp32, from the unexpanded ghost tensors."""
+    f = p
+    if HAS_MUL:
+        f = f * tl.load(m_ptr + (ch * stride_mc + ty * stride_mh + tx * stride_mw),
+                        mask=c_ok, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        f = f + tl.load(d_ptr + (ch * stride_dc + ty * stride_dh + tx * stride_dw),
+                        mask=c_ok, other=0.0).to(tl.float32)
+    return f
+
+
+@triton.jit
+def _zero_tile(BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    return tl.zeros((BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P), dtype=tl.float32)
 
 
 @triton.jit
@@ -128,11 +163,7 @@ def _elsa_attention_fwd_kernel(
         K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
         APPLY_SOFTMAX: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    g = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    _, h, w, ok = _pixel_tile(H, W, BLOCK_P, CHANNELS_LAST)
-    c, c_ok = _channel_tile(CG, BLOCK_C, CHANNELS_LAST)
-    ch = g * CG + c
+    b, g, h, w, ok, ch, c_ok = _head_program(CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
     R: tl.constexpr = K // 2
 
     # Scalar base pointers plus int32 offset tiles: 64-bit pointer tiles kept live
@@ -143,25 +174,21 @@ def _elsa_attention_fwd_kernel(
         lse2 = _log2_normaliser(a_base, a_off, ok, stride_ac, K)
     v_base = v_ptr + b * stride_vb
     v_off = ch * stride_vc
-    acc = tl.zeros((BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P), dtype=tl.float32)
+    acc = _zero_tile(BLOCK_C, BLOCK_P, CHANNELS_LAST)
     for ty in range(K):
         hh = h + (ty - R) * DIL
         row_ok = ok & (hh >= 0) & (hh < H)
         for tx in range(K):
             ww = w + (tx - R) * DIL
             tap_ok = row_ok & (ww >= 0) & (ww < W)
-            # Out-of-image taps meet x = 0: their probability is not needed.
+            # Out-of-image taps meet x = 0: their logit is not loaded, and their p is 0
+            # (exp2(0 - lse2) would overflow to inf, inf * 0 = NaN, when lse2 < -128).
             p = tl.load(a_base + (a_off + (ty * K + tx) * stride_ac), mask=tap_ok, other=0.0)
             p = p.to(tl.float32)
             if APPLY_SOFTMAX:
-                p = tl.exp2(p * _LOG2E - lse2)
-            f = p
-            if HAS_MUL:
-                f = f * tl.load(m_ptr + (ch * stride_mc + ty * stride_mh + tx * stride_mw),
-                                mask=c_ok, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                f = f + tl.load(d_ptr + (ch * stride_dc + ty * stride_dh + tx * stride_dw),
-                                mask=c_ok, other=0.0).to(tl.float32)
+                p = tl.where(tap_ok, tl.exp2(p * _LOG2E - lse2), 0.0)
+            f = _ghost_filter(p, m_ptr, d_ptr, ch, c_ok, ty, tx, stride_mc, stride_mh, stride_mw,
+                              stride_dc, stride_dh, stride_dw, HAS_MUL, HAS_ADD)
             x = tl.load(v_base + (v_off + hh * stride_vh + ww * stride_vw), mask=c_ok & tap_ok,
                         other=0.0).to(tl.float32)
             acc += f * x
@@ -170,9 +197,18 @@ def _elsa_attention_fwd_kernel(
 
 
 @triton.jit
+def _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P: tl.constexpr, P_AXIS: tl.constexpr):
+    """Sample and pixels (flat index, row, column, in-image mask; size-1 tap and channel
+    axes) of work item i of an attn-gradient program: samples outer, pixel tiles inner."""
+    pix = (t_start + i % n_t) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix = tl.expand_dims(tl.expand_dims(pix, 0), 3 - P_AXIS)
+    return (b_start + i // n_t).to(tl.int64), pix, pix // W, pix % W, pix < H * W
+
+
+@triton.jit
 def _elsa_attention_bwd_attn_kernel(
         dy_ptr, v_ptr, a_ptr, m_ptr, da_ptr, lse_ptr, ref_ptr, pm_ptr, pd_ptr,
-        B, G, C, CG, H, W, B_CHUNK,
+        B, G, C, CG, H, W, B_CHUNK, T_CHUNK,
         stride_yb, stride_yc, stride_yh, stride_yw,
         stride_vb, stride_vc, stride_vh, stride_vw,
         stride_ab, stride_ac, stride_ah, stride_aw,
@@ -185,41 +221,42 @@ def _elsa_attention_bwd_attn_kernel(
         BLOCK_P: tl.constexpr):
     # 3-D tiles (row taps, pixels, channels) for channels_last, (row taps, channels,
     # pixels) for NCHW: the contiguous axis last, a row of K taps as the leading axis.
+    # The program's work items are (sample, pixel tile) pairs: B_CHUNK samples times
+    # T_CHUNK tiles of BLOCK_P pixels.
     g = tl.program_id(1)
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
     C_AXIS: tl.constexpr = 2 if CHANNELS_LAST else 1
     P_AXIS: tl.constexpr = 1 if CHANNELS_LAST else 2
     SOFTMAX_GRAD: tl.constexpr = NEED_DATTN and APPLY_SOFTMAX
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix = tl.expand_dims(tl.expand_dims(pix, 0), 3 - P_AXIS)
-    ok = pix < H * W
-    h = pix // W
-    w = pix % W
     c = tl.expand_dims(tl.expand_dims(tl.arange(0, BLOCK_C), 0), 3 - C_AXIS)
     c_ok = c < CG
     ch = g * CG + c
     tx = tl.expand_dims(tl.expand_dims(tl.arange(0, K_PAD), 1), 2)
-    a_off = h * stride_ah + w * stride_aw
     v_off = ch * stride_vc
-    dy_off = ch * stride_yc + h * stride_yh + w * stride_yw
-    da_off = h * stride_gh + w * stride_gw
+    dy_off = ch * stride_yc
     b_start = tl.program_id(2) * B_CHUNK
-    n_b = tl.minimum(B_CHUNK, B - b_start)
+    t_start = tl.program_id(0) * T_CHUNK
+    n_t = tl.minimum(T_CHUNK, tl.cdiv(H * W, BLOCK_P) - t_start)
+    n_items = tl.minimum(B_CHUNK, B - b_start) * n_t
 
     # Per-sample pixel statistics, kept in fp32 scratch (B, G, H*W) for the tap loop
     # (and the normaliser for the dv kernel).
     if APPLY_SOFTMAX:
-        for i in range(n_b):
-            b = (b_start + i).to(tl.int64)
+        for i in range(n_items):
+            b, pix, h, w, ok = _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P, P_AXIS)
             stat_ptrs = (b * G + g) * H * W + pix
             a_base = a_ptr + b * stride_ab + (g * KK) * stride_ac
-            tl.store(lse_ptr + stat_ptrs, _log2_normaliser(a_base, a_off, ok, stride_ac, K), mask=ok)
+            tl.store(lse_ptr + stat_ptrs,
+                     _log2_normaliser(a_base, h * stride_ah + w * stride_aw, ok, stride_ac, K),
+                     mask=ok)
             if SOFTMAX_GRAD:
                 # dp of the centre tap (always in the image): see the module docstring.
-                prod = tl.load(dy_ptr + b * stride_yb + dy_off, mask=c_ok & ok, other=0.0).to(tl.float32)
-                prod *= tl.load(v_ptr + b * stride_vb + (v_off + h * stride_vh + w * stride_vw),
-                                mask=c_ok & ok, other=0.0).to(tl.float32)
+                x_off = h * stride_vh + w * stride_vw
+                prod = tl.load(dy_ptr + b * stride_yb + (dy_off + h * stride_yh + w * stride_yw),
+                               mask=c_ok & ok, other=0.0).to(tl.float32)
+                prod *= tl.load(v_ptr + b * stride_vb + (v_off + x_off), mask=c_ok & ok,
+                                other=0.0).to(tl.float32)
                 if HAS_MUL:
                     prod *= tl.load(m_ptr + (ch * stride_mc + R * stride_mh + R * stride_mw),
                                     mask=c_ok, other=0.0).to(tl.float32)
@@ -227,17 +264,12 @@ def _elsa_attention_bwd_attn_kernel(
         # Other threads may reload what this one stored.
         tl.debug_barrier()
 
-    # Rows of taps outer, samples inner: a row's K taps share one band of v (L1
-    # reuse), dy is read once per row, and dM / dD accumulate over the chunk in
-    # registers, paying their cross-thread reduction over pixels once per row.
+    # Rows of taps outer, work items inner: a row's K taps share one band of v (L1
+    # reuse), and dM / dD accumulate over the items in registers, paying their
+    # cross-thread reduction over pixels and their partial row once per row.
     part_off = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * KK * C + ch
-    ww = w + (tx - R) * DIL
-    col_ok = (tx < K) & ok & (ww >= 0) & (ww < W)
     for ty in range(K):
-        hh = h + (ty - R) * DIL
-        tap_ok = col_ok & (hh >= 0) & (hh < H)
         t = ty * K + tx
-        x_off = v_off + hh * stride_vh + ww * stride_vw
         if HAS_MUL and NEED_DATTN:
             mt = tl.load(m_ptr + (ch * stride_mc + ty * stride_mh + tx * stride_mw),
                          mask=c_ok & (tx < K), other=0.0).to(tl.float32)
@@ -245,12 +277,18 @@ def _elsa_attention_bwd_attn_kernel(
                          tl.float32)
         acc_d = tl.zeros((K_PAD, BLOCK_P, BLOCK_C) if CHANNELS_LAST else (K_PAD, BLOCK_C, BLOCK_P),
                          tl.float32)
-        for i in range(n_b):
-            b = (b_start + i).to(tl.int64)
-            prod = tl.load(dy_ptr + b * stride_yb + dy_off, mask=c_ok & ok, other=0.0).to(tl.float32)
-            prod *= tl.load(v_ptr + b * stride_vb + x_off, mask=c_ok & tap_ok, other=0.0).to(tl.float32)
+        for i in range(n_items):
+            b, pix, h, w, ok = _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P, P_AXIS)
+            hh = h + (ty - R) * DIL
+            ww = w + (tx - R) * DIL
+            tap_ok = (tx < K) & ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+            prod = tl.load(dy_ptr + b * stride_yb + (dy_off + h * stride_yh + w * stride_yw),
+                           mask=c_ok & ok, other=0.0).to(tl.float32)
+            prod *= tl.load(v_ptr + b * stride_vb + (v_off + hh * stride_vh + ww * stride_vw),
+                            mask=c_ok & tap_ok, other=0.0).to(tl.float32)
             if NEED_DMUL or SOFTMAX_GRAD:
-                p = tl.load(a_ptr + b * stride_ab + (a_off + (g * KK + t) * stride_ac),
+                p = tl.load(a_ptr + b * stride_ab + ((g * KK + t) * stride_ac + h * stride_ah
+                                                     + w * stride_aw),
                             mask=(tx < K) & ok, other=0.0).to(tl.float32)
                 if APPLY_SOFTMAX:
                     lse2 = tl.load(lse_ptr + (b * G + g) * H * W + pix, mask=ok, other=0.0)
@@ -262,7 +300,8 @@ def _elsa_attention_bwd_attn_kernel(
                     dp = tl.sum(prod, axis=C_AXIS, keep_dims=True)
                 if SOFTMAX_GRAD:
                     dp -= tl.load(ref_ptr + (b * G + g) * H * W + pix, mask=ok, other=0.0)
-                da_ptrs = da_ptr + b * stride_gb + (da_off + (g * KK + t) * stride_gc)
+                da_ptrs = da_ptr + b * stride_gb + ((g * KK + t) * stride_gc + h * stride_gh
+                                                    + w * stride_gw)
                 tl.store(da_ptrs, dp.to(da_ptr.dtype.element_ty), mask=(tx < K) & ok)
             if NEED_DMUL:
                 acc_m += prod * p
@@ -279,10 +318,12 @@ def _elsa_attention_bwd_attn_kernel(
         # Softmax backward dl_t = p_t * (dp_t - sum_s p_s dp_s) once every tap's dp_t
         # is stored; other threads may have stored what this one reloads.
         tl.debug_barrier()
-        for i in range(n_b):
-            b = (b_start + i).to(tl.int64)
+        for i in range(n_items):
+            b, pix, h, w, ok = _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P, P_AXIS)
             a_base = a_ptr + b * stride_ab + (g * KK) * stride_ac
             da_base = da_ptr + b * stride_gb + (g * KK) * stride_gc
+            a_off = h * stride_ah + w * stride_aw
+            da_off = h * stride_gh + w * stride_gw
             lse2 = tl.load(lse_ptr + (b * G + g) * H * W + pix, mask=ok, other=0.0)
             dp_mean = tl.zeros(lse2.shape, tl.float32)
             for t in range(KK):
@@ -309,18 +350,14 @@ def _elsa_attention_bwd_v_kernel(
         K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
         APPLY_SOFTMAX: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    g = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    _, h, w, ok = _pixel_tile(H, W, BLOCK_P, CHANNELS_LAST)
-    c, c_ok = _channel_tile(CG, BLOCK_C, CHANNELS_LAST)
-    ch = g * CG + c
+    b, g, h, w, ok, ch, c_ok = _head_program(CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
     R: tl.constexpr = K // 2
 
     a_base = a_ptr + b * stride_ab + (g * K * K) * stride_ac
     lse_base = lse_ptr + (b * G + g) * H * W
     dy_base = dy_ptr + b * stride_yb
     dy_off = ch * stride_yc
-    acc = tl.zeros((BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P), dtype=tl.float32)
+    acc = _zero_tile(BLOCK_C, BLOCK_P, CHANNELS_LAST)
     for ty in range(K):
         # Output pixel o = i - delta_t saw this pixel i through tap t.
         hh = h - (ty - R) * DIL
@@ -333,13 +370,8 @@ def _elsa_attention_bwd_v_kernel(
             if APPLY_SOFTMAX:
                 lse2 = tl.load(lse_base + (hh * W + ww), mask=tap_ok, other=0.0)
                 p = tl.where(tap_ok, tl.exp2(p * _LOG2E - lse2), 0.0)
-            f = p
-            if HAS_MUL:
-                f = f * tl.load(m_ptr + (ch * stride_mc + ty * stride_mh + tx * stride_mw),
-                                mask=c_ok, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                f = f + tl.load(d_ptr + (ch * stride_dc + ty * stride_dh + tx * stride_dw),
-                                mask=c_ok, other=0.0).to(tl.float32)
+            f = _ghost_filter(p, m_ptr, d_ptr, ch, c_ok, ty, tx, stride_mc, stride_mh, stride_mw,
+                              stride_dc, stride_dh, stride_dw, HAS_MUL, HAS_ADD)
             x = tl.load(dy_base + (dy_off + hh * stride_yh + ww * stride_yw), mask=c_ok & tap_ok,
                         other=0.0).to(tl.float32)
             acc += f * x
@@ -438,12 +470,18 @@ def elsa_attention_fwd(v, attn, ghost_mul, ghost_add, kernel_size, dilation, app
     return out
 
 
-def batch_chunk(B, programs_per_sample):
-    """Samples per program of the attn-gradient kernel: as many as keep about
-    _TARGET_PROGRAMS programs, which amortises the dM / dD reductions over the
-    chunk and keeps the partial buffer small."""
-    chunks = min(B, max(1, triton.cdiv(_TARGET_PROGRAMS, programs_per_sample)))
-    return triton.cdiv(B, chunks)
+def work_chunks(B, n_tiles, G):
+    """(samples, pixel tiles) per program of the attn-gradient kernel. Enough work items
+    to keep about _TARGET_PROGRAMS programs, and at least _MIN_ITEMS: each program
+    writes one fp32 (K*K, C) partial row of dM / dD, as many bytes as ~16 pixels'
+    compulsory traffic, so a row must stand for many (sample, pixel) pairs. Samples
+    first: a batch of at least that many items gets one tile per program; a smaller one
+    all its samples and several tiles per program. Chunks are split evenly."""
+    items = max(triton.cdiv(B * n_tiles * G, _TARGET_PROGRAMS), _MIN_ITEMS)
+    if items <= B:
+        return triton.cdiv(B, triton.cdiv(B, items)), 1
+    tiles = min(n_tiles, triton.cdiv(items, B))
+    return B, triton.cdiv(n_tiles, triton.cdiv(n_tiles, tiles))
 
 
 def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax,
@@ -464,7 +502,8 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
     dmul = torch.zeros_like(ghost_mul) if need_dmul else None
     dadd = torch.zeros_like(ghost_add) if need_dadd else None
     if v.numel() == 0:
-        return dv, dattn, dmul, dadd
+        # Nothing aggregated (B, C or H*W is 0): a gradient with elements is zero.
+        return dv, dattn.zero_() if need_dattn else None, dmul, dadd
     _check_int32(dout=dout, v=v, attn=attn)
     scratch = dict(dtype=torch.float32, device=v.device)
     dummy = torch.empty(1, **scratch)  # for pointers a configuration does not read
@@ -476,16 +515,16 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
 
     if need_dattn or need_dmul or need_dadd or (need_dv and apply_softmax):
         n_tiles = triton.cdiv(H * W, cfg.block_p_attn)
-        chunk = batch_chunk(B, n_tiles * G)
-        n_chunks = triton.cdiv(B, chunk)
-        parts = (n_chunks * n_tiles, KK, C)
+        chunk, tile_chunk = work_chunks(B, n_tiles, G)
+        grid = (triton.cdiv(n_tiles, tile_chunk), G, triton.cdiv(B, chunk))
+        parts = (grid[0] * grid[2], KK, C)
         part_mul = torch.empty(parts, **scratch) if need_dmul else dummy
         part_add = torch.empty(parts, **scratch) if need_dadd else dummy
         dp_ref = torch.empty((B, G, H * W), **scratch) if need_dattn and apply_softmax else dummy
         da = dattn if need_dattn else attn
-        _elsa_attention_bwd_attn_kernel[(n_tiles, G, n_chunks)](
+        _elsa_attention_bwd_attn_kernel[grid](
             dout, v, attn, mul, da, lse, dp_ref, part_mul, part_add,
-            B, G, C, C // G, H, W, chunk,
+            B, G, C, C // G, H, W, chunk, tile_chunk,
             *dout.stride(), *v.stride(), *attn.stride(), *mul_strides, *da.stride(), dilation,
             NEED_DATTN=need_dattn, NEED_DMUL=need_dmul, NEED_DADD=need_dadd,
             K_PAD=triton.next_power_of_2(K), BLOCK_P=cfg.block_p_attn,
@@ -550,7 +589,7 @@ def _spec(kernel, channels_last, cfg, dtype, K=7, dilation=1, div16=False, ghost
                 constexprs[arg] = 1
             else:
                 signature[arg] = "i32"
-        elif arg.isupper() and arg not in ("B", "G", "C", "CG", "H", "W", "B_CHUNK"):
+        elif arg.isupper() and arg not in ("B", "G", "C", "CG", "H", "W", "B_CHUNK", "T_CHUNK"):
             continue  # constexpr, set below
         else:
             signature[arg] = "i32"

@@ -1,6 +1,9 @@
-"""elsa_attention: reference vs the official unfold formulation, Triton (interpreter)
-vs reference (forward and every gradient), determinism, nn.ELSA vs the official
-module math and checkpoints, bad input."""
+"""elsa_attention: reference vs the official unfold formulation; the kernels of both
+backends vs the reference (forward and every gradient): "triton" in the interpreter,
+"cuda" = csrc/elsa_attention.cu built for the CPU under host emulation
+(pyvit_ops.testing.host); determinism, strided inputs, partial gradients, empty inputs,
+opcheck; nn.ELSA vs the official module math and checkpoints; bad input, in the public
+op and in the CUDA bindings."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,7 @@ from pyvit_ops import _backend
 from pyvit_ops.kernels import elsa_attention as kernels
 from pyvit_ops.nn.elsa import ELSA
 from pyvit_ops.reference.elsa_attention import elsa_attention as reference
+from pyvit_ops.reference.elsa_attention import output_memory_format
 
 GHOSTS = ["none", "mul", "add", "both"]
 
@@ -49,17 +53,26 @@ def _official_aggregate(v, attn, ghost_mul, ghost_add, K, dilation, apply_softma
     return out.reshape(B, C, H, W)
 
 
-def _inputs(B, C, G, H, W, K, ghost, dtype=torch.float64, probs=False, channels_last=False):
-    v = torch.randn(B, C, H, W, dtype=dtype)
-    attn = torch.randn(B, G * K * K, H, W, dtype=dtype) * 2
+def _inputs(B, C, G, H, W, K, ghost, dtype=torch.float64, probs=False, channels_last=False,
+            seed=0):
+    """(v, attn, ghost_mul, ghost_add, dout) in ``dtype``, drawn in float64 from ``seed``:
+    attn logits (or, ``probs``, their softmax over the taps), ghost tensors per ``ghost``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    v = randn(B, C, H, W)
+    attn = randn(B, G * K * K, H, W) * 2
     if probs:
         attn = attn.reshape(B, G, K * K, H, W).softmax(2).reshape(B, -1, H, W)
     if channels_last:
         v = v.contiguous(memory_format=torch.channels_last)
         attn = attn.contiguous(memory_format=torch.channels_last)
-    mul = torch.randn(C, K, K, dtype=dtype) if ghost in ("mul", "both") else None
-    add = torch.randn(C, K, K, dtype=dtype) if ghost in ("add", "both") else None
-    return v, attn, mul, add
+    mul = randn(C, K, K) if ghost in ("mul", "both") else None
+    add = randn(C, K, K) if ghost in ("add", "both") else None
+    dout = randn(B, C, H, W)
+    return tuple(t.to(dtype) if t is not None else None for t in (v, attn, mul, add, dout))
 
 
 # --------------------------------------------------------------------------- reference
@@ -79,7 +92,7 @@ REF_SHAPES = [
 @pytest.mark.parametrize("probs", [False, True])
 def test_reference_matches_official_unfold(shape, ghost, probs):
     B, C, G, H, W, K, d = shape
-    v, attn, mul, add = _inputs(B, C, G, H, W, K, ghost, probs=probs)
+    v, attn, mul, add, _ = _inputs(B, C, G, H, W, K, ghost, probs=probs)
     out = reference(v, attn, mul, add, kernel_size=K, dilation=d, apply_softmax=not probs)
     expected = _official_aggregate(v, attn, mul, add, K, d, apply_softmax=not probs)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
@@ -87,7 +100,7 @@ def test_reference_matches_official_unfold(shape, ghost, probs):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_half_inputs_computed_in_fp32(dtype):
-    v, attn, mul, add = _inputs(1, 6, 2, 5, 6, 3, "both", dtype=dtype)
+    v, attn, mul, add, _ = _inputs(1, 6, 2, 5, 6, 3, "both", dtype=dtype)
     out = reference(v, attn, mul, add, kernel_size=3)
     assert out.dtype == dtype
     exact = _official_aggregate(*(t.double() for t in (v, attn, mul, add)), 3, 1, True)
@@ -96,7 +109,7 @@ def test_reference_half_inputs_computed_in_fp32(dtype):
 
 
 def test_reference_keeps_channels_last():
-    v, attn, mul, add = _inputs(1, 4, 2, 5, 6, 3, "both", channels_last=True)
+    v, attn, mul, add, _ = _inputs(1, 4, 2, 5, 6, 3, "both", channels_last=True)
     assert reference(v, attn, mul, add, kernel_size=3).is_contiguous(
         memory_format=torch.channels_last)
 
@@ -104,19 +117,42 @@ def test_reference_keeps_channels_last():
 @pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("probs", [False, True])
 def test_reference_gradcheck(dilation, probs):
-    v, attn, mul, add = _inputs(1, 4, 2, 3, 4, 3, "both", probs=probs)
+    v, attn, mul, add, _ = _inputs(1, 4, 2, 3, 4, 3, "both", probs=probs)
     args = [t.requires_grad_() for t in (v, attn, mul, add)]
     assert torch.autograd.gradcheck(
         lambda *a: reference(*a, kernel_size=3, dilation=dilation, apply_softmax=not probs), args,
         fast_mode=True)
 
 
-# --------------------------------------------------------------------------- Triton
+# --------------------------------------------------------------------------- kernels
+
+
+@pytest.fixture(scope="module")
+def host_ops():
+    """The CUDA kernels built for the CPU under host emulation (``backend="cuda"`` on
+    CPU tensors runs them)."""
+    from pyvit_ops.testing import host
+
+    return host.load()
+
+
+@pytest.fixture
+def backend(request):
+    """The backend named by the test's parameters; "cuda" needs the host build."""
+    if request.param == "cuda":
+        request.getfixturevalue("host_ops")
+    return request.param
+
+
+def _on_each_backend(cases):
+    """(backend, case) pairs of ``cases`` = {backend: [case, ...]}."""
+    return [(name, case) for name, backend_cases in cases.items() for case in backend_cases]
 
 
 def _assert_close(actual, expected, atol, rtol, name):
     """atol is relative to the largest expected magnitude, so one tolerance per
     dtype fits outputs and gradients of any scale."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
     scale = max(expected.abs().max().item(), 1e-6)
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol,
                                msg=lambda m: f"{name}: {m}")
@@ -130,11 +166,36 @@ def _run(fn, v, attn, mul, add, dout, **kw):
     return out, [t.grad if t is not None else None for t in leaves]
 
 
-# (dtype, atol relative to max |expected|, rtol): fp32 differs only by summation
-# order; fp16 / bf16 by the rounding of the result (and of dattn's intermediate).
+def _op(backend):
+    return lambda *a, **k: ops.elsa_attention(*a, **k, backend=backend)
+
+
+def _bwd(backend, dout, v, attn, mul, add, K, dilation, apply_softmax, need):
+    """The backward custom op alone: (dv, dattn, dmul, dadd), empty where not needed."""
+    return torch.ops.pyvit_ops.elsa_attention_bwd(dout, v, attn, mul, add, K, dilation,
+                                                  apply_softmax, list(need), backend)
+
+
+def _check_against_reference(backend, v, attn, mul, add, dout, atol, rtol, **kw):
+    """Output (dtype, memory format, values) and every gradient of the public op on
+    ``backend`` against the reference."""
+    out, grads = _run(_op(backend), v, attn, mul, add, dout, **kw)
+    ref_out, ref_grads = _run(reference, v, attn, mul, add, dout, **kw)
+    assert out.is_contiguous(memory_format=output_memory_format(v))
+    _assert_close(out, ref_out, atol, rtol, "out")
+    for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            _assert_close(g, r, atol, rtol, name)
+
+
+# (dtype, atol relative to max |expected|, rtol). Kernels and reference both compute in
+# fp32 and round once, so fp32 differs by summation order only and fp16 / bf16 by about
+# one rounding of the result (and of dattn's intermediate).
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
-# (dtype, B, C, G, H, W, K, dilation, ghost, channels_last, probs)
+# Cases (dtype, B, C, G, H, W, K, dilation, ghost, channels_last, probs). The interpreter
+# is slow: a hand-picked list that still meets every edge once.
 TRITON_CASES = [
     (torch.float32, 1, 6, 2, 13, 9, 3, 1, "both", False, False),   # odd sizes, 3 channels / head
     (torch.float32, 1, 8, 2, 3, 5, 7, 1, "mul", True, False),      # 3x5 grid, 7x7 window
@@ -153,102 +214,188 @@ TRITON_CASES = [
     (torch.float16, 1, 4, 2, 5, 6, 5, 1, "none", False, True),
 ]
 
+# The host build runs fast enough for the full grid: every dtype x shape x ghost x layout
+# x logits / probabilities. (B, C, G, H, W, K, dilation): odd sizes, grids smaller than
+# the window, dilation, the ELSA-Swin head (32 channels), heads of 1 to 3 channels.
+CUDA_SHAPES = [
+    (2, 6, 2, 13, 9, 3, 1),     # odd sizes, 3 channels per head
+    (1, 4, 1, 3, 5, 7, 1),      # 3x5 grid inside a 7x7 window
+    (1, 6, 3, 7, 6, 5, 2),      # dilation 2, 2 channels per head
+    (2, 8, 2, 9, 5, 3, 2),      # dilation 2 over an odd grid
+    (1, 64, 2, 6, 5, 7, 1),     # 32-channel heads (ELSA-Swin)
+]
+CUDA_CASES = [(dtype, *shape, ghost, channels_last, probs)
+              for dtype in TOL for shape in CUDA_SHAPES for ghost in GHOSTS
+              for channels_last in (False, True) for probs in (False, True)]
 
-@pytest.mark.parametrize("case", TRITON_CASES,
-                         ids=lambda c: f"{str(c[0])[6:]}-B{c[1]}C{c[2]}G{c[3]}-{c[4]}x{c[5]}"
-                         f"-k{c[6]}d{c[7]}-{c[8]}-{'cl' if c[9] else 'nchw'}"
-                         f"{'-probs' if c[10] else ''}")
-def test_triton_matches_reference(case):
+
+def _case_id(case):
+    if isinstance(case, str):
+        return case
     dtype, B, C, G, H, W, K, d, ghost, channels_last, probs = case
-    atol, rtol = TOL[dtype]
-    v, attn, mul, add = _inputs(B, C, G, H, W, K, ghost, dtype=torch.float32, probs=probs,
-                                channels_last=channels_last)
-    v, attn, mul, add = (t.to(dtype) if t is not None else None for t in (v, attn, mul, add))
-    dout = torch.randn(B, C, H, W).to(dtype)
-    kw = dict(kernel_size=K, dilation=d, apply_softmax=not probs)
-    out, grads = _run(lambda *a, **k: ops.elsa_attention(*a, **k, backend="triton"),
-                      v, attn, mul, add, dout, **kw)
-    ref_out, ref_grads = _run(reference, v, attn, mul, add, dout, **kw)
-    assert out.dtype == dtype
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert out.is_contiguous(memory_format=fmt)
-    _assert_close(out, ref_out, atol, rtol, "out")
-    for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), grads, ref_grads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert g.dtype == r.dtype and g.shape == r.shape, name
-            _assert_close(g, r, atol, rtol, name)
+    return (f"{str(dtype)[6:]}-B{B}C{C}G{G}-{H}x{W}-k{K}d{d}-{ghost}"
+            f"-{'cl' if channels_last else 'nchw'}{'-probs' if probs else ''}")
 
 
-def test_triton_views_fp32_ghost_and_partial_grads():
-    """v and attn as strided slices of larger projections (read in place), fp32
-    ghost tensors with fp16 data (AMP), and only some gradients requested."""
-    B, C, G, H, W, K = 1, 8, 2, 5, 6, 3
-    qkv = torch.randn(B, H, W, 3 * C).to(torch.float16).permute(0, 3, 1, 2)   # channels_last
-    v = qkv[:, 2 * C:]
-    big = torch.randn(B, 2 * G * K * K, H, W).to(torch.float16)
-    attn = big[:, 1::2]                                                         # no unit stride
-    mul, add = torch.randn(C, K, K), torch.randn(C, K, K)
-    v_ref, attn_ref = v.detach().clone().requires_grad_(), attn.detach().clone()
-    mul_ref = mul.clone().requires_grad_()
-    v.requires_grad_()
-    mul.requires_grad_()
-    out = ops.elsa_attention(v, attn, mul, add, kernel_size=K, backend="triton")
-    ref = reference(v_ref, attn_ref, mul_ref, add, kernel_size=K)
-    atol, rtol = TOL[torch.float16]
-    _assert_close(out, ref, atol, rtol, "out")
-    dout = torch.randn_like(ref)
-    out.backward(dout)
-    ref.backward(dout)
-    _assert_close(v.grad, v_ref.grad, atol, rtol, "dv")
-    assert mul.grad.dtype == torch.float32
-    _assert_close(mul.grad, mul_ref.grad, atol, rtol, "dghost_mul")
+@pytest.mark.parametrize("backend, case",
+                         _on_each_backend({"triton": TRITON_CASES, "cuda": CUDA_CASES}),
+                         indirect=["backend"], ids=_case_id)
+def test_kernel_matches_reference(backend, case):
+    dtype, B, C, G, H, W, K, d, ghost, channels_last, probs = case
+    tensors = _inputs(B, C, G, H, W, K, ghost, dtype, probs=probs, channels_last=channels_last)
+    _check_against_reference(backend, *tensors, *TOL[dtype], kernel_size=K, dilation=d,
+                             apply_softmax=not probs)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_triton_backward_deterministic_with_batch_chunks(monkeypatch, channels_last):
-    """Two backward runs are bitwise equal; with one program per (tile, head) the
-    attn-gradient kernel loops over all samples of the batch (dM / dD accumulated
-    over the chunk), which must still match the reference."""
+# (B, C, G, H, W, K, dilation, why), float32, both ghost tensors: the CUDA kernels'
+# staging and their compiled range of K.
+EDGE_SHAPES = [
+    (3, 48, 1, 5, 6, 7, 1, "48-channel head: two staged chunks, dM / dD summed in global memory"),
+    (1, 40, 1, 4, 3, 9, 1, "K = 9 over a grid smaller than the window"),
+    (1, 3, 1, 6, 7, 11, 1, "K = 11"),
+    (1, 2, 2, 9, 11, 13, 1, "K = 13, 1 channel per head"),
+    (2, 4, 2, 5, 4, 1, 1, "K = 1"),
+    (1, 4, 1, 13, 9, 3, 3, "dilation 3: nine sub-grids of unequal sizes"),
+    (1, 4, 2, 4, 4, 3, 5, "dilation larger than the grid: every tap outside but the centre"),
+    (5, 4, 1, 37, 70, 3, 1, "several tiles per row and column, five samples"),
+]
+
+
+@pytest.mark.parametrize("backend, case", _on_each_backend({"cuda": EDGE_SHAPES}),
+                         indirect=["backend"], ids=lambda c: c if isinstance(c, str) else
+                         c[-1].split(":")[0])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_kernel_edge_shapes(backend, case, channels_last):
+    B, C, G, H, W, K, d, _ = case
+    tensors = _inputs(B, C, G, H, W, K, "both", torch.float32, channels_last=channels_last)
+    _check_against_reference(backend, *tensors, *TOL[torch.float32], kernel_size=K, dilation=d)
+
+
+# (B, C, G, H, W, K) per backend: samples spread over several attn-gradient programs.
+# Triton with one program per (tile, head), so that it loops over every sample (dM / dD
+# accumulated over the chunk); the CUDA test build puts two samples in a block.
+DETERMINISM_SHAPES = {"triton": (3, 4, 2, 5, 6, 3), "cuda": (5, 8, 2, 11, 7, 5)}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_backward_deterministic(monkeypatch, backend, channels_last):
+    """Two backward runs are bitwise equal, and match the reference."""
     monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 1)
-    B, C, G, H, W, K = 3, 4, 2, 5, 6, 3
-    v, attn, mul, add = _inputs(B, C, G, H, W, K, "both", dtype=torch.float32,
-                                channels_last=channels_last)
-    dout = torch.randn(B, C, H, W)
-    args = (dout, v, attn, mul, add, K, 1, True, (True, True, True, True))
-    first, second = kernels.elsa_attention_bwd(*args), kernels.elsa_attention_bwd(*args)
+    B, C, G, H, W, K = DETERMINISM_SHAPES[backend]
+    v, attn, mul, add, dout = _inputs(B, C, G, H, W, K, "both", torch.float32,
+                                      channels_last=channels_last)
+    args = (backend, dout, v, attn, mul, add, K, 1, True, [True] * 4)
+    first, second = _bwd(*args), _bwd(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     _, ref_grads = _run(reference, v, attn, mul, add, dout, kernel_size=K)
     for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), first, ref_grads):
-        _assert_close(g, r, 1e-5, 1e-5, name)
+        _assert_close(g, r, *TOL[torch.float32], name)
 
 
-def test_triton_dattn_precise_when_taps_agree():
+@pytest.mark.parametrize("target_programs, min_items", [(1, 8), (64, 1), (64, 3)],
+                         ids=["one-program-per-head", "one-item-per-program", "uneven-tiles"])
+def test_triton_attn_gradient_work_chunks(monkeypatch, target_programs, min_items):
+    """The attn-gradient programs' (samples x pixel tiles) chunks: 32-channel heads at
+    K = 5 make 16-pixel tiles, three per sample here; every split matches the reference."""
+    monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(kernels, "_MIN_ITEMS", min_items)
+    B, C, G, H, W, K = 2, 64, 2, 7, 6, 5
+    assert kernels.tile_config(C // G, H * W, K, False).block_p_attn == 16
+    v, attn, mul, add, dout = _inputs(B, C, G, H, W, K, "both", torch.float32)
+    grads = _bwd("triton", dout, v, attn, mul, add, K, 1, True, [True] * 4)
+    _, ref_grads = _run(reference, v, attn, mul, add, dout, kernel_size=K)
+    for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), grads, ref_grads):
+        _assert_close(g, r, *TOL[torch.float32], name)
+
+
+def test_work_chunks_amortise_partial_rows():
+    """ELSA-Swin-T, 224: stage 1 (196 tiles of 16 pixels, 3 heads) and stage 3 (13 tiles,
+    12 heads). Batch 1: one sample, >= 8 tiles (or all) per partial row; batch 128: 64
+    samples per program, one tile."""
+    assert kernels.work_chunks(1, 196, 3) == (1, 8)
+    assert kernels.work_chunks(1, 13, 12) == (1, 7)
+    assert kernels.work_chunks(2, 196, 3) == (2, 4)
+    assert kernels.work_chunks(128, 196, 3) == (64, 1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("need", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, False), (False, False, False, True),
+                                  (True, False, True, True), (False, True, False, True)],
+                         ids=lambda n: "".join("1" if x else "0" for x in n))
+@pytest.mark.parametrize("probs", [False, True], ids=["logits", "probs"])
+def test_partial_gradients(backend, need, probs):
+    """Only the requested gradients are computed; they equal the full backward's."""
+    K = 3
+    v, attn, mul, add, dout = _inputs(3, 6, 2, 7, 5, K, "both", torch.float32, probs=probs)
+    args = (backend, dout, v, attn, mul, add, K, 2, not probs)
+    full = _bwd(*args, [True] * 4)
+    part = _bwd(*args, need)
+    for name, p, f, wanted in zip(("dv", "dattn", "dmul", "dadd"), part, full, need):
+        if wanted:
+            torch.testing.assert_close(p, f, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        else:
+            assert p.numel() == 0, name
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+def test_kernel_reads_views_fp32_ghost(backend):
+    """v and attn as strided slices of larger tensors (read in place), fp32 ghost
+    tensors with fp16 data (AMP), dout in another layout than v."""
+    B, C, G, H, W, K = 2, 8, 2, 5, 6, 3
+    qkv = torch.randn(B, H, W, 3 * C).to(torch.float16).permute(0, 3, 1, 2)  # channels_last
+    v = qkv[:, 2 * C:]
+    attn = torch.randn(B, 2 * G * K * K, H, W).to(torch.float16)[:, 1::2]  # no unit stride
+    mul, add = torch.randn(C, K, K), torch.randn(C, K, K)
+    dout = torch.randn(B, C, H, W).to(torch.float16)
+    _check_against_reference(backend, v, attn, mul, add, dout, *TOL[torch.float16],
+                             kernel_size=K)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+def test_kernel_dattn_precise_when_taps_agree(backend):
     """Nearly constant v makes every tap's dp almost equal, so dl = p * (dp - mean)
-    is a small difference of large numbers. The kernel stores dp relative to the
-    centre tap in fp16, so its error stays at the rounding of dl itself."""
+    is a small difference of large numbers; a kernel that stored plain fp16 dp
+    would be off by ~15% of max |dl| inside the border."""
     B, C, H, W, K = 1, 8, 5, 6, 3
     v = (1 + 1e-3 * torch.randn(B, C, H, W)).half()
     attn = torch.randn(B, K * K, H, W).half()
     dout = torch.randn(B, C, H, W).half()
-    _, (dv, dattn, _, _) = _run(lambda *a, **k: ops.elsa_attention(*a, **k, backend="triton"),
-                                v, attn, None, None, dout, kernel_size=K)
+    _, (dv, dattn, _, _) = _run(_op(backend), v, attn, None, None, dout, kernel_size=K)
     _, (_, exact, _, _) = _run(reference, v.double(), attn.double(), None, None, dout.double(),
                                kernel_size=K)
-    # Inside the border every tap is in the image and dl ~ 1e-3 |dp|: storing plain
-    # fp16 dp would be off by ~15% of max |dl| there.
+    # Inside the border every tap is in the image and dl ~ 1e-3 |dp|.
     inner = (..., slice(K // 2, -(K // 2)), slice(K // 2, -(K // 2)))
-    _assert_close(dattn[inner], exact[inner], 2e-3, 2e-3, "dattn")
+    _assert_close(dattn[inner].double(), exact[inner], *TOL[torch.float16], "dattn")
 
 
-def test_triton_opcheck():
-    v, attn, mul, add = _inputs(1, 4, 2, 3, 4, 3, "both", dtype=torch.float32)
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("shape", [(0, 4, 2, 5, 6), (2, 4, 2, 0, 6), (2, 0, 2, 5, 6)])
+def test_kernel_empty_inputs(backend, shape):
+    B, C, G, H, W = shape
+    K = 3
+    v, attn, mul, add, dout = _inputs(B, C, G, H, W, K, "both", torch.float32)
+    out = torch.ops.pyvit_ops.elsa_attention_fwd(v, attn, mul, add, K, 1, True, backend)
+    assert out.shape == v.shape
+    dv, dattn, dmul, dadd = _bwd(backend, dout, v, attn, mul, add, K, 1, True, [True] * 4)
+    assert dv.shape == v.shape and dattn.shape == attn.shape
+    assert dmul.shape == mul.shape and dadd.shape == add.shape
+    for g in (dattn, dmul, dadd):
+        assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_opcheck(backend, channels_last):
+    """Schema, fake tensors and autograd registration agree with the kernels."""
+    v, attn, mul, add, dout = _inputs(1, 4, 2, 3, 4, 3, "both", torch.float32,
+                                      channels_last=channels_last)
     torch.library.opcheck(torch.ops.pyvit_ops.elsa_attention_fwd.default,
-                          (v, attn, mul, add, 3, 1, True, "triton"))
+                          (v, attn, mul, add, 3, 1, True, backend))
     torch.library.opcheck(torch.ops.pyvit_ops.elsa_attention_bwd.default,
-                          (torch.randn_like(v), v, attn, mul, add, 3, 1, True,
-                           [True, True, True, True], "triton"))
+                          (dout, v, attn, mul, add, 3, 1, True, [True] * 4, backend))
 
 
 def test_tile_config_fits_elsa_swin():
@@ -389,7 +536,7 @@ def test_module_triton_matches_reference_module():
 
 
 def _good():
-    v, attn, mul, add = _inputs(1, 6, 2, 4, 5, 3, "both", dtype=torch.float32)
+    v, attn, mul, add, _ = _inputs(1, 6, 2, 4, 5, 3, "both", dtype=torch.float32)
     return dict(v=v, attn=attn, ghost_mul=mul, ghost_add=add)
 
 
@@ -422,9 +569,52 @@ def test_stride_is_not_an_argument():
 
 
 def test_forced_backends_list_their_reasons():
-    v, attn, _, _ = _inputs(1, 258, 2, 3, 3, 3, "none", dtype=torch.float32)
+    v, attn, _, _, _ = _inputs(1, 258, 2, 3, 3, 3, "none", dtype=torch.float32)
     with pytest.raises(_backend.BackendUnavailableError, match="129 channels per head > 128"):
         ops.elsa_attention(v, attn, kernel_size=3, backend="triton")
-    v, attn, _, _ = _inputs(1, 2, 1, 3, 3, 15, "none", dtype=torch.float32)
+    v, attn, _, _, _ = _inputs(1, 2, 1, 3, 3, 15, "none", dtype=torch.float32)
     with pytest.raises(_backend.BackendUnavailableError, match="kernel_size 15 > 13"):
         ops.elsa_attention(v, attn, kernel_size=15, backend="cuda")
+
+
+def _bad(**changes):
+    v, attn, mul, add, _ = _inputs(2, 4, 2, 5, 6, 3, "both", torch.float32)
+    args = dict(v=v, attn=attn, ghost_mul=mul, ghost_add=add, kernel_size=3, dilation=1,
+                apply_softmax=True)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (_bad(v=torch.zeros(2, 4, 5, 6, dtype=torch.int32)), TypeError,
+     "v must be float32, float16 or bfloat16"),
+    (_bad(attn=torch.zeros(2, 18, 5, 6, dtype=torch.float16)), TypeError,
+     "attn must have the dtype of v"),
+    (_bad(kernel_size=4), ValueError, "kernel_size must be a positive odd int, got 4"),
+    (_bad(kernel_size=15, attn=torch.zeros(2, 225, 5, 6), ghost_mul=None, ghost_add=None),
+     ValueError, "compiled for odd kernel sizes 1 to 13"),
+    (_bad(dilation=0), ValueError, "dilation must be a positive int"),
+    (_bad(attn=torch.zeros(2, 10, 5, 6)), ValueError, "attn must have G \\* kernel_size\\*\\*2"),
+    (_bad(attn=torch.zeros(2, 18, 5, 7)), ValueError,
+     "attn must have the batch and spatial sizes of v"),
+    (_bad(attn=torch.zeros(2, 27, 5, 6)), ValueError,
+     "v must have a channel count divisible by the 3 heads"),
+    (_bad(ghost_mul=torch.zeros(4, 3, 5)), ValueError,
+     r"ghost_mul must have shape \[4, 3, 3\], got \[4, 3, 5\]"),
+    (_bad(ghost_add=torch.zeros(4, 3, 3, dtype=torch.int64)), TypeError,
+     "ghost_add must be float32, float16 or bfloat16"),
+])
+def test_cuda_bindings_reject_bad_input(host_ops, args, error, match):
+    """The CUDA bindings validate on their own (they are callable without the ops layer)."""
+    with pytest.raises(error, match=match):
+        host_ops.elsa_attention_fwd(*args.values())
+
+
+def test_cuda_backward_rejects_bad_gradient_arguments(host_ops):
+    v, attn, mul, add, dout = _inputs(2, 4, 2, 5, 6, 3, "both", torch.float32)
+    with pytest.raises(ValueError, match="dout must have the shape of v"):
+        host_ops.elsa_attention_bwd(dout[:, :2], v, attn, mul, add, 3, 1, True, [True] * 4)
+    with pytest.raises(TypeError, match="dout must have the dtype of v"):
+        host_ops.elsa_attention_bwd(dout.half(), v, attn, mul, add, 3, 1, True, [True] * 4)
+    with pytest.raises(ValueError, match="needs_input_grad must have 4 entries"):
+        host_ops.elsa_attention_bwd(dout, v, attn, mul, add, 3, 1, True, [True] * 3)

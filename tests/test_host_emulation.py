@@ -256,7 +256,7 @@ def test_launches_split_into_32bit_chunks(host_ops):
     (lambda ops, x: ops.avg_pool2d_bwd(x[:, :, :4], x, [3, 3], [1, 1], [1, 1], False),
      ValueError, r"grad_out must have the output shape \[2, 3, 5, 6\]"),
     (lambda ops, x: ops.avg_pool2d_bwd(x.half(), x, [3, 3], [1, 1], [1, 1], False),
-     ValueError, "grad_out must have the dtype of x"),
+     TypeError, "grad_out must have the dtype of x"),
 ])
 def test_bindings_reject_bad_input(host_ops, call, error, match):
     x = torch.randn(2, 3, 5, 6)
