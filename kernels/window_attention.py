@@ -46,10 +46,16 @@ dv of a window's real tokens belong to that window alone, so they are written
 directly. The two reductions are deterministic without atomics: a program sums
 ``dS`` (the gradient of the bias-added scores) over its windows in registers and
 writes one ``N x N`` partial, and the launcher adds the partials in program order
-and gathers the ``N x N`` sums into table rows with a fixed index list. The pad
-gradient (dk / dv summed over padded keys) is a second launch of the same kernel
-(``PAD_GRAD``) over the last-row / last-column programs, made only when the grid
-is padded and a pad needs its gradient.
+and gathers the ``N x N`` sums into table rows with a fixed index list. Passes of the
+same kernel (``PASS``, see ``_bwd_passes``) keep the register load of each launch
+spill-free: dq / dk / dv (with dbias where it fits); for 64-token windows beyond
+half-precision head dim 32, dbias alone; and, only when the grid is padded and a pad
+needs its gradient, the pad gradient (dk / dv summed over padded keys) over the
+last-row / last-column programs. That sum is a vector-matrix product (the key sums
+of dS and P times q and dout), written per window and added by the launcher. The
+dbias and pad passes reduce the scores and dP over head-dim chunks of 32, so only
+chunk-wide operand tiles are live; the pad pass then re-reads the window's q and
+dout chunks (from L2) for its sums.
 
 Element offsets inside one image are int32, the batch offset is int64.
 """
@@ -156,8 +162,8 @@ def _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, 
 def _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW,
                    ty, tx, in_win):
     """Window ``e`` of the program's sub-grid: its index w among all windows (row-major
-    over (B, n_wh, n_ww)), batch index and, per slot, the real-token flag and source
-    position (oy, ox)."""
+    over (B, n_wh, n_ww)), batch index and, per slot, the real-token flag, source
+    position (oy, ox) and padded-slot flag (a column, to select rows of a tile)."""
     b = e // (ny * nx)
     wy = (e // nx) % ny + tl.where(last_row, n_wh - 1, 0)
     wx = e % nx + tl.where(last_col, n_ww - 1, 0)
@@ -169,7 +175,7 @@ def _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, 
     oy = tl.where(oy >= H, oy - H, oy)
     ox = px + SW
     ox = tl.where(ox >= W, ox - W, ox)
-    return (b * n_wh + wy) * n_ww + wx, b, real, oy, ox
+    return (b * n_wh + wy) * n_ww + wx, b, real, oy, ox, (in_win & ~real)[:, None]
 
 
 @triton.jit
@@ -223,19 +229,15 @@ def _load_padded(ptr, pad, is_pad, b, oy, ox, h, d, real, d_ok, s_b, s_h, s_w, s
 
 
 @triton.jit
-def _window_qk(e, q_ptr, k_ptr, pad_k, h, d, d_ok, ny, nx, last_row, last_col, H, W, n_wh,
-               n_ww, WH, WW, SH, SW, ty, tx, in_win,
-               stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
-               stride_kb, stride_kh, stride_kw, stride_khead, stride_kd):
-    """Window ``e``'s tokens (``_window_tokens``), padded-slot flags and q, k rows."""
-    w, b, real, oy, ox = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
-                                        WH, WW, SH, SW, ty, tx, in_win)
-    is_pad = (in_win & ~real)[:, None]
+def _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
+             stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+             stride_kb, stride_kh, stride_kw, stride_khead, stride_kd):
+    """A window's q rows and k rows (padded slots: the pad row), head-dim range ``d``."""
     q = _load_tokens(q_ptr, b, oy, ox, h, d, real, d_ok,
                      stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
     k = _load_padded(k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
                      stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-    return w, b, real, oy, ox, is_pad, q, k
+    return q, k
 
 
 @triton.jit
@@ -253,11 +255,11 @@ def _window_attention_fwd_kernel(
                        HAS_TABLE, BLOCK_N, BLOCK_D, False)
     t = tl.arange(0, BLOCK_N)
     for e in range(first, end):
-        w, b, real, oy, ox, is_pad, q, k = _window_qk(
-            e, q_ptr, k_ptr, pad_k, h, d, d_ok, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
-            WH, WW, SH, SW, ty, tx, in_win,
-            stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
-            stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+        w, b, real, oy, ox, is_pad = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh,
+                                                    n_ww, WH, WW, SH, SW, ty, tx, in_win)
+        q, k = _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
+                        stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+                        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
         s = _scores_log2(q, k, acc0, scale)
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
@@ -267,6 +269,42 @@ def _window_attention_fwd_kernel(
         out = tl.dot(p.to(v.dtype), v, input_precision="tf32") / l[:, None]
         _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
         tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, m + tl.log2(l), mask=in_win)
+
+
+@triton.jit
+def _scores_dp_chunked(q_ptr, k_ptr, v_ptr, dout_ptr, pad_k_ptr, pad_v_ptr, acc0, b, oy, ox, h,
+                       real, is_pad, D, scale,
+                       stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+                       stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
+                       stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
+                       stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Transposed log2 scores (``_scores_log2(k, q)``) and dP^T = v dout^T of one window,
+    reduced over head-dim chunks of ``BLOCK_K``: only chunk-wide q / k / v / dout tiles
+    are live, which keeps wide head dims out of register spills. One loop per product:
+    dots that share a loop body count as chained for Triton, which then stacks all
+    warps along the 64 tile rows (half of 8 warps redundant) instead of splitting the
+    tile over rows and columns."""
+    s = acc0
+    for c in range(0, BLOCK_D, BLOCK_K):
+        d = c + tl.arange(0, BLOCK_K)
+        d_ok = d < D
+        pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
+        q, k = _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
+                        stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+                        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+        s = tl.dot(k, tl.trans(q), s, input_precision="tf32")
+    dp = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    for c in range(0, BLOCK_D, BLOCK_K):
+        d = c + tl.arange(0, BLOCK_K)
+        d_ok = d < D
+        pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
+        do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
+                          stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
+        v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
+                         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+        dp = tl.dot(v, tl.trans(do), dp, input_precision="tf32")
+    return s * (scale * 1.4426950408889634), dp
 
 
 @triton.jit
@@ -280,11 +318,12 @@ def _window_attention_bwd_kernel(
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
         stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
         HAS_TABLE: tl.constexpr, PASS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """One backward pass over this program's windows (``PASS``): ``_QKV`` writes dq, dk,
-    dv; ``_PAD`` only the partial gradient of the pad vectors (dk, dv summed over padded
-    keys), launched over the last-row / last-column programs alone; ``_BIAS`` only the
-    partial dbias. ``BIAS_GRAD``: this pass sums dS into the partial dbias."""
+    dv; ``_PAD`` only the gradient of the pad vectors (dk, dv summed over padded keys),
+    one ``2 x D`` partial per window, launched over the last-row / last-column programs
+    alone; ``_BIAS`` only the partial dbias. ``BIAS_GRAD``: this pass sums dS into the
+    partial dbias. ``_PAD`` and ``_BIAS`` walk the head dim in chunks of ``BLOCK_K``."""
     pid = tl.program_id(0)
     # Tiles are (key, query): dv and dk come out of the dots without transposes.
     h, last_row, last_col, ny, nx, first, end, ty, tx, in_win, acc0, d, d_ok, pad_k, pad_v = \
@@ -294,47 +333,60 @@ def _window_attention_bwd_kernel(
     N = WH * WW
     t = tl.arange(0, BLOCK_N)
     dbias = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
-    dpad_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dpad_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for e in range(first, end):
-        w, b, real, oy, ox, is_pad, q, k = _window_qk(
-            e, q_ptr, k_ptr, pad_k, h, d, d_ok, ny, nx, last_row, last_col, H, W, n_wh, n_ww,
-            WH, WW, SH, SW, ty, tx, in_win,
-            stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
-            stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-        s = _scores_log2(k, q, acc0, scale)
+        w, b, real, oy, ox, is_pad = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh,
+                                                    n_ww, WH, WW, SH, SW, ty, tx, in_win)
         # Queries past N get lse = +inf, hence p = 0; padded queries have dout = 0.
         lse = tl.load(lse_ptr + (w * HEADS + h) * N + t, mask=in_win, other=float("inf"))
-        p = tl.exp2(s - lse[None, :])
-        do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
-                          stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
-        if PASS == _PAD:
-            dv = tl.dot(p.to(do.dtype), do, input_precision="tf32")
-            dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
-        elif PASS == _QKV:
+        if PASS == _QKV:
+            q, k = _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
+                            stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+                            stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+            p = tl.exp2(_scores_log2(k, q, acc0, scale) - lse[None, :])
+            do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
+                              stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
             dv = tl.dot(p.to(do.dtype), do, input_precision="tf32")
             _store_tokens(dv_ptr, dv, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
-        v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
-                         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-        dp = tl.dot(v, tl.trans(do), input_precision="tf32")
+            v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
+                             stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+            dp = tl.dot(v, tl.trans(do), input_precision="tf32")
+        else:
+            s, dp = _scores_dp_chunked(
+                q_ptr, k_ptr, v_ptr, dout_ptr, pad_k_ptr, pad_v_ptr, acc0, b, oy, ox, h, real,
+                is_pad, D, scale,
+                stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+                stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
+                stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
+                stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
+                BLOCK_N, BLOCK_D, BLOCK_K)
+            p = tl.exp2(s - lse[None, :])
         # delta_i = sum_j p_ij dp_ij (= dout_i . out_i): the whole row is in the tile, so
         # the output need not be read.
         ds = p * (dp - tl.sum(p * dp, 0)[None, :])
         if BIAS_GRAD:
             dbias += ds
-        if PASS == _PAD:
-            dk = tl.dot(ds.to(q.dtype), q, input_precision="tf32") * scale
-            dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
-        elif PASS == _QKV:
+        if PASS == _QKV:
             ds = ds.to(q.dtype)
             dk = tl.dot(ds, q, input_precision="tf32") * scale
             _store_tokens(dk_ptr, dk, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
             dq = tl.dot(tl.trans(ds), k, input_precision="tf32") * scale
             _store_tokens(dq_ptr, dq, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
-    if PASS == _PAD:
-        tl.store(dpad_ptr + (pid * 2) * D + d, dpad_k, mask=d_ok)
-        tl.store(dpad_ptr + (pid * 2 + 1) * D + d, dpad_v, mask=d_ok)
-    elif BIAS_GRAD:
+        elif PASS == _PAD:
+            # Summed over padded keys, dk = dS q and dv = P dout are vector-matrix
+            # products: the key sums of dS and P (per query) times q and dout.
+            wk = tl.sum(tl.where(is_pad, ds, 0.0), 0) * scale
+            wv = tl.sum(tl.where(is_pad, p, 0.0), 0)
+            slot = dpad_ptr + (pid * WINDOWS_PER_PROGRAM + e - first) * 2 * D
+            for c in range(0, BLOCK_D, BLOCK_K):
+                dc = c + tl.arange(0, BLOCK_K)
+                dc_ok = dc < D
+                q = _load_tokens(q_ptr, b, oy, ox, h, dc, real, dc_ok,
+                                 stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+                tl.store(slot + dc, tl.sum(wk[:, None] * q.to(tl.float32), 0), mask=dc_ok)
+                do = _load_tokens(dout_ptr, b, oy, ox, h, dc, real, dc_ok,
+                                  stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
+                tl.store(slot + D + dc, tl.sum(wv[:, None] * do.to(tl.float32), 0), mask=dc_ok)
+    if BIAS_GRAD:
         # dbias is (key, query); the buffer is (query, key).
         pair = (t < N)[:, None] & (t < N)[None, :]
         tl.store(dbias_ptr + (pid * N + t[None, :]) * N + t[:, None], dbias, mask=pair)
@@ -388,6 +440,14 @@ def _bwd_passes(block_n, block_d, dtype_name, bias_grad, pad_grad):
     if pad_grad:
         passes.append((_PAD.value, False))
     return passes
+
+
+def _chunk(block_d, pass_):
+    """BLOCK_K, the head-dim chunk of the ``_PAD`` / ``_BIAS`` passes (``_QKV`` takes
+    the whole head dim). 32 from the static sweep: chunks of 64 spill at head dim 64
+    on sm_80, where the single-chunk loops fold into one body and their two dots count
+    as chained (see ``_scores_dp_chunked``)."""
+    return block_d if pass_ == _QKV.value else min(block_d, 32)
 
 
 def _arch(device):
@@ -508,9 +568,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
     contiguous (B, H, W, heads, D) in q's dtype, dtable has the table's shape and
     dtype, dpad_k / dpad_v are (heads, D) in the pads' dtypes. Deterministic.
 
-    The pad gradients take a second launch over the last-row / last-column windows
-    (the only ones with padded keys), and only when the grid is padded: kept out of
-    the main kernel, their accumulators would push it into register spills."""
+    The pad gradients take their own launch over the last-row / last-column windows
+    (the only ones with padded keys), and only when the grid is padded; it writes one
+    partial per window, summed here in a fixed order (see ``_bwd_passes`` for all
+    launches)."""
     B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
     (wh, ww), (sh, sw) = window_size, shift_size
     N = wh * ww
@@ -524,7 +585,9 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                         device=q.device)
     want_pad = (need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None)
     padded = H % wh != 0 or W % ww != 0
-    dpad = torch.zeros(sum(programs[1:]) if want_pad and padded else 0, 2, D,
+    # One (dk, dv) pad partial per window slot of the pad launch's programs; slots past
+    # a program's last window stay zero.
+    dpad = torch.zeros(sum(programs[1:]) * per_program if want_pad and padded else 0, 2, D,
                        dtype=torch.float32, device=q.device)
     if dq.numel():
         block_n, block_d = _blocks(N, D)
@@ -540,10 +603,11 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
         for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias,
                                             dpad.shape[0] > 0):
             # The pad pass walks the last-row / last-column programs only.
-            grid, first = ((dpad.shape[0], programs[0]) if pass_ == _PAD.value
+            grid, first = ((sum(programs[1:]), programs[0]) if pass_ == _PAD.value
                            else (sum(programs), 0))
-            _window_attention_bwd_kernel[(grid,)](*args, first, *rest, PASS=pass_,
-                                                  BIAS_GRAD=bias_grad, **config)
+            _window_attention_bwd_kernel[(grid,)](
+                *args, first, *rest, PASS=pass_, BIAS_GRAD=bias_grad,
+                BLOCK_K=_chunk(block_d, pass_), **config)
     dtable = None
     if want_bias:
         # Fixed-order reductions: over programs, then over the pairs of each table row.
@@ -551,12 +615,13 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
         summed = torch.cat([summed, summed.new_zeros(heads, 1)], dim=1)
         pairs = _pairs_by_table_row((wh, ww), q.device)
         dtable = summed[:, pairs].sum(-1).t().to(table.dtype)
-    dpad = dpad.view(-1, heads, 2, D)
+    # Slots are (program, window of the program); heads vary fastest over programs.
+    dpad = dpad.view(-1, heads, per_program, 2, D)
     dpad_k = dpad_v = None
     if need_pad_k and pad_k is not None:
-        dpad_k = dpad[:, :, 0].sum(0).to(pad_k.dtype)
+        dpad_k = dpad[:, :, :, 0].sum((0, 2)).to(pad_k.dtype)
     if need_pad_v and pad_v is not None:
-        dpad_v = dpad[:, :, 1].sum(0).to(pad_v.dtype)
+        dpad_v = dpad[:, :, :, 1].sum((0, 2)).to(pad_v.dtype)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dtable,
             dpad_k, dpad_v)
 
@@ -585,7 +650,8 @@ def static_compile_specs():
                     if bias and not t:
                         continue
                     for p, g in _bwd_passes(block_n, block_d, dtype, bias, pad):
-                        variants.append(((("HAS_TABLE", t), ("PASS", p), ("BIAS_GRAD", g)),
+                        variants.append(((("HAS_TABLE", t), ("PASS", p), ("BIAS_GRAD", g),
+                                          ("BLOCK_K", _chunk(block_d, p))),
                                          f"{'_table' if t else ''}"
                                          f"{('', '_pad', '_bias')[p]}{'_dbias' if g else ''}"))
             for constexprs, suffix in variants:

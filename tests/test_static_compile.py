@@ -134,32 +134,20 @@ def test_occupancy(registers, shared, num_warps, arch, warps, limit):
         assert got_limit == limit
 
 
-# Open defects, recorded rather than hidden: these modules still have kernel configs
-# that spill registers in the static report (benchmarks/results/static_report.targets.txt
-# lists each config). strict=True: once a module is spill-free this test XPASSes and
-# fails, so the marker has to go.
-KNOWN_SPILLS = {
-    "window_attention": "9 of 210 records spill, all 64-token windows in half precision: "
-                        "pad pass at head dim 64 (sm_80) and 128 (sm_90a), dbias pass at "
-                        "head dim 128 (sm_80); every forward and the Swin (D=32) configs "
-                        "are spill-free",
-}
 KERNEL_MODULES = ["avg_pool2d", "scaled_dot_product_attention", "window_attention",
                   "elsa_attention"]
 
 
 def test_every_kernel_module_is_checked():
-    # KERNEL_MODULES is explicit (for the xfail markers); a new kernel module must not
-    # slip past the static check unnoticed.
+    # KERNEL_MODULES is explicit; a new kernel module must not slip past the static
+    # check unnoticed.
     found = {name.rsplit(".", 1)[1] for name in static.discover_modules()
              if hasattr(importlib.import_module(name), "static_compile_specs")}
     assert found == set(KERNEL_MODULES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[m])]
-                 if m in KNOWN_SPILLS else []) for m in KERNEL_MODULES])
+@pytest.mark.parametrize("module", KERNEL_MODULES)
 def test_kernel_module_compiles_without_spills(module):
     """Every spec of one pyvit_ops.kernels module, sm_80 and sm_90a (see --durations)."""
     start = time.perf_counter()
