@@ -77,6 +77,8 @@ MAX_HEAD_DIM_FP32_WIDE = 32  # ... and with windows over 32 tokens, D = 64 spill
 def max_head_dim_fp32(window_area):
     """Largest float32 head dim the kernels take for windows of ``window_area`` tokens."""
     return MAX_HEAD_DIM_FP32 if window_area <= _BLOCK_NS[0] else MAX_HEAD_DIM_FP32_WIDE
+
+
 _INT32_MAX = 2**31 - 1
 # Backward passes (the kernel's PASS): dq / dk / dv, pad-vector sums, dbias alone
 # (constexpr so that kernels may read them; ``.value`` on the host side).

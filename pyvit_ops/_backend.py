@@ -41,8 +41,9 @@ def requested_backend(backend):
     return backend
 
 
-def choose(op, backend, reasons, device):
-    """Return the backend that runs ``op`` for this call."""
+def choose(op, backend, reasons, device, order=None):
+    """Return the backend that runs ``op`` for this call; ``order`` replaces
+    ``PRIORITY[op]`` for an automatic choice (an operator's per-call preference)."""
     backend = requested_backend(backend)
     if backend is not None:
         why = reasons(backend)
@@ -52,7 +53,7 @@ def choose(op, backend, reasons, device):
         return backend
     if torch.device(device).type != "cuda":
         return "reference"
-    for candidate in PRIORITY[op]:
+    for candidate in order or PRIORITY[op]:
         why = reasons(candidate)
         if not why:
             return candidate

@@ -503,3 +503,18 @@ def test_binding_rejects_bad_lse():
         host_ops.window_attention_bwd(out, q, k, v, out, lse[:, :1], table, pad_k, pad_v,
                                       *geometry, True, True)
     assert "lse must have shape [6, 2, 20], got [6, 1, 20]" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, first", [
+    (torch.float32, False, "cuda"),    # full fp32 products unless TF32 is allowed
+    (torch.float32, True, "triton"),
+    (torch.float16, False, "triton"),
+])
+def test_automatic_order_for_float32(monkeypatch, dtype, allow_tf32, first):
+    """Automatic choice on CUDA tensors: Triton's fp32 products are TF32, so float32
+    inputs go to the CUDA kernel first unless torch allows TF32 matmuls."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    q = torch.empty(1, 7, 7, 1, 32, dtype=dtype)
+    order = ops._fp32_order(q)
+    assert _backend.choose("window_attention", None, lambda b: [], device="cuda",
+                           order=order) == first

@@ -195,6 +195,16 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
     return (wh, ww), (sh, sw), pad_k, pad_v, float(scale), float(mask_value)
 
 
+def _fp32_order(q):
+    """Automatic order for float32 inputs: the Triton kernel's float32 products are TF32
+    (10 mantissa bits), the CUDA kernel's are full float32 FMAs, so Triton goes first
+    only when the user allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``,
+    off by default in torch); otherwise the default ``PRIORITY`` order."""
+    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return ("cuda", "triton")
+    return None
+
+
 def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
                      pad_kv=None, mask_value=-100.0, backend=None):
     """Swin window attention of image-layout token grids, fused.
@@ -241,7 +251,7 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     backend = _backend.choose(
         _OP, backend,
         lambda b: _reasons(b, q, k, v, rel_pos_bias_table, pad_kv, window_size),
-        device=q.device)
+        device=q.device, order=_fp32_order(q))
     if backend == "reference":
         return reference.window_attention(
             q, k, v, rel_pos_bias_table, window_size=window_size, shift_size=shift_size,
