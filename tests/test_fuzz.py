@@ -49,7 +49,7 @@ SDPA_FLOOR = {fp32: 1e-5, fp16: 1e-3, bf16: 1e-2}
 # summed table / pad gradients scales with max |expected| / 4.
 WINDOW_TOL = {
     # Triton fp32 products are TF32 (operands truncated to 10 mantissa bits, unit
-    # roundoff u = 2^-10; the interpreter models it, pyvit_ops/testing/interpreter.py):
+    # roundoff u = 2^-10; the interpreter computes fp32 dots exactly):
     # 6u, relative to the largest expected value (_window_compare), as fp16 gets 6u.
     "triton": {fp32: (6e-3, 6e-3), fp16: (3e-3, 3e-3), bf16: (4e-2, 2e-2)},
     "cuda": {fp32: (5e-6, 2e-5), fp16: (1e-3, 1e-3), bf16: (8e-3, 8e-3)},
