@@ -70,7 +70,9 @@ class _PoolMinusInput(torch.autograd.Function):
         kernel_size, stride, padding = ctx.pool
         grad_x = torch.ops.aten.avg_pool2d_backward(grad, x, kernel_size, stride, padding,
                                                     False, False, None)
-        return grad_x - grad if torch.is_grad_enabled() else grad_x.sub_(grad), None, None, None
+        # In place also under create_graph: the pooling backward's own backward does not
+        # need its output.
+        return grad_x.sub_(grad), None, None, None
 
 
 def poolformer_pool(x, pool_size=3):
