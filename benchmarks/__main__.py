@@ -10,7 +10,8 @@ the naive composition on CPU at model shapes, then the memory-traffic figures
 (``traffic.py``, in a subprocess with the Triton interpreter) and the static compile
 report (``static_report.py``). ``--tiny`` runs a small configuration of all of it (CI).
 Every target is checked in ``results/summary_<device>.md`` (MET or MISSED with its figure),
-assembled from the latest ``*.targets.txt`` of each kind in the output directory.
+assembled from the latest ``*.targets.txt`` of each kind in the output directory; a run
+into ``benchmarks/results`` then rewrites the README's results section (``report.py``).
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks import harness, targets
+from benchmarks import harness, report, targets
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,7 +78,9 @@ def _device(name):
 
 
 def run_timing(args, device, log=print):
-    """Time every selected op / shape / batch / provider; returns this run's rows."""
+    """Time every selected op / shape / batch / provider and append the rows to the device's
+    CSV; returns the CSV's newest rows of every case (this run's, and earlier runs' for the
+    cases this one left out), which the plots and the target checks are made from."""
     on_cuda = device.type == "cuda"
     if on_cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("TRITON_INTERPRET is set: GPU timings of interpreted kernels mean "
@@ -89,7 +92,6 @@ def run_timing(args, device, log=print):
     rid, meta = harness.run_id(), dict(harness.versions(), device=harness.device_name(device))
     tag = harness.device_tag(device)
     path = os.path.join(args.out, f"timings_{tag}.csv")
-    rows = []
     for op in args.ops:
         module = harness.load_op(op)
         shapes = harness.selected_shapes(module, args.tiny, args.models)
@@ -98,21 +100,25 @@ def run_timing(args, device, log=print):
             providers = {k: v for k, v in providers.items() if k in args.providers}
         log(f"== {op}: {len(shapes)} shapes x batches {batches}, {harness.device_name(device)}, "
             f"{_dtype_name(dtype)}; providers: naive, {', '.join(providers)}")
-        op_rows = []
         for shape in shapes:
             for batch in batches:
                 case_rows = harness.bench_case(module, shape, batch, device, dtype, providers,
                                                args.passes, log=log)
                 stamp = {"run_id": rid, "timestamp": harness.now()}
                 harness.append_csv(path, case_rows, dict(meta, **stamp))
-                op_rows += [dict(r, **stamp) for r in case_rows]
-        title = f"{op} on {harness.device_name(device)} ({_dtype_name(dtype)}), run {rid}"
+    log(f"   rows appended to {os.path.relpath(path)} (run_id {rid})")
+    rows = harness.latest_case_rows(path)
+    for op in args.ops:
+        op_rows = [r for r in rows if r["op"] == op]
+        if not op_rows:
+            continue
+        runs = sorted({r["run_id"] for r in op_rows})
+        title = (f"{op} on {harness.device_name(device)} ({op_rows[0]['dtype']}), "
+                 f"run {', '.join(runs)}")
         png = harness.plot_speedups(op_rows, os.path.join(args.out, f"speedup_{op}_{tag}.png"),
                                     title)
         if png:
             log(f"   plot: {os.path.relpath(png)}")
-        rows += op_rows
-    log(f"   rows appended to {os.path.relpath(path)} (run_id {rid})")
     return rows
 
 
@@ -190,6 +196,8 @@ def main(argv=None):
     summary = write_summary(args.out, device)
     with open(summary) as f:
         print(f"\n== {os.path.relpath(summary)}\n{f.read()}")
+    if os.path.abspath(args.out) == os.path.abspath(harness.RESULTS_DIR):
+        report.main([])  # the README's results section shows what was just measured
     return 0
 
 

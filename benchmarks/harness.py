@@ -447,6 +447,23 @@ def append_csv(path, rows, meta):
             writer.writerow({k: _csv_value(v) for k, v in dict(meta, **row).items()})
 
 
+def latest_case_rows(path):
+    """The rows of the timings CSV at ``path`` from the newest run of each case (op, model,
+    batch, dtype): a run of a few ops refreshes just those, and the ratios of a case stay
+    the ones measured side by side within one run."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    def case(r):
+        return r["op"], r["model"], r["batch"], r["dtype"]
+
+    newest = {}
+    for r in rows:
+        newest[case(r)] = max(newest.get(case(r), ""), r["run_id"])
+    return [r for r in rows if r["run_id"] == newest[case(r)]]
+
+
 def _csv_value(value):
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -483,7 +500,11 @@ def plot_speedups(rows, path, title):
                    label=prov)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        # CPU ratios sit within a factor of two of 1: label them more finely than decades.
+        values = [float(r["speedup_vs_naive"]) for r in rows if r["pass"] == p] + [1.0]
+        narrow = max(values) / min(values) < 4
+        subs = (1.0, 1.25, 1.6, 2.0, 2.5, 3.2, 4.0, 5.0, 6.3, 8.0) if narrow else (1.0, 2.0, 5.0)
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=subs))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(axis="y", which="major", linewidth=0.3)

@@ -19,6 +19,8 @@ TRAFFIC = {"window_attention": {"fwd": 1.10, "bwd": 1.5},
            "avg_pool2d": {"fwd": 1.10, "bwd": 1.5},
            "scaled_dot_product_attention": {"fwd": 2.0, "bwd": 2.0}}
 SDPA_MAX_TOKENS = 577  # the SDPA traffic target holds up to ViT-384's sequence length
+# The CUDA C++ sources whose kernels compute matrix products (scores, outputs, gradients).
+CUDA_MATMUL_SOURCES = ("scaled_dot_product_attention.cu", "window_attention.cu")
 # The CPU path may be this much slower than the naive composition before it counts as
 # slower: two medians of the same work differ by a few percent on a shared machine.
 CPU_NOISE = 0.05
@@ -201,4 +203,11 @@ def static_lines(records):
     lines.append(f"{_verdict(not no_tc)} static: tensor-core instructions in every fp16 / bf16 / "
                  f"tf32 tl.dot kernel: {len(dots) - len(no_tc)}/{len(dots)} configs")
     lines += [f"       none in: {r['kernel']} {r['arch']}" for r in no_tc[:20]]
+    cuda_mm = [r for r in ok if r.get("source") in CUDA_MATMUL_SOURCES]
+    if cuda_mm:
+        with_tc = [r for r in cuda_mm if r.get("tensor_core_instructions")]
+        lines.append(f"{_verdict(len(with_tc) == len(cuda_mm))} static: tensor-core instructions "
+                     f"in the CUDA C++ kernels that multiply matrices ({', '.join(CUDA_MATMUL_SOURCES)}):"
+                     f" {len(with_tc)}/{len(cuda_mm)} kernels (they are FMA-only so that the host "
+                     "emulation runs the same source; on GPUs the Triton kernels are tried first)")
     return lines

@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is a package of the checkout, not of the install
 
-from benchmarks import harness, targets  # noqa: E402
+from benchmarks import harness, report, targets  # noqa: E402
 TRAFFIC_FIELDS = {"op", "pass", "shape", "fused_bytes", "naive_bytes", "compulsory_bytes", "flops"}
 STATIC_FIELDS = {"kernel", "backend", "arch", "config", "registers", "shared_bytes",
                  "spill_stores", "spill_loads", "tensor_core_instructions"}
@@ -89,6 +89,37 @@ def test_entry_point_checks_every_target(tiny_run):
     assert "static: no register spills" in summary
     assert "MODEL, not a measurement" in summary
     assert "summary_cpu.md" in stdout
+
+
+def test_report_renders_every_section_of_a_run(tiny_run):
+    out, _ = tiny_run
+    block = report.render(str(out))
+    for title in ("### Memory traffic", "### Static compile report", "### Timings: cpu",
+                  "### Targets"):
+        assert title in block, title
+    for op in harness.OPS:
+        assert f"| `{op}` | fwd |" in block and f"| `{op}` | bwd |" in block, op
+        assert f"| `{op}` | pyvit_ops[reference] |" in block, op
+    assert "MISSED" in block or "MET" in block
+
+
+def test_readme_results_are_the_committed_data():
+    # The README's figures are rendered from benchmarks/results; a new run there (or a
+    # hand edit of the README block) without `python benchmarks/report.py` fails here.
+    assert report.main(["--check"]) == 0, "run python benchmarks/report.py"
+
+
+def test_latest_case_rows_keeps_each_case_from_its_newest_run(tmp_path):
+    path = str(tmp_path / "t.csv")
+
+    def rows(model, ms):
+        return [{"op": "avg_pool2d", "model": model, "batch": 1, "dtype": "float32",
+                 "provider": prov, "pass": "full", "median_ms": ms} for prov in ("naive", "x")]
+
+    harness.append_csv(path, rows("a", 1.0) + rows("b", 2.0), {"run_id": "1"})
+    harness.append_csv(path, rows("b", 3.0), {"run_id": "2"})
+    got = {(r["model"], r["run_id"], r["median_ms"]) for r in harness.latest_case_rows(path)}
+    assert got == {("a", "1", "1"), ("b", "2", "3")}
 
 
 @pytest.mark.parametrize("op", ["scaled_dot_product_attention", "window_attention"])
