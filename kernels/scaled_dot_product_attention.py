@@ -521,14 +521,13 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dbias = None
+    dbias = red_shape = None
     if bias_requires_grad:
         red_shape = tuple(1 if (st == 0 and n > 1) else n
                           for st, n in zip(bias.stride(), bias.shape))
-        dbias = torch.zeros(red_shape, device=q.device, dtype=bias.dtype)
     if dq.numel() == 0 or dk.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, dbias
+        return dq, dk, dv, _zero_dbias(red_shape, bias)
 
     block_d = _block_d(D)
     bias_t, bs, bias_kind = _bias_args(bias, q)
@@ -550,8 +549,10 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     column = tile = False
     db_buf, db_strides = q, (0, 0, 0, 0, 0)
     # A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient
-    # (softmax is shift-invariant): the zeros above stand.
-    if bias_requires_grad and not (bs[3] == 0 and Nk > 1):
+    # (softmax is shift-invariant): zeros, without a kernel.
+    if bias_requires_grad and bs[3] == 0 and Nk > 1:
+        dbias = _zero_dbias(red_shape, bias)
+    elif bias_requires_grad:
         bcast = dict(bcast1=bs[0] == 0 and Z1 > 1, bcast2=bs[1] == 0 and Z2 > 1, device=q.device)
         # One value per key (bias broadcast over the queries): reduced in registers by
         # the key-major kernel; else tiles, reduced by the query-major one.
@@ -589,6 +590,13 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
         db_buf = db_buf[..., :Nq, :Nk]
         dbias = (db_buf.sum(0) if db_buf.shape[0] > 1 else db_buf[0]).to(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def _zero_dbias(red_shape, bias):
+    # Allocated zero-filled only where it is the answer: elsewhere the kernels' reduced
+    # partials are the gradient, and a memset first would be one more write of it.
+    return None if red_shape is None else torch.zeros(red_shape, device=bias.device,
+                                                      dtype=bias.dtype)
 
 
 def dropout_keep_mask(seed, shape, dropout_p, device):

@@ -45,8 +45,8 @@ Backward: the same programs recompute each window from q, k and the lse, with
 dv of a window's real tokens belong to that window alone, so they are written
 directly. The two reductions are deterministic without atomics: a program sums
 ``dS`` (the gradient of the bias-added scores) over its windows in registers and
-writes one ``N x N`` partial, and the launcher adds the partials in program order
-and gathers the ``N x N`` sums into table rows with a fixed index list. Passes of the
+writes one ``N x N`` partial, and a small kernel sums each table row's pairs over
+the partials in program order (each partial element is read once) into dtable. Passes of the
 same kernel (``PASS``, see ``_bwd_passes``) keep the register load of each launch
 spill-free: dq / dk / dv (with dbias where it fits); for 64-token windows beyond
 half-precision head dim 32, dbias alone; and, only when the grid is padded and a pad
@@ -394,11 +394,34 @@ def _window_attention_bwd_kernel(
         tl.store(dbias_ptr + (pid * N + t[None, :]) * N + t[:, None], dbias, mask=pair)
 
 
+@triton.jit
+def _window_attention_dtable_kernel(dbias_ptr, pairs_ptr, dtable_ptr, GROUPS, HEADS, ROWS, N,
+                                    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dtable[r, h]: the sum of the backward's per-program dbias partials of head h over
+    the pairs that read table row r (``pairs``: (ROWS, N) flat pair indices, N*N for
+    none). Each partial element belongs to one row, so every one is read once; programs
+    are walked in a fixed order (deterministic)."""
+    h = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_P)
+    nn = N * N
+    pair = tl.load(pairs_ptr + r[:, None] * N + j[None, :],
+                   mask=(r[:, None] < ROWS) & (j[None, :] < N), other=nn)
+    real = pair < nn
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for g in range(GROUPS):
+        # Partials are (program group, head, N*N) with the heads fastest.
+        base = dbias_ptr + (g * HEADS + h).to(tl.int64) * nn
+        acc += tl.sum(tl.load(base + pair, mask=real, other=0.0), axis=1)
+    tl.store(dtable_ptr + r * HEADS + h, acc, mask=r < ROWS)
+
+
 # --------------------------------------------------------------------------- configs
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _BLOCK_NS = (32, 64)          # window-area buckets (7x7 -> 64)
 _BLOCK_DS = (32, 64, 128)     # head-dim buckets (masked loads: 48, 80, 96 cost no extra bytes)
+_DTABLE_ROWS = 32             # table rows per dtable program (7x7: 169 rows -> 6 programs)
 
 
 
@@ -612,11 +635,14 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                 BLOCK_K=_chunk(block_d, pass_), **config)
     dtable = None
     if want_bias:
-        # Fixed-order reductions: over programs, then over the pairs of each table row.
-        summed = dbias.view(-1, heads, N * N).sum(0)
-        summed = torch.cat([summed, summed.new_zeros(heads, 1)], dim=1)
+        # One pass over the partials, straight into the (rows, heads) table layout.
         pairs = _pairs_by_table_row((wh, ww), q.device)
-        dtable = summed[:, pairs].sum(-1).t().to(table.dtype)
+        rows = pairs.shape[0]
+        dtable = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
+        _window_attention_dtable_kernel[(triton.cdiv(rows, _DTABLE_ROWS), heads)](
+            dbias, pairs, dtable, sum(programs) // heads, heads, rows, N,
+            BLOCK_R=_DTABLE_ROWS, BLOCK_P=_blocks(N, D)[0], num_warps=4, num_stages=1)
+        dtable = dtable.to(table.dtype)
     # Slots are (program, window of the program); heads vary fastest over programs.
     dpad = dpad.view(-1, heads, per_program, 2, D)
     dpad_k = dpad_v = None
@@ -688,4 +714,13 @@ def static_compile_specs():
             spec["name"] += f"_sm{archs[0]}"
             spec["archs"] = tuple(archs)
         specs.append(spec)
+    for block_p in _BLOCK_NS:
+        specs.append({
+            "name": f"_window_attention_dtable_kernel_p{block_p}",
+            "fn": _window_attention_dtable_kernel,
+            "signature": {"dbias_ptr": "*fp32", "pairs_ptr": "*i64", "dtable_ptr": "*fp32",
+                          "GROUPS": "i32", "HEADS": "i32", "ROWS": "i32", "N": "i32",
+                          "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"},
+            "constexprs": {"BLOCK_R": _DTABLE_ROWS, "BLOCK_P": block_p},
+            "num_warps": 4, "num_stages": 1, "uses_dot": False, "dtype": "fp32"})
     return specs

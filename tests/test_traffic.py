@@ -4,8 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
+import pyvit_ops
 from pyvit_ops.testing.traffic import (compulsory_bytes, count_aten_traffic,
-                                       count_triton_traffic, tensor_bytes)
+                                       count_fused_traffic, count_triton_traffic, tensor_bytes)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -144,3 +145,29 @@ def test_compulsory_bytes():
     assert tensor_bytes(torch.empty(0, 3)) == 0
     with pytest.raises(TypeError, match="inputs must be tensors"):
         compulsory_bytes([q, 3], out)
+
+
+def test_fused_meter_counts_glue_around_kernels_not_the_interpreters_copies():
+    # A bare kernel launch: the interpreter copies its arguments to and from host
+    # buffers with aten ops, which must not count as glue (the loads / stores do).
+    x = torch.randn(1000)
+    _, report = count_fused_traffic(_launch, _copy_kernel, x, torch.empty_like(x))
+    assert report["total_bytes"] == 8000 and report["glue"]["total_bytes"] == 0
+    # Glue outside the kernels counts: one cast reads 4 B and writes 2 B per element.
+    _, report = count_fused_traffic(lambda t: _launch(_copy_kernel, t, torch.empty_like(t))
+                                    .to(torch.float16), x)
+    assert report["glue"]["total_bytes"] == 6000
+
+
+def test_fused_meter_sees_inside_pyvit_ops_custom_ops():
+    # The SDPA backward casts its fp32 dbias partials to the bias dtype inside the
+    # custom op pyvit_ops::scaled_dot_product_attention_bwd: a plain dispatch mode sees
+    # only the opaque op; the fused meter counts the cast.
+    q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(1, 2, 20, 20, dtype=torch.float16, requires_grad=True)
+    out = pyvit_ops.scaled_dot_product_attention(q, k, v, attn_bias=bias, backend="triton")
+    _, report = count_fused_traffic(out.backward, torch.randn_like(out))
+    cast = report["glue"]["ops"]["aten.to.dtype"]
+    assert cast["read_bytes"] == 2 * 20 * 20 * 4 and cast["write_bytes"] == 2 * 20 * 20 * 2
+    assert report["launches"] >= 3 and bias.grad is not None

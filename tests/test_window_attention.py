@@ -342,6 +342,10 @@ class _LaunchRecorder:
         return launch
 
 
+# The dtable reduction reads the fp32 partials whatever the inputs' dtype.
+_FP32_ONLY = {"_window_attention_dtable_kernel": "fp32"}
+
+
 # (H, W, window, D, dtype, backward PASSes): padded grids, table and pads needing
 # gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone, pads (two head-dim
 # chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass; float32.
@@ -357,9 +361,11 @@ def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, 
                                              if not k.startswith("stride_"))),
               s["num_warps"], s["num_stages"])
              for s in kernels.static_compile_specs()
-             if s["dtype"] == kernels._DTYPE_NAMES[dtype] and 80 in s.get("archs", (80, 90))}
+             if s["dtype"] in (kernels._DTYPE_NAMES[dtype], _FP32_ONLY.get(s["fn"].__name__))
+             and 80 in s.get("archs", (80, 90))}
     launches = []
-    for name in ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel"):
+    for name in ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel",
+                 "_window_attention_dtable_kernel"):
         monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), launches))
     torch.manual_seed(0)
     tensors = [t.detach().requires_grad_() for t in (
@@ -368,6 +374,7 @@ def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, 
                                pad_kv=tensors[4:], backend="triton")
     torch.autograd.grad(out, tensors, torch.randn_like(out))
     assert {dict(c)["PASS"] for _, c, _, _ in launches if "PASS" in dict(c)} == passes
+    assert any(name == "_window_attention_dtable_kernel" for name, *_ in launches)
     assert set(launches) <= specs, set(launches) - specs
 
 

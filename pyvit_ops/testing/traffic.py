@@ -84,6 +84,10 @@ class _TritonMeter:
     def done(self):
         self._kernel = None
 
+    @property
+    def in_launch(self):
+        return self._kernel is not None
+
     def access(self, kind, ptrs, mask):
         """Record the addresses of ``ptrs`` where ``mask`` (TensorHandle, array or None) holds."""
         itemsize = max(1, (ptrs.get_element_ty().primitive_bitwidth + 7) // 8)
@@ -143,17 +147,41 @@ def count_triton_traffic(fn, *args, **kwargs):
     ``by_kernel[name]`` = {launches, read_bytes, write_bytes, unique_read_bytes,
     unique_write_bytes}.
     """
+    with _triton_metering() as meter:
+        result = fn(*args, **kwargs)
+    return result, meter.report()
+
+
+def count_fused_traffic(fn, *args, **kwargs):
+    """``count_triton_traffic`` plus the aten ops that run around the kernels: the "glue"
+    of a fused path (zero-filled buffers, dtype casts, sums of partial results,
+    contiguous copies), including the ones inside pyvit_ops' custom ops, which a
+    dispatch mode would otherwise see only as one opaque call. Ops the interpreter
+    issues while a kernel runs (its host copies of the arguments) are not glue: the
+    kernel's own loads and stores count instead. ``report["glue"]`` is a
+    ``count_aten_traffic`` report of the glue ops.
+    """
+    with _triton_metering() as meter:
+        aten = _AtenMeter(skip=lambda: meter.in_launch, open_namespaces=("pyvit_ops",))
+        with aten:
+            result = fn(*args, **kwargs)
+    report = meter.report()
+    report["glue"] = aten.report()
+    return result, report
+
+
+@contextlib.contextmanager
+def _triton_metering():
     from pyvit_ops.testing import interpreter as _interp
 
     if not _interp.is_enabled():
-        raise RuntimeError("count_triton_traffic needs the Triton interpreter: set "
+        raise RuntimeError("the Triton traffic meters need the interpreter: set "
                            "TRITON_INTERPRET=1 (pyvit_ops.testing.interpreter.enable()) "
                            "before the kernels are defined")
     from triton.runtime import interpreter
 
     meter = _TritonMeter()
     builder = interpreter.InterpreterBuilder
-
     # create_load / create_store / descriptor loads and stores all go through the
     # masked variants, so wrapping these two sees every access exactly once.
     def masked_load(original):
@@ -197,8 +225,7 @@ def count_triton_traffic(fn, *args, **kwargs):
         stack.enter_context(_patched(builder, "create_atomic_rmw", atomic_rmw))
         stack.enter_context(_patched(builder, "create_atomic_cas", atomic_cas))
         stack.enter_context(_patched(interpreter.GridExecutor, "__call__", grid_call))
-        result = fn(*args, **kwargs)
-    return result, meter.report()
+        yield meter
 
 
 # --------------------------------------------------------------------------- aten
@@ -211,19 +238,38 @@ _ALLOC_OPS = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.em
 
 
 class _AtenMeter(TorchDispatchMode):
-    def __init__(self):
+    """Counts every aten call but those made while ``skip()`` holds; a custom op of one of
+    ``open_namespaces`` is not counted itself: its Python implementation runs under the
+    meter, so the ops inside it are."""
+
+    def __init__(self, skip=lambda: False, open_namespaces=()):
         super().__init__()
         self.ops = {}
+        self._skip, self._open = skip, open_namespaces
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace in self._open:
+            # Private API: the function a torch.library.custom_op was defined with.
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
+        if self._skip():
+            return out
         read, written = _op_tensors(func, args, kwargs, out)
         entry = self.ops.setdefault(str(func), {"calls": 0, "read_bytes": 0, "write_bytes": 0})
         entry["calls"] += 1
         entry["read_bytes"] += sum(tensor_bytes(t) for t in read)
         entry["write_bytes"] += sum(tensor_bytes(t) for t in written)
         return out
+
+    def report(self):
+        read = sum(e["read_bytes"] for e in self.ops.values())
+        write = sum(e["write_bytes"] for e in self.ops.values())
+        return {"read_bytes": read, "write_bytes": write, "total_bytes": read + write,
+                "ops": self.ops}
 
 
 def _op_tensors(func, args, kwargs, out):
@@ -284,7 +330,4 @@ def count_aten_traffic(fn, *args, **kwargs):
     meter = _AtenMeter()
     with meter:
         result = fn(*args, **kwargs)
-    read = sum(e["read_bytes"] for e in meter.ops.values())
-    write = sum(e["write_bytes"] for e in meter.ops.values())
-    return result, {"read_bytes": read, "write_bytes": write, "total_bytes": read + write,
-                    "ops": meter.ops}
+    return result, meter.report()
