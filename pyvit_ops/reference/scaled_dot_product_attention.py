@@ -8,6 +8,7 @@ as torch does (its math path uses a "safe" softmax), not NaN.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,6 +45,11 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
+    if dropout_mask is None and dropout_p == 0.0 and attn_bias is not None \
+            and attn_bias.dtype != torch.bool and attn_bias.requires_grad:
+        # torch's CPU attention leaves its flash path for a bias that requires grad.
+        return _biased_attention(q.to(compute), k.to(compute), v.to(compute),
+                                attn_bias.to(compute), scale).to(q.dtype)
     if dropout_mask is None:
         # torch's own implementation of these semantics: on CPU its flash path keeps
         # no (Nq, Nk) tensor for the backward, so the CPU path is faster and smaller
@@ -62,3 +68,48 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
             s = s + attn_bias.to(compute)
     p = _safe_softmax(s) * dropout_mask.to(compute) * dropout_scale(dropout_p)
     return torch.matmul(p, v.to(compute)).to(q.dtype)
+
+
+def _biased_attention(q, k, v, bias, scale):
+    """``softmax(q @ k^T * scale + bias) @ v`` with a float ``bias`` broadcastable to the
+    scores that may require grad (its gradient comes back in its own shape); a row whose
+    logits are all -inf gives zeros.
+
+    Holds two (Nq, Nk) tensors at most, forward and backward, where the autograd
+    composition holds three in its backward (probabilities, their gradient and the
+    scores' gradient). No double backward, as the kernels.
+    """
+    return _BiasedAttention.apply(q, k, v, bias, scale)
+
+
+class _BiasedAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        q = q * scale  # (Nq, D) instead of (Nq, Nk) multiplications
+        s = torch.matmul(q, k.transpose(-1, -2)).add_(bias)
+        # A row of -inf would make softmax 0/0: it is clamped to a finite row (other rows
+        # keep their exact zeros) whose probabilities are then zeroed, which zeroes its
+        # output and gradients too.
+        dead = torch.isneginf(s.amax(dim=-1, keepdim=True))
+        p = torch.softmax(s.clamp_min_(torch.finfo(s.dtype).min), dim=-1).mul_(~dead)
+        out = torch.matmul(p, v)
+        ctx.save_for_backward(q, k, v, p, out)
+        ctx.scale, ctx.bias_shape = scale, bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, p, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # Softmax backward in place in the buffer of dp: ds = p * (dp - rowsum(dout * out)).
+        ds = torch.matmul(dout, v.transpose(-1, -2))
+        ds.sub_((dout * out).sum(dim=-1, keepdim=True)).mul_(p)
+        dq = torch.matmul(ds, k).mul_(ctx.scale) if need[0] else None
+        dk = torch.matmul(ds.transpose(-1, -2), q) if need[1] else None
+        dbias = ds.sum_to_size(ctx.bias_shape) if need[3] else None
+        # Released before dv is made, unless it is the bias gradient.
+        del ds
+        dv = torch.matmul(p.transpose(-1, -2), dout) if need[2] else None
+        return dq, dk, dv, dbias, None
