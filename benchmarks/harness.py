@@ -139,6 +139,18 @@ def write_records(path, records, target_lines):
     write_lines(os.path.splitext(path)[0] + ".targets.txt", target_lines)
 
 
+def merge_records(path, records, key):
+    """``records`` in place of the records of the JSON at ``path`` with the same ``key``
+    fields, keeping the rest: a partial run (a few ops or kernels) refreshes just those."""
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        old = json.load(f)
+    new = {tuple(r.get(k) for k in key): r for r in records}
+    merged = [new.pop(tuple(r.get(k) for k in key), r) for r in old]
+    return merged + list(new.values())
+
+
 def pyvit_function(name):
     """The public pyvit_ops function ``name``, imported when first called so that
     ``traffic.py`` can turn the Triton interpreter on before any kernel module loads."""

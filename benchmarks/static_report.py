@@ -145,6 +145,9 @@ def main(argv=None):
         except Exception as exc:  # no nvcc, or a file that does not compile: say so
             records.append({"kernel": "csrc/*.cu", "backend": "cuda",
                             "error": f"{type(exc).__name__}: {exc}"[:4000]})
+    if args.modules or args.sources or args.no_cuda or args.max_specs:  # a partial run
+        records = harness.merge_records(args.json, records,
+                                        ("backend", "kernel", "arch", "config"))
     lines = targets.static_lines(records)
     harness.write_records(args.json, records, lines)
     print(format_table(records))

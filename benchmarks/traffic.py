@@ -33,7 +33,6 @@ process (``python -m benchmarks`` starts it). The target check is written beside
 JSON as ``<name>.targets.txt``.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -143,18 +142,6 @@ def measure(module, shape, batch, dtype, max_units, log=print):
     return list(records.values())
 
 
-def _merged(path, records):
-    """``records`` in place of the same (op, model, pass) records of the JSON at ``path``,
-    which keeps the rest: a run of a few ops or models refreshes just those."""
-    if not os.path.exists(path):
-        return records
-    with open(path) as f:
-        old = json.load(f)
-    new = {(r["op"], r["model"], r["pass"]): r for r in records}
-    merged = [new.pop((r["op"], r["model"], r["pass"]), r) for r in old]
-    return merged + list(new.values())
-
-
 def _dout(out):
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
 
@@ -209,7 +196,8 @@ def main(argv=None):
         module = harness.load_op(op)
         for shape in harness.selected_shapes(module, args.tiny, args.models):
             records += measure(module, shape, args.batch, _DTYPES[args.dtype], args.max_units)
-    records = _merged(args.json, records)
+    if set(args.ops) != set(harness.OPS) or args.models:  # a partial run
+        records = harness.merge_records(args.json, records, ("op", "model", "pass"))
     lines = targets.traffic_lines(records)
     harness.write_records(args.json, records, lines)
     print("\n".join(lines))
