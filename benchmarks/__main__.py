@@ -8,7 +8,8 @@ NATTEN where they apply) with ``triton.testing.do_bench`` at real model shapes a
 Without a GPU it runs the CPU mode: the CPU path (the reference backend) timed against
 the naive composition on CPU at model shapes, then the memory-traffic figures
 (``traffic.py``, in a subprocess with the Triton interpreter) and the static compile
-report (``static_report.py``). ``--tiny`` runs a small configuration of all of it (CI).
+report (``static_report.py``). ``--tiny --out DIR`` runs a small configuration of all of it
+(CI); it refuses to write into ``benchmarks/results``.
 Every target is checked in ``results/summary_<device>.md`` (MET or MISSED with its figure),
 assembled from the latest ``*.targets.txt`` of each kind in the output directory; a run
 into ``benchmarks/results`` then rewrites the README's results section (``report.py``).
@@ -65,7 +66,14 @@ def parse_args(argv):
     bad = set(args.passes) - set(harness.PASSES)
     if bad:
         parser.error(f"--passes: expected a subset of {harness.PASSES}, got {sorted(bad)}")
+    if args.tiny and _is_results_dir(args.out):
+        parser.error(f"--tiny would merge its smoke-run records into the committed results "
+                     f"in {harness.RESULTS_DIR}: pass --out DIR")
     return args
+
+
+def _is_results_dir(path):
+    return os.path.abspath(path) == os.path.abspath(harness.RESULTS_DIR)
 
 
 def _device(name):
@@ -196,7 +204,7 @@ def main(argv=None):
     summary = write_summary(args.out, device)
     with open(summary) as f:
         print(f"\n== {os.path.relpath(summary)}\n{f.read()}")
-    if os.path.abspath(args.out) == os.path.abspath(harness.RESULTS_DIR):
+    if _is_results_dir(args.out):
         report.main([])  # the README's results section shows what was just measured
     return 0
 

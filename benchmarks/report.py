@@ -127,7 +127,7 @@ def static_section(records):
         ok = [r for r in recs if "error" not in r]
         spills = sum((r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) for r in ok)
         if backend == "triton":
-            dots = [r for r in ok if targets._expects_tensor_cores(r)]
+            dots = [r for r in ok if targets.expects_tensor_cores(r)]
             tc = f"{sum(1 for r in dots if r.get('tensor_core_instructions'))}/{len(dots)}"
             occupancy = _range([r.get("occupancy_warps") for r in ok], "{:.0f}")
         else:
@@ -153,12 +153,16 @@ def static_section(records):
 # ------------------------------------------------------------------ timings
 
 
+_NUMERIC = ("median_ms", "speedup_vs_naive", "peak_mem_mb")  # the CSV fields used here
+
+
 def _float(value):
     return float(value) if value not in (None, "") else None
 
 
 def timings_section(path):
-    rows = harness.latest_case_rows(path)
+    rows = [dict(r, **{k: _float(r.get(k)) for k in _NUMERIC})
+            for r in harness.latest_case_rows(path)]
     if not rows:
         return []
     device, dtype = rows[0]["device"], rows[0]["dtype"]
@@ -172,7 +176,7 @@ def timings_section(path):
         for prov in providers:
             cells = [f"`{op}`", prov]
             for p in harness.PASSES:
-                ratios = [_float(by[(op, m, b, prov, p)]["speedup_vs_naive"])
+                ratios = [by[(op, m, b, prov, p)]["speedup_vs_naive"]
                           for m, b in cases if (op, m, b, prov, p) in by]
                 ratios = [v for v in ratios if v]
                 cells.append(f"{harness.geomean(ratios):.2f} ({_range(ratios)})"
@@ -180,8 +184,8 @@ def timings_section(path):
             peaks = []
             for m, b in cases:
                 mine, naive = (by.get((op, m, b, who, "full")) for who in (prov, harness.NAIVE))
-                if mine and naive and _float(mine["peak_mem_mb"]) and _float(naive["peak_mem_mb"]):
-                    peaks.append(_float(mine["peak_mem_mb"]) / _float(naive["peak_mem_mb"]))
+                if mine and naive and mine["peak_mem_mb"] and naive["peak_mem_mb"]:
+                    peaks.append(mine["peak_mem_mb"] / naive["peak_mem_mb"])
             cells.insert(2, str(len(cases)))
             summary.append(cells + [_range(peaks)])
         for m, b in cases:
@@ -190,13 +194,12 @@ def timings_section(path):
                 if not any(got):
                     continue
                 status = next(g["status"] for g in got if g)
-                times = [f"{_float(g['median_ms']):.3f}" if g and _float(g["median_ms"]) else "–"
-                         for g in got]
-                speed = got[2] and _float(got[2]["speedup_vs_naive"])
+                times = [f"{g['median_ms']:.3f}" if g and g["median_ms"] else "–" for g in got]
+                speed = got[2] and got[2]["speedup_vs_naive"]
                 full.append([f"`{op}`", m, b, prov, *times,
                              f"{speed:.2f}" if speed else "–",
-                             f"{_float(got[2]['peak_mem_mb']):.1f}"
-                             if got[2] and _float(got[2]["peak_mem_mb"]) else "–", status])
+                             f"{got[2]['peak_mem_mb']:.1f}"
+                             if got[2] and got[2]["peak_mem_mb"] else "–", status])
     name = os.path.basename(path)
     lines = [f"### Timings: {device}", "",
              f"`{name}`, {dtype}, run {', '.join(runs)}: the newest run of each case. "

@@ -176,7 +176,7 @@ def traffic_lines(records):
     return lines
 
 
-def _expects_tensor_cores(record):
+def expects_tensor_cores(record):
     """A Triton ``tl.dot`` runs on tensor cores for fp16 / bf16 operands, and for fp32
     ones only in tf32 precision (an fp32 "ieee" dot is plain FMAs by design)."""
     if not record.get("uses_dot"):
@@ -190,7 +190,7 @@ def static_lines(records):
     ok = [r for r in records if "error" not in r]
     errors = [r for r in records if "error" in r]
     spilling = [r for r in ok if (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) > 0]
-    no_tc = [r for r in ok if _expects_tensor_cores(r) and not r.get("tensor_core_instructions")]
+    no_tc = [r for r in ok if expects_tensor_cores(r) and not r.get("tensor_core_instructions")]
     lines = [f"{_verdict(not errors)} static: every kernel config compiles: "
              f"{len(ok)}/{len(records)} records"]
     lines += [f"       error: {r['kernel']} {r.get('arch')}: {r['error'].splitlines()[0][:160]}"
@@ -199,7 +199,7 @@ def static_lines(records):
                  f"{len(ok) - len(spilling)}/{len(ok)} configs")
     lines += [f"       spills: {r['kernel']} {r['arch']} {r.get('config', '')}: "
               f"{r['spill_stores']} stores / {r['spill_loads']} loads" for r in spilling[:20]]
-    dots = [r for r in ok if _expects_tensor_cores(r)]
+    dots = [r for r in ok if expects_tensor_cores(r)]
     lines.append(f"{_verdict(not no_tc)} static: tensor-core instructions in every fp16 / bf16 / "
                  f"tf32 tl.dot kernel: {len(dots) - len(no_tc)}/{len(dots)} configs")
     lines += [f"       none in: {r['kernel']} {r['arch']}" for r in no_tc[:20]]

@@ -74,16 +74,16 @@ def _poolformer(x, backend):
 # (B=2, heads=2, Nq=5, Nk=7, D=12): Nq != Nk, D not a power of two.
 _Q, _KV = (2, 2, 5, 12), (2, 2, 7, 12)
 OP_CASES = [
-    OpCase("sdpa", _sdpa, [_Q, _KV, _KV]),
+    OpCase("scaled_dot_product_attention", _sdpa, [_Q, _KV, _KV]),
     # Broadcast biases: the gradient is reduced over the broadcast dims in the kernels.
-    OpCase("sdpa_bias_heads", _sdpa, [_Q, _KV, _KV], [(2, 5, 7)]),
-    OpCase("sdpa_bias_keys", _sdpa, [_Q, _KV, _KV], [(2, 1, 1, 7)]),
-    OpCase("sdpa_class_token", _sdpa, [(2, 2, 1, 12), _KV, _KV], [(1, 7)]),
+    OpCase("scaled_dot_product_attention_bias_heads", _sdpa, [_Q, _KV, _KV], [(2, 5, 7)]),
+    OpCase("scaled_dot_product_attention_bias_keys", _sdpa, [_Q, _KV, _KV], [(2, 1, 1, 7)]),
+    OpCase("scaled_dot_product_attention_class_token", _sdpa, [(2, 2, 1, 12), _KV, _KV], [(1, 7)]),
     # 5 x 3 grid, 2 x 2 windows: padding on both axes, a shift, 6 windows, 2 heads.
-    OpCase("window", _window(2, 1), [(1, 5, 3, 2, 4)] * 3, [(9, 2), (2, 4), (2, 4)]),
+    OpCase("window_attention", _window(2, 1), [(1, 5, 3, 2, 4)] * 3, [(9, 2), (2, 4), (2, 4)]),
     # 2 heads of 2 channels, 3 x 3 window with dilation 2 on a 5 x 4 image (every tap
     # leaves the image somewhere), 2 samples (the ghost gradients sum over them).
-    OpCase("elsa", _elsa(3, 2), [(2, 4, 5, 4), (2, 18, 5, 4)], [(4, 3, 3), (4, 3, 3)]),
+    OpCase("elsa_attention", _elsa(3, 2), [(2, 4, 5, 4), (2, 18, 5, 4)], [(4, 3, 3), (4, 3, 3)]),
     OpCase("avg_pool2d", _avg_pool, [(1, 2, 5, 4)]),
     OpCase("poolformer_pool", _poolformer, [(2, 3, 5, 4)]),
 ]

@@ -24,7 +24,7 @@ from op_cases import BACKENDS, MODULE_CASES, OP_CASES, run_backward, use_backend
 DTYPES = [pytest.param(torch.float16, 5e-3, 5e-3, id="fp16"),
           pytest.param(torch.bfloat16, 4e-2, 4e-2, id="bf16")]
 
-AUTOCAST_CASES = [c for c in OP_CASES if c.name != "sdpa_bias_keys"]
+AUTOCAST_CASES = [c for c in OP_CASES if c.name != "scaled_dot_product_attention_bias_keys"]
 
 
 def _close(actual, expected, atol, rtol, what):
@@ -95,7 +95,7 @@ def test_module_under_autocast(case, backend, dtype, atol, rtol):
 FP16_MAX = torch.finfo(torch.float16).max
 
 
-def _large_sdpa(g):
+def _large_scaled_dot_product_attention(g):
     # |q . k| reaches ~1e5: beyond float16 before the scale is applied.
     q, k, v = (torch.randn(s, generator=g) for s in [(2, 2, 5, 12), (2, 2, 7, 12), (2, 2, 7, 12)])
     q, k = 120 * q, 120 * k
@@ -105,7 +105,7 @@ def _large_sdpa(g):
     return call, [q, k, v], (q, k)
 
 
-def _large_window(g):
+def _large_window_attention(g):
     q, k, v = (torch.randn(1, 5, 3, 2, 8, generator=g) for _ in range(3))
     q, k = 150 * q, 150 * k
     table = torch.randn(9, 2, generator=g)
@@ -117,7 +117,7 @@ def _large_window(g):
     return call, [q, k, v], (q.transpose(1, 3).flatten(2, 3), k.transpose(1, 3).flatten(2, 3))
 
 
-def _large_elsa(g):
+def _large_elsa_attention(g):
     # Logits near the float16 limit whose differences (up to ~1.3e5) are beyond it.
     v = torch.randn(2, 4, 5, 4, generator=g)
     attn = (3e4 * torch.randn(2, 18, 5, 4, generator=g)).clamp(-6e4, 6e4)
@@ -127,7 +127,7 @@ def _large_elsa(g):
     return call, [v, attn], None
 
 
-def _large_pool(g):
+def _large_avg_pool2d(g):
     # Window sums of values near the float16 limit overflow unless accumulated in fp32.
     x = 6e4 * (0.9 + 0.1 * torch.rand(1, 2, 5, 4, generator=g))
 
@@ -137,7 +137,8 @@ def _large_pool(g):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", [_large_sdpa, _large_window, _large_elsa, _large_pool],
+@pytest.mark.parametrize("make", [_large_scaled_dot_product_attention, _large_window_attention,
+                                  _large_elsa_attention, _large_avg_pool2d],
                          ids=lambda f: f.__name__.removeprefix("_large_"))
 def test_fp16_autocast_beyond_fp16_range(make, backend):
     use_backend(backend)

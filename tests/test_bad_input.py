@@ -74,9 +74,14 @@ def _describe(value):
     return repr(value)
 
 
+# Row ids start with the operator's name, so ``-k <operator>`` selects its rows.
+_OPERATORS = {_sdpa: "scaled_dot_product_attention", _window: "window_attention",
+              _elsa: "elsa_attention", _pool: "avg_pool2d", _poolformer: "poolformer_pool"}
+
+
 def _row(fn, change, error, text):
     name = ",".join(f"{k}={_describe(v)}" for k, v in change.items())
-    return pytest.param(fn, change, error, text, id=f"{fn.__name__.strip('_')}-{name}"[:90])
+    return pytest.param(fn, change, error, text, id=f"{_OPERATORS[fn]}-{name}"[:90])
 
 
 BAD_CALLS = [
@@ -317,7 +322,8 @@ def test_from_timm_rejects_unsupported_timm_modules():
 # ------------------------------------------------------------------ NaN / inf, empty tensors
 
 NAN_CASES = [c for c in OP_CASES if c.name in
-             ("sdpa_bias_heads", "window", "elsa", "avg_pool2d", "poolformer_pool")]
+             ("scaled_dot_product_attention_bias_heads", "window_attention", "elsa_attention",
+              "avg_pool2d", "poolformer_pool")]
 
 
 def _poison_params():
@@ -354,7 +360,7 @@ def test_nan_and_inf_propagate_like_the_reference(case, index, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_sdpa_nan_query_row_is_nan(backend):
+def test_scaled_dot_product_attention_nan_query_row_is_nan(backend):
     """A NaN in a query makes its whole row NaN on the kernels; torch's math SDPA (and
     so the reference, whose parity target it is) returns a zero row there instead.
     Every other row matches the reference."""
@@ -371,16 +377,18 @@ def test_sdpa_nan_query_row_is_nan(backend):
 
 EMPTY_CALLS = [
     pytest.param(lambda b: _sdpa(q=_r(0, 3, 4), k=_r(0, 5, 4), v=_r(0, 5, 4), attn_bias=None,
-                                 backend=b), (0, 3, 4), id="sdpa-batch0"),
+                                 backend=b), (0, 3, 4),
+                 id="scaled_dot_product_attention-batch0"),
     pytest.param(lambda b: _sdpa(q=_r(2, 0, 4), attn_bias=None, backend=b), (2, 0, 4),
-                 id="sdpa-Nq0"),
+                 id="scaled_dot_product_attention-Nq0"),
     pytest.param(lambda b: _sdpa(k=_r(2, 0, 4), v=_r(2, 0, 4), attn_bias=None, backend=b),
-                 (2, 3, 4), id="sdpa-Nk0"),
+                 (2, 3, 4), id="scaled_dot_product_attention-Nk0"),
     pytest.param(lambda b: _window(q=_r(0, 5, 3, 2, 4), k=_r(0, 5, 3, 2, 4), v=_r(0, 5, 3, 2, 4),
-                                   backend=b), (0, 5, 3, 2, 4), id="window-batch0"),
+                                   backend=b), (0, 5, 3, 2, 4), id="window_attention-batch0"),
     pytest.param(lambda b: _elsa(v=_r(0, 4, 4, 5), attn=_r(0, 18, 4, 5), backend=b),
-                 (0, 4, 4, 5), id="elsa-batch0"),
-    pytest.param(lambda b: _pool(x=_r(0, 2, 5, 4), backend=b), (0, 2, 5, 4), id="pool-batch0"),
+                 (0, 4, 4, 5), id="elsa_attention-batch0"),
+    pytest.param(lambda b: _pool(x=_r(0, 2, 5, 4), backend=b), (0, 2, 5, 4),
+                 id="avg_pool2d-batch0"),
 ]
 
 

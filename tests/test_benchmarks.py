@@ -109,6 +109,14 @@ def test_readme_results_are_the_committed_data():
     assert report.main(["--check"]) == 0, "run python benchmarks/report.py"
 
 
+def test_tiny_refuses_the_committed_results_dir(capsys):
+    from benchmarks import __main__ as entry
+
+    with pytest.raises(SystemExit) as exc:  # argparse refuses before anything runs
+        entry.main(["--tiny"])
+    assert exc.value.code == 2 and "pass --out DIR" in capsys.readouterr().err
+
+
 def test_latest_case_rows_keeps_each_case_from_its_newest_run(tmp_path):
     path = str(tmp_path / "t.csv")
 

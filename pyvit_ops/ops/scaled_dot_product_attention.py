@@ -260,9 +260,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, out, lse, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    ctx.mark_non_differentiable(lse)
+    # No zeros for lse's gradient: autograd passes None.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # out got no gradient: none reaches the inputs
+        return (None,) * 8
     q, k, v, bias, out, lse, seed = ctx.saved_tensors
     bias_grad = bias is not None and bias.dtype != torch.bool and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.pyvit_ops.scaled_dot_product_attention_bwd(
