@@ -27,10 +27,13 @@ per thread, comparable with the time its 12.5 KB of q / k / v / out take at HBM
 bandwidth; a per-(window, head) program that redid the gather and index math ran
 ~2000.
 
-Tiles: the whole window (N = wh*ww <= 64 tokens) is one ``BLOCK_N x BLOCK_N`` score
-tile (N padded to 32 or 64 for ``tl.dot``), so the softmax is exact in one pass.
-Packing several windows into one 128-row tile was rejected: the attention is
-block-diagonal, so it would only add masked work to a memory-bound operator.
+Tiles: a window of N = wh*ww <= 64 tokens is one ``BLOCK_N x BLOCK_N`` score tile (N
+padded to 32 or 64 for ``tl.dot``), so the softmax is exact in one pass. Packing
+several windows into one 128-row tile was rejected: the attention is block-diagonal,
+so it would only add masked work to a memory-bound operator. Larger windows (Swin at
+384: 12x12 = 144, up to 16x16) go to the tiled kernels below (``_tiled``), which walk
+a window in query / key blocks with an online softmax, as flash attention walks a
+sequence.
 Products use tensor cores in every dtype: fp16 / bf16 operands, and TF32 for fp32
 inputs (IEEE fp32 dots fall back to FMA loops that spill; TF32 rounds the
 operands to 10 mantissa bits, about 1e-3 relative error on the scores, as
@@ -68,7 +71,7 @@ import triton.language as tl
 
 from pyvit_ops.reference.window_attention import relative_position_index
 
-MAX_WINDOW_AREA = 64
+MAX_WINDOW_AREA = 256  # 16 x 16 (Swin V2); over 64 tokens the tiled kernels
 MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_FP32 = 64  # fp32 tiles are twice the size: D = 128 spills
 MAX_HEAD_DIM_FP32_WIDE = 32  # ... and with windows over 32 tokens, D = 64 spills
@@ -86,11 +89,11 @@ _QKV, _PAD, _BIAS = (tl.constexpr(i) for i in range(3))
 
 
 @triton.jit
-def _slot_rows_cols(WW, BLOCK_N: tl.constexpr):
-    """Slot t -> (t, ty, tx) inside a window of width WW. t // WW goes through an fp32
-    reciprocal, exact here ((t + 0.5) / WW stays 0.5 / WW away from integers), since
-    integer division by a runtime value costs ~20 instructions a slot."""
-    t = tl.arange(0, BLOCK_N)
+def _slot_rows_cols(WW, t0, BLOCK_N: tl.constexpr):
+    """Slots t0 + [0, BLOCK_N) -> (t, ty, tx) inside a window of width WW. t // WW goes
+    through an fp32 reciprocal, exact here ((t + 0.5) / WW stays 0.5 / WW away from
+    integers), since integer division by a runtime value costs ~20 instructions a slot."""
+    t = t0 + tl.arange(0, BLOCK_N)
     ty = ((t.to(tl.float32) + 0.5) * (1.0 / WW)).to(tl.int32)
     return t, ty, t - ty * WW
 
@@ -126,37 +129,52 @@ def _program_windows(pid, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM):
 
 
 @triton.jit
-def _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scale,
-                       mask_value, HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       KEYS_AS_ROWS: tl.constexpr):
-    """What the program's windows share: per slot (ty, tx) and whether it is inside the
-    window, and the score accumulator ``(bias + shift mask) / scale`` (-inf on key
-    slots past N), the bias gathered from the table of head ``h``; a (query, key)
-    tile, or (key, query) with ``KEYS_AS_ROWS`` (bias transposed, mask symmetric).
+def _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scale, mask_value,
+               ty_r, tx_r, in_r, ty_c, tx_c, in_c, HAS_TABLE: tl.constexpr,
+               KEYS_AS_ROWS: tl.constexpr):
+    """The score accumulator start ``(bias + shift mask) / scale`` of a tile of row slots
+    (ty_r, tx_r) by column slots (ty_c, tx_c), -inf on key slots past N, the bias
+    gathered from the table of head ``h``. Rows are queries, or keys with
+    ``KEYS_AS_ROWS`` (bias transposed, mask symmetric).
 
     Shift regions only split the last window row (column), at slot row WH - SH
     (column WW - SW), where timm's get_attn_mask puts its boundaries."""
-    t, ty, tx = _slot_rows_cols(WW, BLOCK_N)
-    in_win = t < WH * WW
-    region = ((ty >= WH - SH) & last_row).to(tl.int32) * 2 \
-        + ((tx >= WW - SW) & last_col).to(tl.int32)
-    acc0 = tl.where(region[:, None] != region[None, :], mask_value, 0.0)
+    region_r = ((ty_r >= WH - SH) & last_row).to(tl.int32) * 2 \
+        + ((tx_r >= WW - SW) & last_col).to(tl.int32)
+    region_c = ((ty_c >= WH - SH) & last_row).to(tl.int32) * 2 \
+        + ((tx_c >= WW - SW) & last_col).to(tl.int32)
+    acc0 = tl.where(region_r[:, None] != region_c[None, :], mask_value, 0.0)
     if HAS_TABLE:
         # rel(i, j) = (ty_i - ty_j + WH - 1)(2WW - 1) + tx_i - tx_j + WW - 1 = row_i - col_j.
         # Slots past N take the centre row / column 0, so the gather stays inside the
         # table without a mask (their scores are discarded).
         centre = (WH - 1) * (2 * WW - 1) + WW - 1
-        col = tl.where(in_win, ty * (2 * WW - 1) + tx, 0)
-        row = tl.where(in_win, centre + col, centre)
+        col_r = tl.where(in_r, ty_r * (2 * WW - 1) + tx_r, 0)
+        col_c = tl.where(in_c, ty_c * (2 * WW - 1) + tx_c, 0)
         if KEYS_AS_ROWS:
-            acc0 += tl.load(table_ptr + (row[None, :] - col[:, None]) * HEADS + h)
+            row_c = tl.where(in_c, centre + col_c, centre)
+            acc0 += tl.load(table_ptr + (row_c[None, :] - col_r[:, None]) * HEADS + h)
         else:
-            acc0 += tl.load(table_ptr + (row[:, None] - col[None, :]) * HEADS + h)
+            row_r = tl.where(in_r, centre + col_r, centre)
+            acc0 += tl.load(table_ptr + (row_r[:, None] - col_c[None, :]) * HEADS + h)
     # -inf before the product by 1 / scale: the sign comes out right for any scale.
     if KEYS_AS_ROWS:
-        acc0 = tl.where(in_win[:, None], acc0, float("-inf")) * inv_scale
+        acc0 = tl.where(in_r[:, None], acc0, float("-inf")) * inv_scale
     else:
-        acc0 = tl.where(in_win[None, :], acc0, float("-inf")) * inv_scale
+        acc0 = tl.where(in_c[None, :], acc0, float("-inf")) * inv_scale
+    return acc0
+
+
+@triton.jit
+def _window_invariants(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scale,
+                       mask_value, HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KEYS_AS_ROWS: tl.constexpr):
+    """What the program's windows share when one tile holds a window: per slot (ty, tx)
+    and whether it is inside the window, and the whole window's ``_bias_mask``."""
+    t, ty, tx = _slot_rows_cols(WW, 0, BLOCK_N)
+    in_win = t < WH * WW
+    acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scale,
+                      mask_value, ty, tx, in_win, ty, tx, in_win, HAS_TABLE, KEYS_AS_ROWS)
     return ty, tx, in_win, acc0
 
 
@@ -416,6 +434,221 @@ def _window_attention_dtable_kernel(dbias_ptr, pairs_ptr, dtable_ptr, GROUPS, HE
     tl.store(dtable_ptr + r * HEADS + h, acc, mask=r < ROWS)
 
 
+# --------------------------------------------------------------------------- tiled (N > 64)
+# Windows over 64 tokens (Swin at 384: 12x12 = 144) do not fit one score tile. These
+# kernels walk a window in (query block, key block) tiles of 64 x 64 slots, as flash
+# attention walks a sequence: the forward with an online softmax over key blocks, the
+# backward in FlashAttention-2's split (one launch per gradient, so that no output is
+# shared between programs and nothing needs atomics). The bias gather and shift mask
+# are redone per tile and window: the accumulator start of all tiles of a window is
+# 4 N^2 bytes, too much to keep in registers across the window loop.
+_DQ, _DKV = (tl.constexpr(i) for i in (3, 4))  # PASSes of the tiled backward (and _BIAS)
+
+
+@triton.jit
+def _tile_slots(e, t0, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW,
+                BLOCK: tl.constexpr):
+    """Slots t0 + [0, BLOCK) of the program's window ``e``: (t, ty, tx, in_win) and
+    ``_window_tokens``'s (w, b, real, oy, ox, is_pad)."""
+    t, ty, tx = _slot_rows_cols(WW, t0, BLOCK)
+    in_win = t < WH * WW
+    w, b, real, oy, ox, is_pad = _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh,
+                                                n_ww, WH, WW, SH, SW, ty, tx, in_win)
+    return t, ty, tx, in_win, w, b, real, oy, ox, is_pad
+
+
+@triton.jit
+def _window_attention_fwd_tiled_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, pad_k_ptr, pad_v_ptr, out_ptr, lse_ptr,
+        B, H, W, n_wh, n_ww, HEADS, D, WINDOWS_PER_PROGRAM,
+        WH, WW, SH, SW, scale, inv_scale, mask_value,
+        stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
+        stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
+        HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr):
+    """Forward of one query block of the program's windows; query blocks vary fastest
+    over program ids, so the programs of a window run together (its k / v from L2)."""
+    N = WH * WW
+    n_qb = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    h, last_row, last_col, ny, nx, first, end = _program_windows(
+        pid // n_qb, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
+    q0 = (pid % n_qb) * BLOCK_M
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
+    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
+    for e in range(first, end):
+        tq, tyq, txq, in_q, w, b, real_q, oyq, oxq, pad_q = _tile_slots(
+            e, q0, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW, BLOCK_M)
+        q = _load_tokens(q_ptr, b, oyq, oxq, h, d, real_q, d_ok,
+                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+        m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_N):
+            tk, tyk, txk, in_k, wk, bk, real_k, oyk, oxk, is_pad = _tile_slots(
+                e, k0, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW, BLOCK_N)
+            k = _load_padded(k_ptr, pad_k, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
+                             stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+            acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col,
+                              inv_scale, mask_value, tyq, txq, in_q, tyk, txk, in_k,
+                              HAS_TABLE, False)
+            s = _scores_log2(q, k, acc0, scale)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            # A -inf mask_value can hide a whole key block from a row: keep exp2 finite.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m - m_ref)
+            l = l * alpha + tl.sum(p, 1)
+            v = _load_padded(v_ptr, pad_v, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
+                             stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32")
+            m = m_new
+        _store_tokens(out_ptr, acc / l[:, None], b, oyq, oxq, h, d, real_q, d_ok, H, W,
+                      HEADS, D)
+        tl.store(lse_ptr + (w * HEADS + h) * N + tq, m + tl.log2(l), mask=in_q)
+
+
+@triton.jit
+def _probs_dscores(a, b, a2, b2, acc0, lse, delta, scale, KEYS_AS_ROWS: tl.constexpr):
+    """P and dS of one tile from its operands: (a, b, a2, b2) = (q, k, dout, v) for a
+    (query, key) tile, (k, q, v, dout) for (key, query)."""
+    s = _scores_log2(a, b, acc0, scale)
+    dp = tl.dot(a2, tl.trans(b2), input_precision="tf32")
+    if KEYS_AS_ROWS:
+        p = tl.exp2(s - lse[None, :])
+        ds = p * (dp - delta[None, :])
+    else:
+        p = tl.exp2(s - lse[:, None])
+        ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def _window_attention_bwd_tiled_kernel(
+        q_ptr, k_ptr, v_ptr, dout_ptr, out_ptr, lse_ptr, delta_ptr, table_ptr, pad_k_ptr,
+        pad_v_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dpad_ptr,
+        B, H, W, n_wh, n_ww, HEADS, D, WINDOWS_PER_PROGRAM,
+        WH, WW, SH, SW, scale, inv_scale, mask_value,
+        stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
+        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
+        stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
+        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
+        HAS_TABLE: tl.constexpr, PASS: tl.constexpr, PAD_GRAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One backward launch (``PASS``), each program owning one block of its windows:
+    ``_DQ`` a query block: delta = rowsum(dout * out), stored for the other passes, and
+    dq over the key blocks; ``_DKV`` a key block: dk, dv over the query blocks, and with
+    ``PAD_GRAD`` one ``2 x D`` partial per program of dk, dv summed over padded keys;
+    ``_BIAS`` one (query block, key block) tile: dS summed over the windows into the
+    program's slice of its group's ``N x N`` partial dbias."""
+    N = WH * WW
+    n_qb = tl.cdiv(N, BLOCK_M)
+    n_kb = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    n_tiles = n_qb if PASS == _DQ else (n_kb if PASS == _DKV else n_qb * n_kb)
+    rest = pid // n_tiles
+    tile = pid % n_tiles
+    h, last_row, last_col, ny, nx, first, end = _program_windows(
+        rest, HEADS, B, n_wh, n_ww, WINDOWS_PER_PROGRAM)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
+    pad_v = tl.load(pad_v_ptr + h * D + d, mask=d_ok, other=0.0)
+    if PASS == _DKV:
+        # (key, query) tiles: dk and dv come out of their dots untransposed.
+        k0 = tile * BLOCK_N
+        dpad_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dpad_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for e in range(first, end):
+            tk, tyk, txk, in_k, w, b, real_k, oyk, oxk, is_pad = _tile_slots(
+                e, k0, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW, BLOCK_N)
+            k = _load_padded(k_ptr, pad_k, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
+                             stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+            v = _load_padded(v_ptr, pad_v, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
+                             stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            for q0 in range(0, N, BLOCK_M):
+                tq, tyq, txq, in_q, wq, bq, real_q, oyq, oxq, pad_q = _tile_slots(
+                    e, q0, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW,
+                    BLOCK_M)
+                q = _load_tokens(q_ptr, b, oyq, oxq, h, d, real_q, d_ok,
+                                 stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+                do = _load_tokens(dout_ptr, b, oyq, oxq, h, d, real_q, d_ok,
+                                  stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
+                # Queries past N: lse = +inf, hence p = 0; padded queries have dout = 0.
+                row = (w * HEADS + h) * N + tq
+                lse = tl.load(lse_ptr + row, mask=in_q, other=float("inf"))
+                delta = tl.load(delta_ptr + row, mask=in_q, other=0.0)
+                acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col,
+                                  inv_scale, mask_value, tyk, txk, in_k, tyq, txq, in_q,
+                                  HAS_TABLE, True)
+                p, ds = _probs_dscores(k, q, v, do, acc0, lse, delta, scale, True)
+                dv += tl.dot(p.to(do.dtype), do, input_precision="tf32")
+                dk += tl.dot(ds.to(q.dtype), q, input_precision="tf32")
+            dk *= scale
+            _store_tokens(dk_ptr, dk, b, oyk, oxk, h, d, real_k, d_ok, H, W, HEADS, D)
+            _store_tokens(dv_ptr, dv, b, oyk, oxk, h, d, real_k, d_ok, H, W, HEADS, D)
+            if PAD_GRAD:
+                dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
+                dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
+        if PAD_GRAD:
+            tl.store(dpad_ptr + pid * 2 * D + d, dpad_k, mask=d_ok)
+            tl.store(dpad_ptr + (pid * 2 + 1) * D + d, dpad_v, mask=d_ok)
+    else:
+        q0 = (tile if PASS == _DQ else tile // n_kb) * BLOCK_M
+        dbias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for e in range(first, end):
+            tq, tyq, txq, in_q, w, b, real_q, oyq, oxq, pad_q = _tile_slots(
+                e, q0, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, SW, BLOCK_M)
+            q = _load_tokens(q_ptr, b, oyq, oxq, h, d, real_q, d_ok,
+                             stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd)
+            do = _load_tokens(dout_ptr, b, oyq, oxq, h, d, real_q, d_ok,
+                              stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
+            row = (w * HEADS + h) * N + tq
+            lse = tl.load(lse_ptr + row, mask=in_q, other=float("inf"))
+            if PASS == _DQ:
+                # out is the forward's contiguous output.
+                o = _load_tokens(out_ptr, b, oyq, oxq, h, d, real_q, d_ok,
+                                 H * W * HEADS * D, W * HEADS * D, HEADS * D, D, 1)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                tl.store(delta_ptr + row, delta, mask=in_q)
+                key_blocks = tl.cdiv(N, BLOCK_N)
+                kb0 = 0
+            else:
+                delta = tl.load(delta_ptr + row, mask=in_q, other=0.0)
+                key_blocks = 1
+                kb0 = tile % n_kb
+            dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for kb in range(kb0, kb0 + key_blocks):
+                tk, tyk, txk, in_k, wk, bk, real_k, oyk, oxk, is_pad = _tile_slots(
+                    e, kb * BLOCK_N, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW,
+                    SH, SW, BLOCK_N)
+                k = _load_padded(k_ptr, pad_k, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
+                                 stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
+                v = _load_padded(v_ptr, pad_v, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
+                                 stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
+                acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col,
+                                  inv_scale, mask_value, tyq, txq, in_q, tyk, txk, in_k,
+                                  HAS_TABLE, False)
+                p, ds = _probs_dscores(q, k, do, v, acc0, lse, delta, scale, False)
+                if PASS == _DQ:
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision="tf32")
+                else:
+                    dbias += ds
+            if PASS == _DQ:
+                _store_tokens(dq_ptr, dq * scale, b, oyq, oxq, h, d, real_q, d_ok, H, W,
+                              HEADS, D)
+        if PASS == _BIAS:
+            i = q0 + tl.arange(0, BLOCK_M)
+            j = (tile % n_kb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(dbias_ptr + (rest * N + i[:, None]) * N + j[None, :], dbias,
+                     mask=(i < N)[:, None] & (j < N)[None, :])
+
+
 # --------------------------------------------------------------------------- configs
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -446,6 +679,29 @@ def _config(block_n, block_d, dtype_name, backward, arch):
     if not backward:
         return warps, 2
     return warps, 2 if arch >= 90 and block_n == 32 and block_d <= 64 else 1
+
+
+# (BLOCK_D, PASS; None: the forward) -> (BLOCK_M, BLOCK_N) of the tiled kernels: the
+# largest blocks without spills on sm_80 and sm_90a in a static compile sweep, with 4
+# warps. The tiles are 64 x 32 where they fit (a 144-token window: 3 x 5 tiles, 1.3x
+# the real pairs); the dk / dv pass keeps four (key block, D) tiles live, so it takes
+# 32 keys (with 64 queries only at D = 32); head dim 128 needs 32 x 32 throughout
+# but for dbias, which keeps no (block, D) accumulator.
+_TILED_BLOCKS = {
+    (32, None): (64, 32), (64, None): (64, 32), (128, None): (32, 32),
+    (32, 3): (64, 32), (64, 3): (64, 32), (128, 3): (32, 32),
+    (32, 4): (32, 64), (64, 4): (32, 32), (128, 4): (32, 32),
+    (32, 2): (64, 32), (64, 2): (64, 32), (128, 2): (64, 32),
+}
+
+
+def _tiled_config(block_d, dtype_name, pass_, arch):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tiled launch (``pass_`` None: the
+    forward, whose key loop is pipelined). The same on both archs; half-precision dq at
+    D = 32 takes 32-query blocks (64 x 32 spills on sm_80 with a table)."""
+    blocks = (32, 64) if dtype_name != "fp32" and (block_d, pass_) == (32, _DQ.value) \
+        else _TILED_BLOCKS[block_d, pass_]
+    return (*blocks, 4, 2 if pass_ is None else 1)
 
 
 def _split_bias(block_n, block_d, dtype_name):
@@ -482,8 +738,18 @@ def _arch(device):
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
+def _pairs_block(N):
+    """BLOCK_P of the dtable kernel: the pairs of a table row (at most N)."""
+    return max(_BLOCK_NS[0], triton.next_power_of_2(N))
+
+
+def _tiled(N):
+    return N > _BLOCK_NS[-1]
+
+
 def _blocks(N, D):
-    block_n = next(b for b in _BLOCK_NS if b >= N)
+    """(BLOCK_N, BLOCK_D); BLOCK_N is the block of the tiled kernels past 64 tokens."""
+    block_n = next((b for b in _BLOCK_NS if b >= N), _BLOCK_NS[-1])
     block_d = next(b for b in _BLOCK_DS if b >= D)
     return block_n, block_d
 
@@ -522,10 +788,11 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _window_groups(B, n_wh, n_ww, heads, device):
+def _window_groups(B, n_wh, n_ww, heads, device, tiles=1):
     """(windows per program, programs per window kind): a program walks consecutive
     windows of one kind (interior, last row, last column, corner; see
-    ``_program_windows``) for one head.
+    ``_program_windows``) for one head (and, in the tiled kernels, one of ``tiles``
+    blocks of them: the launch has ``tiles`` times the programs listed).
 
     On a GPU about 8 programs per SM: a few waves of resident programs, each
     pipelining its window loop and building its accumulator start (bias gather,
@@ -537,7 +804,8 @@ def _window_groups(B, n_wh, n_ww, heads, device):
     target = 8 * _sm_count(device) if device.type == "cuda" else 4
     # At least one window per program: an empty batch launches nothing but still sizes
     # the (empty) partial buffers.
-    per_program = max(1, triton.cdiv(num_windows, max(1, min(num_windows, target // heads))))
+    per_program = max(1, triton.cdiv(num_windows,
+                                     max(1, min(num_windows, target // (heads * tiles)))))
     kinds = (B * (n_wh - 1) * (n_ww - 1), B * (n_ww - 1), B * (n_wh - 1), B)
     return per_program, [triton.cdiv(n, per_program) * heads for n in kinds]
 
@@ -555,16 +823,25 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
     _check_int32(q=q, k=k, v=v, out=out)
     if out.numel() == 0:
         return out, lse
-    block_n, block_d = _blocks(wh * ww, D)
-    num_warps, num_stages = _config(block_n, block_d, _DTYPE_NAMES[q.dtype], False,
-                                    _arch(q.device))
-    per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device)
-    _window_attention_fwd_kernel[(sum(programs),)](
+    N = wh * ww
+    block_n, block_d = _blocks(N, D)
+    dtype_name, arch = _DTYPE_NAMES[q.dtype], _arch(q.device)
+    if _tiled(N):
+        kernel = _window_attention_fwd_tiled_kernel
+        block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype_name, None, arch)
+        tiles = triton.cdiv(N, block_m)
+        blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        tiles, kernel = 1, _window_attention_fwd_kernel
+        num_warps, num_stages = _config(block_n, block_d, dtype_name, False, arch)
+        blocks = dict(BLOCK_N=block_n)
+    per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device, tiles)
+    kernel[(sum(programs) * tiles,)](
         q, k, v, _table_fp32(table, q.device), _pad_rows(pad_k, q), _pad_rows(pad_v, q),
         out, lse, B, H, W, n_wh, n_ww, heads, D, per_program, wh, ww, sh, sw,
         float(scale), 1.0 / scale, float(mask_value),
         *q.stride(), *k.stride(), *v.stride(),
-        HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_TABLE=table is not None, BLOCK_D=block_d, **blocks,
         num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
@@ -586,33 +863,24 @@ def _pairs_by_table_row(window_size, device):
     return pairs
 
 
-def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_size, shift_size,
-                         scale, mask_value, needs_input_grad):
-    """Gradients ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; an entry is None when the
-    matching flag of ``needs_input_grad`` (same order) is False. dq / dk / dv are
-    contiguous (B, H, W, heads, D) in q's dtype, dtable has the table's shape and
-    dtype, dpad_k / dpad_v are (heads, D) in the pads' dtypes. Deterministic.
+def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq, dk, dv, window_size,
+                     shift_size, scale, mask_value, want_bias, want_pad):
+    """Backward launches of windows of at most 64 tokens (``_bwd_passes``): returns the
+    partial dbias buffer, its number of program groups and the fp32 pad gradient
+    partials, ``(groups, heads, slots, 2, D)`` (no groups unless ``want_pad``).
 
     The pad gradients take their own launch over the last-row / last-column windows
-    (the only ones with padded keys), and only when the grid is padded; it writes one
-    partial per window, summed here in a fixed order (see ``_bwd_passes`` for all
-    launches)."""
-    B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
+    (the only ones with padded keys); it writes one partial per window, summed here in a
+    fixed order."""
+    B, H, W, heads, D, n_wh, n_ww, _ = _geometry(q, window_size)
     (wh, ww), (sh, sw) = window_size, shift_size
     N = wh * ww
-    need_q, need_k, need_v, need_table, need_pad_k, need_pad_v = needs_input_grad
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    _check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
-    has_table = table is not None
     per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device)
-    want_bias = has_table and need_table
     dbias = torch.empty(sum(programs) * N * N if want_bias else 0, dtype=torch.float32,
                         device=q.device)
-    want_pad = (need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None)
-    padded = H % wh != 0 or W % ww != 0
     # One (dk, dv) pad partial per window slot of the pad launch's programs; slots past
     # a program's last window stay zero.
-    dpad = torch.zeros(sum(programs[1:]) * per_program if want_pad and padded else 0, 2, D,
+    dpad = torch.zeros(sum(programs[1:]) * per_program if want_pad else 0, 2, D,
                        dtype=torch.float32, device=q.device)
     if dq.numel():
         block_n, block_d = _blocks(N, D)
@@ -623,16 +891,99 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                 B, H, W, n_wh, n_ww, heads, D, per_program)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
                 *q.stride(), *k.stride(), *v.stride(), *dout.stride())
-        config = dict(HAS_TABLE=has_table, BLOCK_N=block_n, BLOCK_D=block_d,
+        config = dict(HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
                       num_warps=num_warps, num_stages=num_stages)
         for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias,
-                                            dpad.shape[0] > 0):
+                                            want_pad):
             # The pad pass walks the last-row / last-column programs only.
             grid, first = ((sum(programs[1:]), programs[0]) if pass_ == _PAD.value
                            else (sum(programs), 0))
             _window_attention_bwd_kernel[(grid,)](
                 *args, first, *rest, PASS=pass_, BIAS_GRAD=bias_grad,
                 BLOCK_K=_chunk(block_d, pass_), **config)
+    # Slots are (program, window of the program); heads vary fastest over programs.
+    return dbias, sum(programs) // heads, dpad.view(-1, heads, per_program, 2, D)
+
+
+def _tiled_passes(want_bias):
+    """The PASS of each tiled backward launch, in order: dq first, since it stores the
+    delta the others read."""
+    return [_DQ.value, _DKV.value] + [_BIAS.value] * want_bias
+
+
+def _tiles(N, pass_, block_m, block_n):
+    """Programs per window group of a tiled launch: its query blocks, key blocks or
+    (query, key) block pairs."""
+    n_qb, n_kb = triton.cdiv(N, block_m), triton.cdiv(N, block_n)
+    return {_DKV.value: n_kb, _BIAS.value: n_qb * n_kb}.get(pass_, n_qb)
+
+
+def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_size,
+               shift_size, scale, mask_value, want_bias, want_pad):
+    """Backward launches of windows over 64 tokens (``_tiled_passes``), returning what
+    ``_bwd_single_tile`` returns. Each launch groups windows for its own tile count; the
+    ``_DKV`` launch writes one pad partial per program when ``want_pad``."""
+    B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
+    (wh, ww), (sh, sw) = window_size, shift_size
+    N = wh * ww
+    block_d = _blocks(N, D)[1]
+    dtype_name, arch = _DTYPE_NAMES[q.dtype], _arch(q.device)
+    launches = {}  # PASS -> (config, tiles, windows per program, programs per kind)
+    for pass_ in _tiled_passes(True):
+        config = _tiled_config(block_d, dtype_name, pass_, arch)
+        tiles = _tiles(N, pass_, *config[:2])
+        launches[pass_] = (config, tiles,
+                           *_window_groups(B, n_wh, n_ww, heads, q.device, tiles))
+    bias_programs = sum(launches[_BIAS.value][3])
+    dbias = torch.empty(bias_programs * N * N if want_bias else 0, dtype=torch.float32,
+                        device=q.device)
+    _, kv_tiles, _, kv_programs = launches[_DKV.value]
+    dpad = torch.empty(sum(kv_programs) * kv_tiles if want_pad else 0, 2, D,
+                       dtype=torch.float32, device=q.device)
+    delta = torch.empty(num_windows, heads, N, dtype=torch.float32, device=q.device)
+    if dq.numel():
+        args = (q, k, v, dout, out.contiguous(), lse, delta, _table_fp32(table, q.device),
+                _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
+                B, H, W, n_wh, n_ww, heads, D)
+        rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
+                *q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        for pass_ in _tiled_passes(want_bias):
+            (block_m, block_n, num_warps, num_stages), tiles, per_program, programs = \
+                launches[pass_]
+            _window_attention_bwd_tiled_kernel[(sum(programs) * tiles,)](
+                *args, per_program, *rest, HAS_TABLE=table is not None, PASS=pass_,
+                PAD_GRAD=want_pad and pass_ == _DKV.value, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+    # Programs are (group, head, key block) with the key block fastest.
+    return dbias, bias_programs // heads, dpad.view(-1, heads, kv_tiles, 2, D)
+
+
+def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_size, shift_size,
+                         scale, mask_value, needs_input_grad):
+    """Gradients ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; an entry is None when the
+    matching flag of ``needs_input_grad`` (same order) is False. dq / dk / dv are
+    contiguous (B, H, W, heads, D) in q's dtype, dtable has the table's shape and
+    dtype, dpad_k / dpad_v are (heads, D) in the pads' dtypes. Deterministic.
+
+    The pad gradients are computed only when the grid is padded (otherwise they are
+    zero)."""
+    B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
+    (wh, ww) = window_size
+    N = wh * ww
+    need_q, need_k, need_v, need_table, need_pad_k, need_pad_v = needs_input_grad
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    _check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
+    want_bias = table is not None and need_table
+    want_pad = (((need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None))
+                and (H % wh != 0 or W % ww != 0))
+    if _tiled(N):
+        dbias, groups, dpad = _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk,
+                                         dv, window_size, shift_size, scale, mask_value,
+                                         want_bias, want_pad)
+    else:
+        dbias, groups, dpad = _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq,
+                                               dk, dv, window_size, shift_size, scale,
+                                               mask_value, want_bias, want_pad)
     dtable = None
     if want_bias:
         # One pass over the partials, straight into the (rows, heads) table layout.
@@ -640,11 +991,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
         rows = pairs.shape[0]
         dtable = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
         _window_attention_dtable_kernel[(triton.cdiv(rows, _DTABLE_ROWS), heads)](
-            dbias, pairs, dtable, sum(programs) // heads, heads, rows, N,
-            BLOCK_R=_DTABLE_ROWS, BLOCK_P=_blocks(N, D)[0], num_warps=4, num_stages=1)
+            dbias, pairs, dtable, groups, heads, rows, N,
+            BLOCK_R=_DTABLE_ROWS, BLOCK_P=_pairs_block(N), num_warps=4,
+            num_stages=1)
         dtable = dtable.to(table.dtype)
-    # Slots are (program, window of the program); heads vary fastest over programs.
-    dpad = dpad.view(-1, heads, per_program, 2, D)
     dpad_k = dpad_v = None
     if need_pad_k and pad_k is not None:
         dpad_k = dpad[:, :, :, 0].sum((0, 2)).to(pad_k.dtype)
@@ -689,6 +1039,33 @@ def static_compile_specs():
                 picks.setdefault(key, [])
                 if arch not in picks[key]:
                     picks[key].append(arch)
+    for arch, dtype, block_d in itertools.product((80, 90), ("fp16", "bf16", "fp32"), _BLOCK_DS):
+        if dtype == "fp32" and block_d > max_head_dim_fp32(_BLOCK_NS[-1] + 1):
+            continue
+        # (pass or None for the forward, HAS_TABLE, PAD_GRAD) as the tiled launchers see them.
+        variants = [(None, t, False) for t in (True, False)]
+        for t, bias in itertools.product((True, False), repeat=2):
+            if bias and not t:
+                continue
+            for pass_ in _tiled_passes(bias):
+                variants += [(pass_, t, pad) for pad in ((False, True) if pass_ == _DKV.value
+                                                         else (False,))]
+        for pass_, t, pad in dict.fromkeys(variants):
+            kernel = _window_attention_fwd_tiled_kernel if pass_ is None \
+                else _window_attention_bwd_tiled_kernel
+            constexprs = (("HAS_TABLE", t),)
+            if pass_ is not None:
+                constexprs += (("PASS", pass_), ("PAD_GRAD", pad))
+            block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype, pass_, arch)
+            constexprs += (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_D", block_d))
+            suffix = (f"{'_table' if t else ''}"
+                      f"{'' if pass_ is None else {3: '_dq', 4: '_dkv', 2: '_bias'}[pass_]}"
+                      f"{'_pad' if pad else ''}")
+            key = (f"{kernel.__name__}_m{block_m}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
+                   dtype, constexprs, num_warps, num_stages)
+            picks.setdefault(key, [])
+            if arch not in picks[key]:
+                picks[key].append(arch)
     specs = []
     for (name, kernel, dtype, constexprs, num_warps, num_stages), archs in picks.items():
         unit = [a for a in kernel.arg_names if a.startswith("stride_") and a.endswith("d")
@@ -699,7 +1076,7 @@ def static_compile_specs():
         for a in kernel.arg_names:
             if a in constexprs:
                 signature[a] = "constexpr"
-            elif a in ("table_ptr", "lse_ptr", "dbias_ptr", "dpad_ptr"):
+            elif a in ("table_ptr", "lse_ptr", "delta_ptr", "dbias_ptr", "dpad_ptr"):
                 signature[a] = "*fp32"
             elif a.endswith("_ptr"):
                 signature[a] = f"*{dtype}"
@@ -714,7 +1091,7 @@ def static_compile_specs():
             spec["name"] += f"_sm{archs[0]}"
             spec["archs"] = tuple(archs)
         specs.append(spec)
-    for block_p in _BLOCK_NS:
+    for block_p in sorted({_pairs_block(n) for n in range(1, MAX_WINDOW_AREA + 1)}):
         specs.append({
             "name": f"_window_attention_dtable_kernel_p{block_p}",
             "fn": _window_attention_dtable_kernel,

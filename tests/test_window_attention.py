@@ -197,6 +197,16 @@ CASES = [
      ("cuda",), "N12-D6-unaligned"),
     (1, 4, 7, 1, 130, (3, 5), (2, 0), True, True, "float32", "packed", None, float("-inf"),
      ("cuda",), "D130-five-chunks-shift-h-inf-mask"),
+    # Windows over 64 tokens: the tiled Triton kernels. Swin at 384 (12x12) on a padded
+    # 2x2 window grid (all four window kinds, pad gradients); 9x10 with a -inf mask, where
+    # a whole key block of a row can be masked; a 72-token window with head dim 64
+    # (float32 must be refused).
+    (1, 14, 17, 2, 32, 12, (6, 5), True, True, "float32", "packed", None, -100.0,
+     ("triton",), "tiled-N144-pad-shift-D32"),
+    (1, 10, 11, 1, 16, (9, 10), (4, 3), True, True, "input", "mixed", 0.37, float("-inf"),
+     ("triton",), "tiled-N90-inf-mask-D16"),
+    (1, 8, 9, 1, 64, (8, 9), (3, 0), False, False, None, "packed", None, -100.0,
+     ("triton",), "tiled-N72-D64-notable"),
 ]
 KERNEL_CASES = [pytest.param(backend, *case[:-2], id=f"{backend}-{case[-1]}")
                 for case in CASES for backend in case[-2]]
@@ -348,12 +358,14 @@ _FP32_ONLY = {"_window_attention_dtable_kernel": "fp32"}
 
 # (H, W, window, D, dtype, backward PASSes): padded grids, table and pads needing
 # gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone, pads (two head-dim
-# chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass; float32.
+# chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass; float32;
+# windows over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
 @pytest.mark.parametrize("H,W,window,D,dtype,passes", [
     (7, 9, (5, 7), 64, torch.float16, {0, 1, 2}),
     (9, 8, 7, 16, torch.bfloat16, {0, 1}),
     (9, 10, (4, 5), 32, torch.float32, {0, 1}),
-], ids=["N35-D64-fp16", "N49-D16-bf16", "N20-D32-fp32"])
+    (13, 12, (12, 11), 32, torch.bfloat16, {2, 3, 4}),
+], ids=["N35-D64-fp16", "N49-D16-bf16", "N20-D32-fp32", "tiled-N132-D32-bf16"])
 def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, passes):
     """The static compile check (tests/test_static_compile.py) covers what the launchers
     pick: every launch is a spec of the sm_80 row (the interpreter's)."""
@@ -365,6 +377,7 @@ def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, 
              and 80 in s.get("archs", (80, 90))}
     launches = []
     for name in ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel",
+                 "_window_attention_fwd_tiled_kernel", "_window_attention_bwd_tiled_kernel",
                  "_window_attention_dtable_kernel"):
         monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), launches))
     torch.manual_seed(0)
@@ -445,13 +458,14 @@ def test_bad_inputs(name, make, exc, message):
     ("triton", dict(D=160), "head dim 160 > 128"),
     ("triton", dict(D=96), "float32 with head dim 96 > 64 (window area 20)"),
     ("triton", dict(D=48, window=(8, 5)), "float32 with head dim 48 > 32 (window area 40)"),
-    ("triton", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
+    ("triton", dict(window=(17, 16), grid=(17, 16)), "window area 17x16 = 272 > 256"),
     ("triton", dict(dtype=torch.float64), "float64 runs only on the reference backend"),
     ("cuda", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
 ])
 def test_forced_backend_reasons(backend, change, reason):
     D, window = change.get("D", 8), change.get("window", (4, 5))
-    q, k, v = _packed_qkv(1, 9, 10, 2, D, change.get("dtype", torch.float32))
+    q, k, v = _packed_qkv(1, *change.get("grid", (9, 10)), 2, D,
+                          change.get("dtype", torch.float32))
     with pytest.raises(_backend.BackendUnavailableError, match="window_attention") as info:
         ops.window_attention(q, k, v, window_size=window, backend=backend)
     assert reason in str(info.value)

@@ -44,8 +44,8 @@ def _reasons(backend, q, k, v, table, pad_kv, window_size):
                            "spill registers")
         if area > kernels.MAX_WINDOW_AREA:
             reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
-                           f"{kernels.MAX_WINDOW_AREA}: the Triton kernel holds a whole window "
-                           "in one score tile")
+                           f"{kernels.MAX_WINDOW_AREA}: the Triton kernels are built and checked "
+                           "for windows up to 16x16 (Swin V2)")
     if backend == "cuda" and area > CUDA_MAX_WINDOW_AREA:
         reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
                        f"{CUDA_MAX_WINDOW_AREA}: the CUDA kernel holds a whole window in one "
@@ -127,9 +127,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, table, pad_k, pad_v)
     ctx.params = params
     ctx.mark_non_differentiable(lse)
+    # No zeros for lse's gradient: autograd passes None.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # out got no gradient: none reaches the inputs
+        return (None,) * 13
     q, k, v, out, lse, table, pad_k, pad_v = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = torch.ops.pyvit_ops.window_attention_bwd(
