@@ -379,6 +379,9 @@ WINDOW_EDGES = [
     WindowCase(dtype=fp32, grid=(5, 9), heads=3, d=48, window=(2, 8), shift=(1, 7),
                table="float32", pad="float32", mask_value=float("-inf"), layout="strided_d",
                scale=0.37, seed=3),
+    # Swin 384's 12x12 window (the tiled Triton kernels) on a grid padded on both axes.
+    WindowCase(dtype=fp16, grid=(13, 14), heads=1, d=32, window=(12, 12), shift=(6, 5),
+               table="input", pad="float32", seed=4),
 ]
 
 

@@ -279,20 +279,30 @@ def sdpa_cases(draw):
         strided_dout=draw(st.booleans()), seed=draw(_seeds))
 
 
-# Both kernel backends hold a whole window in one 64-token score tile.
+# Both kernel backends hold a window of up to 64 tokens in one score tile; larger ones
+# (up to Swin 384's 12x12 here) only the tiled Triton kernels take (the cuda backend
+# counts them as not runnable).
 MAX_WINDOW_AREA = 64
+MAX_TILED_WINDOW_AREA = 144
 
 
 @st.composite
 def window_cases(draw):
-    """Windows 1x1 to 8x8 (area <= 64, non-square), one to three windows per axis with
-    a ragged last one (padding), shifts 0..window - 1, tables and pads in q's dtype or
+    """Windows 1x1 to 8x8 (area <= 64, non-square) and, one case in four, 6x11 to 12x12
+    (area 65..144: the tiled Triton kernels), one to three windows per axis with a
+    ragged last one (padding), shifts 0..window - 1, tables and pads in q's dtype or
     float32, soft and -inf masks, q / k / v as strided views."""
-    wh = draw(_edge_int(1, 8, 7))
-    ww = draw(_edge_int(1, min(8, MAX_WINDOW_AREA // wh), 7))
-    # At most 12 (window, head) pairs per image keep the interpreter quick.
+    tiled = draw(st.integers(0, 3)) == 0
+    if tiled:
+        wh = draw(_edge_int(6, 12, 12))
+        ww = draw(_edge_int(MAX_WINDOW_AREA // wh + 1, min(12, MAX_TILED_WINDOW_AREA // wh), 12))
+    else:
+        wh = draw(_edge_int(1, 8, 7))
+        ww = draw(_edge_int(1, min(8, MAX_WINDOW_AREA // wh), 7))
+    # At most 12 (window, head) pairs per image (2 of the tiled windows) keep the
+    # interpreter quick.
     batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    windows = max(1, 12 // (batch * heads))
+    windows = max(1, (2 if tiled else 12) // (batch * heads))
     nh = draw(st.integers(1, min(3, windows)))
     nw = draw(st.integers(1, max(1, windows // nh)))
     grid = tuple(draw(st.integers(max(w, (n - 1) * w + 1), n * w)) for n, w in ((nh, wh), (nw, ww)))
