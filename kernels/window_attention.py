@@ -436,8 +436,8 @@ def _window_attention_dtable_kernel(dbias_ptr, pairs_ptr, dtable_ptr, GROUPS, HE
 
 # --------------------------------------------------------------------------- tiled (N > 64)
 # Windows over 64 tokens (Swin at 384: 12x12 = 144) do not fit one score tile. These
-# kernels walk a window in (query block, key block) tiles of 64 x 64 slots, as flash
-# attention walks a sequence: the forward with an online softmax over key blocks, the
+# kernels walk a window in (query block, key block) tiles (64 x 32 slots or smaller,
+# ``_TILED_BLOCKS``), as flash attention walks a sequence: the forward with an online softmax over key blocks, the
 # backward in FlashAttention-2's split (one launch per gradient, so that no output is
 # shared between programs and nothing needs atomics). The bias gather and shift mask
 # are redone per tile and window: the accumulator start of all tiles of a window is
