@@ -67,9 +67,12 @@ def _bytes(stats):
     return stats["read_bytes"] + stats["write_bytes"]
 
 
-def measure(module, shape, batch, dtype, max_units, log=print):
-    """Two records (fwd, bwd) for one shape; a failure of the fused path is recorded in
-    ``error`` and the naive / compulsory figures are kept. The naive composition and the
+NOT_MEASURED = "fused path not measured (--naive-only: too slow in the interpreter here)"
+
+
+def measure(module, shape, batch, dtype, max_units, log=print, fused=True):
+    """Two records (fwd, bwd) for one shape; a failure of the fused path (or
+    ``fused=False``) is recorded in ``error`` and the naive / compulsory figures are kept. The naive composition and the
     compulsory bytes are taken on the full shape; the interpreter runs the shape cut down
     to ``max_units`` heads where the op script's ``reduce`` says that scales exactly, and
     its bytes are scaled back. Everything is divided by the batch (per image)."""
@@ -100,6 +103,8 @@ def measure(module, shape, batch, dtype, max_units, log=print):
     measured, factor = reduce(shape.params, max_units) if reduce else (shape.params, 1.0)
     per_image = factor / batch
     try:
+        if not fused:
+            raise _NotMeasured(NOT_MEASURED)
         # Steady state, as in the timings: one warm-up call fills what a process computes
         # once per configuration (e.g. window attention's table-row pair index).
         warm = module.fused(module.make_inputs(measured, batch, "cpu", dtype))
@@ -121,6 +126,9 @@ def measure(module, shape, batch, dtype, max_units, log=print):
                               **_op_summary(glue["ops"], per_image, "fused_glue"))
         if module.OP == "scaled_dot_product_attention":
             records["fwd"]["kv_reread"] = _kv_reread(small, stats["read_bytes"])
+    except _NotMeasured:
+        for r in records.values():
+            r["error"] = NOT_MEASURED
     except Exception as exc:  # an unsupported shape is a figure too: say why
         for r in records.values():
             r["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -140,6 +148,10 @@ def measure(module, shape, batch, dtype, max_units, log=print):
         r["seconds"] = round(time.perf_counter() - start, 2)
         log(_format(r))
     return list(records.values())
+
+
+class _NotMeasured(Exception):
+    pass
 
 
 def _dout(out):
@@ -188,6 +200,9 @@ def main(argv=None):
                         help="heads measured per shape (pooling: groups of 32 channels); the "
                              "figures are scaled to the full shape (default 1)")
     parser.add_argument("--tiny", action="store_true", help="the scripts' tiny shapes (CI)")
+    parser.add_argument("--naive-only", action="store_true",
+                        help="naive and compulsory figures only; the records say the fused "
+                             "path was not measured")
     args = parser.parse_args(argv)
     _enable_interpreter()
     start = time.perf_counter()
@@ -195,7 +210,8 @@ def main(argv=None):
     for op in args.ops:
         module = harness.load_op(op)
         for shape in harness.selected_shapes(module, args.tiny, args.models):
-            records += measure(module, shape, args.batch, _DTYPES[args.dtype], args.max_units)
+            records += measure(module, shape, args.batch, _DTYPES[args.dtype], args.max_units,
+                               fused=not args.naive_only)
     if set(args.ops) != set(harness.OPS) or args.models:  # a partial run
         records = harness.merge_records(args.json, records, ("op", "model", "pass"))
     lines = targets.traffic_lines(records)

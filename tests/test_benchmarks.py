@@ -117,6 +117,18 @@ def test_tiny_refuses_the_committed_results_dir(capsys):
     assert exc.value.code == 2 and "pass --out DIR" in capsys.readouterr().err
 
 
+def test_traffic_naive_only_says_the_fused_path_was_not_measured():
+    from benchmarks import traffic
+
+    module = harness.load_op("avg_pool2d")
+    shape = harness.selected_shapes(module, True, None)[0]
+    records = traffic.measure(module, shape, 1, torch.float32, 1, fused=False)
+    assert [r["pass"] for r in records] == ["fwd", "bwd"]
+    for r in records:
+        assert r["error"] == traffic.NOT_MEASURED and "fused_bytes" not in r
+        assert r["naive_bytes"] > 0 and r["compulsory_bytes"] > 0
+
+
 def test_latest_case_rows_keeps_each_case_from_its_newest_run(tmp_path):
     path = str(tmp_path / "t.csv")
 
