@@ -72,10 +72,11 @@ NOT_MEASURED = "fused path not measured (--naive-only: too slow in the interpret
 
 def measure(module, shape, batch, dtype, max_units, log=print, fused=True):
     """Two records (fwd, bwd) for one shape; a failure of the fused path (or
-    ``fused=False``) is recorded in ``error`` and the naive / compulsory figures are kept. The naive composition and the
-    compulsory bytes are taken on the full shape; the interpreter runs the shape cut down
-    to ``max_units`` heads where the op script's ``reduce`` says that scales exactly, and
-    its bytes are scaled back. Everything is divided by the batch (per image)."""
+    ``fused=False``) is recorded in ``error`` and the naive / compulsory figures are
+    kept. The naive composition and the compulsory bytes are taken on the full shape;
+    the interpreter runs the shape cut down to ``max_units`` heads where the op script's
+    ``reduce`` says that scales exactly, and its bytes are scaled back. Everything is
+    divided by the batch (per image)."""
     from pyvit_ops.testing import traffic
 
     start = time.perf_counter()
@@ -101,37 +102,15 @@ def measure(module, shape, batch, dtype, max_units, log=print, fused=True):
 
     reduce = getattr(module, "reduce", None)
     measured, factor = reduce(shape.params, max_units) if reduce else (shape.params, 1.0)
-    per_image = factor / batch
-    try:
-        if not fused:
-            raise _NotMeasured(NOT_MEASURED)
-        # Steady state, as in the timings: one warm-up call fills what a process computes
-        # once per configuration (e.g. window attention's table-row pair index).
-        warm = module.fused(module.make_inputs(measured, batch, "cpu", dtype))
-        warm.backward(_dout(warm))
-        small = module.make_inputs(measured, batch, "cpu", dtype)
-        out, stats = traffic.count_fused_traffic(module.fused, small)
-        _, bwd_stats = traffic.count_fused_traffic(out.backward, _dout(out))
-        for p, s in (("fwd", stats), ("bwd", bwd_stats)):
-            glue = s["glue"]
-            records[p].update(measured_shape=module.describe(measured, batch), scale=factor,
-                              fused_bytes=(_bytes(s) + _bytes(glue)) * per_image,
-                              fused_read_bytes=(s["read_bytes"] + glue["read_bytes"]) * per_image,
-                              fused_write_bytes=(s["write_bytes"] + glue["write_bytes"])
-                              * per_image,
-                              fused_unique_bytes=(s["unique_read_bytes"] + s["unique_write_bytes"]
-                                                  + _bytes(glue)) * per_image,
-                              fused_glue_bytes=_bytes(glue) * per_image,
-                              fused_launches=s["launches"],
-                              **_op_summary(glue["ops"], per_image, "fused_glue"))
-        if module.OP == "scaled_dot_product_attention":
-            records["fwd"]["kv_reread"] = _kv_reread(small, stats["read_bytes"])
-    except _NotMeasured:
+    if not fused:
         for r in records.values():
             r["error"] = NOT_MEASURED
-    except Exception as exc:  # an unsupported shape is a figure too: say why
-        for r in records.values():
-            r["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    else:
+        try:
+            _measure_fused(module, measured, batch, dtype, factor, records)
+        except Exception as exc:  # an unsupported shape is a figure too: say why
+            for r in records.values():
+                r["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
     flops = module.flops(shape.params, batch)
     for p, r in records.items():
@@ -150,8 +129,33 @@ def measure(module, shape, batch, dtype, max_units, log=print, fused=True):
     return list(records.values())
 
 
-class _NotMeasured(Exception):
-    pass
+def _measure_fused(module, measured, batch, dtype, factor, records):
+    """The fused figures of ``measure`` (shape ``measured``, bytes scaled by ``factor``),
+    added to its records."""
+    from pyvit_ops.testing import traffic
+
+    per_image = factor / batch
+    # Steady state, as in the timings: one warm-up call fills what a process computes
+    # once per configuration (e.g. window attention's table-row pair index).
+    warm = module.fused(module.make_inputs(measured, batch, "cpu", dtype))
+    warm.backward(_dout(warm))
+    small = module.make_inputs(measured, batch, "cpu", dtype)
+    out, stats = traffic.count_fused_traffic(module.fused, small)
+    _, bwd_stats = traffic.count_fused_traffic(out.backward, _dout(out))
+    for p, s in (("fwd", stats), ("bwd", bwd_stats)):
+        glue = s["glue"]
+        records[p].update(measured_shape=module.describe(measured, batch), scale=factor,
+                          fused_bytes=(_bytes(s) + _bytes(glue)) * per_image,
+                          fused_read_bytes=(s["read_bytes"] + glue["read_bytes"]) * per_image,
+                          fused_write_bytes=(s["write_bytes"] + glue["write_bytes"])
+                          * per_image,
+                          fused_unique_bytes=(s["unique_read_bytes"] + s["unique_write_bytes"]
+                                              + _bytes(glue)) * per_image,
+                          fused_glue_bytes=_bytes(glue) * per_image,
+                          fused_launches=s["launches"],
+                          **_op_summary(glue["ops"], per_image, "fused_glue"))
+    if module.OP == "scaled_dot_product_attention":
+        records["fwd"]["kv_reread"] = _kv_reread(small, stats["read_bytes"])
 
 
 def _dout(out):

@@ -71,7 +71,7 @@ import triton.language as tl
 
 from pyvit_ops.reference.window_attention import relative_position_index
 
-MAX_WINDOW_AREA = 256  # 16 x 16 (Swin V2); over 64 tokens the tiled kernels
+MAX_WINDOW_AREA = 256  # 16 x 16; windows over 64 tokens take the tiled kernels
 MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_FP32 = 64  # fp32 tiles are twice the size: D = 128 spills
 MAX_HEAD_DIM_FP32_WIDE = 32  # ... and with windows over 32 tokens, D = 64 spills
@@ -437,11 +437,12 @@ def _window_attention_dtable_kernel(dbias_ptr, pairs_ptr, dtable_ptr, GROUPS, HE
 # --------------------------------------------------------------------------- tiled (N > 64)
 # Windows over 64 tokens (Swin at 384: 12x12 = 144) do not fit one score tile. These
 # kernels walk a window in (query block, key block) tiles (64 x 32 slots or smaller,
-# ``_TILED_BLOCKS``), as flash attention walks a sequence: the forward with an online softmax over key blocks, the
-# backward in FlashAttention-2's split (one launch per gradient, so that no output is
-# shared between programs and nothing needs atomics). The bias gather and shift mask
-# are redone per tile and window: the accumulator start of all tiles of a window is
-# 4 N^2 bytes, too much to keep in registers across the window loop.
+# ``_TILED_BLOCKS``), as flash attention walks a sequence: the forward with an online
+# softmax over key blocks, the backward in FlashAttention-2's split (one launch per
+# gradient, so that no output is shared between programs and nothing needs atomics).
+# The bias gather and shift mask are redone per tile and window: the accumulator start
+# of all tiles of a window is 4 N^2 bytes, too much to keep in registers across the
+# window loop.
 _DQ, _DKV = (tl.constexpr(i) for i in (3, 4))  # PASSes of the tiled backward (and _BIAS)
 
 
@@ -695,7 +696,7 @@ _TILED_BLOCKS = {
 }
 
 
-def _tiled_config(block_d, dtype_name, pass_, arch):
+def _tiled_config(block_d, dtype_name, pass_):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tiled launch (``pass_`` None: the
     forward, whose key loop is pipelined). The same on both archs; half-precision dq at
     D = 32 takes 32-query blocks (64 x 32 spills on sm_80 with a table)."""
@@ -828,7 +829,7 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
     dtype_name, arch = _DTYPE_NAMES[q.dtype], _arch(q.device)
     if _tiled(N):
         kernel = _window_attention_fwd_tiled_kernel
-        block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype_name, None, arch)
+        block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype_name, None)
         tiles = triton.cdiv(N, block_m)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
     else:
@@ -927,10 +928,10 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_
     (wh, ww), (sh, sw) = window_size, shift_size
     N = wh * ww
     block_d = _blocks(N, D)[1]
-    dtype_name, arch = _DTYPE_NAMES[q.dtype], _arch(q.device)
+    dtype_name = _DTYPE_NAMES[q.dtype]
     launches = {}  # PASS -> (config, tiles, windows per program, programs per kind)
     for pass_ in _tiled_passes(True):
-        config = _tiled_config(block_d, dtype_name, pass_, arch)
+        config = _tiled_config(block_d, dtype_name, pass_)
         tiles = _tiles(N, pass_, *config[:2])
         launches[pass_] = (config, tiles,
                            *_window_groups(B, n_wh, n_ww, heads, q.device, tiles))
@@ -967,8 +968,8 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
 
     The pad gradients are computed only when the grid is padded (otherwise they are
     zero)."""
-    B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
-    (wh, ww) = window_size
+    _, H, W, heads, D = q.shape
+    wh, ww = window_size
     N = wh * ww
     need_q, need_k, need_v, need_table, need_pad_k, need_pad_v = needs_input_grad
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
@@ -1014,6 +1015,12 @@ def static_compile_specs():
     strides are the constexpr 1 (Triton specialises them for dense rows); D and the
     other strides are multiples of 16 (for the head dims listed, so are heads * D)."""
     picks = {}   # (name, kernel, dtype, constexprs, warps, stages) -> archs
+
+    def pick(key, arch):
+        archs = picks.setdefault(key, [])
+        if arch not in archs:
+            archs.append(arch)
+
     for arch, dtype, block_n, block_d in itertools.product(
             (80, 90), ("fp16", "bf16", "fp32"), _BLOCK_NS, _BLOCK_DS):
         if dtype == "fp32" and block_d > max_head_dim_fp32(block_n):
@@ -1034,11 +1041,9 @@ def static_compile_specs():
                                          f"{('', '_pad', '_bias')[p]}{'_dbias' if g else ''}"))
             for constexprs, suffix in variants:
                 constexprs += (("BLOCK_N", block_n), ("BLOCK_D", block_d))
-                key = (f"{kernel.__name__}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
-                       dtype, constexprs, *_config(block_n, block_d, dtype, backward, arch))
-                picks.setdefault(key, [])
-                if arch not in picks[key]:
-                    picks[key].append(arch)
+                pick((f"{kernel.__name__}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
+                      dtype, constexprs, *_config(block_n, block_d, dtype, backward, arch)), arch)
+    tiled_names = {None: "", _DQ.value: "_dq", _DKV.value: "_dkv", _BIAS.value: "_bias"}
     for arch, dtype, block_d in itertools.product((80, 90), ("fp16", "bf16", "fp32"), _BLOCK_DS):
         if dtype == "fp32" and block_d > max_head_dim_fp32(_BLOCK_NS[-1] + 1):
             continue
@@ -1056,16 +1061,11 @@ def static_compile_specs():
             constexprs = (("HAS_TABLE", t),)
             if pass_ is not None:
                 constexprs += (("PASS", pass_), ("PAD_GRAD", pad))
-            block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype, pass_, arch)
+            block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype, pass_)
             constexprs += (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_D", block_d))
-            suffix = (f"{'_table' if t else ''}"
-                      f"{'' if pass_ is None else {3: '_dq', 4: '_dkv', 2: '_bias'}[pass_]}"
-                      f"{'_pad' if pad else ''}")
-            key = (f"{kernel.__name__}_m{block_m}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
-                   dtype, constexprs, num_warps, num_stages)
-            picks.setdefault(key, [])
-            if arch not in picks[key]:
-                picks[key].append(arch)
+            suffix = f"{'_table' if t else ''}{tiled_names[pass_]}{'_pad' if pad else ''}"
+            pick((f"{kernel.__name__}_m{block_m}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
+                  dtype, constexprs, num_warps, num_stages), arch)
     specs = []
     for (name, kernel, dtype, constexprs, num_warps, num_stages), archs in picks.items():
         unit = [a for a in kernel.arg_names if a.startswith("stride_") and a.endswith("d")

@@ -45,7 +45,7 @@ def _reasons(backend, q, k, v, table, pad_kv, window_size):
         if area > kernels.MAX_WINDOW_AREA:
             reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
                            f"{kernels.MAX_WINDOW_AREA}: the Triton kernels are built and checked "
-                           "for windows up to 16x16 (Swin V2)")
+                           "for windows up to 16x16")
     if backend == "cuda" and area > CUDA_MAX_WINDOW_AREA:
         reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
                        f"{CUDA_MAX_WINDOW_AREA}: the CUDA kernel holds a whole window in one "
