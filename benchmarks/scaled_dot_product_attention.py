@@ -76,7 +76,7 @@ def make_inputs(params, batch, device, dtype, requires_grad=True):
     if params["bias"]:
         bias = leaves["bias"] = leaf(1, h, nq, nk, std=0.5)
     return Inputs(leaves=leaves, reads={"q": q, "k": k, "v": v, "bias": bias},
-                  extra={"scale": d ** -0.5})
+                  extra={"scale": d ** -0.5, "qkv": leaves.get("qkv")})
 
 
 def naive(inp):
@@ -88,6 +88,12 @@ def naive(inp):
 
 
 def _pyvit(inp, backend):
+    if inp.qkv is not None:
+        # Self-attention takes the packed entry point, as pyvit_ops.nn.Attention does: its
+        # backward writes the projection's gradient in place, where the slices' would be
+        # stacked.
+        return harness.pyvit_function(f"{OP}_qkvpacked")(inp.qkv, inp.bias, scale=inp.scale,
+                                                         backend=backend)
     return harness.pyvit_function(OP)(inp.q, inp.k, inp.v, inp.bias, scale=inp.scale,
                                       backend=backend)
 

@@ -220,9 +220,11 @@ def natten_provider():
 
 
 def _pyvit(inp, backend):
-    return harness.pyvit_function(OP)(inp.q, inp.k, inp.v, inp.table, window_size=inp.window,
-                                      shift_size=inp.shift, scale=inp.scale,
-                                      mask_value=MASK_VALUE, backend=backend)
+    # The packed entry point, as pyvit_ops.nn.WindowAttention calls it: its backward writes
+    # the projection's gradient in place, where the three slices' would be stacked.
+    return harness.pyvit_function(f"{OP}_qkvpacked")(
+        inp.qkv, inp.table, window_size=inp.window, shift_size=inp.shift, scale=inp.scale,
+        mask_value=MASK_VALUE, backend=backend)
 
 
 def fused(inp):

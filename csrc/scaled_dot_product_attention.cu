@@ -304,14 +304,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
   }
   const int col = col0 + j;
   if (col >= p.Nk) return;
-  T* dk_out = static_cast<T*>(p.dk) + (z * p.Nk + col) * p.D;
-  T* dv_out = static_cast<T*>(p.dv) + (z * p.Nk + col) * p.D;
+  T* dk_out = static_cast<T*>(p.dk) + z1 * p.dk_stride[0] + z2 * p.dk_stride[1] +
+              col * p.dk_stride[2];
+  T* dv_out = static_cast<T*>(p.dv) + z1 * p.dv_stride[0] + z2 * p.dv_stride[1] +
+              col * p.dv_stride[2];
 #pragma unroll
   for (int c = 0; c < DP / 4; ++c) {
     const int d = dph + 4 * c;
     if (d < p.D) {
-      dk_out[d] = from_float<T>(dk[c] * p.scale);
-      dv_out[d] = from_float<T>(dv[c]);
+      dk_out[d * p.dk_stride[3]] = from_float<T>(dk[c] * p.scale);
+      dv_out[d * p.dv_stride[3]] = from_float<T>(dv[c]);
     }
   }
 }
@@ -339,10 +341,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
   }
   const int row = row0 + i;
   if (row >= p.Nq) return;
-  T* out = static_cast<T*>(p.dq) + (z * p.Nq + row) * p.D;
+  T* out = static_cast<T*>(p.dq) + z1 * p.dq_stride[0] + z2 * p.dq_stride[1] +
+           row * p.dq_stride[2];
 #pragma unroll
   for (int c = 0; c < DP / 8; ++c) {
-    if (dph + 8 * c < p.D) out[dph + 8 * c] = from_float<T>(dq[c] * p.scale);
+    const int d = dph + 8 * c;
+    if (d < p.D) out[d * p.dq_stride[3]] = from_float<T>(dq[c] * p.scale);
   }
 }
 

@@ -11,9 +11,10 @@ namespace pyvit {
 enum class SdpaBias : std::uint8_t { kNone, kBool, kFloat32, kSameAsQ };
 
 // Tensors are (Z1, Z2, N, D) (bias (Z1, Z2, Nq, Nk)), read through strides in elements
-// (z1, z2, row, col order); broadcast bias dims have stride 0. Outputs out, dq, dk, dv
-// are contiguous; lse and delta are contiguous fp32 (Z1, Z2, Nq). dbias (float32 or q's
-// dtype, per dbias_f32) is written through db_stride, 0 on the dims it is reduced over.
+// (z1, z2, row, col order); broadcast bias dims have stride 0. Output out is contiguous,
+// dq, dk, dv are written through dq_stride / dk_stride / dv_stride; lse and delta are
+// contiguous fp32 (Z1, Z2, Nq). dbias (float32 or q's dtype, per dbias_f32) is written
+// through db_stride, 0 on the dims it is reduced over.
 // Dropout keeps element (z, i, j) when the first Philox-4x32-10 output for counter
 // (i * Nk + j, z, 0, 0) and key (seed low, seed high) is >= dropout_threshold.
 struct SdpaParams {
@@ -27,6 +28,7 @@ struct SdpaParams {
   void *dq = nullptr, *dk = nullptr, *dv = nullptr, *dbias = nullptr;
   std::int64_t q_stride[4] = {}, k_stride[4] = {}, v_stride[4] = {}, b_stride[4] = {};
   std::int64_t o_stride[4] = {}, do_stride[4] = {}, db_stride[4] = {};
+  std::int64_t dq_stride[4] = {}, dk_stride[4] = {}, dv_stride[4] = {};
   int Z1 = 0, Z2 = 0, Nq = 0, Nk = 0, D = 0;
   float scale = 1.f, dropout_scale = 1.f;
   bool dropout = false;

@@ -95,11 +95,13 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
-    double scale, double dropout_p, int64_t seed, bool bias_requires_grad) {
-  constexpr const char* op = "scaled_dot_product_attention_bwd";
+// The backward into dq, dk, dv (the shapes of q, k, v, any strides: fresh tensors, or
+// the slices of one packed qkv gradient); returns dbias.
+at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
+                    double dropout_p, int64_t seed, bool bias_requires_grad, at::Tensor& dq,
+                    at::Tensor& dk, at::Tensor& dv) {
   pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout},
                                 std::pair<const char*, const at::Tensor&>{"out", out}}) {
@@ -115,10 +117,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
                     " strides ", lse.strides(), " on ", lse.device());
   TORCH_CHECK_VALUE(!bias_requires_grad || (bias.has_value() && bias->scalar_type() != at::kBool),
                     op, ": bias_requires_grad needs a float bias");
-  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), contiguous);
-  at::Tensor dk = at::empty(k.sizes(), contiguous);
-  at::Tensor dv = at::empty(v.sizes(), contiguous);
+  for (const auto& [name, g, like] :
+       {std::tuple<const char*, const at::Tensor&, const at::Tensor&>{"dq", dq, q},
+        std::tuple<const char*, const at::Tensor&, const at::Tensor&>{"dk", dk, k},
+        std::tuple<const char*, const at::Tensor&, const at::Tensor&>{"dv", dv, v}}) {
+    check_like(op, name, g, 4, "q", q);
+    TORCH_CHECK_VALUE(g.sizes() == like.sizes(), op, ": ", name, " must have shape ",
+                      like.sizes(), ", got ", g.sizes());
+  }
   at::Tensor dbias = at::empty({0}, q.options());
   const bool empty = dq.numel() == 0 || dk.numel() == 0;
   if (bias_requires_grad) {
@@ -138,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   }
   if (empty) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv, dbias};
+    return dbias;
   }
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
   const DeviceContext context(q);
@@ -147,8 +153,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.delta = delta.mutable_data_ptr<float>();
   p.dq = dq.mutable_data_ptr(), p.dk = dk.mutable_data_ptr(), p.dv = dv.mutable_data_ptr();
+  copy_strides(p.dq_stride, dq), copy_strides(p.dk_stride, dk), copy_strides(p.dv_stride, dv);
   check_launch(pyvit::scaled_dot_product_attention_bwd(p, context.stream()), op);
+  return dbias;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, double dropout_p, int64_t seed, bool bias_requires_grad) {
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), contiguous);
+  at::Tensor dk = at::empty(k.sizes(), contiguous);
+  at::Tensor dv = at::empty(v.sizes(), contiguous);
+  at::Tensor dbias = backward("scaled_dot_product_attention_bwd", dout, q, k, v, out, lse, bias,
+                              scale, dropout_p, seed, bias_requires_grad, dq, dk, dv);
   return {dq, dk, dv, dbias};
+}
+
+at::Tensor sdpa_bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                         const std::optional<at::Tensor>& bias, double scale, double dropout_p,
+                         int64_t seed, bool bias_requires_grad, at::Tensor& dq, at::Tensor& dk,
+                         at::Tensor& dv) {
+  return backward("scaled_dot_product_attention_bwd_into", dout, q, k, v, out, lse, bias, scale,
+                  dropout_p, seed, bias_requires_grad, dq, dk, dv);
 }
 
 }  // namespace sdpa_bind
@@ -161,9 +190,14 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "scaled_dot_product_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? bias, float scale, float dropout_p, int seed, "
       "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "scaled_dot_product_attention_bwd_into(Tensor dout, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, Tensor? bias, float scale, float dropout_p, int seed, "
+      "bool bias_requires_grad, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor");
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {
   m.impl("scaled_dot_product_attention_fwd", &sdpa_bind::sdpa_fwd);
   m.impl("scaled_dot_product_attention_bwd", &sdpa_bind::sdpa_bwd);
+  m.impl("scaled_dot_product_attention_bwd_into", &sdpa_bind::sdpa_bwd_into);
 }

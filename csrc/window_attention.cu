@@ -107,6 +107,7 @@ struct View {
 struct Geometry {
   int H, W, heads, D, wh, ww, sh, sw, n_wh, n_ww, N, R, num_windows;
   float scale, scale_log2, mask_log2;
+  int grad_token;  // elements between tokens of dq / dk / dv
   bool out_vec4;  // outputs take 4-element stores (D % 4 == 0, aligned outputs)
 };
 
@@ -264,9 +265,10 @@ PV_DEVICE void store_token(T* p, const float (&v)[4], int count, bool vec4) {
 
 // Element (y, x, h, d) of image b of a contiguous (B, H, W, heads, D) output.
 template <typename T>
-PV_DEVICE T* output_at(const Geometry& g, void* base, int b, int y, int x, int h, int d) {
-  return static_cast<T*>(base) + b * (std::int64_t{g.H} * g.W * g.heads * g.D) +
-         ((y * g.W + x) * g.heads + h) * g.D + d;
+PV_DEVICE T* output_at(const Geometry& g, void* base, int token, int b, int y, int x, int h,
+                       int d) {
+  return static_cast<T*>(base) + b * (std::int64_t{g.H} * g.W * token) + (y * g.W + x) * token +
+         h * g.D + d;
 }
 
 // ---- products ------------------------------------------------------------------------
@@ -497,8 +499,8 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(const Fw
     for (int r = 0; r < 4; ++r) {
       const int i = token_of(it, r);
       if (i < g.N && sy[i] >= 0) {
-        store_token(output_at<T>(g, a.out, win.b, sy[i], sx[i], h, c0 + 4 * dt), o[r], count,
-                    g.out_vec4);
+        T* dst = output_at<T>(g, a.out, g.heads * g.D, win.b, sy[i], sx[i], h, c0 + 4 * dt);
+        store_token(dst, o[r], count, g.out_vec4);
       }
     }
   }
@@ -521,8 +523,8 @@ PV_DEVICE void store_gradient_rows(const Geometry& g, void* base, const float (&
     if (i >= g.N) continue;
     if (sy[i] >= 0) {
       if (count > 0) {
-        store_token(output_at<T>(g, base, b, sy[i], sx[i], h, c0 + 4 * dt), row, count,
-                    g.out_vec4);
+        T* dst = output_at<T>(g, base, g.grad_token, b, sy[i], sx[i], h, c0 + 4 * dt);
+        store_token(dst, row, count, g.out_vec4);
       }
     } else {
 #pragma unroll
@@ -735,6 +737,7 @@ inline Geometry make_geometry(const WindowAttentionParams& p) {
   g.scale = p.scale;
   g.scale_log2 = p.scale * kLog2e;
   g.mask_log2 = p.mask_value * kLog2e;
+  g.grad_token = p.grad_token_stride;
   g.out_vec4 = p.D % 4 == 0 && quad_aligned(p.out, p) && quad_aligned(p.dq, p) &&
                quad_aligned(p.dk, p) && quad_aligned(p.dv, p);
   return g;

@@ -23,8 +23,8 @@ struct WindowAttentionTokens {
 //
 // The caller guarantees: 1 <= wh <= H, 1 <= ww <= W, wh * ww <= kWindowAttentionMaxArea,
 // 0 <= sh < wh, 0 <= sw < ww; every element offset inside one image of q, k, v and
-// dout and the H * W * heads * D elements of one output image fit in int32;
-// num_windows * heads < 2^31.
+// dout, the H * W * heads * D elements of one output image and the
+// H * W * grad_token_stride of one gradient image fit in int32; num_windows * heads < 2^31.
 struct WindowAttentionParams {
   DType dtype = DType::kFloat32;  // of q, k, v, out, dout and the token outputs
   int B = 0, H = 0, W = 0, heads = 0, D = 0;
@@ -46,11 +46,14 @@ struct WindowAttentionParams {
   // need the forward's output).
   WindowAttentionTokens dout;
   const float* lse_in = nullptr;
-  // Backward outputs: dq, dk, dv contiguous (B, H, W, heads, D); when table_grad,
+  // Backward outputs: dq, dk, dv (B, H, W, heads, D) with dense rows, tokens
+  // grad_token_stride elements apart: heads * D (contiguous) or 3 * heads * D (the
+  // slices of one packed (B, H, W, 3, heads, D) gradient); when table_grad,
   // dtable ((2wh - 1)(2ww - 1), heads) fp32; when pad_grad, dpad (2, heads, D) fp32
   // (dpad_k then dpad_v). workspace: window_attention_bwd_workspace_floats(params)
   // floats, no initial value needed.
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  int grad_token_stride = 0;
   bool table_grad = false, pad_grad = false;
   float* dtable = nullptr;
   float* dpad = nullptr;

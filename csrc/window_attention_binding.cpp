@@ -135,14 +135,37 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
-                     const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w,
-                     int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-                     bool table_grad, bool pad_grad) {
-  constexpr const char* op = "window_attention_bwd";
+void check_qkv(const char* op, const at::Tensor& qkv) {
+  TORCH_CHECK_VALUE(qkv.dim() == 6 && qkv.size(3) == 3, op,
+                    ": qkv must have shape (B, H, W, 3, heads, D), got ", qkv.sizes());
+}
+
+// The forward of the three slices of qkv (B, H, W, 3, heads, D).
+std::tuple<at::Tensor, at::Tensor> window_attention_qkvpacked_fwd(
+    const at::Tensor& qkv, const std::optional<at::Tensor>& table,
+    const std::optional<at::Tensor>& pad_k, const std::optional<at::Tensor>& pad_v,
+    int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w, double scale,
+    double mask_value) {
+  check_qkv("window_attention_qkvpacked_fwd", qkv);
+  return window_attention_fwd(qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), table,
+                              pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
+                              mask_value);
+}
+
+// The parameter gradients (dtable, dpad_k, dpad_v) of one backward; empty tensors for
+// those not wanted.
+using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward into dq, dk, dv: (B, H, W, heads, D) with dense rows, tokens
+// dq.stride(2) apart (fresh tensors, or the slices of one packed gradient).
+ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, const std::optional<at::Tensor>& table,
+                    const std::optional<at::Tensor>& pad_k,
+                    const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w,
+                    int64_t shift_h, int64_t shift_w, double scale, double mask_value,
+                    bool table_grad, bool pad_grad, const at::Tensor& dq, const at::Tensor& dk,
+                    const at::Tensor& dv) {
   Call call = make_call(op, q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
                         scale, mask_value);
   pyvit::WindowAttentionParams& p = call.p;
@@ -155,15 +178,15 @@ window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const std::array<int64_t, 3> lse_shape = {call.num_windows, p.heads, p.wh * p.ww};
   TORCH_CHECK_VALUE(lse.sizes() == c10::IntArrayRef(lse_shape), op, ": lse must have shape ",
                     c10::IntArrayRef(lse_shape), ", got ", lse.sizes());
+  TORCH_CHECK_VALUE(dq.size(1) * dq.size(2) * dq.stride(2) <= INT_MAX, op,
+                    ": the gradient of shape ", dq.sizes(), " and strides ", dq.strides(),
+                    " is too large: the kernels index one image in 32 bits");
   const at::Tensor lse_c = lse.contiguous();
   p.dout = tokens(dout);
   p.lse_in = lse_c.const_data_ptr<float>();
   p.table_grad = table_grad && table.has_value();
   p.pad_grad = pad_grad && pad_k.has_value();
 
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(q.sizes(), q.options());
-  at::Tensor dv = at::empty(q.sizes(), q.options());
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
   at::Tensor dtable = at::empty({p.table_grad ? call.table.numel() : 0}, fp32);
   at::Tensor dpad = at::empty({p.pad_grad ? 2 * q.size(3) * q.size(4) : 0}, fp32);
@@ -172,6 +195,7 @@ window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   p.dq = dq.mutable_data_ptr();
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
+  p.grad_token_stride = static_cast<int>(dq.stride(2));
   p.dtable = dtable.mutable_data_ptr<float>();
   p.dpad = dpad.mutable_data_ptr<float>();
   p.workspace = workspace.mutable_data_ptr<float>();
@@ -185,9 +209,41 @@ window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     dpad_k = dpad[0].to(pad_k->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     dpad_v = dpad[1].to(pad_v->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   }
-  return {dq, dk, dv,
-          p.table_grad ? dtable.view(call.table.sizes()).to(table->scalar_type()) : none(),
+  return {p.table_grad ? dtable.view(call.table.sizes()).to(table->scalar_type()) : none(),
           dpad_k, dpad_v};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
+                     const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w,
+                     int64_t shift_h, int64_t shift_w, double scale, double mask_value,
+                     bool table_grad, bool pad_grad) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(q.sizes(), q.options());
+  at::Tensor dv = at::empty(q.sizes(), q.options());
+  auto [dtable, dpad_k, dpad_v] =
+      backward("window_attention_bwd", dout, q, k, v, out, lse, table, pad_k, pad_v, window_h,
+               window_w, shift_h, shift_w, scale, mask_value, table_grad, pad_grad, dq, dk, dv);
+  return {dq, dk, dv, dtable, dpad_k, dpad_v};
+}
+
+// The backward of the three slices of qkv (B, H, W, 3, heads, D): one packed gradient,
+// written in place, where autograd would otherwise stack dq, dk, dv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_qkvpacked_bwd(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
+    const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w, int64_t shift_h,
+    int64_t shift_w, double scale, double mask_value, bool table_grad, bool pad_grad) {
+  constexpr const char* op = "window_attention_qkvpacked_bwd";
+  check_qkv(op, qkv);
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  auto [dtable, dpad_k, dpad_v] =
+      backward(op, dout, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, table,
+               pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
+               table_grad, pad_grad, dqkv.select(3, 0), dqkv.select(3, 1), dqkv.select(3, 2));
+  return {dqkv, dtable, dpad_k, dpad_v};
 }
 
 }  // namespace window_attention_bind
@@ -202,9 +258,20 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "Tensor? table, Tensor? pad_k, Tensor? pad_v, int window_h, int window_w, int shift_h, "
       "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "window_attention_qkvpacked_fwd(Tensor qkv, Tensor? table, Tensor? pad_k, Tensor? pad_v, "
+      "int window_h, int window_w, int shift_h, int shift_w, float scale, float mask_value) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "window_attention_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, "
+      "Tensor? table, Tensor? pad_k, Tensor? pad_v, int window_h, int window_w, int shift_h, "
+      "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {
   m.impl("window_attention_fwd", &window_attention_bind::window_attention_fwd);
   m.impl("window_attention_bwd", &window_attention_bind::window_attention_bwd);
+  m.impl("window_attention_qkvpacked_fwd", &window_attention_bind::window_attention_qkvpacked_fwd);
+  m.impl("window_attention_qkvpacked_bwd", &window_attention_bind::window_attention_qkvpacked_bwd);
 }

@@ -502,8 +502,10 @@ class _BatchPlan:
 
 
 def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p=0.0,
-                                     seed=None, bias_requires_grad=False):
-    """Backward launcher: returns ``(dq, dk, dv, dbias)``.
+                                     seed=None, bias_requires_grad=False, grads=None):
+    """Backward launcher: returns ``(dq, dk, dv, dbias)``: new contiguous tensors, or
+    ``grads``, three tensors of the shapes of q, k, v (any strides, e.g. the slices of
+    one packed qkv gradient), written in place.
 
     dbias is None unless ``bias_requires_grad``; then it has the bias view's
     non-broadcast shape (each dim with stride 0 and size > 1 reduced to 1), in the
@@ -518,9 +520,8 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
                          f"got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
     if bias_requires_grad and (bias is None or bias.dtype == torch.bool):
         raise ValueError("bias_requires_grad: needs a float bias")
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = grads or (torch.empty_like(t, memory_format=torch.contiguous_format)
+                           for t in (q, k, v))
     dbias = red_shape = None
     if bias_requires_grad:
         red_shape = tuple(1 if (st == 0 and n > 1) else n

@@ -215,10 +215,12 @@ def _load_tokens(ptr, b, oy, ox, h, d, real, d_ok, s_b, s_h, s_w, s_head, s_d):
 
 
 @triton.jit
-def _store_tokens(ptr, value, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D):
-    """Store rows of a contiguous (B, H, W, heads, D) tensor."""
-    ptrs = ptr + b.to(tl.int64) * H * W * HEADS * D + h * D \
-        + ((oy * W + ox) * HEADS * D)[:, None] + d[None, :]
+def _store_tokens(ptr, value, b, oy, ox, h, d, real, d_ok, H, W, TOKEN, D):
+    """Store rows of a (B, H, W, heads, D) tensor whose tokens are ``TOKEN`` elements
+    apart, rows dense: contiguous (``TOKEN = heads * D``) or one slice of a packed
+    (B, H, W, 3, heads, D) gradient (``3 * heads * D``)."""
+    ptrs = ptr + b.to(tl.int64) * H * W * TOKEN + h * D \
+        + ((oy * W + ox) * TOKEN)[:, None] + d[None, :]
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=real[:, None] & d_ok[None, :])
 
 
@@ -287,7 +289,7 @@ def _window_attention_fwd_kernel(
         v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                          stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
         out = tl.dot(p.to(v.dtype), v, input_precision="tf32") / l[:, None]
-        _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+        _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS * D, D)
         tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, m + tl.log2(l), mask=in_win)
 
 
@@ -336,7 +338,7 @@ def _window_attention_bwd_kernel(
         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
-        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
+        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd, stride_dqkv_token,
         HAS_TABLE: tl.constexpr, PASS: tl.constexpr, BIAS_GRAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """One backward pass over this program's windows (``PASS``): ``_QKV`` writes dq, dk,
@@ -366,7 +368,7 @@ def _window_attention_bwd_kernel(
             do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
                               stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
             dv = tl.dot(p.to(do.dtype), do, input_precision="tf32")
-            _store_tokens(dv_ptr, dv, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+            _store_tokens(dv_ptr, dv, b, oy, ox, h, d, real, d_ok, H, W, stride_dqkv_token, D)
             v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                              stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
             dp = tl.dot(v, tl.trans(do), input_precision="tf32")
@@ -388,9 +390,9 @@ def _window_attention_bwd_kernel(
         if PASS == _QKV:
             ds = ds.to(q.dtype)
             dk = tl.dot(ds, q, input_precision="tf32") * scale
-            _store_tokens(dk_ptr, dk, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+            _store_tokens(dk_ptr, dk, b, oy, ox, h, d, real, d_ok, H, W, stride_dqkv_token, D)
             dq = tl.dot(tl.trans(ds), k, input_precision="tf32") * scale
-            _store_tokens(dq_ptr, dq, b, oy, ox, h, d, real, d_ok, H, W, HEADS, D)
+            _store_tokens(dq_ptr, dq, b, oy, ox, h, d, real, d_ok, H, W, stride_dqkv_token, D)
         elif PASS == _PAD:
             # Summed over padded keys, dk = dS q and dv = P dout are vector-matrix
             # products: the key sums of dS and P (per query) times q and dout.
@@ -508,7 +510,7 @@ def _window_attention_fwd_tiled_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32")
             m = m_new
         _store_tokens(out_ptr, acc / l[:, None], b, oyq, oxq, h, d, real_q, d_ok, H, W,
-                      HEADS, D)
+                      HEADS * D, D)
         tl.store(lse_ptr + (w * HEADS + h) * N + tq, m + tl.log2(l), mask=in_q)
 
 
@@ -536,7 +538,7 @@ def _window_attention_bwd_tiled_kernel(
         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
-        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
+        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd, stride_dqkv_token,
         HAS_TABLE: tl.constexpr, PASS: tl.constexpr, PAD_GRAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One backward launch (``PASS``), each program owning one block of its windows:
@@ -591,8 +593,8 @@ def _window_attention_bwd_tiled_kernel(
                 dv += tl.dot(p.to(do.dtype), do, input_precision="tf32")
                 dk += tl.dot(ds.to(q.dtype), q, input_precision="tf32")
             dk *= scale
-            _store_tokens(dk_ptr, dk, b, oyk, oxk, h, d, real_k, d_ok, H, W, HEADS, D)
-            _store_tokens(dv_ptr, dv, b, oyk, oxk, h, d, real_k, d_ok, H, W, HEADS, D)
+            _store_tokens(dk_ptr, dk, b, oyk, oxk, h, d, real_k, d_ok, H, W, stride_dqkv_token, D)
+            _store_tokens(dv_ptr, dv, b, oyk, oxk, h, d, real_k, d_ok, H, W, stride_dqkv_token, D)
             if PAD_GRAD:
                 dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
                 dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
@@ -642,7 +644,7 @@ def _window_attention_bwd_tiled_kernel(
                     dbias += ds
             if PASS == _DQ:
                 _store_tokens(dq_ptr, dq * scale, b, oyq, oxq, h, d, real_q, d_ok, H, W,
-                              HEADS, D)
+                              stride_dqkv_token, D)
         if PASS == _BIAS:
             i = q0 + tl.arange(0, BLOCK_M)
             j = (tile % n_kb) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -891,7 +893,7 @@ def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq, dk, dv, window
                 _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
                 B, H, W, n_wh, n_ww, heads, D, per_program)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
-                *q.stride(), *k.stride(), *v.stride(), *dout.stride())
+                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
         config = dict(HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
                       num_warps=num_warps, num_stages=num_stages)
         for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias,
@@ -947,7 +949,7 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_
                 _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
                 B, H, W, n_wh, n_ww, heads, D)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
-                *q.stride(), *k.stride(), *v.stride(), *dout.stride())
+                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
         for pass_ in _tiled_passes(want_bias):
             (block_m, block_n, num_warps, num_stages), tiles, per_program, programs = \
                 launches[pass_]
@@ -960,10 +962,12 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_
 
 
 def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_size, shift_size,
-                         scale, mask_value, needs_input_grad):
+                         scale, mask_value, needs_input_grad, dqkv=None):
     """Gradients ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; an entry is None when the
     matching flag of ``needs_input_grad`` (same order) is False. dq / dk / dv are
-    contiguous (B, H, W, heads, D) in q's dtype, dtable has the table's shape and
+    contiguous (B, H, W, heads, D) in q's dtype or, when ``dqkv`` (a contiguous
+    (B, H, W, 3, heads, D) tensor) is given, its three slices, written in place: the
+    gradient of a packed projection, with no stack. dtable has the table's shape and
     dtype, dpad_k / dpad_v are (heads, D) in the pads' dtypes. Deterministic.
 
     The pad gradients are computed only when the grid is padded (otherwise they are
@@ -972,7 +976,10 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
     wh, ww = window_size
     N = wh * ww
     need_q, need_k, need_v, need_table, need_pad_k, need_pad_v = needs_input_grad
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if dqkv is None:
+        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    else:
+        dq, dk, dv = dqkv.unbind(3)
     _check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
     want_bias = table is not None and need_table
     want_pad = (((need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None))

@@ -47,6 +47,18 @@ def _sdpa_bwd(backend):
     return (_r(*out.shape), q, k, v, out, lse, bias, scale, p, seed, True, backend)
 
 
+def _sdpa_qkvpacked_fwd(backend):
+    # (B, N, 3, heads, D) = (2, 4, 3, 3, 5), a float bias broadcast over the batch dim.
+    return (_r(2, 4, 3, 3, 5), _r(1, 3, 4, 4), 0.4, 0.0, None, backend)
+
+
+def _sdpa_qkvpacked_bwd(backend):
+    qkv, bias, *params = _sdpa_qkvpacked_fwd(backend)
+    out, lse = OPS.scaled_dot_product_attention_qkvpacked_fwd(qkv.detach(), bias.detach(),
+                                                              *params)
+    return (_r(*out.shape), qkv, out, lse, bias, *params[:-1], True, params[-1])
+
+
 def _window_fwd(backend):
     # 5 x 3 grid, 2 x 2 windows: padding on both axes, a shift, 2 heads.
     heads, D, (wh, ww) = 2, 4, (2, 2)
@@ -61,6 +73,19 @@ def _window_bwd(backend):
     out, lse = OPS.window_attention_fwd(*(t.detach() for t in (q, k, v, table, pad_k, pad_v)),
                                         *params)
     return (_r(*out.shape), q, k, v, out, lse, table, pad_k, pad_v, *params[:-1], True, True,
+            params[-1])
+
+
+def _window_qkvpacked_fwd(backend):
+    q, k, v, *rest = _window_fwd(backend)
+    return (torch.stack((q, k, v), 3).detach().requires_grad_(), *rest)
+
+
+def _window_qkvpacked_bwd(backend):
+    qkv, table, pad_k, pad_v, *params = _window_qkvpacked_fwd(backend)
+    out, lse = OPS.window_attention_qkvpacked_fwd(
+        *(t.detach() for t in (qkv, table, pad_k, pad_v)), *params)
+    return (_r(*out.shape), qkv, out, lse, table, pad_k, pad_v, *params[:-1], True, True,
             params[-1])
 
 
@@ -89,13 +114,24 @@ def _pool_bwd(backend):
 OPCHECK_CASES = {
     "scaled_dot_product_attention_fwd": _sdpa_fwd,
     "scaled_dot_product_attention_bwd": _sdpa_bwd,
+    "scaled_dot_product_attention_qkvpacked_fwd": _sdpa_qkvpacked_fwd,
+    "scaled_dot_product_attention_qkvpacked_bwd": _sdpa_qkvpacked_bwd,
     "window_attention_fwd": _window_fwd,
     "window_attention_bwd": _window_bwd,
+    "window_attention_qkvpacked_fwd": _window_qkvpacked_fwd,
+    "window_attention_qkvpacked_bwd": _window_qkvpacked_bwd,
     "elsa_attention_fwd": _elsa_fwd,
     "elsa_attention_bwd": _elsa_bwd,
     "avg_pool2d_fwd": _pool_fwd,
     "avg_pool2d_bwd": _pool_bwd,
 }
+
+
+# The C++ op a custom op calls on the cuda backend, where the names differ: SDPA's packed
+# forward folds qkv's slices for the unpacked kernel; its backward writes into them.
+CUDA_OPS = {"scaled_dot_product_attention_qkvpacked_fwd": "scaled_dot_product_attention_fwd",
+            "scaled_dot_product_attention_qkvpacked_bwd":
+                "scaled_dot_product_attention_bwd_into"}
 
 
 def _registered_ops():
@@ -118,8 +154,9 @@ def test_every_custom_op_is_covered():
 # The backward ops of the attention operators have no autograd formula (no double
 # backward; the avg_pool2d pair is linear, so each is the other's gradient): their
 # inputs do not require grad, which opcheck would otherwise backpropagate through.
-NO_DOUBLE_BACKWARD = {"scaled_dot_product_attention_bwd", "window_attention_bwd",
-                      "elsa_attention_bwd"}
+NO_DOUBLE_BACKWARD = {"scaled_dot_product_attention_bwd",
+                      "scaled_dot_product_attention_qkvpacked_bwd", "window_attention_bwd",
+                      "window_attention_qkvpacked_bwd", "elsa_attention_bwd"}
 
 KERNEL_BACKENDS = ("triton", "cuda")
 BACKENDS = ("reference",) + KERNEL_BACKENDS
@@ -144,7 +181,7 @@ def _use(backend, request):
 def test_opcheck(name, backend, request):
     if backend == "cuda":
         _use(backend, request)
-        ok, reason = _ext.has_op(name, "cpu")
+        ok, reason = _ext.has_op(CUDA_OPS.get(name, name), "cpu")
         if not ok:
             pytest.skip(f"cuda backend: {reason}")
     torch.manual_seed(0)
@@ -197,12 +234,25 @@ def _sdpa_call(backend):
     return fn, [_r(2, 3, 5), _r(2, 4, 5), _r(2, 4, 5), _r(1, 3, 4)]
 
 
+def _sdpa_qkvpacked_call(backend):
+    def fn(qkv, bias):
+        return pyvit_ops.scaled_dot_product_attention_qkvpacked(qkv, bias, backend=backend)
+    return fn, [_r(2, 4, 3, 3, 5), _r(1, 3, 4, 4)]
+
+
 def _window_call(backend):
     def fn(q, k, v, table, pad_k, pad_v):
         return pyvit_ops.window_attention(q, k, v, table, window_size=2, shift_size=1,
                                           pad_kv=(pad_k, pad_v), backend=backend)
     return fn, [_r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(1, 5, 3, 2, 4), _r(9, 2), _r(2, 4),
                 _r(2, 4)]
+
+
+def _window_qkvpacked_call(backend):
+    def fn(qkv, table, pad_k, pad_v):
+        return pyvit_ops.window_attention_qkvpacked(qkv, table, window_size=2, shift_size=1,
+                                                    pad_kv=(pad_k, pad_v), backend=backend)
+    return fn, [_r(1, 5, 3, 3, 2, 4), _r(9, 2), _r(2, 4), _r(2, 4)]
 
 
 def _elsa_call(backend):
@@ -225,7 +275,9 @@ def _poolformer_call(backend):
 
 OPERATOR_CASES = {
     "scaled_dot_product_attention": _sdpa_call,
+    "scaled_dot_product_attention_qkvpacked": _sdpa_qkvpacked_call,
     "window_attention": _window_call,
+    "window_attention_qkvpacked": _window_qkvpacked_call,
     "elsa_attention": _elsa_call,
     "avg_pool2d": _avg_pool_call,
     "poolformer_pool": _poolformer_call,

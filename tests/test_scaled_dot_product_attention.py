@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pyvit_ops import _backend
 from pyvit_ops.kernels import scaled_dot_product_attention as kernels
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention as sdpa
+from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention_qkvpacked
 from pyvit_ops.reference.scaled_dot_product_attention import scaled_dot_product_attention as ref
 from pyvit_ops.testing import host
 
@@ -261,6 +262,35 @@ def test_kernel_packed_qkv_views(backend, dtype):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
     _compare_kernel(q, k, v, _randn(3, 23, 23, dtype=dtype), dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, N, heads, D, bias_shape", [
+    (2, 23, 3, 16, (3, 23, 23)),      # (B, heads) fold into two batch dims
+    (3, 9, 1, 32, None),              # one head: the fold's (1, B) view
+    (1, 37, 2, 64, (1, 2, 37, 37)),   # one image: the fold's (1, heads) view
+])
+def test_kernel_qkvpacked_matches_unpacked(backend, dtype, B, N, heads, D, bias_shape):
+    """``scaled_dot_product_attention_qkvpacked`` runs the same kernels as the three
+    slices do, writing their gradients into one packed tensor: bit-identical output
+    and gradients, the packed gradient equal to autograd's stack of the slices'."""
+    torch.manual_seed(0)
+    qkv = _randn(B, N, 3, heads, D, dtype=dtype)
+    bias = None if bias_shape is None else _randn(*bias_shape, dtype=dtype)
+    leaves = [qkv] + ([bias] if bias is not None else [])
+    dout = _randn(B, heads, N, D, dtype=dtype)
+    results = []
+    for packed in (True, False):
+        tensors = [t.detach().requires_grad_() for t in leaves]
+        b = tensors[1] if bias is not None else None
+        if packed:
+            out = scaled_dot_product_attention_qkvpacked(tensors[0], b, backend=backend)
+        else:
+            out = sdpa(*tensors[0].permute(2, 0, 3, 1, 4).unbind(0), b, backend=backend)
+        results.append((out, *torch.autograd.grad(out, tensors, dout)))
+    for name, got, expected in zip(["out", "dqkv", "dbias"], *results):
+        assert got.shape == expected.shape and torch.equal(got, expected), name
+    assert results[0][1].is_contiguous()
 
 
 def test_fold_is_zero_copy_for_packed_qkv():

@@ -171,3 +171,31 @@ def test_fused_meter_sees_inside_pyvit_ops_custom_ops():
     cast = report["glue"]["ops"]["aten.to.dtype"]
     assert cast["read_bytes"] == 2 * 20 * 20 * 4 and cast["write_bytes"] == 2 * 20 * 20 * 2
     assert report["launches"] >= 3 and bias.grad is not None
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["qkvpacked", "three-slices"])
+@pytest.mark.parametrize("op", ["window_attention", "scaled_dot_product_attention"])
+def test_packed_entry_points_write_the_qkv_gradient_in_place(op, packed):
+    # Through the three slices of one projection, autograd stacks dq, dk, dv into the
+    # projection's gradient (a copy of all of it); the packed entry points' kernels write
+    # it in place, so their backward has no glue of that size.
+    heads, D = 2, 16
+    if op == "window_attention":
+        qkv = torch.randn(1, 7, 7, 3, heads, D, dtype=torch.float16, requires_grad=True)
+        kwargs = dict(window_size=7, backend="triton")
+        fn = pyvit_ops.window_attention_qkvpacked if packed else \
+            (lambda t, **kw: pyvit_ops.window_attention(*t.unbind(3), **kw))
+    else:
+        qkv = torch.randn(1, 20, 3, heads, D, dtype=torch.float16, requires_grad=True)
+        kwargs = dict(backend="triton")
+        fn = pyvit_ops.scaled_dot_product_attention_qkvpacked if packed else \
+            (lambda t, **kw: pyvit_ops.scaled_dot_product_attention(
+                *t.permute(2, 0, 3, 1, 4).unbind(0), **kw))
+    out = fn(qkv, **kwargs)
+    _, report = count_fused_traffic(out.backward, torch.randn_like(out))
+    glue = report["glue"]["total_bytes"]
+    if packed:
+        assert glue < qkv.numel() * qkv.element_size() / 4, report["glue"]["ops"]
+    else:
+        assert "aten.stack.default" in report["glue"]["ops"]
+        assert glue >= 2 * qkv.numel() * qkv.element_size()

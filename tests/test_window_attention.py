@@ -165,14 +165,16 @@ def _tol(backend, dtype, expected, summed=False):
     return atol * (max(1.0, peak / 4) if summed else 1.0), rtol
 
 # (B, H, W, heads, D, window, shift, table, pad, param_dtype, layout, scale, mask_value,
-# backends); param_dtype is the table's and pads' dtype ("input": q's). Windows per
+# backends); param_dtype is the table's and pads' dtype ("input": q's); layout "packed":
+# q, k, v are slices of one projection, "qkvpacked": that projection goes to
+# window_attention_qkvpacked, "mixed": three differently strided tensors. Windows per
 # backward program: the interpreter and the host build aim at 4 programs / blocks, so
 # most cases walk several windows in one program, some with a ragged last group
 # (10x13 / (4, 6): 9 windows, 2 groups of 5 and 4).
 CASES = [
-    (1, 9, 10, 2, 32, (4, 5), (2, 1), True, True, "float32", "packed", None, -100.0,
+    (1, 9, 10, 2, 32, (4, 5), (2, 1), True, True, "float32", "qkvpacked", None, -100.0,
      ("triton",), "pad-hw-nonsquare-D32"),
-    (1, 9, 10, 2, 8, (4, 5), (2, 1), True, True, "float32", "packed", None, -100.0,
+    (1, 9, 10, 2, 8, (4, 5), (2, 1), True, True, "float32", "qkvpacked", None, -100.0,
      ("cuda",), "pad-hw-nonsquare-D8"),
     (2, 7, 7, 3, 16, 7, 3, True, True, "input", "mixed", None, -100.0,
      ("triton",), "swin7-shift3-D16"),
@@ -186,7 +188,7 @@ CASES = [
      ("triton", "cuda"), "w8-N64-unshifted-notable"),
     # 64-token tiles with wide head dims: the chunked pad and dbias passes (two and
     # four head-dim chunks); float32 must be refused.
-    (1, 7, 9, 1, 64, (5, 7), (2, 3), True, True, "input", "packed", None, -100.0,
+    (1, 7, 9, 1, 64, (5, 7), (2, 3), True, True, "input", "qkvpacked", None, -100.0,
      ("triton",), "N35-D64-pad"),
     (1, 7, 9, 1, 128, (5, 7), (2, 3), True, True, "float32", "mixed", None, -100.0,
      ("triton",), "N35-D128-pad"),
@@ -201,7 +203,7 @@ CASES = [
     # 2x2 window grid (all four window kinds, pad gradients); 9x10 with a -inf mask, where
     # a whole key block of a row can be masked; a 72-token window with head dim 64
     # (float32 must be refused).
-    (1, 14, 17, 2, 32, 12, (6, 5), True, True, "float32", "packed", None, -100.0,
+    (1, 14, 17, 2, 32, 12, (6, 5), True, True, "float32", "qkvpacked", None, -100.0,
      ("triton",), "tiled-N144-pad-shift-D32"),
     (1, 10, 11, 1, 16, (9, 10), (4, 3), True, True, "input", "mixed", 0.37, float("-inf"),
      ("triton",), "tiled-N90-inf-mask-D16"),
@@ -213,6 +215,8 @@ KERNEL_CASES = [pytest.param(backend, *case[:-2], id=f"{backend}-{case[-1]}")
 
 
 def _qkv_views(B, H, W, heads, D, dtype, layout):
+    if layout == "qkvpacked":
+        return [torch.randn(B, H, W, 3, heads, D, dtype=dtype)]
     if layout == "packed":
         return _packed_qkv(B, H, W, heads, D, dtype=dtype)
     # q contiguous, k read through a (B, W, H, ...) transpose, v from a packed projection.
@@ -223,10 +227,13 @@ def _qkv_views(B, H, W, heads, D, dtype, layout):
 
 
 def _run(backend, tensors, with_table, with_pad, grad, **kwargs):
-    q, k, v, *rest = tensors
+    """``tensors``: q, k, v (or one packed qkv), then the table and pads asked for."""
+    packed = tensors[0].dim() == 6
+    tokens, rest = (tensors[:1], list(tensors[1:])) if packed else (tensors[:3], list(tensors[3:]))
     table = rest.pop(0) if with_table else None
     pad_kv = tuple(rest) if with_pad else None
-    out = ops.window_attention(q, k, v, table, pad_kv=pad_kv, backend=backend, **kwargs)
+    fn = ops.window_attention_qkvpacked if packed else ops.window_attention
+    out = fn(*tokens, table, pad_kv=pad_kv, backend=backend, **kwargs)
     # Without padding the pads do not reach the reference's graph: zero gradient.
     return out, torch.autograd.grad(out, tensors, grad.to(out.dtype), allow_unused=True,
                                     materialize_grads=True)
@@ -268,7 +275,8 @@ def test_kernel_matches_reference(backend, B, H, W, heads, D, window, shift, wit
     assert out.dtype == dtype and out.shape == (B, H, W, heads, D) and out.is_contiguous()
     atol, rtol = _tol(backend, dtype, expected)
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
-    names = ["q", "k", "v"] + ["table"] * with_table + ["pad_k", "pad_v"] * with_pad
+    names = (["qkv"] if layout == "qkvpacked" else ["q", "k", "v"]) + ["table"] * with_table \
+        + ["pad_k", "pad_v"] * with_pad
     for name, g, e, t in zip(names, grads, expected_grads, inputs):
         assert g.dtype == t.dtype and g.shape == t.shape, name
         atol, rtol = _tol(backend, dtype, e, summed=name in ("table", "pad_k", "pad_v"))

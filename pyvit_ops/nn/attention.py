@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from pyvit_ops import _checks
-from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention
+from pyvit_ops.ops.scaled_dot_product_attention import (
+    scaled_dot_product_attention, scaled_dot_product_attention_qkvpacked)
 
 # What from_timm reads of a timm Attention / CaiT ClassAttn.
 _ATTENTION_PARTS = ("num_heads", "head_dim", "attn_dim", "scale", "qkv", "q_norm", "k_norm",
@@ -18,8 +19,9 @@ _CLASS_ATTN_PARTS = ("num_heads", "scale", "q", "k", "v", "attn_drop", "proj", "
 class Attention(nn.Module):
     """Multi-head self attention, a drop-in for ``timm.layers.Attention``.
 
-    ``forward(x: (B, N, C), attn_mask=None, is_causal=False) -> (B, N, C)``. q, k and v stay strided
-    views of the one qkv projection; the kernels read them in place.
+    ``forward(x: (B, N, C), attn_mask=None, is_causal=False) -> (B, N, C)``. q, k and v
+    stay strided views of the one qkv projection; the kernels read them in place and,
+    without ``qk_norm``, write its gradient in place too.
 
     Constructor: ``dim`` channels, ``num_heads`` heads of ``attn_head_dim`` (default
     ``dim // num_heads``) channels; ``qkv_bias``, ``proj_bias``; ``qk_norm`` applies
@@ -75,12 +77,16 @@ class Attention(nn.Module):
             if attn_mask is not None:
                 raise ValueError("attn_mask: must be None when is_causal=True (as in torch SDPA)")
             attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = scaled_dot_product_attention(
-            q, k, v, attn_mask, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        kwargs = dict(scale=self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
+                      backend=self.backend)
+        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
+            # Packed: the kernels write the projection's gradient in place (no stack).
+            x = scaled_dot_product_attention_qkvpacked(qkv, attn_mask, **kwargs)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            x = scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask,
+                                             **kwargs)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(x)))
 

@@ -1,9 +1,9 @@
-"""Swin (v1) window attention on pyvit_ops.window_attention."""
+"""Swin (v1) window attention on pyvit_ops.window_attention_qkvpacked."""
 import torch
 from torch import nn
 
 from pyvit_ops import _checks
-from pyvit_ops.ops.window_attention import window_attention
+from pyvit_ops.ops.window_attention import window_attention_qkvpacked
 
 
 # What from_timm reads of a timm WindowAttention (scalars first, then the submodules
@@ -79,14 +79,14 @@ class WindowAttention(nn.Module):
         B, H, W, _ = x.shape
         heads = self.num_heads
         qkv = self.qkv(x).view(B, H, W, 3, heads, -1)
-        q, k, v = qkv.unbind(3)
         pad_kv = None
         if self.qkv.bias is not None:
             # timm zero-pads the normalised input, so padded tokens project to the bias.
             _, k_bias, v_bias = self.qkv.bias.view(3, heads, -1).unbind(0)
             pad_kv = (k_bias, v_bias)
-        x = window_attention(
-            q, k, v, self.relative_position_bias_table,
+        # Packed: the kernels write the projection's gradient in place (no stack).
+        x = window_attention_qkvpacked(
+            qkv, self.relative_position_bias_table,
             window_size=window_size or self.window_size,
             shift_size=self.shift_size if shift_size is None else shift_size,
             scale=self.scale, pad_kv=pad_kv, backend=self.backend)

@@ -5,6 +5,7 @@ The kernels take 4-D ``(Z1, Z2, N, D)`` tensors; the user's batch dims are folde
 into Z1, Z2 as strided views (no copy) wherever the strides of q, k, v and of the
 broadcast bias allow it (see ``_Fold``).
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -93,13 +94,38 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     and the operator runs in it (float32 accumulation, output in that dtype); a
     float32 ``attn_bias`` is read as is (an fp32 parameter keeps fp32 gradients).
     """
-    low = _backend.autocast_dtype(q)
+    return _attention((q, k, v), attn_bias, scale, dropout_p, backend)
+
+
+def _unpack(qkv):
+    """q, k, v ``(B, heads, N, D)``: views of a ``(B, N, 3, heads, D)`` projection."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def scaled_dot_product_attention_qkvpacked(qkv, attn_bias=None, *, scale=None, dropout_p=0.0,
+                                           backend=None):
+    """``scaled_dot_product_attention(q, k, v, ...)`` of one packed projection
+    ``qkv: (B, N, 3, heads, D)`` (timm's ``qkv(x).reshape(B, N, 3, heads, D)``), q, k, v
+    being its ``(B, heads, N, D)`` slices; same keywords, returns ``(B, heads, N, D)``.
+    Its gradient comes back as one ``(B, N, 3, heads, D)`` tensor that the Triton and
+    CUDA kernels write in place; through the three slices autograd would stack their
+    gradients into it, a copy of the whole projection gradient (the reference backend
+    unbinds)."""
+    _checks.check_tensor("qkv", qkv, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape (B, N, 3, heads, D), got {tuple(qkv.shape)}")
+    return _attention((qkv,), attn_bias, scale, dropout_p, backend)
+
+
+def _attention(tokens, attn_bias, scale, dropout_p, backend):
+    """``tokens``: (q, k, v) or (qkv,)."""
+    low = _backend.autocast_dtype(tokens[0])
     if low is not None:
-        with _backend.autocast_disabled(q):
-            return scaled_dot_product_attention(
-                *(_backend.autocast_cast(t, low) for t in (q, k, v)),
-                _backend.autocast_cast(attn_bias, low, keep_float32=True), scale=scale,
-                dropout_p=dropout_p, backend=backend)
+        with _backend.autocast_disabled(tokens[0]):
+            return _attention(tuple(_backend.autocast_cast(t, low) for t in tokens),
+                              _backend.autocast_cast(attn_bias, low, keep_float32=True),
+                              scale, dropout_p, backend)
+    q, k, v = tokens if len(tokens) == 3 else _unpack(tokens[0])
     _validate(q, k, v, attn_bias, scale, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
@@ -109,8 +135,9 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
         return reference.scaled_dot_product_attention(q, k, v, attn_bias, scale=scale,
                                                       dropout_p=dropout_p)
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-    out, _ = torch.ops.pyvit_ops.scaled_dot_product_attention_fwd(
-        q, k, v, attn_bias, scale, dropout_p, seed, backend)
+    fwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_fwd if len(tokens) == 3 else
+           torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_fwd)
+    out, _ = fwd(*tokens, attn_bias, scale, dropout_p, seed, backend)
     return out
 
 
@@ -187,6 +214,13 @@ class _Fold:
         return t.as_strided((*sizes, t.shape[-2], t.shape[-1]),
                             (*strides, t.stride(-2), t.stride(-1)))
 
+    def view_in_place(self, t):
+        """``view`` of an output buffer, which must not be a copy."""
+        t4 = self.view(t)
+        if t4.data_ptr() != t.data_ptr():
+            raise RuntimeError("internal: the packed gradient does not fold without a copy")
+        return t4
+
     def unfold(self, t4, tail):
         return t4.reshape(*self.batch, *tail)
 
@@ -217,14 +251,27 @@ def _seed(seed):
     return 0 if seed is None else int(seed.item())
 
 
-@torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-            scale: float, dropout_p: float, seed: Optional[torch.Tensor],
-            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd(q, k, v, bias, scale, dropout_p, seed, backend):
     fold = _Fold(q, k, v, bias, bias_grad=False)
     out, lse = _launchers(backend, q).scaled_dot_product_attention_fwd(
         fold.q, fold.k, fold.v, fold.bias, scale, dropout_p, _seed(seed))
     return fold.unfold(out, out.shape[-2:]), fold.unfold(lse, lse.shape[-1:])
+
+
+@torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: float, dropout_p: float, seed: Optional[torch.Tensor],
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, bias, scale, dropout_p, seed, backend)
+
+
+@torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_qkvpacked_fwd",
+                         mutates_args=())
+def _qkvpacked_fwd_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                      dropout_p: float, seed: Optional[torch.Tensor],
+                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``scaled_dot_product_attention_fwd`` of the slices of qkv ``(B, N, 3, heads, D)``."""
+    return _fwd(*_unpack(qkv), bias, scale, dropout_p, seed, backend)
 
 
 @_fwd_op.register_fake
@@ -232,33 +279,81 @@ def _fwd_fake(q, k, v, bias, scale, dropout_p, seed, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+@_qkvpacked_fwd_op.register_fake
+def _qkvpacked_fwd_fake(qkv, bias, scale, dropout_p, seed, backend):
+    return _fwd_fake(*_unpack(qkv), bias, scale, dropout_p, seed, backend)
+
+
+def _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend,
+         qkv=None):
+    """(dq, dk, dv, dbias), or (dqkv, dbias) written in place of a stack when q, k, v are
+    the slices of the packed ``qkv``; dbias is an empty tensor unless
+    ``bias_requires_grad``."""
+    fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad)
+    lse4 = fold.view(lse.unsqueeze(-1)).squeeze(-1).contiguous()
+    args = (fold.view(dout), fold.q, fold.k, fold.v, fold.view(out), lse4, fold.bias, scale,
+            dropout_p, _seed(seed), bias_requires_grad)
+    launchers = _launchers(backend, q)
+    if qkv is None:
+        dq, dk, dv, dbias = launchers.scaled_dot_product_attention_bwd(*args)
+        tokens = (fold.unfold(dq, q.shape[-2:]), fold.unfold(dk, k.shape[-2:]),
+                  fold.unfold(dv, v.shape[-2:]))
+    else:
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        grads = [fold.view_in_place(g) for g in _unpack(dqkv)]
+        if backend == "cuda":
+            dbias = launchers.scaled_dot_product_attention_bwd_into(*args, *grads)
+        else:
+            dbias = launchers.scaled_dot_product_attention_bwd(*args, grads=grads)[3]
+        tokens = (dqkv,)
+    dbias = fold.unfold_dbias(dbias) if bias_requires_grad else q.new_empty(0)
+    return (*tokens, dbias)
+
+
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
             dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool,
             backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dbias); dbias is an empty tensor unless bias_requires_grad."""
-    fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad)
-    lse4 = fold.view(lse.unsqueeze(-1)).squeeze(-1).contiguous()
-    dq, dk, dv, dbias = _launchers(backend, q).scaled_dot_product_attention_bwd(
-        fold.view(dout), fold.q, fold.k, fold.v, fold.view(out), lse4, fold.bias, scale,
-        dropout_p, _seed(seed), bias_requires_grad)
-    dbias = fold.unfold_dbias(dbias) if bias_requires_grad else q.new_empty(0)
-    return (fold.unfold(dq, q.shape[-2:]), fold.unfold(dk, k.shape[-2:]),
-            fold.unfold(dv, v.shape[-2:]), dbias)
+    """Returns (dq, dk, dv, dbias), see ``_bwd``."""
+    return _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
+                backend)
+
+
+@torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_qkvpacked_bwd",
+                         mutates_args=())
+def _qkvpacked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                      dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool,
+                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dqkv, dbias), see ``_bwd``."""
+    return _bwd(dout, *_unpack(qkv), out, lse, bias, scale, dropout_p, seed,
+                bias_requires_grad, backend, qkv=qkv)
+
+
+def _dbias_fake(q, bias, bias_requires_grad):
+    return bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
 
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
               backend):
-    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            _dbias_fake(q, bias, bias_requires_grad))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, dropout_p, seed, backend = inputs
+@_qkvpacked_bwd_op.register_fake
+def _qkvpacked_bwd_fake(dout, qkv, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
+                        backend):
+    return qkv.new_empty(qkv.shape), _dbias_fake(qkv, bias, bias_requires_grad)
+
+
+def _setup_context(ctx, inputs, output, tokens):
+    """``tokens``: how many leading inputs are token tensors (q, k, v or qkv)."""
+    bias, scale, dropout_p, seed, backend = inputs[tokens:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+    ctx.tokens = tokens
+    ctx.save_for_backward(*inputs[:tokens], bias, out, lse, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
     ctx.mark_non_differentiable(lse)
     # No zeros for lse's gradient: autograd passes None.
@@ -266,13 +361,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
+    tokens, need = ctx.tokens, ctx.needs_input_grad
     if dout is None:  # out got no gradient: none reaches the inputs
-        return (None,) * 8
-    q, k, v, bias, out, lse, seed = ctx.saved_tensors
-    bias_grad = bias is not None and bias.dtype != torch.bool and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.pyvit_ops.scaled_dot_product_attention_bwd(
-        dout, q, k, v, out, lse, bias, ctx.scale, ctx.dropout_p, seed, bias_grad, ctx.backend)
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
+        return (None,) * len(need)
+    *inputs, bias, out, lse, seed = ctx.saved_tensors
+    bias_grad = bias is not None and bias.dtype != torch.bool and need[tokens]
+    bwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_bwd if tokens == 3 else
+           torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_bwd)
+    *grads, dbias = bwd(dout, *inputs, out, lse, bias, ctx.scale, ctx.dropout_p, seed,
+                        bias_grad, ctx.backend)
+    return (*grads, dbias if bias_grad else None, None, None, None, None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+for _op, _tokens in ((_fwd_op, 3), (_qkvpacked_fwd_op, 1)):
+    _op.register_autograd(_backward, setup_context=functools.partial(_setup_context,
+                                                                     tokens=_tokens))

@@ -5,8 +5,10 @@ PyTorch), "triton" (``pyvit_ops.kernels.window_attention``) and "cuda" (the C++
 extension's ``window_attention_fwd`` / ``_bwd``). The kernel backends go through the
 custom ops ``pyvit_ops::window_attention_fwd`` / ``_bwd``, which return / take the
 output and its fp32 base-2 log-sum-exp of shape ``(num_windows, heads, N)``,
-``num_windows = B * ceil(H / wh) * ceil(W / ww)``, ``N = wh * ww``.
+``num_windows = B * ceil(H / wh) * ceil(W / ww)``, ``N = wh * ww``; their
+``_qkvpacked`` twins take one ``(B, H, W, 3, heads, D)`` qkv and return its gradient.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -56,12 +58,8 @@ def _reasons(backend, q, k, v, table, pad_kv, window_size):
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("pyvit_ops::window_attention_fwd", mutates_args=())
-def _window_attention_fwd(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
-        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor], window_h: int,
-        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
-        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
+         backend):
     if backend == "triton":
         return _triton_module().window_attention_fwd(
             q, k, v, table, pad_k, pad_v, (window_h, window_w), (shift_h, shift_w), scale,
@@ -71,6 +69,31 @@ def _window_attention_fwd(
             q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
             mask_value))
     raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+
+
+@torch.library.custom_op("pyvit_ops::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
+        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor], window_h: int,
+        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
+        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
+                mask_value, backend)
+
+
+@torch.library.custom_op("pyvit_ops::window_attention_qkvpacked_fwd", mutates_args=())
+def _window_attention_qkvpacked_fwd(
+        qkv: torch.Tensor, table: Optional[torch.Tensor], pad_k: Optional[torch.Tensor],
+        pad_v: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
+        shift_w: int, scale: float, mask_value: float,
+        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``window_attention_fwd`` of the three slices of qkv ``(B, H, W, 3, heads, D)``."""
+    if backend == "cuda":
+        return tuple(_ext.lib(qkv).window_attention_qkvpacked_fwd(
+            qkv, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
+            mask_value))
+    return _fwd(*qkv.unbind(3), table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
+                scale, mask_value, backend)
 
 
 def _lse_shape(q, window_h, window_w):
@@ -85,6 +108,44 @@ def _(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
             q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
 
 
+@_window_attention_qkvpacked_fwd.register_fake
+def _(qkv, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
+      backend):
+    q = qkv.select(3, 0)
+    return (q.new_empty(q.shape),
+            q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
+
+
+def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
+         scale, mask_value, table_grad, pad_grad, backend, qkv=None):
+    """(dq, dk, dv, dtable, dpad_k, dpad_v), or (dqkv, dtable, dpad_k, dpad_v) written in
+    place of a stack when q, k, v are the slices of the packed ``qkv``; dtable / dpads
+    are empty tensors unless ``table_grad`` / ``pad_grad`` (custom ops cannot return
+    None)."""
+    geometry = (window_h, window_w, shift_h, shift_w, scale, mask_value)
+    if backend == "triton":
+        dqkv = None if qkv is None else torch.empty(qkv.shape, dtype=qkv.dtype,
+                                                   device=qkv.device)
+        grads = _triton_module().window_attention_bwd(
+            dout, q, k, v, out, lse, table, pad_k, pad_v, (window_h, window_w),
+            (shift_h, shift_w), scale, mask_value,
+            (True, True, True, table_grad, pad_grad, pad_grad), dqkv=dqkv)
+        if dqkv is not None:
+            grads = (dqkv, *grads[3:])
+    elif backend == "cuda" and qkv is None:
+        grads = _ext.lib(q).window_attention_bwd(
+            dout, q, k, v, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad)
+    elif backend == "cuda":
+        grads = _ext.lib(q).window_attention_qkvpacked_bwd(
+            dout, qkv, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad)
+    else:
+        raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+    tokens = 3 if qkv is None else 1
+    # The parameter gradients are tiny; contiguous is what register_fake promises.
+    grads = [g if i < tokens or g is None else g.contiguous() for i, g in enumerate(grads)]
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
 @torch.library.custom_op("pyvit_ops::window_attention_bwd", mutates_args=())
 def _window_attention_bwd(
         dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -93,56 +154,72 @@ def _window_attention_bwd(
         window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
         table_grad: bool, pad_grad: bool, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dtable, dpad_k, dpad_v); dtable / dpads are empty tensors unless
-    ``table_grad`` / ``pad_grad`` (custom ops cannot return None)."""
-    if backend == "triton":
-        grads = _triton_module().window_attention_bwd(
-            dout, q, k, v, out, lse, table, pad_k, pad_v, (window_h, window_w),
-            (shift_h, shift_w), scale, mask_value,
-            (True, True, True, table_grad, pad_grad, pad_grad))
-    elif backend == "cuda":
-        grads = _ext.lib(q).window_attention_bwd(
-            dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
-            scale, mask_value, table_grad, pad_grad)
-    else:
-        raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
-    # The parameter gradients are tiny; contiguous is what register_fake promises.
-    grads = [g if i < 3 or g is None else g.contiguous() for i, g in enumerate(grads)]
-    return tuple(q.new_empty(0) if g is None else g for g in grads)
+    """(dq, dk, dv, dtable, dpad_k, dpad_v), see ``_bwd``."""
+    return _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h,
+                shift_w, scale, mask_value, table_grad, pad_grad, backend)
+
+
+@torch.library.custom_op("pyvit_ops::window_attention_qkvpacked_bwd", mutates_args=())
+def _window_attention_qkvpacked_bwd(
+        dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        table: Optional[torch.Tensor], pad_k: Optional[torch.Tensor],
+        pad_v: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
+        shift_w: int, scale: float, mask_value: float, table_grad: bool, pad_grad: bool,
+        backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dtable, dpad_k, dpad_v), see ``_bwd``."""
+    return _bwd(dout, *qkv.unbind(3), out, lse, table, pad_k, pad_v, window_h, window_w,
+                shift_h, shift_w, scale, mask_value, table_grad, pad_grad, backend, qkv=qkv)
+
+
+def _param_grads_fake(q, table, pad_k, pad_v, table_grad, pad_grad):
+    def like(t, wanted):
+        return t.new_empty(t.shape) if wanted and t is not None else q.new_empty(0)
+
+    return like(table, table_grad), like(pad_k, pad_grad), like(pad_v, pad_grad)
 
 
 @_window_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
       mask_value, table_grad, pad_grad, backend):
-    def like(t, wanted):
-        return t.new_empty(t.shape) if wanted and t is not None else q.new_empty(0)
-
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
-            like(table, table_grad), like(pad_k, pad_grad), like(pad_v, pad_grad))
+            *_param_grads_fake(q, table, pad_k, pad_v, table_grad, pad_grad))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, table, pad_k, pad_v, *params = inputs
+@_window_attention_qkvpacked_bwd.register_fake
+def _(dout, qkv, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
+      mask_value, table_grad, pad_grad, backend):
+    return (qkv.new_empty(qkv.shape),
+            *_param_grads_fake(qkv, table, pad_k, pad_v, table_grad, pad_grad))
+
+
+def _setup_context(ctx, inputs, output, tokens):
+    """``tokens``: how many leading inputs are token tensors (q, k, v or qkv)."""
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, table, pad_k, pad_v)
-    ctx.params = params
+    ctx.tokens = tokens
+    ctx.save_for_backward(*inputs[:tokens + 3], out, lse)
+    ctx.params = inputs[tokens + 3:]
     ctx.mark_non_differentiable(lse)
     # No zeros for lse's gradient: autograd passes None.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dlse):
+    tokens, need = ctx.tokens, ctx.needs_input_grad
     if dout is None:  # out got no gradient: none reaches the inputs
-        return (None,) * 13
-    q, k, v, out, lse, table, pad_k, pad_v = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grads = torch.ops.pyvit_ops.window_attention_bwd(
-        dout, q, k, v, out, lse, table, pad_k, pad_v, *ctx.params[:-1],
-        table_grad=need[3], pad_grad=need[4] or need[5], backend=ctx.params[-1])
-    return tuple(g if n else None for g, n in zip(grads, need[:6])) + (None,) * 7
+        return (None,) * len(need)
+    *inputs, out, lse = ctx.saved_tensors
+    bwd = (torch.ops.pyvit_ops.window_attention_bwd if tokens == 3 else
+           torch.ops.pyvit_ops.window_attention_qkvpacked_bwd)
+    grads = bwd(dout, *inputs[:tokens], out, lse, *inputs[tokens:], *ctx.params[:-1],
+                table_grad=need[tokens], pad_grad=need[tokens + 1] or need[tokens + 2],
+                backend=ctx.params[-1])
+    grads = tuple(g if n else None for g, n in zip(grads, need))
+    return grads + (None,) * (len(need) - len(grads))
 
 
-_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+for _op, _tokens in ((_window_attention_fwd, 3), (_window_attention_qkvpacked_fwd, 1)):
+    _op.register_autograd(_backward, setup_context=functools.partial(_setup_context,
+                                                                     tokens=_tokens))
 
 
 # --------------------------------------------------------------------------- public
@@ -240,27 +317,50 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     and the operator runs in it (float32 scores and softmax, output in that dtype);
     a float32 table and pads are read as is: fp32 masters with fp32 gradients.
     """
-    low = _backend.autocast_dtype(q)
+    return _window_attention((q, k, v), rel_pos_bias_table, window_size, shift_size, scale,
+                             pad_kv, mask_value, backend)
+
+
+def window_attention_qkvpacked(qkv, rel_pos_bias_table=None, *, window_size, shift_size=0,
+                               scale=None, pad_kv=None, mask_value=-100.0, backend=None):
+    """``window_attention(*qkv.unbind(3), ...)`` of one packed projection
+    ``qkv: (B, H, W, 3, heads, D)`` (timm's ``qkv(x).view(B, H, W, 3, heads, D)``), with
+    the same arguments and result. Its gradient comes back as one
+    ``(B, H, W, 3, heads, D)`` tensor that the kernels write in place; through
+    ``window_attention`` of the three slices, autograd would stack three gradients into
+    it, a copy of the whole projection (on the Triton and CUDA backends; the reference
+    backend unbinds)."""
+    _checks.check_tensor("qkv", qkv, ndim=6)
+    if qkv.shape[3] != 3:
+        raise ValueError(f"qkv: expected shape (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
+    return _window_attention((qkv,), rel_pos_bias_table, window_size, shift_size, scale,
+                             pad_kv, mask_value, backend)
+
+
+def _window_attention(tokens, table, window_size, shift_size, scale, pad_kv, mask_value,
+                      backend):
+    """``tokens``: (q, k, v) or (qkv,)."""
+    low = _backend.autocast_dtype(tokens[0])
     if low is not None:
         if isinstance(pad_kv, (tuple, list)):
             pad_kv = tuple(_backend.autocast_cast(p, low, keep_float32=True) for p in pad_kv)
-        with _backend.autocast_disabled(q):
-            return window_attention(
-                *(_backend.autocast_cast(t, low) for t in (q, k, v)),
-                _backend.autocast_cast(rel_pos_bias_table, low, keep_float32=True),
-                window_size=window_size, shift_size=shift_size, scale=scale, pad_kv=pad_kv,
-                mask_value=mask_value, backend=backend)
+        with _backend.autocast_disabled(tokens[0]):
+            return _window_attention(
+                tuple(_backend.autocast_cast(t, low) for t in tokens),
+                _backend.autocast_cast(table, low, keep_float32=True), window_size, shift_size,
+                scale, pad_kv, mask_value, backend)
+    q, k, v = tokens if len(tokens) == 3 else tokens[0].unbind(3)
     window_size, shift_size, pad_k, pad_v, scale, mask_value = _check_args(
-        q, k, v, rel_pos_bias_table, pad_kv, window_size, shift_size, scale, mask_value)
+        q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value)
     backend = _backend.choose(
-        _OP, backend,
-        lambda b: _reasons(b, q, k, v, rel_pos_bias_table, pad_kv, window_size),
+        _OP, backend, lambda b: _reasons(b, q, k, v, table, pad_kv, window_size),
         device=q.device, order=_fp32_order(q))
     if backend == "reference":
         return reference.window_attention(
-            q, k, v, rel_pos_bias_table, window_size=window_size, shift_size=shift_size,
-            scale=scale, pad_kv=pad_kv, mask_value=mask_value)
-    out, _ = torch.ops.pyvit_ops.window_attention_fwd(
-        q, k, v, rel_pos_bias_table, pad_k, pad_v, *window_size, *shift_size, scale, mask_value,
-        backend)
+            q, k, v, table, window_size=window_size, shift_size=shift_size, scale=scale,
+            pad_kv=pad_kv, mask_value=mask_value)
+    fwd = (torch.ops.pyvit_ops.window_attention_fwd if len(tokens) == 3 else
+           torch.ops.pyvit_ops.window_attention_qkvpacked_fwd)
+    out, _ = fwd(*tokens, table, pad_k, pad_v, *window_size, *shift_size, scale, mask_value,
+                 backend)
     return out
