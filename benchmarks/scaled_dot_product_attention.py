@@ -76,7 +76,7 @@ def make_inputs(params, batch, device, dtype, requires_grad=True):
     if params["bias"]:
         bias = leaves["bias"] = leaf(1, h, nq, nk, std=0.5)
     return Inputs(leaves=leaves, reads={"q": q, "k": k, "v": v, "bias": bias},
-                  extra={"scale": d ** -0.5, "qkv": leaves.get("qkv")})
+                  extra={"scale": d ** -0.5})
 
 
 def naive(inp):
@@ -88,7 +88,7 @@ def naive(inp):
 
 
 def _pyvit(inp, backend):
-    if inp.qkv is not None:
+    if "qkv" in inp.leaves:
         # Self-attention takes the packed entry point, as pyvit_ops.nn.Attention does: its
         # backward writes the projection's gradient in place, where the slices' would be
         # stacked.

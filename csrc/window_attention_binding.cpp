@@ -135,23 +135,6 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   return {out, lse};
 }
 
-void check_qkv(const char* op, const at::Tensor& qkv) {
-  TORCH_CHECK_VALUE(qkv.dim() == 6 && qkv.size(3) == 3, op,
-                    ": qkv must have shape (B, H, W, 3, heads, D), got ", qkv.sizes());
-}
-
-// The forward of the three slices of qkv (B, H, W, 3, heads, D).
-std::tuple<at::Tensor, at::Tensor> window_attention_qkvpacked_fwd(
-    const at::Tensor& qkv, const std::optional<at::Tensor>& table,
-    const std::optional<at::Tensor>& pad_k, const std::optional<at::Tensor>& pad_v,
-    int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w, double scale,
-    double mask_value) {
-  check_qkv("window_attention_qkvpacked_fwd", qkv);
-  return window_attention_fwd(qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), table,
-                              pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
-                              mask_value);
-}
-
 // The parameter gradients (dtable, dpad_k, dpad_v) of one backward; empty tensors for
 // those not wanted.
 using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -237,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_qkvp
     const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w, int64_t shift_h,
     int64_t shift_w, double scale, double mask_value, bool table_grad, bool pad_grad) {
   constexpr const char* op = "window_attention_qkvpacked_bwd";
-  check_qkv(op, qkv);
+  TORCH_CHECK_VALUE(qkv.dim() == 6 && qkv.size(3) == 3, op,
+                    ": qkv must have shape (B, H, W, 3, heads, D), got ", qkv.sizes());
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   auto [dtable, dpad_k, dpad_v] =
       backward(op, dout, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, table,
@@ -259,10 +243,6 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "window_attention_qkvpacked_fwd(Tensor qkv, Tensor? table, Tensor? pad_k, Tensor? pad_v, "
-      "int window_h, int window_w, int shift_h, int shift_w, float scale, float mask_value) -> "
-      "(Tensor, Tensor)");
-  m.def(
       "window_attention_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, "
       "Tensor? table, Tensor? pad_k, Tensor? pad_v, int window_h, int window_w, int shift_h, "
       "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
@@ -272,6 +252,5 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {
   m.impl("window_attention_fwd", &window_attention_bind::window_attention_fwd);
   m.impl("window_attention_bwd", &window_attention_bind::window_attention_bwd);
-  m.impl("window_attention_qkvpacked_fwd", &window_attention_bind::window_attention_qkvpacked_fwd);
   m.impl("window_attention_qkvpacked_bwd", &window_attention_bind::window_attention_qkvpacked_bwd);
 }

@@ -27,6 +27,6 @@ from pyvit_ops.patch import patch_timm
 
 __all__ = [
     "scaled_dot_product_attention", "scaled_dot_product_attention_qkvpacked",
-    "window_attention", "window_attention_qkvpacked",
-    "elsa_attention", "avg_pool2d", "poolformer_pool", "patch_timm", "nn", "HAS_CUDA_EXT", "BackendUnavailableError",
+    "window_attention", "window_attention_qkvpacked", "elsa_attention", "avg_pool2d",
+    "poolformer_pool", "patch_timm", "nn", "HAS_CUDA_EXT", "BackendUnavailableError",
 ]

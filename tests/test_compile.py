@@ -127,11 +127,13 @@ OPCHECK_CASES = {
 }
 
 
-# The C++ op a custom op calls on the cuda backend, where the names differ: SDPA's packed
-# forward folds qkv's slices for the unpacked kernel; its backward writes into them.
+# The C++ op a custom op calls on the cuda backend, where the names differ: the packed
+# forwards run the unpacked kernels on qkv's slices; SDPA's packed backward writes into
+# them.
 CUDA_OPS = {"scaled_dot_product_attention_qkvpacked_fwd": "scaled_dot_product_attention_fwd",
             "scaled_dot_product_attention_qkvpacked_bwd":
-                "scaled_dot_product_attention_bwd_into"}
+                "scaled_dot_product_attention_bwd_into",
+            "window_attention_qkvpacked_fwd": "window_attention_fwd"}
 
 
 def _registered_ops():

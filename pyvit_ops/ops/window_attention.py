@@ -87,11 +87,8 @@ def _window_attention_qkvpacked_fwd(
         pad_v: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
         shift_w: int, scale: float, mask_value: float,
         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``window_attention_fwd`` of the three slices of qkv ``(B, H, W, 3, heads, D)``."""
-    if backend == "cuda":
-        return tuple(_ext.lib(qkv).window_attention_qkvpacked_fwd(
-            qkv, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
-            mask_value))
+    """``window_attention_fwd`` of the three slices of qkv ``(B, H, W, 3, heads, D)``
+    (the kernels read strided slices)."""
     return _fwd(*qkv.unbind(3), table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
                 scale, mask_value, backend)
 
