@@ -50,10 +50,15 @@ def tiny_shapes():
 
 def reduce(params, max_heads):
     """The shape with at most ``max_heads`` heads (same channels per head) and the factor
-    back to the full shape: every head is an independent set of programs."""
+    back to the full shape: every head is an independent set of programs. ``dim_qk``
+    only sizes the projection v is sliced from (its gradient's slice_backward, glue
+    outside the kernels): it shrinks with the heads too, rounded to whole channels
+    (within 1% of the exact share at the ELSA-Swin shapes)."""
     heads = min(params["heads"], max_heads)
     per_head = params["channels"] // params["heads"]
-    return dict(params, heads=heads, channels=heads * per_head), params["heads"] / heads
+    factor = params["heads"] / heads
+    return dict(params, heads=heads, channels=heads * per_head,
+                dim_qk=round(params["dim_qk"] / factor)), factor
 
 
 def describe(params, batch):

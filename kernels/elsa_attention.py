@@ -27,7 +27,7 @@ Forward (``_elsa_attention_fwd_kernel``, grid (pixel tiles, G, B)): per tap,
 ghost filter built on the fly from the unexpanded tensors; out-of-image taps are
 masked (zero padding, no renormalisation).
 
-Backward, two kernels, no float atomics:
+Backward, two kernels (three with ghost gradients), no float atomics:
 - ``_elsa_attention_bwd_attn_kernel`` (grid (tile chunks, G, batch chunks)), tiles
   (row taps, pixels, channels) holding one row of K taps (padded to K_PAD). A program
   works on (sample, pixel tile) items: a chunk of samples times a chunk of tiles
@@ -36,8 +36,9 @@ Backward, two kernels, no float atomics:
   ``prod = dy * v[o + delta_t]`` for the row's taps, ``dp_t = sum_c M[c, t] prod``
   (grad of p) written to dattn, and ``p_t * prod`` / ``prod`` accumulated in
   registers over the items; after them they are reduced over the pixels into this
-  program's fp32 partial rows of dM / dD, buffers (programs, KK, C) that
-  ``torch.sum`` reduces in a fixed order afterwards (deterministic). Rows outer,
+  program's fp32 partial rows of dM / dD, buffers (programs, C, KK) that
+  ``_elsa_attention_bwd_ghost_kernel`` sums in a fixed order (deterministic) and
+  stores once in the ghost dtype (no fp32 result, cast or transpose passes). Rows outer,
   items inner: the expensive cross-thread reduction over pixels happens once per
   row and program instead of per tap and item, and a row's K taps share one band
   of v. A partial row (KK * C fp32) weighs as much as ~16 pixels' compulsory
@@ -267,7 +268,7 @@ def _elsa_attention_bwd_attn_kernel(
     # Rows of taps outer, work items inner: a row's K taps share one band of v (L1
     # reuse), and dM / dD accumulate over the items in registers, paying their
     # cross-thread reduction over pixels and their partial row once per row.
-    part_off = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * KK * C + ch
+    part_off = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * KK * C + ch * KK
     for ty in range(K):
         t = ty * K + tx
         if HAS_MUL and NEED_DATTN:
@@ -308,10 +309,10 @@ def _elsa_attention_bwd_attn_kernel(
             if NEED_DADD:
                 acc_d += prod
         if NEED_DMUL:
-            tl.store(pm_ptr + (part_off + t * C), tl.sum(acc_m, axis=P_AXIS, keep_dims=True),
+            tl.store(pm_ptr + (part_off + t), tl.sum(acc_m, axis=P_AXIS, keep_dims=True),
                      mask=c_ok & (tx < K))
         if NEED_DADD:
-            tl.store(pd_ptr + (part_off + t * C), tl.sum(acc_d, axis=P_AXIS, keep_dims=True),
+            tl.store(pd_ptr + (part_off + t), tl.sum(acc_d, axis=P_AXIS, keep_dims=True),
                      mask=c_ok & (tx < K))
 
     if SOFTMAX_GRAD:
@@ -335,6 +336,18 @@ def _elsa_attention_bwd_attn_kernel(
                 dp = tl.load(da_base + (da_off + t * stride_gc), mask=ok, other=0.0).to(tl.float32)
                 dl = tl.exp2(p * _LOG2E - lse2) * (dp - dp_mean)
                 tl.store(da_base + (da_off + t * stride_gc), dl.to(da_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _elsa_attention_bwd_ghost_kernel(part_ptr, out_ptr, PARTS, N, BLOCK: tl.constexpr):
+    # dM / dD: the attn kernel's PARTS partial rows (PARTS, N = C*K*K) summed in a fixed
+    # order in fp32 and stored once in the ghost dtype, (C, K, K)-contiguous.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(PARTS):
+        acc += tl.load(part_ptr + i * N + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -484,6 +497,18 @@ def work_chunks(B, n_tiles, G):
     return B, triton.cdiv(n_tiles, triton.cdiv(n_tiles, tiles))
 
 
+_GHOST_BLOCK = 1024  # C*K*K is 4.7K-25K at ELSA-Swin: a few programs, vector loads
+_GHOST_WARPS = 4
+
+
+def _ghost_grad(parts, ghost):
+    out = torch.empty(ghost.shape, dtype=ghost.dtype, device=ghost.device)
+    n = out.numel()
+    _elsa_attention_bwd_ghost_kernel[(triton.cdiv(n, _GHOST_BLOCK),)](
+        parts, out, parts.shape[0], n, BLOCK=_GHOST_BLOCK, **launch_options(_GHOST_WARPS))
+    return out
+
+
 def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax,
                        needs_input_grad):
     """Gradients ``(dv, dattn, dmul, dadd)`` of ``elsa_attention_fwd``; an entry is
@@ -499,11 +524,11 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
                      memory_format=output_memory_format(v)) if need_dv else None
     dattn = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device,
                         memory_format=output_memory_format(attn)) if need_dattn else None
-    dmul = torch.zeros_like(ghost_mul) if need_dmul else None
-    dadd = torch.zeros_like(ghost_add) if need_dadd else None
     if v.numel() == 0:
         # Nothing aggregated (B, C or H*W is 0): a gradient with elements is zero.
-        return dv, dattn.zero_() if need_dattn else None, dmul, dadd
+        return (dv, dattn.zero_() if need_dattn else None,
+                torch.zeros_like(ghost_mul) if need_dmul else None,
+                torch.zeros_like(ghost_add) if need_dadd else None)
     _check_int32(dout=dout, v=v, attn=attn)
     scratch = dict(dtype=torch.float32, device=v.device)
     dummy = torch.empty(1, **scratch)  # for pointers a configuration does not read
@@ -513,11 +538,12 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
     common = dict(K=K, HAS_MUL=ghost_mul is not None, APPLY_SOFTMAX=apply_softmax,
                   CHANNELS_LAST=channels_last, BLOCK_C=cfg.block_c)
 
+    dmul = dadd = None
     if need_dattn or need_dmul or need_dadd or (need_dv and apply_softmax):
         n_tiles = triton.cdiv(H * W, cfg.block_p_attn)
         chunk, tile_chunk = work_chunks(B, n_tiles, G)
         grid = (triton.cdiv(n_tiles, tile_chunk), G, triton.cdiv(B, chunk))
-        parts = (grid[0] * grid[2], KK, C)
+        parts = (grid[0] * grid[2], C, KK)
         part_mul = torch.empty(parts, **scratch) if need_dmul else dummy
         part_add = torch.empty(parts, **scratch) if need_dadd else dummy
         dp_ref = torch.empty((B, G, H * W), **scratch) if need_dattn and apply_softmax else dummy
@@ -529,11 +555,8 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
             NEED_DATTN=need_dattn, NEED_DMUL=need_dmul, NEED_DADD=need_dadd,
             K_PAD=triton.next_power_of_2(K), BLOCK_P=cfg.block_p_attn,
             **launch_options(cfg.num_warps_attn), **common)
-        # Partial rows summed in a fixed order (deterministic), (KK, C) -> contiguous (C, K, K).
-        if need_dmul:
-            dmul = part_mul.sum(0).t().to(ghost_mul.dtype).contiguous().view(C, K, K)
-        if need_dadd:
-            dadd = part_add.sum(0).t().to(ghost_add.dtype).contiguous().view(C, K, K)
+        dmul = _ghost_grad(part_mul, ghost_mul) if need_dmul else None
+        dadd = _ghost_grad(part_add, ghost_add) if need_dadd else None
 
     if need_dv:
         add, add_strides = _ghost_args(ghost_add, channels_last, v)
@@ -635,5 +658,12 @@ def static_compile_specs():
                 for K in (3, 5):
                     specs += [_spec(kernel, cl, cfg_k, "fp16", K=K) for cl, cfg_k in _spec_tiles(K)
                               if (cl, cfg_k.block_c, cfg_k.block_p) == (channels_last, 32, cfg.block_p)]
+    for dtype in _TRITON_DTYPES:  # the ghost-gradient sum, per ghost dtype
+        specs.append({"name": f"{_elsa_attention_bwd_ghost_kernel.__name__}_{dtype}",
+                      "fn": _elsa_attention_bwd_ghost_kernel,
+                      "signature": {"part_ptr": "*fp32", "out_ptr": f"*{dtype}", "PARTS": "i32",
+                                    "N": "i32", "BLOCK": "constexpr"},
+                      "constexprs": {"BLOCK": _GHOST_BLOCK}, "divisible_by_16": [],
+                      "dtype": dtype, **launch_options(_GHOST_WARPS)})
     # Tiles that differ only in the forward's BLOCK_P share the attn-gradient kernel.
     return list({spec["name"]: spec for spec in specs}.values())

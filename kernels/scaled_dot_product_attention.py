@@ -20,10 +20,11 @@ of one "bias group" (the batch dims the bias is not broadcast over) walk the
 broadcast batch indices themselves, in a fixed order: a bias broadcast over the
 queries (e.g. a ``(B, 1, 1, Nk)`` key bias) is summed per key in registers by the
 dk/dv kernel; a bias with a query axis is summed per tile by the dq kernel
-in an fp32 buffer that only the owning program reads and writes. When that leaves
-too few programs to fill the GPU, the broadcast batch is split into chunks whose
-partial sums (``(chunks, *dbias)``, at most ~2 x SMs / blocks of them) are added once,
-in a fixed order, at the end. No ``(*batch, Nq, Nk)`` gradient is ever formed. A bias
+in an fp32 buffer that only the owning program reads and writes; without a split
+(below) the last batch stores the sum straight into dbias in the bias dtype (at batch
+1 no buffer exists). When that leaves too few programs to fill the GPU, the broadcast
+batch is split into chunks whose partial sums (``(chunks, *dbias)``, at most ~2 x SMs
+/ blocks of them) are added once, in a fixed order, at the end. No ``(*batch, Nq, Nk)`` gradient is ever formed. A bias
 constant along the keys (stride 0 on Nk) has an exactly zero gradient since softmax
 is shift-invariant: zeros, without a kernel.
 
@@ -298,12 +299,15 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
         stride_dqz1, stride_dqz2, stride_dqm, stride_dqd,
         stride_dbs, stride_dbz1, stride_dbz2, stride_dbm, stride_dbn,
         Z2, Nq, Nk, D, NG, NB, B_CHUNK,
-        BIAS: tl.constexpr, DBIAS: tl.constexpr, BCAST1: tl.constexpr, BCAST2: tl.constexpr,
+        BIAS: tl.constexpr, DBIAS: tl.constexpr, DBIAS_DIRECT: tl.constexpr,
+        BCAST1: tl.constexpr, BCAST2: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq of one query block for each batch of a chunk; with DBIAS, the gradient of a
     bias with a query axis, summed over the chunk's batches in an fp32 buffer that only
-    this program touches: a read-add-write in a fixed order (no atomics)."""
+    this program touches: a read-add-write in a fixed order (no atomics). With
+    DBIAS_DIRECT (one batch index, no split: its ds is the gradient) DBias is dbias
+    itself, stored once in the bias dtype: no fp32 buffer and no cast pass."""
     rows, g, split, b_start, b_end = _backward_program(Nq, NG, NB, B_CHUNK, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -352,8 +356,11 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
                 # so these accesses need no mask and stay vectorised. The first batch
                 # of the chunk starts from 0 instead of reading.
                 ptrs = db_base + rows[:, None] * stride_dbm + cols[None, :] * stride_dbn
-                ds += tl.load(ptrs, mask=i > 0, other=0.0)
-                tl.store(ptrs, ds)
+                if DBIAS_DIRECT:
+                    tl.store(ptrs, ds.to(DBias.dtype.element_ty), mask=tile_mask)
+                else:
+                    ds += tl.load(ptrs, mask=i > 0, other=0.0)
+                    tl.store(ptrs, ds)
         tl.store(DQ + z1 * stride_dqz1 + z2 * stride_dqz2 + rows[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=qo_mask)
@@ -509,7 +516,7 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
 
     dbias is None unless ``bias_requires_grad``; then it has the bias view's
     non-broadcast shape (each dim with stride 0 and size > 1 reduced to 1), in the
-    bias dtype.
+    bias dtype (a view with 16-padded rows when the kernel stores it directly).
     """
     Z1, Z2, Nq, Nk, D = _check_inputs(q, k, v, bias)
     if tuple(dout.shape) != (Z1, Z2, Nq, D) or tuple(out.shape) != (Z1, Z2, Nq, D):
@@ -547,7 +554,7 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     num_m, num_n = triton.cdiv(Nq, dq_m), triton.cdiv(Nk, kv_n)
     dq_plan = _BatchPlan(Z1, Z2, blocks=num_m)
     kv_plan = _BatchPlan(Z1, Z2, blocks=num_n)
-    column = tile = False
+    column = tile = direct = False
     db_buf, db_strides = q, (0, 0, 0, 0, 0)
     # A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient
     # (softmax is shift-invariant): zeros, without a kernel.
@@ -563,15 +570,25 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
             kv_plan = plan = _BatchPlan(Z1, Z2, blocks=num_n, **bcast)
         else:
             dq_plan = plan = _BatchPlan(Z1, Z2, blocks=num_m, **bcast)
-        # fp32 partial sums, one per split. Tiles are padded to whole blocks so that the
-        # query-major kernel's read-add-write needs no mask.
-        rows = 1 if column else num_m * dq_m
-        cols = Nk if column else triton.cdiv(Nk, dq_n) * dq_n
-        db_buf = torch.empty((plan.splits,) + red_shape[:2] + (rows, cols), device=q.device,
-                             dtype=torch.float32)
-        # Reduced dims have size 1: stride 0 lets the kernels index them with any z.
-        db_strides = (db_buf.stride(0),) + tuple(
-            0 if n == 1 else st for st, n in zip(db_buf.stride()[1:], db_buf.shape[1:]))
+        # A half-precision bias tile summed over one batch index only (no broadcast batch,
+        # e.g. batch 1): the query-major kernel stores the gradient itself, in the bias
+        # dtype (an fp32 one needs no cast, its buffer is the gradient already). Rows are
+        # padded to 16 elements: aligned strides keep the masked stores vectorised (a
+        # 197-wide row costs the d64 kernel spills on sm_80); dbias is a view of it.
+        direct = tile and plan.nb == 1 and torch.float32 not in (q.dtype, bias.dtype)
+        if direct:
+            db_buf = torch.empty(red_shape[:-1] + (triton.cdiv(Nk, 16) * 16,), device=q.device,
+                                 dtype=bias.dtype)
+            db_strides = (0,) + _reduced_strides(db_buf)
+            dbias = db_buf[..., :Nk]
+        else:
+            # fp32 partial sums, one per split. Tiles are padded to whole blocks so that
+            # the query-major kernel's read-add-write needs no mask.
+            rows = 1 if column else num_m * dq_m
+            cols = Nk if column else triton.cdiv(Nk, dq_n) * dq_n
+            db_buf = torch.empty((plan.splits,) + red_shape[:2] + (rows, cols),
+                                 device=q.device, dtype=torch.float32)
+            db_strides = (db_buf.stride(0),) + _reduced_strides(db_buf)
 
     _scaled_dot_product_attention_bwd_dkdv_kernel[kv_plan.grid](
         q, k, v, bias_t, dout, lse, delta, dk, dv, db_buf, *scalars,
@@ -583,14 +600,20 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     _scaled_dot_product_attention_bwd_dq_kernel[dq_plan.grid](
         q, k, v, bias_t, dout, lse, delta, dq, db_buf, *scalars,
         *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(), *db_strides,
-        Z2, Nq, Nk, D, *dq_plan.args(), DBIAS=tile, **dq_plan.flags(), **common,
+        Z2, Nq, Nk, D, *dq_plan.args(), DBIAS=tile, DBIAS_DIRECT=direct, **dq_plan.flags(),
+        **common,
         BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages,
         maxnreg=_MAXNREG)
-    if column or tile:
+    if (column or tile) and not direct:
         # Fixed-order sum of the split partials: deterministic.
         db_buf = db_buf[..., :Nq, :Nk]
         dbias = (db_buf.sum(0) if db_buf.shape[0] > 1 else db_buf[0]).to(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def _reduced_strides(t):
+    # Reduced dims have size 1: stride 0 lets the kernels index them with any z.
+    return tuple(0 if n == 1 else st for st, n in zip(t.stride()[-4:], t.shape[-4:]))
 
 
 def _zero_dbias(red_shape, bias):
@@ -643,7 +666,7 @@ def _spec(kernel, name, dtype, constexprs, warps, stages, pointers):
         else:
             sig[arg] = "i32"
     # Head dims are multiples of 16 in practice (16 ... 128), and so are the row and
-    # batch strides of q/k/v/out and of the padded dbias buffer; not the user's bias.
+    # batch strides of q/k/v/out and of the padded dbias buffers; not the user's bias.
     divisible = [a for a in sig if sig[a] == "i32" and (a == "D" or a.startswith("stride_"))
                  and not a.startswith("stride_b")]
     uses_dot = "BLOCK_N" in constexprs
@@ -690,8 +713,16 @@ def static_compile_specs():
                     specs.append(_spec(
                         _scaled_dot_product_attention_bwd_dq_kernel,
                         f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_{tag}", dname,
-                        dict(common, **bcast, DBIAS=heavy, BLOCK_M=bm, BLOCK_N=bn),
-                        warps, stages, pointers))
+                        dict(common, **bcast, DBIAS=heavy, DBIAS_DIRECT=False, BLOCK_M=bm,
+                             BLOCK_N=bn), warps, stages, pointers))
+                    if heavy and dtype != torch.float32:
+                        # dbias stored directly (a half bias, no broadcast batch).
+                        specs.append(_spec(
+                            _scaled_dot_product_attention_bwd_dq_kernel,
+                            f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_d{block_d}_direct_{dname}", dname,
+                            dict(common, BIAS=BIAS_FLOAT, BCAST1=False, BCAST2=False,
+                                 DBIAS=True, DBIAS_DIRECT=True, BLOCK_M=bm, BLOCK_N=bn),
+                            warps, stages, {"Bias": "*" + dname, "DBias": "*" + dname}))
                 bm, bn, warps, stages = _dkdv_config(block_d, dtype)
                 specs.append(_spec(
                     _scaled_dot_product_attention_bwd_dkdv_kernel,

@@ -416,6 +416,8 @@ def test_static_compile_specs_cover_every_tile():
             stem = (f"{kernel.__name__}_{'cl' if channels_last else 'nchw'}"
                     f"_c{cfg.block_c}p{block_p}_k7_")
             assert {f"{stem}{dt}" for dt in ("fp16", "bf16", "fp32")} <= names
+    ghost = kernels._elsa_attention_bwd_ghost_kernel.__name__
+    assert {f"{ghost}_{dt}" for dt in ("fp16", "bf16", "fp32")} <= names
 
 
 # --------------------------------------------------------------------------- nn.ELSA

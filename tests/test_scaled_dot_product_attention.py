@@ -410,10 +410,11 @@ def test_kernel_backward_is_deterministic(backend):
     _assert_deterministic(backend, q, k, v, _randn(1, 2, 20, 37), dout)
 
 
-@pytest.mark.parametrize("bias_shape", [(19, 21), (2, 1, 21)])
+@pytest.mark.parametrize("bias_shape", [(19, 21), (2, 19, 21), (2, 1, 21)])
 def test_triton_backward_is_deterministic_with_chunked_dbias(monkeypatch, bias_shape):
     """A bias broadcast over the batch with so few SMs that each program reduces several
-    batches (tile read-add-write / per-key registers) plus split partials; two runs must
+    batches (tile read-add-write / per-key registers): plus split partials (19, 21), or
+    in a single split whose last batch stores dbias directly (2, 19, 21); two runs must
     be bitwise equal."""
     monkeypatch.setattr(kernels, "_DEFAULT_SMS", 1)
     torch.manual_seed(0)

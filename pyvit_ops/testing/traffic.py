@@ -95,7 +95,9 @@ class _TritonMeter:
         if mask is not None:
             # tensor-descriptor accesses pass the mask as a bare numpy array
             mask = mask if isinstance(mask, np.ndarray) else mask.data
-            addresses = addresses[np.broadcast_to(mask, addresses.shape)]
+            # A scalar condition may reach the interpreter broadcast as an integer array:
+            # as an index it would pick elements 0 and 1, not the true lanes.
+            addresses = addresses[np.broadcast_to(mask.astype(bool, copy=False), addresses.shape)]
         name, entry = self._entry()
         entry[f"{kind}_bytes"] += addresses.size * itemsize
         self._addresses.setdefault((name, kind), []).append((addresses.ravel().copy(), itemsize))
