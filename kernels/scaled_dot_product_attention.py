@@ -20,12 +20,12 @@ of one "bias group" (the batch dims the bias is not broadcast over) walk the
 broadcast batch indices themselves, in a fixed order: a bias broadcast over the
 queries (e.g. a ``(B, 1, 1, Nk)`` key bias) is summed per key in registers by the
 dk/dv kernel; a bias with a query axis is summed per tile by the dq kernel
-in an fp32 buffer that only the owning program reads and writes; without a split
-(below) the last batch stores the sum straight into dbias in the bias dtype (at batch
-1 no buffer exists). When that leaves too few programs to fill the GPU, the broadcast
-batch is split into chunks whose partial sums (``(chunks, *dbias)``, at most ~2 x SMs
-/ blocks of them) are added once, in a fixed order, at the end. No ``(*batch, Nq, Nk)`` gradient is ever formed. A bias
-constant along the keys (stride 0 on Nk) has an exactly zero gradient since softmax
+in an fp32 buffer that only the owning program reads and writes (a half-precision
+bias no batch index shares, e.g. at batch 1, is stored by it directly in the bias
+dtype, into rows padded to 16 elements). When that leaves too few programs to fill
+the GPU, the broadcast batch is split into chunks whose partial sums (``(chunks,
+*dbias)``, at most ~2 x SMs / blocks of them) are added once, in a fixed order, at
+the end. No ``(*batch, Nq, Nk)`` gradient is ever formed. A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient since softmax
 is shift-invariant: zeros, without a kernel.
 
 Dropout: element (z, i, j) (z the flat batch index) is kept when the first output of
@@ -352,13 +352,13 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
             if DBIAS:
-                # The buffer is padded to whole tiles (padded entries receive ds = 0),
-                # so these accesses need no mask and stay vectorised. The first batch
-                # of the chunk starts from 0 instead of reading.
                 ptrs = db_base + rows[:, None] * stride_dbm + cols[None, :] * stride_dbn
                 if DBIAS_DIRECT:
                     tl.store(ptrs, ds.to(DBias.dtype.element_ty), mask=tile_mask)
                 else:
+                    # The buffer is padded to whole tiles (padded entries receive ds = 0),
+                    # so these accesses need no mask and stay vectorised. The first
+                    # batch of the chunk starts from 0 instead of reading.
                     ds += tl.load(ptrs, mask=i > 0, other=0.0)
                     tl.store(ptrs, ds)
         tl.store(DQ + z1 * stride_dqz1 + z2 * stride_dqz2 + rows[:, None] * stride_dqm
@@ -720,8 +720,8 @@ def static_compile_specs():
                         specs.append(_spec(
                             _scaled_dot_product_attention_bwd_dq_kernel,
                             f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_d{block_d}_direct_{dname}", dname,
-                            dict(common, BIAS=BIAS_FLOAT, BCAST1=False, BCAST2=False,
-                                 DBIAS=True, DBIAS_DIRECT=True, BLOCK_M=bm, BLOCK_N=bn),
+                            dict(common, BCAST1=False, BCAST2=False, DBIAS=True,
+                                 DBIAS_DIRECT=True, BLOCK_M=bm, BLOCK_N=bn),
                             warps, stages, {"Bias": "*" + dname, "DBias": "*" + dname}))
                 bm, bn, warps, stages = _dkdv_config(block_d, dtype)
                 specs.append(_spec(

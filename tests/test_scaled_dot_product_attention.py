@@ -414,8 +414,7 @@ def test_kernel_backward_is_deterministic(backend):
 def test_triton_backward_is_deterministic_with_chunked_dbias(monkeypatch, bias_shape):
     """A bias broadcast over the batch with so few SMs that each program reduces several
     batches (tile read-add-write / per-key registers): plus split partials (19, 21), or
-    in a single split whose last batch stores dbias directly (2, 19, 21); two runs must
-    be bitwise equal."""
+    in a single split that is the gradient (2, 19, 21); two runs must be bitwise equal."""
     monkeypatch.setattr(kernels, "_DEFAULT_SMS", 1)
     torch.manual_seed(0)
     q = _randn(3, 2, 19, 16)
