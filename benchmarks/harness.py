@@ -139,13 +139,17 @@ def write_records(path, records, target_lines):
     write_lines(os.path.splitext(path)[0] + ".targets.txt", target_lines)
 
 
-def merge_records(path, records, key):
+def merge_records(path, records, key, replaces=None):
     """``records`` in place of the records of the JSON at ``path`` with the same ``key``
-    fields, keeping the rest: a partial run (a few ops or kernels) refreshes just those."""
+    fields, keeping the rest: a partial run (a few ops or kernels) refreshes just those.
+    Old records for which ``replaces(record)`` is true are dropped even without a new
+    record of the same key (a unit measured again in full, whose configs changed)."""
     if not os.path.exists(path):
         return records
     with open(path) as f:
         old = json.load(f)
+    if replaces is not None:
+        old = [r for r in old if not replaces(r)]
     new = {tuple(r.get(k) for k in key): r for r in records}
     merged = [new.pop(tuple(r.get(k) for k in key), r) for r in old]
     return merged + list(new.values())

@@ -146,14 +146,28 @@ def main(argv=None):
             records.append({"kernel": "csrc/*.cu", "backend": "cuda",
                             "error": f"{type(exc).__name__}: {exc}"[:4000]})
     if args.modules or args.sources or args.no_cuda or args.max_specs:  # a partial run
-        records = harness.merge_records(args.json, records,
-                                        ("backend", "kernel", "arch", "config"))
+        records = merge_partial(args.json, records, whole=not max_specs)
     lines = targets.static_lines(records)
     harness.write_records(args.json, records, lines)
     print(format_table(records))
     print("\n".join(lines))
     print(f"{len(records)} records in {time.perf_counter() - start:.0f} s -> {args.json}")
     return 0
+
+
+def merge_partial(path, records, whole):
+    """A partial run's ``records`` merged into the JSON at ``path``. With ``whole`` (every
+    spec of each module / source compiled), a unit's new records replace all its old ones
+    for that arch: a config whose constexprs changed would otherwise leave a stale record."""
+    full = {_unit(r) for r in records} if whole else set()
+    return harness.merge_records(path, records, ("backend", "kernel", "arch", "config"),
+                                 replaces=lambda r: _unit(r) in full)
+
+
+def _unit(record):
+    """(backend, Triton module or CUDA source, arch): what one partial run compiles whole."""
+    return (record.get("backend"), record.get("module") or record.get("source"),
+            record.get("arch"))
 
 
 def format_table(records):

@@ -21,8 +21,8 @@ broadcast batch indices themselves, in a fixed order: a bias broadcast over the
 queries (e.g. a ``(B, 1, 1, Nk)`` key bias) is summed per key in registers by the
 dk/dv kernel; a bias with a query axis is summed per tile by the dq kernel
 in an fp32 buffer that only the owning program reads and writes (a half-precision
-bias no batch index shares, e.g. at batch 1, is stored by it directly in the bias
-dtype, into rows padded to 16 elements). When that leaves too few programs to fill
+bias no batch index shares, e.g. at batch 1, is stored by it directly, in the bias
+dtype and shape). When that leaves too few programs to fill
 the GPU, the broadcast batch is split into chunks whose partial sums (``(chunks,
 *dbias)``, at most ~2 x SMs / blocks of them) are added once, in a fixed order, at
 the end. No ``(*batch, Nq, Nk)`` gradient is ever formed. A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient since softmax
@@ -404,15 +404,19 @@ def _fwd_config(Nq, block_d, dtype):
     return (64, block_n, 4, 2) if Nq <= 64 else (128, block_n, 8, 2)
 
 
-def _dq_config(Nq, block_d, dtype):
+def _dq_config(Nq, block_d, dtype, direct=False):
     """(BLOCK_M queries per program, BLOCK_N keys per step, num_warps, num_stages).
-    Each program reads all of K and V once: the fewer query blocks, the less traffic."""
+    Each program reads all of K and V once: the fewer query blocks, the less traffic.
+    ``direct``: the variant storing dbias into the user-shaped (unaligned) rows."""
     if dtype == torch.float32:
         # (8 warps on a 16 x 16 tile: the only fp32 head-dim-128 point without spills)
         return (16, 16, 8, 1) if block_d == 128 else (16, 32, 4, 1)
     if Nq <= 16 or block_d == 128:
         return 16, 64, 4, 1
-    return 64, 32, 4, 1
+    # The unaligned dbias store tips the 64 x 32 tile into spills on sm_80 (d64: 255
+    # registers, 4 spill stores); 16 keys per step fit (217) with the same query blocks,
+    # hence the same K / V reads.
+    return (64, 16, 4, 1) if direct else (64, 32, 4, 1)
 
 
 def _dkdv_config(block_d, dtype):
@@ -516,7 +520,7 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
 
     dbias is None unless ``bias_requires_grad``; then it has the bias view's
     non-broadcast shape (each dim with stride 0 and size > 1 reduced to 1), in the
-    bias dtype (a view with 16-padded rows when the kernel stores it directly).
+    bias dtype.
     """
     Z1, Z2, Nq, Nk, D = _check_inputs(q, k, v, bias)
     if tuple(dout.shape) != (Z1, Z2, Nq, D) or tuple(out.shape) != (Z1, Z2, Nq, D):
@@ -572,15 +576,13 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
             dq_plan = plan = _BatchPlan(Z1, Z2, blocks=num_m, **bcast)
         # A half-precision bias tile summed over one batch index only (no broadcast batch,
         # e.g. batch 1): the query-major kernel stores the gradient itself, in the bias
-        # dtype (an fp32 one needs no cast, its buffer is the gradient already). Rows are
-        # padded to 16 elements: aligned strides keep the masked stores vectorised (a
-        # 197-wide row costs the d64 kernel spills on sm_80); dbias is a view of it.
+        # dtype, in its final shape (an fp32 one needs no cast, its buffer is the gradient
+        # already). Its own tile config keeps the same query blocks (so the same plan).
         direct = tile and plan.nb == 1 and torch.float32 not in (q.dtype, bias.dtype)
         if direct:
-            db_buf = torch.empty(red_shape[:-1] + (triton.cdiv(Nk, 16) * 16,), device=q.device,
-                                 dtype=bias.dtype)
+            dq_m, dq_n, dq_warps, dq_stages = _dq_config(Nq, block_d, q.dtype, direct=True)
+            db_buf = dbias = torch.empty(red_shape, device=q.device, dtype=bias.dtype)
             db_strides = (0,) + _reduced_strides(db_buf)
-            dbias = db_buf[..., :Nk]
         else:
             # fp32 partial sums, one per split. Tiles are padded to whole blocks so that
             # the query-major kernel's read-add-write needs no mask.
@@ -715,14 +717,20 @@ def static_compile_specs():
                         f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_{tag}", dname,
                         dict(common, **bcast, DBIAS=heavy, DBIAS_DIRECT=False, BLOCK_M=bm,
                              BLOCK_N=bn), warps, stages, pointers))
-                    if heavy and dtype != torch.float32:
-                        # dbias stored directly (a half bias, no broadcast batch).
-                        specs.append(_spec(
+                if heavy and dtype != torch.float32:
+                    # dbias stored directly (a half bias, no broadcast batch) into rows
+                    # of the user's width: none of its strides is a multiple of 16.
+                    for bm, bn, warps, stages in sorted({_dq_config(nq, block_d, dtype, True)
+                                                         for nq in _SPEC_NQ}):
+                        spec = _spec(
                             _scaled_dot_product_attention_bwd_dq_kernel,
                             f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_d{block_d}_direct_{dname}", dname,
                             dict(common, BCAST1=False, BCAST2=False, DBIAS=True,
                                  DBIAS_DIRECT=True, BLOCK_M=bm, BLOCK_N=bn),
-                            warps, stages, {"Bias": "*" + dname, "DBias": "*" + dname}))
+                            warps, stages, {"Bias": "*" + dname, "DBias": "*" + dname})
+                        spec["divisible_by_16"] = [a for a in spec["divisible_by_16"]
+                                                   if not a.startswith("stride_db")]
+                        specs.append(spec)
                 bm, bn, warps, stages = _dkdv_config(block_d, dtype)
                 specs.append(_spec(
                     _scaled_dot_product_attention_bwd_dkdv_kernel,

@@ -177,3 +177,22 @@ def test_gpu_timing_targets_say_met_and_missed_with_the_figure():
     assert "min x4.20" in lines[head] and "swin_b.224.s2.w B=32 x4.20" in lines[head + 1]
     sdpa = next(line for line in lines if "scaled_dot_product_attention" in line)
     assert sdpa.startswith("MET") and "(beit_b)" in sdpa and "x3.40" in sdpa
+
+
+def test_static_partial_run_replaces_a_whole_module(tmp_path):
+    from benchmarks import static_report
+
+    def rec(module, arch, config):
+        return {"backend": "triton", "module": module, "kernel": "k", "arch": arch,
+                "config": config}
+    path = tmp_path / "static.json"
+    old = [rec("a", "sm_80", "old"), rec("a", "sm_90a", "old"), rec("b", "sm_80", "old")]
+    path.write_text(json.dumps(old))
+    new = [rec("a", "sm_80", "new")]
+    # module a recompiled in full for sm_80: its renamed config's stale record goes; the
+    # other arch and the other module stay.
+    merged = static_report.merge_partial(str(path), new, whole=True)
+    assert sorted((r["module"], r["arch"], r["config"]) for r in merged) == [
+        ("a", "sm_80", "new"), ("a", "sm_90a", "old"), ("b", "sm_80", "old")]
+    # --max-specs compiles a few specs only: nothing else is replaced.
+    assert len(static_report.merge_partial(str(path), new, whole=False)) == 4
