@@ -69,7 +69,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pyvit_ops.reference.window_attention import relative_position_index
 
 MAX_WINDOW_AREA = 256  # 16 x 16; windows over 64 tokens take the tiled kernels
 MAX_HEAD_DIM = 128
@@ -146,6 +145,8 @@ def _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scal
     acc0 = tl.where(region_r[:, None] != region_c[None, :], mask_value, 0.0)
     if HAS_TABLE:
         # rel(i, j) = (ty_i - ty_j + WH - 1)(2WW - 1) + tx_i - tx_j + WW - 1 = row_i - col_j.
+        # The table is read in its own dtype (fp32 parameters under autocast, or the
+        # model's half precision): no cast pass before the launch.
         # Slots past N take the centre row / column 0, so the gather stays inside the
         # table without a mask (their scores are discarded).
         centre = (WH - 1) * (2 * WW - 1) + WW - 1
@@ -153,10 +154,12 @@ def _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col, inv_scal
         col_c = tl.where(in_c, ty_c * (2 * WW - 1) + tx_c, 0)
         if KEYS_AS_ROWS:
             row_c = tl.where(in_c, centre + col_c, centre)
-            acc0 += tl.load(table_ptr + (row_c[None, :] - col_r[:, None]) * HEADS + h)
+            rel = row_c[None, :] - col_r[:, None]
+            acc0 += tl.load(table_ptr + rel * HEADS + h).to(tl.float32)
         else:
             row_r = tl.where(in_r, centre + col_r, centre)
-            acc0 += tl.load(table_ptr + (row_r[:, None] - col_c[None, :]) * HEADS + h)
+            rel = row_r[:, None] - col_c[None, :]
+            acc0 += tl.load(table_ptr + rel * HEADS + h).to(tl.float32)
     # -inf before the product by 1 / scale: the sign comes out right for any scale.
     if KEYS_AS_ROWS:
         acc0 = tl.where(in_r[:, None], acc0, float("-inf")) * inv_scale
@@ -415,25 +418,33 @@ def _window_attention_bwd_kernel(
 
 
 @triton.jit
-def _window_attention_dtable_kernel(dbias_ptr, pairs_ptr, dtable_ptr, GROUPS, HEADS, ROWS, N,
+def _window_attention_dtable_kernel(dbias_ptr, dtable_ptr, GROUPS, HEADS, ROWS, WH, WW,
                                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     """dtable[r, h]: the sum of the backward's per-program dbias partials of head h over
-    the pairs that read table row r (``pairs``: (ROWS, N) flat pair indices, N*N for
-    none). Each partial element belongs to one row, so every one is read once; programs
-    are walked in a fixed order (deterministic)."""
+    the pairs that read table row r. Row r is the offset (dy, dx) = query - key; its
+    pairs, enumerated here in row-major query order (no index tensor to read), are the
+    queries whose key at that offset is inside the window. Each partial element belongs
+    to one row, so every one is read once; programs are walked in a fixed order
+    (deterministic)."""
     h = tl.program_id(1)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    j = tl.arange(0, BLOCK_P)
-    nn = N * N
-    pair = tl.load(pairs_ptr + r[:, None] * N + j[None, :],
-                   mask=(r[:, None] < ROWS) & (j[None, :] < N), other=nn)
-    real = pair < nn
+    p = tl.arange(0, BLOCK_P)
+    N = WH * WW
+    dy = r // (2 * WW - 1) - (WH - 1)
+    dx = r % (2 * WW - 1) - (WW - 1)
+    nx = WW - tl.abs(dx)  # >= 1 for every r
+    count = (WH - tl.abs(dy)) * nx
+    yq = (p[None, :] // nx[:, None]) + tl.maximum(dy, 0)[:, None]
+    xq = (p[None, :] % nx[:, None]) + tl.maximum(dx, 0)[:, None]
+    query = yq * WW + xq
+    pair = query * N + query - (dy * WW + dx)[:, None]
+    real = (r < ROWS)[:, None] & (p[None, :] < count[:, None])
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for g in range(GROUPS):
         # Partials are (program group, head, N*N) with the heads fastest.
-        base = dbias_ptr + (g * HEADS + h).to(tl.int64) * nn
+        base = dbias_ptr + (g * HEADS + h).to(tl.int64) * N * N
         acc += tl.sum(tl.load(base + pair, mask=real, other=0.0), axis=1)
-    tl.store(dtable_ptr + r * HEADS + h, acc, mask=r < ROWS)
+    tl.store(dtable_ptr + r * HEADS + h, acc.to(dtable_ptr.dtype.element_ty), mask=r < ROWS)
 
 
 # --------------------------------------------------------------------------- tiled (N > 64)
@@ -657,7 +668,6 @@ def _window_attention_bwd_tiled_kernel(
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _BLOCK_NS = (32, 64)          # window-area buckets (7x7 -> 64)
 _BLOCK_DS = (32, 64, 128)     # head-dim buckets (masked loads: 48, 80, 96 cost no extra bytes)
-_DTABLE_ROWS = 32             # table rows per dtable program (7x7: 169 rows -> 6 programs)
 
 
 
@@ -746,6 +756,13 @@ def _pairs_block(N):
     return max(_BLOCK_NS[0], triton.next_power_of_2(N))
 
 
+def _dtable_rows(block_p):
+    """BLOCK_R, table rows per dtable program (7x7: 169 rows -> 6 programs): at most
+    2048 pairs, 16 per thread of 4 warps (their addresses are 64-bit: a 32 x 256 tile
+    spills, 32 x 128 takes 208 registers)."""
+    return min(32, 2048 // block_p)
+
+
 def _tiled(N):
     return N > _BLOCK_NS[-1]
 
@@ -771,11 +788,11 @@ def _geometry(q, window_size):
     return B, H, W, heads, D, n_wh, n_ww, B * n_wh * n_ww
 
 
-def _table_fp32(table, device):
-    """The kernels gather fp32 bias from a contiguous table (a few KB); a dummy when None."""
+def _table_arg(table, device):
+    """The contiguous table the kernels gather the bias from (a few KB); a dummy when None."""
     if table is None:
         return torch.empty(0, dtype=torch.float32, device=device)
-    return table.to(torch.float32).contiguous()
+    return table.contiguous()
 
 
 def _pad_rows(pad, q):
@@ -840,30 +857,13 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
         blocks = dict(BLOCK_N=block_n)
     per_program, programs = _window_groups(B, n_wh, n_ww, heads, q.device, tiles)
     kernel[(sum(programs) * tiles,)](
-        q, k, v, _table_fp32(table, q.device), _pad_rows(pad_k, q), _pad_rows(pad_v, q),
+        q, k, v, _table_arg(table, q.device), _pad_rows(pad_k, q), _pad_rows(pad_v, q),
         out, lse, B, H, W, n_wh, n_ww, heads, D, per_program, wh, ww, sh, sw,
         float(scale), 1.0 / scale, float(mask_value),
         *q.stride(), *k.stride(), *v.stride(),
         HAS_TABLE=table is not None, BLOCK_D=block_d, **blocks,
         num_warps=num_warps, num_stages=num_stages)
     return out, lse
-
-
-@functools.lru_cache(maxsize=None)
-def _pairs_by_table_row(window_size, device):
-    """(R, N) flat (query * N + key) indices of the pairs that read each table row,
-    padded with N*N (an appended zero); every row has at most N pairs."""
-    index = relative_position_index(window_size, device=device).flatten()
-    n_pairs = index.numel()
-    rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index, minlength=rows)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n_pairs, device=device) - starts[index[order]]
-    pairs = torch.full((rows, window_size[0] * window_size[1]), n_pairs, dtype=torch.long,
-                       device=device)
-    pairs[index[order], rank] = order
-    return pairs
 
 
 def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq, dk, dv, window_size,
@@ -889,7 +889,7 @@ def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq, dk, dv, window
         block_n, block_d = _blocks(N, D)
         dtype_name = _DTYPE_NAMES[q.dtype]
         num_warps, num_stages = _config(block_n, block_d, dtype_name, True, _arch(q.device))
-        args = (q, k, v, dout, lse, _table_fp32(table, q.device),
+        args = (q, k, v, dout, lse, _table_arg(table, q.device),
                 _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
                 B, H, W, n_wh, n_ww, heads, D, per_program)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
@@ -945,7 +945,7 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_
                        dtype=torch.float32, device=q.device)
     delta = torch.empty(num_windows, heads, N, dtype=torch.float32, device=q.device)
     if dq.numel():
-        args = (q, k, v, dout, out.contiguous(), lse, delta, _table_fp32(table, q.device),
+        args = (q, k, v, dout, out.contiguous(), lse, delta, _table_arg(table, q.device),
                 _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
                 B, H, W, n_wh, n_ww, heads, D)
         rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
@@ -994,15 +994,15 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                                                mask_value, want_bias, want_pad)
     dtable = None
     if want_bias:
-        # One pass over the partials, straight into the (rows, heads) table layout.
-        pairs = _pairs_by_table_row((wh, ww), q.device)
-        rows = pairs.shape[0]
-        dtable = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
-        _window_attention_dtable_kernel[(triton.cdiv(rows, _DTABLE_ROWS), heads)](
-            dbias, pairs, dtable, groups, heads, rows, N,
-            BLOCK_R=_DTABLE_ROWS, BLOCK_P=_pairs_block(N), num_warps=4,
+        # One pass over the partials, straight into the table's (rows, heads) layout and dtype.
+        rows = (2 * wh - 1) * (2 * ww - 1)
+        dtable = torch.empty(rows, heads, dtype=table.dtype, device=q.device)
+        block_p = _pairs_block(N)
+        block_r = _dtable_rows(block_p)
+        _window_attention_dtable_kernel[(triton.cdiv(rows, block_r), heads)](
+            dbias, dtable, groups, heads, rows, wh, ww,
+            BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
             num_stages=1)
-        dtable = dtable.to(table.dtype)
     dpad_k = dpad_v = None
     if need_pad_k and pad_k is not None:
         dpad_k = dpad[:, :, :, 0].sum((0, 2)).to(pad_k.dtype)
@@ -1079,32 +1079,39 @@ def static_compile_specs():
                 and not a.endswith("head")]
         strided = [a for a in kernel.arg_names if a.startswith("stride_") and a not in unit]
         constexprs = dict(constexprs, **{a: 1 for a in unit})
-        signature = {}
-        for a in kernel.arg_names:
-            if a in constexprs:
-                signature[a] = "constexpr"
-            elif a in ("table_ptr", "lse_ptr", "delta_ptr", "dbias_ptr", "dpad_ptr"):
-                signature[a] = "*fp32"
-            elif a.endswith("_ptr"):
-                signature[a] = f"*{dtype}"
-            elif a in ("scale", "inv_scale", "mask_value"):
-                signature[a] = "fp32"
-            else:
-                signature[a] = "i32"
-        spec = {"name": name, "fn": kernel, "signature": signature, "constexprs": constexprs,
-                "num_warps": num_warps, "num_stages": num_stages, "uses_dot": True,
-                "dtype": dtype, "divisible_by_16": strided + ["D"]}
-        if len(archs) == 1:
-            spec["name"] += f"_sm{archs[0]}"
-            spec["archs"] = tuple(archs)
-        specs.append(spec)
-    for block_p in sorted({_pairs_block(n) for n in range(1, MAX_WINDOW_AREA + 1)}):
+        # The table comes in fp32 (a parameter under autocast) or in the model's dtype.
+        tables = ["fp32"] + ([dtype] if constexprs["HAS_TABLE"] and dtype != "fp32" else [])
+        for table in tables:
+            signature = {}
+            for a in kernel.arg_names:
+                if a in constexprs:
+                    signature[a] = "constexpr"
+                elif a == "table_ptr":
+                    signature[a] = f"*{table}"
+                elif a in ("lse_ptr", "delta_ptr", "dbias_ptr", "dpad_ptr"):
+                    signature[a] = "*fp32"
+                elif a.endswith("_ptr"):
+                    signature[a] = f"*{dtype}"
+                elif a in ("scale", "inv_scale", "mask_value"):
+                    signature[a] = "fp32"
+                else:
+                    signature[a] = "i32"
+            spec = {"name": name + ("" if table == "fp32" else f"_table_{table}"), "fn": kernel,
+                    "signature": signature, "constexprs": constexprs,
+                    "num_warps": num_warps, "num_stages": num_stages, "uses_dot": True,
+                    "dtype": dtype, "divisible_by_16": strided + ["D"]}
+            if len(archs) == 1:
+                spec["name"] += f"_sm{archs[0]}"
+                spec["archs"] = tuple(archs)
+            specs.append(spec)
+    block_ps = sorted({_pairs_block(n) for n in range(1, MAX_WINDOW_AREA + 1)})
+    for block_p, table in itertools.product(block_ps, _DTYPE_NAMES.values()):
         specs.append({
-            "name": f"_window_attention_dtable_kernel_p{block_p}",
+            "name": f"_window_attention_dtable_kernel_p{block_p}_{table}",
             "fn": _window_attention_dtable_kernel,
-            "signature": {"dbias_ptr": "*fp32", "pairs_ptr": "*i64", "dtable_ptr": "*fp32",
-                          "GROUPS": "i32", "HEADS": "i32", "ROWS": "i32", "N": "i32",
-                          "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"},
-            "constexprs": {"BLOCK_R": _DTABLE_ROWS, "BLOCK_P": block_p},
-            "num_warps": 4, "num_stages": 1, "uses_dot": False, "dtype": "fp32"})
+            "signature": {"dbias_ptr": "*fp32", "dtable_ptr": f"*{table}",
+                          "GROUPS": "i32", "HEADS": "i32", "ROWS": "i32", "WH": "i32",
+                          "WW": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"},
+            "constexprs": {"BLOCK_R": _dtable_rows(block_p), "BLOCK_P": block_p},
+            "num_warps": 4, "num_stages": 1, "uses_dot": False, "dtype": table})
     return specs

@@ -344,45 +344,50 @@ def test_empty_batch(backend):
     assert torch.equal(dtable, torch.zeros_like(table))
 
 
+_TABLE_ARGS = ("table_ptr", "dtable_ptr")
+
+
 class _LaunchRecorder:
-    """Stands in for a Triton kernel: records each launch's constexprs, warps and
-    stages, then launches the kernel."""
+    """Stands in for a Triton kernel: records each launch's constexprs, warps, stages
+    and table (or dtable) dtype, then launches the kernel."""
 
     def __init__(self, kernel, launches):
         self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
         def launch(*args, num_warps, num_stages, **constexprs):
+            named = dict(zip(self.kernel.arg_names, args))
+            table = next(named[a] for a in _TABLE_ARGS if a in named)
+            dtype = named.get("q_ptr", table).dtype
             self.launches.append((self.kernel.__name__, tuple(sorted(constexprs.items())),
-                                  num_warps, num_stages))
+                                  num_warps, num_stages, kernels._DTYPE_NAMES[dtype],
+                                  "*" + kernels._DTYPE_NAMES[table.dtype]))
             return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,
                                      **constexprs)
         return launch
 
 
 # The dtable reduction reads the fp32 partials whatever the inputs' dtype.
-_FP32_ONLY = {"_window_attention_dtable_kernel": "fp32"}
-
-
 # (H, W, window, D, dtype, backward PASSes): padded grids, table and pads needing
 # gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone, pads (two head-dim
 # chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass; float32;
 # windows over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
-@pytest.mark.parametrize("H,W,window,D,dtype,passes", [
-    (7, 9, (5, 7), 64, torch.float16, {0, 1, 2}),
-    (9, 8, 7, 16, torch.bfloat16, {0, 1}),
-    (9, 10, (4, 5), 32, torch.float32, {0, 1}),
-    (13, 12, (12, 11), 32, torch.bfloat16, {2, 3, 4}),
-], ids=["N35-D64-fp16", "N49-D16-bf16", "N20-D32-fp32", "tiled-N132-D32-bf16"])
-def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, passes):
+@pytest.mark.parametrize("H,W,window,D,dtype,table_dtype,passes", [
+    (7, 9, (5, 7), 64, torch.float16, torch.float16, {0, 1, 2}),
+    (9, 8, 7, 16, torch.bfloat16, torch.float32, {0, 1}),
+    (9, 10, (4, 5), 32, torch.float32, torch.float32, {0, 1}),
+    (13, 12, (12, 11), 32, torch.bfloat16, torch.bfloat16, {2, 3, 4}),
+], ids=["N35-D64-fp16", "N49-D16-bf16-fp32table", "N20-D32-fp32", "tiled-N132-D32-bf16"])
+def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, table_dtype,
+                                           passes):
     """The static compile check (tests/test_static_compile.py) covers what the launchers
-    pick: every launch is a spec of the sm_80 row (the interpreter's)."""
+    pick: every launch is a spec of the sm_80 row (the interpreter's), table dtype
+    included (fp32 parameters under autocast, or the model's dtype)."""
     specs = {(s["fn"].__name__, tuple(sorted((k, v) for k, v in s["constexprs"].items()
                                              if not k.startswith("stride_"))),
-              s["num_warps"], s["num_stages"])
-             for s in kernels.static_compile_specs()
-             if s["dtype"] in (kernels._DTYPE_NAMES[dtype], _FP32_ONLY.get(s["fn"].__name__))
-             and 80 in s.get("archs", (80, 90))}
+              s["num_warps"], s["num_stages"], s["dtype"],
+              next(s["signature"][a] for a in _TABLE_ARGS if a in s["signature"]))
+             for s in kernels.static_compile_specs() if 80 in s.get("archs", (80, 90))}
     launches = []
     for name in ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel",
                  "_window_attention_fwd_tiled_kernel", "_window_attention_bwd_tiled_kernel",
@@ -390,11 +395,12 @@ def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, 
         monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), launches))
     torch.manual_seed(0)
     tensors = [t.detach().requires_grad_() for t in (
-        *_packed_qkv(1, H, W, 1, D, dtype), _table(window, 1, dtype), *torch.randn(2, 1, D))]
+        *_packed_qkv(1, H, W, 1, D, dtype), _table(window, 1, table_dtype),
+        *torch.randn(2, 1, D))]
     out = ops.window_attention(*tensors[:4], window_size=window, shift_size=2,
                                pad_kv=tensors[4:], backend="triton")
     torch.autograd.grad(out, tensors, torch.randn_like(out))
-    assert {dict(c)["PASS"] for _, c, _, _ in launches if "PASS" in dict(c)} == passes
+    assert {dict(c)["PASS"] for _, c, *_ in launches if "PASS" in dict(c)} == passes
     assert any(name == "_window_attention_dtable_kernel" for name, *_ in launches)
     assert set(launches) <= specs, set(launches) - specs
 
