@@ -22,11 +22,11 @@ queries (e.g. a ``(B, 1, 1, Nk)`` key bias) is summed per key in registers by th
 dk/dv kernel; a bias with a query axis is summed per tile by the dq kernel
 in an fp32 buffer that only the owning program reads and writes (a half-precision
 bias no batch index shares, e.g. at batch 1, is stored by it directly, in the bias
-dtype and shape). When that leaves too few programs to fill
-the GPU, the broadcast batch is split into chunks whose partial sums (``(chunks,
-*dbias)``, at most ~2 x SMs / blocks of them) are added once, in a fixed order, at
-the end. No ``(*batch, Nq, Nk)`` gradient is ever formed. A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient since softmax
-is shift-invariant: zeros, without a kernel.
+dtype and shape). When that leaves too few programs to fill the GPU, the broadcast
+batch is split into chunks whose partial sums (``(chunks, *dbias)``, at most ~2 x SMs
+/ blocks of them) are added once, in a fixed order, at the end. No ``(*batch, Nq,
+Nk)`` gradient is ever formed. A bias constant along the keys (stride 0 on Nk) has an
+exactly zero gradient since softmax is shift-invariant: zeros, without a kernel.
 
 Dropout: element (z, i, j) (z the flat batch index) is kept when the first output of
 Philox-4x32 for counter (i * Nk + j, z, 0, 0) and key ``seed`` is >= p * 2**32; the
@@ -668,7 +668,8 @@ def _spec(kernel, name, dtype, constexprs, warps, stages, pointers):
         else:
             sig[arg] = "i32"
     # Head dims are multiples of 16 in practice (16 ... 128), and so are the row and
-    # batch strides of q/k/v/out and of the padded dbias buffers; not the user's bias.
+    # batch strides of q/k/v/out and of the padded fp32 dbias buffer; not the user's
+    # bias, nor the dbias stored directly in its shape (its specs drop stride_db*).
     divisible = [a for a in sig if sig[a] == "i32" and (a == "D" or a.startswith("stride_"))
                  and not a.startswith("stride_b")]
     uses_dot = "BLOCK_N" in constexprs
