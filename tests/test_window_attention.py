@@ -541,11 +541,16 @@ def test_binding_rejects_bad_lse():
     (torch.float32, True, "triton"),
     (torch.float16, False, "triton"),
 ])
-def test_automatic_order_for_float32(monkeypatch, dtype, allow_tf32, first):
+def test_automatic_order_for_float32(dtype, allow_tf32, first):
     """Automatic choice on CUDA tensors: Triton's fp32 products are TF32, so float32
     inputs go to the CUDA kernel first unless torch allows TF32 matmuls."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
-    q = torch.empty(1, 7, 7, 1, 32, dtype=dtype)
-    order = ops._fp32_order(q)
+    # allow_tf32 is a property of torch's cuBLAS module, not a plain attribute:
+    # monkeypatch cannot restore it, so set and restore it through the property.
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        order = ops._fp32_order(torch.empty(1, 7, 7, 1, 32, dtype=dtype))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     assert _backend.choose("window_attention", None, lambda b: [], device="cuda",
                            order=order) == first
