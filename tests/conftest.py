@@ -10,6 +10,21 @@ from pyvit_ops.testing import interpreter
 interpreter.enable()
 
 
+def pytest_report_header(config):
+    # The versions a run saw: CI installs into a fresh environment, so these are what
+    # a new user gets.
+    from importlib import metadata
+
+    names = ("torch", "triton", "timm", "hypothesis", "numpy")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return "pyvit_ops test dependencies: " + ", ".join(found)
+
+
 def pytest_terminal_summary(terminalreporter):
     # Only when the fuzz tests ran: importing the module here would need hypothesis.
     fuzz = sys.modules.get("pyvit_ops.testing.fuzz")

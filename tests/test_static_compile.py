@@ -5,6 +5,8 @@ The harness itself is tested on probe kernels defined in this file: report_all()
 imports this file in a subprocess without the interpreter and compiles them for real.
 """
 import importlib
+import json
+import os
 import time
 
 import pytest
@@ -146,20 +148,10 @@ def test_every_kernel_module_is_checked():
     assert found == set(KERNEL_MODULES)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_kernel_module_compiles_without_spills(module):
-    """Every spec of one pyvit_ops.kernels module, sm_80 and sm_90a (see --durations)."""
-    start = time.perf_counter()
-    records = static.report_all(modules=[module])
-    elapsed = time.perf_counter() - start
-    cpu = static.total_cpu_seconds(records)
-    print(f"\n{static.format_table(records)}\nstatic compile report: {len(records)} records "
-          f"in {elapsed:.1f} s wall, {cpu:.0f} s CPU")
-    assert records, f"pyvit_ops.kernels.{module} defines no static_compile_specs()"
+def _problems(records):
     problems = []
     for r in records:
-        where = f"{r['kernel']} sm_{r.get('arch')} [{r.get('config', '?')}]"
+        where = f"{r['kernel']} {r.get('arch')} [{r.get('config', '?')}]"
         if "error" in r:
             problems.append(f"{where}: {r['error']}")
             continue
@@ -171,4 +163,54 @@ def test_kernel_module_compiles_without_spills(module):
         if r["occupancy_warps"] == 0:
             problems.append(f"{where}: cannot launch ({r['occupancy_limit']}: "
                             f"{r['shared_bytes']} B shared)")
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_kernel_module_compiles_without_spills(module):
+    """One config per kernel function of one module (the one with the most tile elements
+    per thread), compiled for sm_80 and sm_90a. The full sweep of every config is the
+    static report's job (benchmarks/static_report.py); its records are checked below."""
+    start = time.perf_counter()
+    records = static.report_all(modules=[module], representative_only=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n{static.format_table(records)}\nstatic compile report: {len(records)} records "
+          f"in {elapsed:.1f} s wall, {static.total_cpu_seconds(records):.0f} s CPU")
+    assert records, f"pyvit_ops.kernels.{module} defines no static_compile_specs()"
+    specs = importlib.import_module(f"pyvit_ops.kernels.{module}").static_compile_specs()
+    kernels = {static._kernel_name(spec) for spec in specs}
+    assert len(records) == len(kernels) * len(static.ARCHS), (len(records), sorted(kernels))
+    problems = _problems(records)
     assert not problems, f"{len(problems)} of {len(records)} records fail:\n" + "\n".join(problems)
+
+
+def test_representative_picks_the_largest_tile_per_kernel():
+    specs = [{"fn": _probe_dot_kernel, "constexprs": {"BLOCK_M": 64, "BLOCK_N": 64},
+              "num_warps": 4, "signature": {"A": "*fp16"}},
+             {"fn": _probe_dot_kernel, "constexprs": {"BLOCK_M": 128, "BLOCK_N": 64},
+              "num_warps": 4, "signature": {"A": "*fp16"}},
+             {"fn": _probe_dot_kernel, "constexprs": {"BLOCK_M": 128, "BLOCK_N": 64},
+              "num_warps": 4, "signature": {"A": "*fp32"}},
+             {"fn": _probe_spill_kernel, "constexprs": {"BLOCK": 64}, "num_warps": 1,
+              "signature": {"X": "*fp32"}}]
+    assert static.representative(specs) == [2, 3]
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_committed_static_report_covers_every_config(module):
+    """benchmarks/results/static_report.json (the full sweep) holds a clean record of every
+    config the launchers can pick, for both archs: a new or renamed config needs a
+    ``python benchmarks/static_report.py --json benchmarks/results/static_report.json
+    --modules <op>`` run."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                        "static_report.json")
+    with open(path) as f:
+        records = [r for r in json.load(f) if r.get("module") == f"pyvit_ops.kernels.{module}"]
+    specs = importlib.import_module(f"pyvit_ops.kernels.{module}").static_compile_specs()
+    want = {(spec["name"], static.SM_LIMITS[arch].target) for spec in specs
+            for arch in spec.get("archs", static.ARCHS)}
+    have = {(r["kernel"], r.get("arch")) for r in records}
+    assert not sorted(want - have), f"configs without a record: {sorted(want - have)[:20]}"
+    problems = _problems([r for r in records if (r["kernel"], r.get("arch")) in want])
+    assert not problems, "\n".join(problems)

@@ -373,11 +373,41 @@ def _cpu_seconds():
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def run_report(modules=None, archs=ARCHS, jobs=2):
+def _kernel_name(spec):
+    fn = spec["fn"]
+    return getattr(getattr(fn, "fn", fn), "__name__", spec.get("name", "?"))
+
+
+def _pressure(spec):
+    """Tile elements per thread (the product of the BLOCK_* constexprs over the
+    threads), the figure that decides a config's registers; fp32 breaks ties (its
+    tiles take the most registers)."""
+    elements = 1
+    for key, value in spec.get("constexprs", {}).items():
+        if key.startswith("BLOCK") and isinstance(value, int) and not isinstance(value, bool):
+            elements *= value
+    fp32 = "fp32" in str(spec.get("dtype", "")) or any(
+        t == "*fp32" for t in spec.get("signature", {}).values())
+    return elements / spec["num_warps"], fp32
+
+
+def representative(specs):
+    """Indices of one spec per kernel function: its highest register pressure."""
+    best = {}
+    for i, spec in enumerate(specs):
+        name = _kernel_name(spec)
+        if name not in best or _pressure(spec) > _pressure(specs[best[name]]):
+            best[name] = i
+    return sorted(best.values())
+
+
+def run_report(modules=None, archs=ARCHS, jobs=2, representative_only=False):
     """Compile every spec of ``modules`` for every arch in this process's pool.
 
     ``modules=None`` discovers the ``pyvit_ops.kernels`` modules that define
-    ``static_compile_specs``. Must run without ``TRITON_INTERPRET``.
+    ``static_compile_specs``. ``representative_only``: one spec per kernel function
+    (``representative``), the quick check CI runs; the full sweep is the static
+    report's. Must run without ``TRITON_INTERPRET``.
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("run_report needs real jit functions; unset TRITON_INTERPRET "
@@ -405,9 +435,10 @@ def run_report(modules=None, archs=ARCHS, jobs=2):
             continue
         # A spec may name the archs it is meant for (a launcher picking e.g. its
         # pipeline depth per arch); it is compiled only for those.
-        tasks += [(ref, i, spec.get("name", f"{ref}[{i}]"), arch)
-                  for i, spec in enumerate(specs) for arch in archs
-                  if int(arch) in {int(a) for a in spec.get("archs", archs)}]
+        chosen = representative(specs) if representative_only else range(len(specs))
+        tasks += [(ref, i, specs[i].get("name", f"{ref}[{i}]"), arch)
+                  for i in chosen for arch in archs
+                  if int(arch) in {int(a) for a in specs[i].get("archs", archs)}]
     if jobs <= 1 or len(tasks) <= 1:
         return records + [_compile_task(*t) for t in tasks]
     # spawn: workers import the kernel modules afresh instead of forking a process
@@ -425,7 +456,7 @@ def run_report(modules=None, archs=ARCHS, jobs=2):
     return records
 
 
-def report_all(modules=None, archs=ARCHS, jobs=2, timeout=1800):
+def report_all(modules=None, archs=ARCHS, jobs=2, timeout=1800, representative_only=False):
     """Static compile records of every spec × arch, compiled in a clean subprocess.
 
     Safe to call under the interpreter (tests): the subprocess runs
@@ -439,6 +470,8 @@ def report_all(modules=None, archs=ARCHS, jobs=2, timeout=1800):
                "--archs", ",".join(str(a) for a in archs), "--jobs", str(jobs)]
         if modules is not None:
             cmd += ["--modules", *modules]
+        if representative_only:
+            cmd.append("--representative")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         # Own session, so that a timeout or Ctrl-C also ends the pool workers it spawned.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -491,13 +524,15 @@ def main(argv=None):
                         help="op names, dotted module names or .py files (default: all kernels)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    parser.add_argument("--representative", action="store_true",
+                        help="one config per kernel function (its highest register pressure)")
     args = parser.parse_args(argv)
     try:
         archs = tuple(int(a) for a in args.archs.split(",") if a)
     except ValueError:
         parser.error(f"--archs must be integers like 80,90, got {args.archs!r}")
     start = time.perf_counter()
-    records = run_report(args.modules, archs, args.jobs)
+    records = run_report(args.modules, archs, args.jobs, args.representative)
     elapsed = time.perf_counter() - start
     if args.json:
         with open(args.json, "w") as f:
