@@ -3,16 +3,16 @@
 On a CUDA GPU it times forward, backward and forward+backward of every operator
 (pyvit_ops per backend, the naive PyTorch composition, torch SDPA, FlexAttention and
 NATTEN where they apply) with ``triton.testing.do_bench`` at real model shapes and batch
-1 / 32 / 128, appends the rows to ``results/timings_<gpu>.csv`` and plots the speedups.
+1 / 32 / 128, appends the rows to ``<out>/timings_<gpu>.csv`` and plots the speedups.
 
-Without a GPU it runs the CPU mode: the CPU path (the reference backend) timed against
-the naive composition on CPU at model shapes, then the memory-traffic figures
-(``traffic.py``, in a subprocess with the Triton interpreter) and the static compile
-report (``static_report.py``). ``--tiny --out DIR`` runs a small configuration of all of it
-(CI); it refuses to write into ``benchmarks/results``.
-Every target is checked in ``results/summary_<device>.md`` (MET or MISSED with its figure),
+Without a GPU it times the CPU path (the reference backend) against the naive
+composition at a few model shapes per operator (a few minutes). ``--full`` times every
+model shape and adds the memory-traffic figures (``traffic.py``, Triton interpreter) and
+the static compile report (``static_report.py``): hours on 2 cores. ``--tiny`` runs a
+small configuration of all of it (CI).
+Every target is checked in ``<out>/summary_<device>.md`` (MET or MISSED with its figure),
 assembled from the latest ``*.targets.txt`` of each kind in the output directory; a run
-into ``benchmarks/results`` then rewrites the README's results section (``report.py``).
+into ``benchmarks/results`` also rewrites ``benchmarks/RESULTS.md`` (``report.py``).
 """
 import argparse
 import os
@@ -21,11 +21,16 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from benchmarks import harness, report, targets
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = "bench-results"
+# Seconds of interleaved timing rounds per CPU case (at least 5 rounds): the default run
+# keeps the budget short so that it ends in minutes; --full measures longer.
+_CPU_BUDGET_S = {False: 0.5, True: 2.0}
 
 
 def _dtype_name(dtype):
@@ -50,13 +55,18 @@ def parse_args(argv):
                         help="only these providers besides the naive baseline (default: all)")
     parser.add_argument("--models", type=_csv_list,
                         help="only shapes whose name starts with one of these (e.g. swin_b,vit_b)")
+    parser.add_argument("--full", action="store_true",
+                        help="every model shape; without a GPU also the traffic figures and "
+                             "the static compile report (hours on 2 cores)")
     parser.add_argument("--tiny", action="store_true",
                         help="small shapes, batch 1, and quick traffic / static runs (CI)")
-    parser.add_argument("--out", default=harness.RESULTS_DIR, help="output directory")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output directory (default ./{DEFAULT_OUT}; the committed "
+                             "figures are benchmarks/results)")
     parser.add_argument("--traffic", action=argparse.BooleanOptionalAction, default=None,
-                        help="memory-traffic figures (default: on in CPU mode)")
+                        help="memory-traffic figures (default: with --full or --tiny, no GPU)")
     parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
-                        help="static compile report (default: on in CPU mode)")
+                        help="static compile report (default: with --full or --tiny, no GPU)")
     parser.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU mode: torch threads (default 1: the figures compare "
@@ -85,7 +95,7 @@ def _device(name):
     return device
 
 
-def run_timing(args, device, log=print):
+def run_timing(args, device):
     """Time every selected op / shape / batch / provider and append the rows to the device's
     CSV; returns the CSV's newest rows of every case (this run's, and earlier runs' for the
     cases this one left out), which the plots and the target checks are made from."""
@@ -100,21 +110,25 @@ def run_timing(args, device, log=print):
     rid, meta = harness.run_id(), dict(harness.versions(), device=harness.device_name(device))
     tag = harness.device_tag(device)
     path = os.path.join(args.out, f"timings_{tag}.csv")
+    cases = []
     for op in args.ops:
         module = harness.load_op(op)
-        shapes = harness.selected_shapes(module, args.tiny, args.models)
         providers = module.providers(device)
         if args.providers:
             providers = {k: v for k, v in providers.items() if k in args.providers}
-        log(f"== {op}: {len(shapes)} shapes x batches {batches}, {harness.device_name(device)}, "
-            f"{_dtype_name(dtype)}; providers: naive, {', '.join(providers)}")
-        for shape in shapes:
-            for batch in batches:
-                case_rows = harness.bench_case(module, shape, batch, device, dtype, providers,
-                                               args.passes, log=log)
-                stamp = {"run_id": rid, "timestamp": harness.now()}
-                harness.append_csv(path, case_rows, dict(meta, **stamp))
-    log(f"   rows appended to {os.path.relpath(path)} (run_id {rid})")
+        shapes = harness.selected_shapes(module, args.tiny, args.models, args.full or on_cuda)
+        cases += [(module, providers, shape, batch) for shape in shapes for batch in batches]
+    print(f"== timing {len(cases)} cases on {harness.device_name(device)}, {_dtype_name(dtype)}, "
+          f"passes {', '.join(args.passes)}", flush=True)
+    with tqdm(cases, unit="case", dynamic_ncols=True) as bar:
+        for module, providers, shape, batch in bar:
+            bar.set_description(f"{module.OP} {shape.name} b{batch}")
+            case_rows = harness.bench_case(module, shape, batch, device, dtype, providers,
+                                           args.passes, log=tqdm.write,
+                                           cpu_budget_s=_CPU_BUDGET_S[args.full])
+            stamp = {"run_id": rid, "timestamp": harness.now()}
+            harness.append_csv(path, case_rows, dict(meta, **stamp))
+    print(f"   rows appended to {path} (run_id {rid})")
     rows = harness.latest_case_rows(path)
     for op in args.ops:
         op_rows = [r for r in rows if r["op"] == op]
@@ -126,8 +140,20 @@ def run_timing(args, device, log=print):
         png = harness.plot_speedups(op_rows, os.path.join(args.out, f"speedup_{op}_{tag}.png"),
                                     title)
         if png:
-            log(f"   plot: {os.path.relpath(png)}")
-    return rows
+            print(f"   plot: {png}")
+    return [r for r in rows if r["run_id"] == rid], rows
+
+
+def speedup_table(rows):
+    """One line per (op, shape, provider): the fwd+bwd time and its ratio to naive."""
+    full = [r for r in rows if r["pass"] == "full" and r["provider"] != harness.NAIVE]
+    lines = [f"{'op':<30} {'shape':<34} {'provider':<22} {'fwd+bwd ms':>10} {'vs naive':>8}"]
+    for r in full:
+        ms, ratio = r.get("min_ms") or r.get("median_ms"), r.get("speedup_vs_naive")
+        cells = (f"{float(ms):10.2f} {float(ratio):7.2f}x" if ms not in (None, "")
+                 and ratio not in (None, "") else f"{'-':>10} {'-':>8}  {r['status'][:40]}")
+        lines.append(f"{r['op']:<30} {r['model'][:34]:<34} {r['provider']:<22} {cells}")
+    return lines
 
 
 def _script(name, extra):
@@ -189,23 +215,31 @@ def main(argv=None):
     device = _device(args.device)
     cpu_mode = device.type != "cuda"
     os.makedirs(args.out, exist_ok=True)
+    measured = []
     if args.timing:
-        rows = run_timing(args, device)
+        measured, rows = run_timing(args, device)
         harness.write_lines(os.path.join(args.out, f"timings_{harness.device_tag(device)}.targets.txt"),
-                     targets.timing_lines(rows, device.type))
+                            targets.timing_lines(rows, device.type))
     tiny = ["--tiny"] if args.tiny else []
-    if args.traffic if args.traffic is not None else cpu_mode:
+    lab = cpu_mode and (args.full or args.tiny)
+    if args.traffic if args.traffic is not None else lab:
         models = ["--models", *args.models] if args.models else []
         _script("traffic.py", ["--json", os.path.join(args.out, "traffic.json"),
                                "--ops", *args.ops, *models, *tiny])
-    if args.static if args.static is not None else cpu_mode:
+    if args.static if args.static is not None else lab:
         _script("static_report.py", ["--json", os.path.join(args.out, "static_report.json"),
                                      *_static_selection(args.ops), *tiny])
     summary = write_summary(args.out, device)
-    with open(summary) as f:
-        print(f"\n== {os.path.relpath(summary)}\n{f.read()}")
+    if measured:
+        print("\n== what this run measured (CPU: the CPU path; fastest of interleaved rounds)"
+              if cpu_mode else "\n== what this run measured (median of do_bench)")
+        print("\n".join(speedup_table(measured)))
+    print(f"\n== files in {os.path.abspath(args.out)}:")
+    for name in sorted(os.listdir(args.out)):
+        print(f"   {name}")
+    print(f"   target checks (MET / MISSED): {summary}")
     if _is_results_dir(args.out):
-        report.main([])  # the README's results section shows what was just measured
+        report.main([])  # benchmarks/RESULTS.md shows what was just measured
     return 0
 
 

@@ -21,6 +21,10 @@ _POOLFORMERS = (("poolformer_s12+poolformer_s24", (64, 128, 320, 512)),
                 ("poolformer_m36", (96, 192, 384, 768)))
 
 
+# The model shapes the default CPU run times (their names start with these); --full: all.
+QUICK = ("poolformer_s12+poolformer_s24.224",)
+
+
 def model_shapes():
     return [Shape(model, f"224.s{stage + 1}", dict(channels=c, grid=224 // 4 // 2 ** stage,
                                                    kernel=POOL_SIZE))

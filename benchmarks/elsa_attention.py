@@ -32,6 +32,10 @@ def _dim_qk(channels):
     return math.ceil(channels // 3 * 2 / GROUP_WIDTH) * GROUP_WIDTH
 
 
+# The model shapes the default CPU run times (their names start with these); --full: all.
+QUICK = ("elsa_swin_t+elsa_swin_s.224",)
+
+
 def model_shapes():
     shapes = []
     for model, channels in _ELSA_SWINS:

@@ -117,10 +117,11 @@ def load_op(name):
     return importlib.import_module(f"benchmarks.{name}")
 
 
-def selected_shapes(module, tiny, models=None):
+def selected_shapes(module, tiny, models=None, full=True):
     """The benchmark script's tiny (CI) or model shapes; with ``models``, only those
-    whose name starts with one of them."""
+    whose name starts with one of them; without ``full``, only ``module.QUICK``'s."""
     shapes = module.tiny_shapes() if tiny else module.model_shapes()
+    models = models or (None if full or tiny else module.QUICK)
     if models:
         shapes = [s for s in shapes if any(s.name.startswith(m) for m in models)]
     return shapes
@@ -346,11 +347,12 @@ def _status_of(exc):
     return f"{kind}: {text[:300]}"
 
 
-def bench_case(module, shape, batch, device, dtype, providers, passes, check=True, log=print):
+def bench_case(module, shape, batch, device, dtype, providers, passes, check=True, log=print,
+               cpu_budget_s=2.0):
     """Time every provider (the naive composition first) on one shape; returns rows with
     ``speedup_vs_naive`` filled in from this run's naive medians. On CUDA each provider is
     timed with do_bench and released before the next (memory); on CPU all providers are
-    timed in interleaved rounds."""
+    timed in interleaved rounds for about ``cpu_budget_s`` seconds."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     inp = module.make_inputs(shape.params, batch, device, dtype)
@@ -381,7 +383,7 @@ def bench_case(module, shape, batch, device, dtype, providers, passes, check=Tru
             rows += _measure(pending, leaves, device)
             pending = {}
     if pending:
-        rows += _measure(pending, leaves, device)
+        rows += _measure(pending, leaves, device, cpu_budget_s)
     # On a shared CPU, preemption only ever adds time (on a loaded machine most samples
     # carry some), so the CPU ratios use the fastest run; on CUDA do_bench's median.
     stat = "median_ms" if on_cuda else "min_ms"
@@ -397,7 +399,7 @@ def bench_case(module, shape, batch, device, dtype, providers, passes, check=Tru
     return rows
 
 
-def _measure(pending, leaves, device):
+def _measure(pending, leaves, device, cpu_budget_s=2.0):
     """Rows of ``{key: (row, fn)}`` with time and peak memory filled in, or the error."""
     timed, failures = {}, {}
     if device.type == "cuda":
@@ -409,7 +411,8 @@ def _measure(pending, leaves, device):
                 _free(device)
     else:
         try:
-            timed = time_cpu_side_by_side({k: fn for k, (_, fn) in pending.items()}, leaves)
+            timed = time_cpu_side_by_side({k: fn for k, (_, fn) in pending.items()}, leaves,
+                                          budget_s=cpu_budget_s)
         except Exception as exc:
             failures = {key: _status_of(exc) for key in pending}
     rows = []

@@ -21,6 +21,10 @@ _VITS = (("vit_s", 6, 64), ("vit_b", 12, 64), ("vit_l", 16, 64))
 _TOKENS = {224: 197, 384: 577}
 
 
+# The model shapes the default CPU run times (their names start with these); --full: all.
+QUICK = ("vit_s.224", "beit_b.224", "cait_s24.224")
+
+
 def model_shapes():
     shapes = []
     for res, n in _TOKENS.items():

@@ -30,6 +30,10 @@ _SWINS = (("swin_t+swin_s", 96, (3, 6, 12, 24)), ("swin_b", 128, (4, 8, 16, 32))
 _WINDOWS = {224: 7, 384: 12}
 
 
+# The model shapes the default CPU run times (their names start with these); --full: all.
+QUICK = ("swin_t+swin_s.224",)
+
+
 def model_shapes():
     shapes = []
     for res, window in _WINDOWS.items():

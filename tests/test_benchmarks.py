@@ -103,9 +103,9 @@ def test_report_renders_every_section_of_a_run(tiny_run):
     assert "MISSED" in block or "MET" in block
 
 
-def test_readme_results_are_the_committed_data():
-    # The README's figures are rendered from benchmarks/results; a new run there (or a
-    # hand edit of the README block) without `python benchmarks/report.py` fails here.
+def test_results_page_is_the_committed_data():
+    # benchmarks/RESULTS.md is rendered from benchmarks/results; a new run there (or a
+    # hand edit of the page) without `python benchmarks/report.py` fails here.
     assert report.main(["--check"]) == 0, "run python benchmarks/report.py"
 
 
