@@ -8,13 +8,17 @@ What is swapped (and what is not):
 - ``timm.models.cait.ClassAttn`` → ``pyvit_ops.nn.ClassAttn`` (Nq = 1);
 - ``timm.models.swin_transformer.SwinTransformerBlock`` → its ``_attn`` (roll, pad,
   partition, masked window attention, reverse) becomes one call of
-  ``pyvit_ops.nn.WindowAttention`` (fused); blocks whose window is larger than the
-  feature map (timm's ``always_partition``) keep timm's path;
+  ``pyvit_ops.nn.WindowAttention`` (fused); where the window is larger than the
+  feature map (timm's ``always_partition``, or a smaller input than the model was
+  built for) the block keeps timm's path, which calls the swapped module on the
+  partitioned windows and timm's mask;
 - ``timm.models.metaformer.Pooling`` (PoolFormer) → ``pyvit_ops.nn.Pooling``.
 Parameters are shared, not copied: the patched model trains the same tensors and
-its state_dict keys are unchanged.
+its state_dict keys are unchanged (state dicts load both ways). The patched model
+pickles (``torch.save`` of the whole model), deep-copies, and takes timm's
+``set_input_size`` as the unpatched one.
 """
-import types
+import functools
 
 from torch import nn
 
@@ -59,7 +63,9 @@ def patch_timm(model, backend=None):
     for parent in model.modules():
         if isinstance(parent, SwinTransformerBlock) and not isinstance(parent.attn, WindowAttention):
             parent.attn = WindowAttention.from_timm(parent.attn, backend=backend)
-            parent._attn = types.MethodType(_swin_attn, parent)
+            # A partial of a module-level function pickles; a bound method would pickle
+            # as getattr(block, "_swin_attn"), which the block does not have.
+            parent._attn = functools.partial(_swin_attn, parent)
             continue
         for name, child in parent.named_children():
             if type(child) is TimmAttention:

@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 from pyvit_ops import _checks
+from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention
 from pyvit_ops.ops.window_attention import window_attention_qkvpacked
+from pyvit_ops.reference.window_attention import relative_position_index
 
 
 # What from_timm reads of a timm WindowAttention (scalars first, then the submodules
@@ -18,7 +20,9 @@ class WindowAttention(nn.Module):
 
     ``forward(x: (B, H, W, C), window_size=None, shift_size=None) -> (B, H, W, C)``
     does the whole shifted-window attention in one fused operator: no rolled,
-    padded or partitioned copy and no mask buffer. Parameter names are timm's
+    padded or partitioned copy and no mask buffer. ``forward(x: (num_windows * B, N,
+    C), mask=None)`` is timm's own call on windows already partitioned (what timm's
+    block does when the window is larger than the feature map). Parameter names are timm's
     (``qkv``, ``proj``, ``relative_position_bias_table``), so checkpoints load.
     Padded tokens see the qkv bias as their key / value, as timm's zero padding
     before the projection makes them.
@@ -26,8 +30,8 @@ class WindowAttention(nn.Module):
     Constructor: timm's ``WindowAttention`` arguments plus ``shift_size`` (int or
     ``(h, w)``, the default shift of ``forward``) and ``backend`` (passed to
     ``pyvit_ops.window_attention``). ``attn_drop`` must be 0: there is no attention
-    dropout in the fused operator. Unlike timm's module, which takes partitioned
-    windows ``(num_windows * B, N, C)`` and a mask, ``forward`` takes the grid.
+    dropout in the fused operator. ``set_window_size`` is timm's too (a timm Swin's
+    ``set_input_size`` calls it).
     """
 
     def __init__(self, dim, num_heads, window_size=7, shift_size=0, head_dim=None,
@@ -70,11 +74,46 @@ class WindowAttention(nn.Module):
             setattr(new, name, getattr(module, name))
         return new
 
-    def forward(self, x, window_size=None, shift_size=None):
+    def set_window_size(self, window_size):
+        """timm's ``WindowAttention.set_window_size``: a new window (int or ``(h, w)``),
+        the relative position table interpolated to it by timm's
+        ``resize_rel_pos_bias_table`` into a new parameter. Needs timm."""
+        from timm.layers import resize_rel_pos_bias_table
+
+        window_size = _checks.pair("window_size", window_size)
+        if window_size == self.window_size:
+            return
+        wh, ww = window_size
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            self.relative_position_bias_table = nn.Parameter(
+                resize_rel_pos_bias_table(
+                    table, new_window_size=window_size,
+                    new_bias_shape=((2 * wh - 1) * (2 * ww - 1), self.num_heads),
+                    old_window_size=self.window_size),
+                requires_grad=table.requires_grad)
+        self.window_size = window_size
+
+    def forward(self, x, mask=None, window_size=None, shift_size=None):
         """``x``: ``(B, H, W, dim)`` token grid (any H, W at least the window) ->
         ``(B, H, W, dim)``: qkv projection, fused shifted-window attention, ``proj``.
         ``window_size`` / ``shift_size`` (int or ``(h, w)``) override the module's for
-        this call; the relative position table must match the window."""
+        this call; the relative position table must match the window.
+
+        ``x``: ``(num_windows * B, N, dim)`` windows (rolled, padded and partitioned by
+        the caller, N the module's window area) -> ``(num_windows * B, N, dim)``: timm's
+        ``WindowAttention.forward(x, mask)``, ``mask`` None or ``(num_windows, N, N)``
+        added to the logits of each window, on ``pyvit_ops.scaled_dot_product_attention``.
+        """
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            if window_size is not None or shift_size is not None:
+                raise ValueError("window_size, shift_size: expected None for partitioned "
+                                 "windows (num_windows * B, N, C), got "
+                                 f"{window_size!r}, {shift_size!r}")
+            return self._attend_windows(x, mask)
+        if mask is not None:
+            raise ValueError("mask: expected None for a (B, H, W, C) grid (the shift mask "
+                             f"follows from shift_size), got {type(mask).__name__}")
         _checks.check_features("x", x, 4, self.qkv.in_features, "(B, H, W, C)")
         B, H, W, _ = x.shape
         heads = self.num_heads
@@ -91,3 +130,29 @@ class WindowAttention(nn.Module):
             shift_size=self.shift_size if shift_size is None else shift_size,
             scale=self.scale, pad_kv=pad_kv, backend=self.backend)
         return self.proj_drop(self.proj(x.reshape(B, H, W, -1)))
+
+    def _attend_windows(self, x, mask):
+        """timm's ``WindowAttention.forward`` of ``(num_windows * B, N, C)`` windows."""
+        _checks.check_features("x", x, 3, self.qkv.in_features, "(num_windows * B, N, C)")
+        B_, N, _ = x.shape
+        wh, ww = self.window_size
+        if N != wh * ww:
+            raise ValueError(f"x: expected N = {wh * ww} tokens per {wh}x{ww} window, got "
+                             f"shape {tuple(x.shape)}")
+        num_windows = 1
+        if mask is not None:
+            _checks.check_tensor("mask", mask, ndim=3)
+            num_windows = mask.shape[0]
+            if mask.shape[1:] != (N, N) or B_ % num_windows:
+                raise ValueError(f"mask: expected shape (num_windows, {N}, {N}) with "
+                                 f"num_windows dividing {B_}, got {tuple(mask.shape)}")
+        heads = self.num_heads
+        # (B, num_windows, heads, N, D) views: the mask broadcasts over B, not copied.
+        q, k, v = self.qkv(x).view(B_ // num_windows, num_windows, N, 3, heads, -1).permute(
+            3, 0, 1, 4, 2, 5).unbind(0)
+        index = relative_position_index(self.window_size, device=x.device).view(-1)
+        bias = self.relative_position_bias_table[index].view(N, N, heads).permute(2, 0, 1)
+        if mask is not None:
+            bias = bias + mask[:, None]
+        x = scaled_dot_product_attention(q, k, v, bias, scale=self.scale, backend=self.backend)
+        return self.proj_drop(self.proj(x.transpose(-3, -2).reshape(B_, N, -1)))
