@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pyvit_ops import _checks
+from pyvit_ops.nn import _timm
 from pyvit_ops.ops.scaled_dot_product_attention import (
     scaled_dot_product_attention, scaled_dot_product_attention_qkvpacked)
 
@@ -56,15 +57,9 @@ class Attention(nn.Module):
     def from_timm(cls, module, backend=None):
         """Wrap a timm ``Attention``, sharing its submodules (and so its parameters and
         state_dict keys). Raises ValueError for timm's gated attention (``gated=True``)."""
-        _checks.check_module("module", module, "timm Attention", _ATTENTION_PARTS)
         if getattr(module, "gate", None) is not None:
             raise ValueError("module: gated timm Attention is not supported")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name in _ATTENTION_PARTS:
-            setattr(new, name, getattr(module, name))
-        new.backend = backend
-        return new
+        return _timm.share(cls, module, "timm Attention", _ATTENTION_PARTS, backend)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         """``x``: ``(B, N, dim)`` -> ``(B, N, dim)``. ``attn_mask``: bool (True = attend)
@@ -119,13 +114,7 @@ class ClassAttn(nn.Module):
     @classmethod
     def from_timm(cls, module, backend=None):
         """Wrap a timm ``ClassAttn``, sharing its submodules (and so its parameters)."""
-        _checks.check_module("module", module, "timm ClassAttn", _CLASS_ATTN_PARTS)
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name in _CLASS_ATTN_PARTS:
-            setattr(new, name, getattr(module, name))
-        new.backend = backend
-        return new
+        return _timm.share(cls, module, "timm ClassAttn", _CLASS_ATTN_PARTS, backend)
 
     def forward(self, x):
         """``x``: ``(B, N, dim)``, class token first -> ``(B, 1, dim)``."""

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from pyvit_ops import _checks
+from pyvit_ops.nn import _timm
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention
 from pyvit_ops.ops.window_attention import window_attention_qkvpacked
 from pyvit_ops.reference.window_attention import relative_position_index
@@ -66,13 +67,8 @@ class WindowAttention(nn.Module):
         _checks.check_module("module", module, "timm WindowAttention", _TIMM_PARTS)
         if module.attn_drop.p:
             raise ValueError(f"module: attn_drop={module.attn_drop.p} is not supported")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.window_size, new.shift_size = tuple(module.window_size), (0, 0)
-        new.num_heads, new.scale, new.backend = module.num_heads, module.scale, backend
-        for name in _TIMM_PARTS[3:]:
-            setattr(new, name, getattr(module, name))
-        return new
+        return _timm.share(cls, module, "timm WindowAttention", _TIMM_PARTS[1:], backend,
+                           window_size=tuple(module.window_size), shift_size=(0, 0))
 
     def set_window_size(self, window_size):
         """timm's ``WindowAttention.set_window_size``: a new window (int or ``(h, w)``),
