@@ -92,6 +92,12 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _kernel_packages():
+    # One package per operator under kernels/ (shipped as pyvit_ops.kernels.<op>).
+    return sorted(f"pyvit_ops.kernels.{os.path.basename(os.path.dirname(init))}"
+                  for init in glob.glob(os.path.join(ROOT, "kernels", "*", "__init__.py")))
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -99,8 +105,9 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels (Triton and CUDA C++) for vision-transformer operators",
     python_requires=">=3.9",
-    packages=["pyvit_ops", "pyvit_ops.ops", "pyvit_ops.reference", "pyvit_ops.testing", "pyvit_ops.nn",
-              "pyvit_ops.kernels", "pyvit_ops.csrc"],
+    packages=["pyvit_ops", "pyvit_ops.ops", "pyvit_ops.reference", "pyvit_ops.testing",
+              "pyvit_ops.testing.specs", "pyvit_ops.nn",
+              "pyvit_ops.kernels", "pyvit_ops.csrc"] + _kernel_packages(),
     # kernels/ and csrc/ live at the top of the repo and ship inside the package as
     # pyvit_ops.kernels and pyvit_ops/csrc (the sources pyvit_ops.testing.host builds).
     package_dir={"pyvit_ops": "pyvit_ops", "pyvit_ops.kernels": "kernels",

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 ARCHS = (80, 90)
 KERNELS_PACKAGE = "pyvit_ops.kernels"
+# Where each kernels module's specs live: pyvit_ops.testing.specs.<op>.
+SPECS_PACKAGE = "pyvit_ops.testing.specs"
 
 
 @dataclass(frozen=True)
@@ -333,9 +335,30 @@ def _import(ref):
 _SPECS = {}
 
 
+def _spec_module(ref):
+    """The module whose ``static_compile_specs()`` lists ``ref``'s configs: the
+    operator's ``pyvit_ops.testing.specs.<op>`` for a kernels module (the kernels
+    module itself while its specs have not moved), else ``ref`` (a .py file of tests)."""
+    if ref.startswith(KERNELS_PACKAGE + "."):
+        name = f"{SPECS_PACKAGE}.{ref.rsplit('.', 1)[1]}"
+        if importlib.util.find_spec(name) is not None:
+            return _import(name)
+    return _import(ref)
+
+
+def has_specs(ref):
+    """True when ``ref`` (an op name, kernels module or .py file) has static specs."""
+    return hasattr(_spec_module(_module_name(ref)), "static_compile_specs")
+
+
+def specs_of(ref):
+    """The static compile specs of ``ref`` (an op name, kernels module or .py file)."""
+    return _specs(_module_name(ref))
+
+
 def _specs(ref):
     if ref not in _SPECS:
-        module = _import(ref)
+        module = _spec_module(ref)
         if not hasattr(module, "static_compile_specs"):
             raise AttributeError(f"{ref} defines no static_compile_specs()")
         _SPECS[ref] = list(module.static_compile_specs())
@@ -419,7 +442,7 @@ def run_report(modules=None, archs=ARCHS, jobs=2, representative_only=False):
         refs = []
         for name in discover_modules():
             try:
-                if hasattr(_import(name), "static_compile_specs"):
+                if has_specs(name):
                     refs.append(name)
             except Exception as exc:  # a kernel module that does not import is a failure
                 records.append({"module": name, "kernel": name, "backend": "triton",
