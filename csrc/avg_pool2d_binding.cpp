@@ -81,6 +81,10 @@ at::Tensor avg_pool2d_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                 pyvit::avg_pool2d_bwd);
 }
 
+// The most images and elements per image (input or output) the kernels index in 32 bits
+// (check_int32_image), for the Python layer to ask before launching.
+int64_t avg_pool2d_image_limit() { return INT_MAX; }
+
 }  // namespace avg_pool2d_bind
 
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
@@ -90,6 +94,7 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
   m.def(
       "avg_pool2d_bwd(Tensor grad_out, Tensor x, int[] kernel_size, int[] stride, "
       "int[] padding, bool subtract_input) -> Tensor");
+  m.def("avg_pool2d_image_limit() -> int", &avg_pool2d_bind::avg_pool2d_image_limit);
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {

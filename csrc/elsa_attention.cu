@@ -69,15 +69,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // The dM / dD sums of a block stay in shared memory up to this size, else in its
 // partial row in global memory.
 constexpr std::size_t kMaxSharedAccumulator = 16 * 1024;
-#ifdef PYVIT_HOST_EMULATION
-// Test build: a few samples per attn-gradient block, so that small tests cover both the
-// accumulation over a block's samples and the reduction over several partial rows.
-constexpr int kEmulatedSamplesPerBlock = 2;
-#else
 // attn-gradient blocks launched when ghost gradients are needed (a few waves on an H100):
 // more samples per block mean fewer partial rows to write and sum, but fewer blocks.
 constexpr int kTargetAttnBlocks = 1024;
-#endif
 
 template <int K>
 struct Window {
@@ -155,7 +149,8 @@ struct Geometry {
   int CB, tiles;    // channels per staged chunk; tiles per (sample, head)
   Stage halo;       // a chunk of channels with the window's halo (CP = halo.chan_pitch)
   Stage tile;       // a chunk of channels of the tile only (the attn-gradient kernel's dy)
-  FastDivmod tiles_div, tiles_w_div, tiles_h_div, d_div, tw_div, cb_div;
+  // Sub-grids: residue classes (sigma, rho) with sigma < min(d, H), rho < min(d, W).
+  FastDivmod tiles_div, tiles_w_div, tiles_h_div, rho_div, tw_div, cb_div;
 };
 
 // Image coordinates of the sub-grid pixel (u, x) of a tile's residue class.
@@ -166,7 +161,7 @@ struct Origin {
 PV_DEVICE Origin tile_origin(const Geometry& geo, std::uint32_t tile) {
   std::uint32_t tw, th, rho;
   const std::uint32_t cls = geo.tiles_h_div.divmod(geo.tiles_w_div.divmod(tile, tw), th);
-  const std::uint32_t sigma = geo.d_div.divmod(cls, rho);
+  const std::uint32_t sigma = geo.rho_div.divmod(cls, rho);
   return {static_cast<int>(sigma), static_cast<int>(rho), static_cast<int>(th) * geo.TH,
           static_cast<int>(tw) * geo.TW};
 }
@@ -287,7 +282,8 @@ PV_DEVICE void store_channels(T* out, const View<T>& view, bool channels_last, c
 
 // probs[t * P + pixel] for the tile's pixels: the softmax over the taps of the head's
 // logits `a` (channel t = tap), or `a` itself; 0 outside the image. With lse2, also the
-// log2 normaliser of each in-image pixel, lse2[h * W + w]. One thread per pixel: the max,
+// log2 normaliser of each in-image pixel as (max, log2 of the sum of exp(l - max)) at
+// lse2[h * W + w] and lse2[H * W + h * W + w]. One thread per pixel: the max,
 // the exponentials and the normalisation pass over the thread's own column of `probs`.
 // Consecutive threads read consecutive pixels of a tap (NCHW); for channels-last logits
 // each thread streams its pixel's K*K contiguous taps, whose sectors stay in L1.
@@ -313,16 +309,20 @@ PV_DEVICE void stage_probs(float* probs, float* lse2, const T* a, const View<con
       col[t * kTilePixels] = l;
       top = max(top, l);
     }
-    const float shift = top * kLog2e;
     float sum = 0.f;
     for (int t = 0; t < kTaps; ++t) {
-      const float e = exp2f(fmaf(col[t * kTilePixels], kLog2e, -shift));
+      // l - top first: l * log2(e) overflows for logits near +-FLT_MAX.
+      const float e = exp2f((col[t * kTilePixels] - top) * kLog2e);
       col[t * kTilePixels] = e;
       sum += e;
     }
     const float inv = 1.f / sum;
     for (int t = 0; t < kTaps; ++t) col[t * kTilePixels] *= inv;
-    if (lse2 != nullptr) lse2[px.h * geo.W + px.w] = shift + log2f(sum);
+    if (lse2 != nullptr) {
+      // The max and log2(sum) apart: top + log2(sum) rounds the sum away for |top| > 2**26.
+      lse2[px.h * geo.W + px.w] = top;
+      lse2[geo.H * geo.W + px.h * geo.W + px.w] = log2f(sum);
+    }
   }
 }
 
@@ -351,7 +351,9 @@ PV_DEVICE void stage_shifted_probs(float* probs, const float* lse2, const T* a,
         float value = 0.f;
         if (row_inside && sx >= 0 && w < geo.W) {
           value = to_float(a[t * view.sc + h * view.sh + w * view.sw]);
-          if (softmax) value = exp2f(fmaf(value, kLog2e, -lse2[h * geo.W + w]));
+          if (softmax) {
+            value = exp2f((value - lse2[h * geo.W + w]) * kLog2e - lse2[geo.H * geo.W + h * geo.W + w]);
+          }
         }
         col[t * kTilePixels] = value;
       }
@@ -403,7 +405,7 @@ struct AggregateArgs {
   View<const T> attn;    // logits or probabilities
   View<T> out;           // out (forward) or dv
   const float* ghost;    // (C, KK, 2) or nullptr
-  const float* lse2;     // (B, G, H*W) log2 normalisers (dv with softmax), else nullptr
+  const float* lse2;     // (B, G, 2, H*W) log2 normalisers (dv with softmax), else nullptr
   bool x_channels_last, out_channels_last, softmax;
 };
 
@@ -423,7 +425,7 @@ __global__ void __launch_bounds__(kGroups* kMaxChunk / kChan)
   const T* attn = args.attn.sample(b, g * Win::kTaps);
   if constexpr (kTransposed) {
     const float* lse2 =
-        args.softmax ? args.lse2 + (static_cast<std::int64_t>(b) * geo.G + g) * geo.H * geo.W
+        args.softmax ? args.lse2 + (static_cast<std::int64_t>(b) * geo.G + g) * 2 * geo.H * geo.W
                      : nullptr;
     stage_shifted_probs<T, K>(probs, lse2, attn, args.attn, args.softmax, geo, o);
   } else {
@@ -550,7 +552,7 @@ struct AttnGradArgs {
   View<const T> v, attn, dout;
   View<T> dattn;
   const float* ghost;  // (C, KK, 2) or nullptr
-  float* lse2;         // (B, G, H*W), written when write_lse
+  float* lse2;         // (B, G, 2, H*W), written when write_lse
   float* partials;     // (rows, 2, C, KK) when ghost gradients are needed
   int B, C, samples_per_block;
   bool v_channels_last, dout_channels_last, dattn_channels_last;
@@ -607,7 +609,7 @@ __global__ void __launch_bounds__(kGroups* K, 1)
     __syncthreads();  // the previous sample is done with shared memory
     if (need_probs) {
       float* lse2 = args.write_lse
-                        ? args.lse2 + (static_cast<std::int64_t>(b) * geo.G + g) * geo.H * geo.W
+                        ? args.lse2 + (static_cast<std::int64_t>(b) * geo.G + g) * 2 * geo.H * geo.W
                         : nullptr;
       stage_probs<T, K>(probs, lse2, args.attn.sample(ub, g * kTaps), args.attn, args.softmax,
                         geo, o);
@@ -750,7 +752,8 @@ int odd_quad_pitch(int n) {
   return (pitch / kPix) % 2 == 1 ? pitch : pitch + kPix;
 }
 
-std::size_t smem_budget() {
+std::size_t smem_budget(const ElsaAttentionParams& p) {
+  if (p.smem_budget != 0) return p.smem_budget;
 #ifdef PYVIT_HOST_EMULATION
   return 163 * 1024;  // what an A100 grants one block
 #else
@@ -773,10 +776,15 @@ bool supported_kernel_size(int K) { return K >= 1 && K <= kElsaMaxKernelSize && 
 // pixel groups put two rows in the 8 lanes of a 16-byte shared-memory phase, which
 // costs bank conflicts: they count 25% more.
 bool make_plan(const ElsaAttentionParams& p, Plan& plan) {
-  const int K = p.K, d = p.dilation, taps = K * K, r = K / 2, rl = (r + 3) / 4 * 4;
+  // From max(H, W) on only the centre tap is in the image: a larger dilation computes the
+  // same, and the clamp bounds the sub-grids (min(d, H) x min(d, W) residue classes, each
+  // with at least one pixel) and the offsets (K/2) * d.
+  const int d = std::min(p.dilation, std::max(p.H, p.W));
+  const int K = p.K, taps = K * K, r = K / 2, rl = (r + 3) / 4 * 4;
   const int Cg = p.C / p.G;
   const int Hs = static_cast<int>(ceil_div(p.H, d)), Ws = static_cast<int>(ceil_div(p.W, d));
-  const std::size_t budget = smem_budget();
+  const int classes_h = std::min(d, p.H), classes_w = std::min(d, p.W);
+  const std::size_t budget = smem_budget(p);
   const std::size_t accumulator = std::size_t{2} * Cg * taps * sizeof(float);
   const bool shared_accumulator = accumulator <= kMaxSharedAccumulator;
   for (int cb = std::min(Cg, kMaxChunk); cb >= 1; cb = cb > 1 ? (cb + 1) / 2 : 0) {
@@ -806,13 +814,14 @@ bool make_plan(const ElsaAttentionParams& p, Plan& plan) {
       geo.TW = TW;
       geo.GPR = gpr;
       geo.CB = cb;
-      geo.tiles = d * d * tiles_h * tiles_w;
+      // At most H * W (every tile holds an in-image pixel): fits in int.
+      geo.tiles = classes_h * classes_w * tiles_h * tiles_w;
       geo.halo = {halo_rows, halo_cols, CP, r, rl};
       geo.tile = {TH, TW, DP, 0, 0};
       geo.tiles_div = FastDivmod(geo.tiles);
       geo.tiles_w_div = FastDivmod(tiles_w);
       geo.tiles_h_div = FastDivmod(tiles_h);
-      geo.d_div = FastDivmod(d);
+      geo.rho_div = FastDivmod(classes_w);
       geo.tw_div = FastDivmod(TW);
       geo.cb_div = FastDivmod(cb);
       plan.aggregate_smem = aggregate_smem;
@@ -830,22 +839,18 @@ bool make_plan(const ElsaAttentionParams& p, Plan& plan) {
 // keep about kTargetAttnBlocks blocks (fewer partial rows to write and sum).
 int samples_per_block(const ElsaAttentionParams& p, const Geometry& geo) {
   if (!p.need_dmul && !p.need_dadd) return 1;
-#ifdef PYVIT_HOST_EMULATION
-  static_cast<void>(geo);
-  return std::min(p.B, kEmulatedSamplesPerBlock);
-#else
+  if (p.samples_per_block > 0) return std::min(p.B, p.samples_per_block);
   const std::int64_t per_chunk = std::int64_t{geo.tiles} * p.G;
   const std::int64_t chunks =
       std::clamp<std::int64_t>(ceil_div(kTargetAttnBlocks, per_chunk), 1, p.B);
   return static_cast<int>(ceil_div(p.B, chunks));
-#endif
 }
 
 constexpr std::size_t kWorkspaceAlign = 256;
 
 std::size_t lse_bytes(const ElsaAttentionParams& p) {
   if (!p.need_dv || !p.apply_softmax) return 0;
-  const std::size_t bytes = sizeof(float) * p.B * p.G * p.H * p.W;
+  const std::size_t bytes = sizeof(float) * 2 * p.B * p.G * p.H * p.W;
   return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
 }
 
@@ -856,14 +861,8 @@ std::int64_t partial_rows(const ElsaAttentionParams& p, const Geometry& geo) {
 
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, std::size_t bytes) {
-#ifdef PYVIT_HOST_EMULATION
-  static_cast<void>(kernel);
-  static_cast<void>(bytes);
-  return cudaSuccess;
-#else
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(bytes));
-#endif
 }
 
 // fn(std::integral_constant<int, K>{}) for the runtime kernel size k (odd, 1..13).
@@ -924,6 +923,14 @@ const char* elsa_attention_unsupported(const ElsaAttentionParams& p) {
   }
   if (!elsa::grid_fits(p, plan.geo)) return "too many tiles for one launch";
   return nullptr;
+}
+
+bool elsa_attention_plan(const ElsaAttentionParams& p, ElsaPlanInfo& info) {
+  elsa::Plan plan;
+  if (elsa::empty(p) || !elsa::make_plan(p, plan)) return false;
+  info = {plan.geo.TH, plan.geo.TW, plan.geo.CB, plan.geo.tiles, plan.aggregate_smem,
+          plan.attn_smem, elsa::samples_per_block(p, plan.geo)};
+  return true;
 }
 
 std::size_t elsa_attention_bwd_workspace_bytes(const ElsaAttentionParams& p) {

@@ -7,7 +7,9 @@
 #include <ATen/ops/zeros.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "elsa_attention.cuh"
 
@@ -75,8 +77,9 @@ pyvit::ElsaAttentionParams make_params(const char* op, const at::Tensor& v, cons
                                        const std::optional<at::Tensor>& ghost_mul,
                                        const std::optional<at::Tensor>& ghost_add,
                                        int64_t kernel_size, int64_t dilation, bool apply_softmax,
-                                       at::Tensor& ghost) {
+                                       at::Tensor& ghost, std::size_t smem_budget = 0) {
   pyvit::ElsaAttentionParams p;
+  p.smem_budget = smem_budget;
   p.dtype = check_float_tensor(op, "v", v, 4);
   check_like(op, "attn", attn, 4, "v", v);
   TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, op,
@@ -190,6 +193,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> elsa_attention_bwd(
   return {dv, dattn, dmul, dadd};
 }
 
+// Whether the kernels can run v and attn with these arguments, without launching: (the
+// reason they cannot, as the launch would raise it, or ""; the plan as [tile_h, tile_w,
+// chunk, tiles, aggregate_smem, attn_smem, samples_per_block], empty when there is none).
+// smem_budget: bytes of shared memory per block (0: the device's); samples_per_block: per
+// attn-gradient block with ghost gradients (-1: this build's default, 0: the GPU rule).
+std::tuple<std::string, std::vector<int64_t>> elsa_attention_plan(
+    const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size, int64_t dilation,
+    bool ghost_grad, int64_t smem_budget, int64_t samples_per_block) {
+  constexpr const char* op = "elsa_attention_plan";
+  TORCH_CHECK_VALUE(smem_budget >= 0 && samples_per_block >= -1 && samples_per_block <= INT_MAX,
+                    op, ": expected smem_budget >= 0 and samples_per_block >= -1, got ",
+                    smem_budget, " and ", samples_per_block);
+  at::Tensor ghost;
+  pyvit::ElsaAttentionParams p;
+  try {
+    p = make_params(op, v, attn, std::nullopt, std::nullopt, kernel_size, dilation, true, ghost,
+                    static_cast<std::size_t>(smem_budget));
+  } catch (const c10::Error& error) {
+    return {error.what_without_backtrace(), {}};
+  }
+  if (samples_per_block >= 0) p.samples_per_block = static_cast<int>(samples_per_block);
+  p.need_dmul = ghost_grad;
+  pyvit::ElsaPlanInfo info;
+  if (!pyvit::elsa_attention_plan(p, info)) return {"", {}};
+  return {"", {info.tile_h, info.tile_w, info.chunk, info.tiles,
+               static_cast<int64_t>(info.aggregate_smem), static_cast<int64_t>(info.attn_smem),
+               info.samples_per_block}};
+}
+
 }  // namespace elsa_attention_bind
 
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
@@ -200,9 +232,13 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "elsa_attention_bwd(Tensor dout, Tensor v, Tensor attn, Tensor? ghost_mul, "
       "Tensor? ghost_add, int kernel_size, int dilation, bool apply_softmax, "
       "bool[] needs_input_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "elsa_attention_plan(Tensor v, Tensor attn, int kernel_size, int dilation, bool ghost_grad, "
+      "int smem_budget, int samples_per_block) -> (str, int[])");
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {
   m.impl("elsa_attention_fwd", &elsa_attention_bind::elsa_attention_fwd);
   m.impl("elsa_attention_bwd", &elsa_attention_bind::elsa_attention_bwd);
+  m.impl("elsa_attention_plan", &elsa_attention_bind::elsa_attention_plan);
 }

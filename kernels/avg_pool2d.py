@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pyvit_ops.kernels._common import on_tensor_device
 from pyvit_ops.reference.avg_pool2d import output_memory_format, output_shape
 
 _NUM_STAGES = 1  # nothing to pipeline: each loop iteration issues its taps' loads at once
@@ -172,9 +173,23 @@ def _check_int32(**tensors):
                              f"{tuple(t.shape)} with strides {t.stride()}")
 
 
+def clamp_window(size, out, k, s, p):
+    """(k, p) of one axis with the window clamped to the image, the same pooling: window
+    o covers [o*s - p, o*s - p + k) clipped to [0, size), and only the clipped part counts
+    (count_include_pad=False). Its start is clipped to 0 for every output once p >= (out -
+    1) * s, its end to ``size`` once k - p >= size; so p' = min(p, (out - 1) * s) and k' =
+    p' + min(k - p, size) clip every window to the same taps, keep the output size, and
+    bound the taps the kernels unroll by twice the image."""
+    p_clamped = min(p, (out - 1) * s)
+    return p_clamped + min(k - p, size), p_clamped
+
+
 def _launch(kernel, src, dst, in_hw, out_hw, kernel_size, stride, padding, subtract_input):
     """Run ``kernel`` over tiles of ``dst``, gathering from ``src``; ``in_hw`` and
     ``out_hw`` are the pooling input's and output's spatial sizes."""
+    (kh, ph), (kw, pw) = (clamp_window(*axis) for axis in
+                          zip(in_hw, out_hw, kernel_size, stride, padding))
+    kernel_size, padding = (kh, kw), (ph, pw)
     B, C, H, W = dst.shape
     channels_last = output_memory_format(dst) == torch.channels_last
     block_c, block_h, block_w = _tile_config(C, W, channels_last)
@@ -188,6 +203,7 @@ def _launch(kernel, src, dst, in_hw, out_hw, kernel_size, stride, padding, subtr
     return dst
 
 
+@on_tensor_device
 def avg_pool2d_fwd(x, kernel_size, stride, padding, subtract_input):
     """``avg_pool2d(x)`` (minus ``x`` if ``subtract_input``), output in x's memory format.
 
@@ -203,6 +219,7 @@ def avg_pool2d_fwd(x, kernel_size, stride, padding, subtract_input):
                    kernel_size, stride, padding, subtract_input)
 
 
+@on_tensor_device
 def avg_pool2d_bwd(grad_out, x, kernel_size, stride, padding, subtract_input):
     """grad_x of ``avg_pool2d_fwd``; ``x`` gives only the shape and memory format."""
     grad_x = torch.empty(x.shape, dtype=grad_out.dtype, device=grad_out.device,

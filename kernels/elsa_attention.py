@@ -1,4 +1,4 @@
-"""Triton ELSA local aggregation (SPEC §3 steps 4-6), forward and backward.
+"""Triton ELSA local aggregation, forward and backward.
 
 Notation: v (B, C, H, W), attn (B, G*KK, H, W) with KK = K*K taps, head g owns the
 channels [g*CG, (g+1)*CG), M / D the (C, K, K) ghost tensors (None: M = 1, D = 0),
@@ -18,23 +18,29 @@ channels_last the ghost tensors are read from a (K, K, C)-contiguous copy (C*KK
 elements) so that a tap's row of M / D is a vector load.
 
 Softmax, fused and never materialised: a program first computes its pixels'
-log2-normaliser ``lse2`` over the KK logits in registers (a max pass and a sum
-pass), then rebuilds ``p_t = exp2(l_t * log2(e) - lse2)`` tap by tap from the same,
-cache-hot logits. The logits cross DRAM once; no probability tensor is written.
+normaliser ``(m, log_s)`` (max logit, log of the sum of exp(l - m)) over the KK
+logits in registers (a max pass and a sum pass), then rebuilds ``p_t = exp2(((l_t -
+m) - log_s) * log2(e))`` tap by tap from the same, cache-hot logits (finite for any
+finite logits). The logits cross DRAM once; no probability tensor is written.
 
-Forward (``_elsa_attention_fwd_kernel``, grid (pixel tiles, G, B)): per tap,
+Grids are 1-D (axes 1 and 2 stop at 65535): batch and heads fold into axis 0.
+
+Forward (``_elsa_attention_fwd_kernel``, B * G * pixel tiles programs): per tap,
 ``acc += (M[:, t] * p_t + D[:, t]) * v[o + delta_t]`` in fp32 over the tile, the
 ghost filter built on the fly from the unexpanded tensors; out-of-image taps are
 masked (zero padding, no renormalisation).
 
 Backward, two kernels (three with ghost gradients), no float atomics:
-- ``_elsa_attention_bwd_attn_kernel`` (grid (tile chunks, G, batch chunks)), tiles
+- ``_elsa_attention_bwd_attn_kernel`` (batch chunks * G * tile chunks programs), tiles
   (row taps, pixels, channels) holding one row of K taps (padded to K_PAD). A program
   works on (sample, pixel tile) items: a chunk of samples times a chunk of tiles
-  (``work_chunks``). A pre-pass over its items stores each pixel's ``lse2`` and the
-  centre tap's ``dp`` in fp32 scratch (B, G, H*W). Then, per row ty and per item:
+  (``work_chunks``). A pre-pass over its items stores each pixel's normaliser and,
+  for the softmax backward ``dl_t = p_t * (dp_t - sum_s p_s dp_s)``, the sum
+  ``sum_s p_s dp_s = sum_c dy[c] sum_s M[c, s] p_s v[c, o + delta_s]`` (aggregated
+  like the forward) in fp32 scratch. Then, per row ty and per item:
   ``prod = dy * v[o + delta_t]`` for the row's taps, ``dp_t = sum_c M[c, t] prod``
-  (grad of p) written to dattn, and ``p_t * prod`` / ``prod`` accumulated in
+  (grad of p), dl_t (or dp_t without the softmax) written to dattn once in its dtype,
+  and ``p_t * prod`` / ``prod`` accumulated in
   registers over the items; after them they are reduced over the pixels into this
   program's fp32 partial rows of dM / dD, buffers (programs, C, KK) that
   ``_elsa_attention_bwd_ghost_kernel`` sums in a fixed order (deterministic) and
@@ -44,19 +50,16 @@ Backward, two kernels (three with ghost gradients), no float atomics:
   of v. A partial row (KK * C fp32) weighs as much as ~16 pixels' compulsory
   traffic, so every program gets at least _MIN_ITEMS items, from several tiles when
   the batch is small (at batch 1 one tile per program would double the bytes).
-  The softmax backward ``dl_t = p_t * (dp_t - sum_s p_s dp_s)`` needs every
-  tap's dp first: after a CTA barrier each sample's dp are re-read (cache-hot) and
-  overwritten with dl. The stored intermediate is ``dp_t - dp_centre``, so that
-  rounding it to fp16 / bf16 costs no more than rounding the result (plain dp_t
-  would lose the difference when a pixel's taps have close dp).
-- ``_elsa_attention_bwd_v_kernel`` (grid (pixel tiles, G, B)), the transposed
+  No dp is stored and re-read: a half-precision intermediate would overflow (dp_t -
+  dp_centre under a scaled loss) and cancel (dp relative to a small-p centre tap).
+- ``_elsa_attention_bwd_v_kernel`` (B * G * pixel tiles programs), the transposed
   aggregation in gather form, like the forward:
   ``dv[o] = sum_t (M[:, t] * p_t(o - delta_t) + D[:, t]) * dy[o - delta_t]``, the
-  probabilities rebuilt from the logits and the ``lse2`` of the attn kernel.
+  probabilities rebuilt from the logits and the normaliser of the attn kernel.
 
 Nothing is saved by the forward: the backward reads the logits once per kernel,
 which saved probabilities would cost as well, and the forward saves a (B, G*KK, H,
-W) write. Only the (B, G, H*W) fp32 normaliser passes between the two backward
+W) write. Only the (B, G, 2, H*W) fp32 normaliser passes between the two backward
 kernels.
 """
 from typing import NamedTuple
@@ -65,7 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pyvit_ops.reference.elsa_attention import output_memory_format
+from pyvit_ops.kernels._common import on_tensor_device
+from pyvit_ops.reference.elsa_attention import effective_dilation, output_memory_format
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
 _NUM_STAGES = 1  # nothing to software-pipeline: no tl.dot, loads are gathers
@@ -79,10 +83,10 @@ _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _pixel_tile(H, W, BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Flat pixel index, row, column and in-image mask of this program's pixels,
-    shaped to broadcast against the (channels, pixels) / (pixels, channels) tile."""
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _pixel_tile(tile, H, W, BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Flat pixel index, row, column and in-image mask of pixel tile ``tile``, shaped to
+    broadcast against the (channels, pixels) / (pixels, channels) tile."""
+    pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = pix < H * W
     h = pix // W
     w = pix % W
@@ -102,14 +106,18 @@ def _channel_tile(CG, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _head_program(CG, H, W, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+def _head_program(G, CG, H, W, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                   CHANNELS_LAST: tl.constexpr):
     """Sample, head, pixel rows / columns / mask and the head's channels / mask of a
-    program of the (pixel tiles, G, B) grid, as broadcasting tiles."""
-    g = tl.program_id(1)
-    _, h, w, ok = _pixel_tile(H, W, BLOCK_P, CHANNELS_LAST)
+    program of the 1-D grid of B * G * (pixel tiles) programs (tiles fastest, then
+    heads), as broadcasting tiles."""
+    n_tiles = tl.cdiv(H * W, BLOCK_P)
+    pid = tl.program_id(0)
+    bg = pid // n_tiles
+    g = bg % G
+    _, h, w, ok = _pixel_tile(pid % n_tiles, H, W, BLOCK_P, CHANNELS_LAST)
     c, c_ok = _channel_tile(CG, BLOCK_C, CHANNELS_LAST)
-    return tl.program_id(2).to(tl.int64), g, h, w, ok, g * CG + c, c_ok
+    return (bg // G).to(tl.int64), g, h, w, ok, g * CG + c, c_ok
 
 
 @triton.jit
@@ -132,29 +140,38 @@ def _zero_tile(BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.c
 
 
 @triton.jit
-def _log2_normaliser(a_base, a_off, ok, stride_ac, K: tl.constexpr):
-    """log2(sum_t exp(l_t)) per pixel: a max pass, then a sum pass over the (cache-hot)
-    logits, one exp2 per tap (an online max / sum needs two). Row by row, so that
-    the compiler unrolls K loads at a time, not K*K (registers)."""
+def _softmax_prob(l, m, log_s):
+    """exp(l - m - log_s) in base 2, for the normaliser ``(m, log_s)`` of
+    ``_log_normaliser``. The differences come first: l * log2(e) overflows fp32 for
+    logits near +-finfo.max; l - m does not for finite logits of one softmax, and m +
+    log_s would round log_s away."""
+    return tl.exp2(((l - m) - log_s) * _LOG2E)
+
+
+@triton.jit
+def _log_normaliser(a_base, a_off, ok, stride_ac, K: tl.constexpr):
+    """log(sum_t exp(l_t)) per pixel as (max m, log(sum_t exp(l_t - m))), kept apart:
+    their fp32 sum loses the second for |m| > 2**26. A max pass, then a sum pass over
+    the (cache-hot) logits, one exp2 per tap (an online max / sum needs two). Row by
+    row, so that the compiler unrolls K loads at a time, not K*K (registers)."""
     m = tl.full(ok.shape, float("-inf"), tl.float32)
     for ty in range(K):
         for tx in range(K):
             # Lanes outside the image read 0, so that their statistics stay finite.
             l = tl.load(a_base + (a_off + (ty * K + tx) * stride_ac), mask=ok, other=0.0)
             m = tl.maximum(m, l.to(tl.float32))
-    m *= _LOG2E
     s = tl.zeros(ok.shape, tl.float32)
     for ty in range(K):
         for tx in range(K):
             l = tl.load(a_base + (a_off + (ty * K + tx) * stride_ac), mask=ok, other=0.0)
-            s += tl.exp2(l.to(tl.float32) * _LOG2E - m)
-    return m + tl.log2(s)
+            s += _softmax_prob(l.to(tl.float32), m, 0.0)
+    return m, tl.log(s)
 
 
 @triton.jit
 def _elsa_attention_fwd_kernel(
         v_ptr, a_ptr, m_ptr, d_ptr, out_ptr,
-        CG, H, W,
+        G, CG, H, W,
         stride_vb, stride_vc, stride_vh, stride_vw,
         stride_ab, stride_ac, stride_ah, stride_aw,
         stride_mc, stride_mh, stride_mw,
@@ -164,7 +181,7 @@ def _elsa_attention_fwd_kernel(
         K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
         APPLY_SOFTMAX: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    b, g, h, w, ok, ch, c_ok = _head_program(CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
+    b, g, h, w, ok, ch, c_ok = _head_program(G, CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
     R: tl.constexpr = K // 2
 
     # Scalar base pointers plus int32 offset tiles: 64-bit pointer tiles kept live
@@ -172,7 +189,7 @@ def _elsa_attention_fwd_kernel(
     a_base = a_ptr + b * stride_ab + (g * K * K) * stride_ac
     a_off = h * stride_ah + w * stride_aw
     if APPLY_SOFTMAX:
-        lse2 = _log2_normaliser(a_base, a_off, ok, stride_ac, K)
+        m, log_s = _log_normaliser(a_base, a_off, ok, stride_ac, K)
     v_base = v_ptr + b * stride_vb
     v_off = ch * stride_vc
     acc = _zero_tile(BLOCK_C, BLOCK_P, CHANNELS_LAST)
@@ -183,11 +200,11 @@ def _elsa_attention_fwd_kernel(
             ww = w + (tx - R) * DIL
             tap_ok = row_ok & (ww >= 0) & (ww < W)
             # Out-of-image taps meet x = 0: their logit is not loaded, and their p is 0
-            # (exp2(0 - lse2) would overflow to inf, inf * 0 = NaN, when lse2 < -128).
+            # (exp(0 - m - log_s) would overflow to inf, inf * 0 = NaN, when m < -88).
             p = tl.load(a_base + (a_off + (ty * K + tx) * stride_ac), mask=tap_ok, other=0.0)
             p = p.to(tl.float32)
             if APPLY_SOFTMAX:
-                p = tl.where(tap_ok, tl.exp2(p * _LOG2E - lse2), 0.0)
+                p = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
             f = _ghost_filter(p, m_ptr, d_ptr, ch, c_ok, ty, tx, stride_mc, stride_mh, stride_mw,
                               stride_dc, stride_dh, stride_dw, HAS_MUL, HAS_ADD)
             x = tl.load(v_base + (v_off + hh * stride_vh + ww * stride_vw), mask=c_ok & tap_ok,
@@ -208,7 +225,7 @@ def _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P: tl.constexpr, P_AXIS: tl
 
 @triton.jit
 def _elsa_attention_bwd_attn_kernel(
-        dy_ptr, v_ptr, a_ptr, m_ptr, da_ptr, lse_ptr, ref_ptr, pm_ptr, pd_ptr,
+        dy_ptr, v_ptr, a_ptr, m_ptr, da_ptr, lse_ptr, mean_ptr, pm_ptr, pd_ptr,
         B, G, C, CG, H, W, B_CHUNK, T_CHUNK,
         stride_yb, stride_yc, stride_yh, stride_yw,
         stride_vb, stride_vc, stride_vh, stride_vw,
@@ -223,52 +240,76 @@ def _elsa_attention_bwd_attn_kernel(
     # 3-D tiles (row taps, pixels, channels) for channels_last, (row taps, channels,
     # pixels) for NCHW: the contiguous axis last, a row of K taps as the leading axis.
     # The program's work items are (sample, pixel tile) pairs: B_CHUNK samples times
-    # T_CHUNK tiles of BLOCK_P pixels.
-    g = tl.program_id(1)
+    # T_CHUNK tiles of BLOCK_P pixels. 1-D grid: tile chunks fastest, then heads, then
+    # sample chunks.
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
     C_AXIS: tl.constexpr = 2 if CHANNELS_LAST else 1
     P_AXIS: tl.constexpr = 1 if CHANNELS_LAST else 2
     SOFTMAX_GRAD: tl.constexpr = NEED_DATTN and APPLY_SOFTMAX
+    n_tiles = tl.cdiv(H * W, BLOCK_P)
+    n_tile_chunks = tl.cdiv(n_tiles, T_CHUNK)
+    pid = tl.program_id(0)
+    tile_chunk = pid % n_tile_chunks
+    g = (pid // n_tile_chunks) % G
+    sample_chunk = pid // n_tile_chunks // G
     c = tl.expand_dims(tl.expand_dims(tl.arange(0, BLOCK_C), 0), 3 - C_AXIS)
     c_ok = c < CG
     ch = g * CG + c
     tx = tl.expand_dims(tl.expand_dims(tl.arange(0, K_PAD), 1), 2)
     v_off = ch * stride_vc
     dy_off = ch * stride_yc
-    b_start = tl.program_id(2) * B_CHUNK
-    t_start = tl.program_id(0) * T_CHUNK
-    n_t = tl.minimum(T_CHUNK, tl.cdiv(H * W, BLOCK_P) - t_start)
+    b_start = sample_chunk * B_CHUNK
+    t_start = tile_chunk * T_CHUNK
+    n_t = tl.minimum(T_CHUNK, n_tiles - t_start)
     n_items = tl.minimum(B_CHUNK, B - b_start) * n_t
 
-    # Per-sample pixel statistics, kept in fp32 scratch (B, G, H*W) for the tap loop
-    # (and the normaliser for the dv kernel).
+    # Per-sample pixel statistics, kept in fp32 scratch for the tap loop: the normaliser
+    # (B, G, 2, H*W), (m, log_s) per pixel, also for the dv kernel, and the mean below
+    # (B, G, H*W).
     if APPLY_SOFTMAX:
         for i in range(n_items):
             b, pix, h, w, ok = _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P, P_AXIS)
             stat_ptrs = (b * G + g) * H * W + pix
+            lse_ptrs = lse_ptr + ((b * G + g) * 2 * H * W + pix)
             a_base = a_ptr + b * stride_ab + (g * KK) * stride_ac
-            tl.store(lse_ptr + stat_ptrs,
-                     _log2_normaliser(a_base, h * stride_ah + w * stride_aw, ok, stride_ac, K),
-                     mask=ok)
+            a_off = h * stride_ah + w * stride_aw
+            m, log_s = _log_normaliser(a_base, a_off, ok, stride_ac, K)
+            tl.store(lse_ptrs, m, mask=ok)
+            tl.store(lse_ptrs + H * W, log_s, mask=ok)
             if SOFTMAX_GRAD:
-                # dp of the centre tap (always in the image): see the module docstring.
-                x_off = h * stride_vh + w * stride_vw
-                prod = tl.load(dy_ptr + b * stride_yb + (dy_off + h * stride_yh + w * stride_yw),
-                               mask=c_ok & ok, other=0.0).to(tl.float32)
-                prod *= tl.load(v_ptr + b * stride_vb + (v_off + x_off), mask=c_ok & ok,
+                # The softmax backward's sum_t p_t dp_t = sum_c dy[c] sum_t M[c, t] p_t
+                # v[c, o + delta_t], aggregated like the forward: the tap loop then
+                # stores each dl_t = p_t (dp_t - sum) at once, no dp is rounded or
+                # stored in between (and none cancels against another's rounding).
+                agg = tl.zeros((K_PAD, BLOCK_P, BLOCK_C) if CHANNELS_LAST
+                               else (K_PAD, BLOCK_C, BLOCK_P), tl.float32)
+                for ty in range(K):
+                    hh = h + (ty - R) * DIL
+                    ww = w + (tx - R) * DIL
+                    tap_ok = (tx < K) & ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+                    p = tl.load(a_base + (a_off + (ty * K + tx) * stride_ac), mask=tap_ok,
                                 other=0.0).to(tl.float32)
-                if HAS_MUL:
-                    prod *= tl.load(m_ptr + (ch * stride_mc + R * stride_mh + R * stride_mw),
-                                    mask=c_ok, other=0.0).to(tl.float32)
-                tl.store(ref_ptr + stat_ptrs, tl.sum(prod, axis=C_AXIS, keep_dims=True), mask=ok)
+                    # Masked taps: p = 0, not exp(0 - m - log_s) (inf when m < -88).
+                    f = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
+                    if HAS_MUL:
+                        f = f * tl.load(m_ptr + (ch * stride_mc + ty * stride_mh + tx * stride_mw),
+                                        mask=c_ok & (tx < K), other=0.0).to(tl.float32)
+                    agg += f * tl.load(v_ptr + b * stride_vb + (v_off + hh * stride_vh
+                                                                + ww * stride_vw),
+                                       mask=c_ok & tap_ok, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + b * stride_yb + (dy_off + h * stride_yh + w * stride_yw),
+                             mask=c_ok & ok, other=0.0).to(tl.float32)
+                mean = tl.sum(tl.sum(agg, axis=0, keep_dims=True) * dy, axis=C_AXIS,
+                              keep_dims=True)
+                tl.store(mean_ptr + stat_ptrs, mean, mask=ok)
         # Other threads may reload what this one stored.
         tl.debug_barrier()
 
     # Rows of taps outer, work items inner: a row's K taps share one band of v (L1
     # reuse), and dM / dD accumulate over the items in registers, paying their
     # cross-thread reduction over pixels and their partial row once per row.
-    part_off = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * KK * C + ch * KK
+    part_off = (sample_chunk * n_tile_chunks + tile_chunk) * KK * C + ch * KK
     for ty in range(K):
         t = ty * K + tx
         if HAS_MUL and NEED_DATTN:
@@ -292,15 +333,17 @@ def _elsa_attention_bwd_attn_kernel(
                                                      + w * stride_aw),
                             mask=(tx < K) & ok, other=0.0).to(tl.float32)
                 if APPLY_SOFTMAX:
-                    lse2 = tl.load(lse_ptr + (b * G + g) * H * W + pix, mask=ok, other=0.0)
-                    p = tl.exp2(p * _LOG2E - lse2)
+                    lse_ptrs = lse_ptr + ((b * G + g) * 2 * H * W + pix)
+                    p = _softmax_prob(p, tl.load(lse_ptrs, mask=ok, other=0.0),
+                                      tl.load(lse_ptrs + H * W, mask=ok, other=0.0))
             if NEED_DATTN:
                 if HAS_MUL:
                     dp = tl.sum(prod * mt, axis=C_AXIS, keep_dims=True)
                 else:
                     dp = tl.sum(prod, axis=C_AXIS, keep_dims=True)
                 if SOFTMAX_GRAD:
-                    dp -= tl.load(ref_ptr + (b * G + g) * H * W + pix, mask=ok, other=0.0)
+                    dp = p * (dp - tl.load(mean_ptr + (b * G + g) * H * W + pix, mask=ok,
+                                           other=0.0))
                 da_ptrs = da_ptr + b * stride_gb + ((g * KK + t) * stride_gc + h * stride_gh
                                                     + w * stride_gw)
                 tl.store(da_ptrs, dp.to(da_ptr.dtype.element_ty), mask=(tx < K) & ok)
@@ -314,28 +357,6 @@ def _elsa_attention_bwd_attn_kernel(
         if NEED_DADD:
             tl.store(pd_ptr + (part_off + t), tl.sum(acc_d, axis=P_AXIS, keep_dims=True),
                      mask=c_ok & (tx < K))
-
-    if SOFTMAX_GRAD:
-        # Softmax backward dl_t = p_t * (dp_t - sum_s p_s dp_s) once every tap's dp_t
-        # is stored; other threads may have stored what this one reloads.
-        tl.debug_barrier()
-        for i in range(n_items):
-            b, pix, h, w, ok = _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P, P_AXIS)
-            a_base = a_ptr + b * stride_ab + (g * KK) * stride_ac
-            da_base = da_ptr + b * stride_gb + (g * KK) * stride_gc
-            a_off = h * stride_ah + w * stride_aw
-            da_off = h * stride_gh + w * stride_gw
-            lse2 = tl.load(lse_ptr + (b * G + g) * H * W + pix, mask=ok, other=0.0)
-            dp_mean = tl.zeros(lse2.shape, tl.float32)
-            for t in range(KK):
-                p = tl.load(a_base + (a_off + t * stride_ac), mask=ok, other=0.0).to(tl.float32)
-                dp = tl.load(da_base + (da_off + t * stride_gc), mask=ok, other=0.0).to(tl.float32)
-                dp_mean += tl.exp2(p * _LOG2E - lse2) * dp
-            for t in range(KK):
-                p = tl.load(a_base + (a_off + t * stride_ac), mask=ok, other=0.0).to(tl.float32)
-                dp = tl.load(da_base + (da_off + t * stride_gc), mask=ok, other=0.0).to(tl.float32)
-                dl = tl.exp2(p * _LOG2E - lse2) * (dp - dp_mean)
-                tl.store(da_base + (da_off + t * stride_gc), dl.to(da_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -363,11 +384,11 @@ def _elsa_attention_bwd_v_kernel(
         K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
         APPLY_SOFTMAX: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    b, g, h, w, ok, ch, c_ok = _head_program(CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
+    b, g, h, w, ok, ch, c_ok = _head_program(G, CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
     R: tl.constexpr = K // 2
 
     a_base = a_ptr + b * stride_ab + (g * K * K) * stride_ac
-    lse_base = lse_ptr + (b * G + g) * H * W
+    lse_base = lse_ptr + (b * G + g) * 2 * H * W
     dy_base = dy_ptr + b * stride_yb
     dy_off = ch * stride_yc
     acc = _zero_tile(BLOCK_C, BLOCK_P, CHANNELS_LAST)
@@ -381,8 +402,9 @@ def _elsa_attention_bwd_v_kernel(
             p = tl.load(a_base + ((ty * K + tx) * stride_ac + hh * stride_ah + ww * stride_aw),
                         mask=tap_ok, other=0.0).to(tl.float32)
             if APPLY_SOFTMAX:
-                lse2 = tl.load(lse_base + (hh * W + ww), mask=tap_ok, other=0.0)
-                p = tl.where(tap_ok, tl.exp2(p * _LOG2E - lse2), 0.0)
+                m = tl.load(lse_base + (hh * W + ww), mask=tap_ok, other=0.0)
+                log_s = tl.load(lse_base + (H * W + hh * W + ww), mask=tap_ok, other=0.0)
+                p = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
             f = _ghost_filter(p, m_ptr, d_ptr, ch, c_ok, ty, tx, stride_mc, stride_mh, stride_mw,
                               stride_dc, stride_dh, stride_dw, HAS_MUL, HAS_ADD)
             x = tl.load(dy_base + (dy_off + hh * stride_yh + ww * stride_yw), mask=c_ok & tap_ok,
@@ -437,12 +459,21 @@ def launch_options(num_warps):
             "maxnreg": min(255, 65536 // (32 * num_warps))}
 
 
-def _check_int32(**tensors):
+def int32_reasons(**tensors):
+    """Why the kernels cannot index these tensors (offsets within one sample are int32)."""
+    reasons = []
     for name, t in tensors.items():
         span = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
         if span > _INT32_MAX:
-            raise ValueError(f"{name}: offsets within one sample must fit in int32, got shape "
-                             f"{tuple(t.shape)} with strides {t.stride()}")
+            reasons.append(f"{name}: offsets within one sample must fit in int32, got shape "
+                           f"{tuple(t.shape)} with strides {t.stride()}")
+    return reasons
+
+
+def _check_int32(**tensors):
+    reasons = int32_reasons(**tensors)
+    if reasons:
+        raise ValueError(reasons[0])
 
 
 def _ghost_args(ghost, channels_last, placeholder):
@@ -464,6 +495,18 @@ def _setup(v, attn, kernel_size):
     return B, C, H, W, G, channels_last, tile_config(C // G, H * W, kernel_size, channels_last)
 
 
+def head_grid(B, G, HW, block_p):
+    """Grid of the forward and dv kernels: every (sample, head, pixel tile) on axis 0,
+    whose limit is 2**31 - 1 programs (axes 1 and 2 stop at 65535)."""
+    return (B * G * triton.cdiv(HW, block_p),)
+
+
+def attn_grid(B, G, n_tiles, chunk, tile_chunk):
+    """Grid of the attn-gradient kernel: (sample chunk, head, tile chunk) on axis 0."""
+    return (triton.cdiv(B, chunk) * G * triton.cdiv(n_tiles, tile_chunk),)
+
+
+@on_tensor_device
 def elsa_attention_fwd(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax):
     """ELSA aggregation; returns ``out`` (B, C, H, W) in v's dtype and memory format.
     Arguments are assumed validated (``pyvit_ops.ops.elsa_attention``)."""
@@ -474,9 +517,10 @@ def elsa_attention_fwd(v, attn, ghost_mul, ghost_add, kernel_size, dilation, app
     _check_int32(v=v, attn=attn)
     mul, mul_strides = _ghost_args(ghost_mul, channels_last, v)
     add, add_strides = _ghost_args(ghost_add, channels_last, v)
-    _elsa_attention_fwd_kernel[(triton.cdiv(H * W, cfg.block_p), G, B)](
-        v, attn, mul, add, out, C // G, H, W,
-        *v.stride(), *attn.stride(), *mul_strides, *add_strides, *out.stride(), dilation,
+    _elsa_attention_fwd_kernel[head_grid(B, G, H * W, cfg.block_p)](
+        v, attn, mul, add, out, G, C // G, H, W,
+        *v.stride(), *attn.stride(), *mul_strides, *add_strides, *out.stride(),
+        effective_dilation(dilation, H, W),
         K=kernel_size, HAS_MUL=ghost_mul is not None, HAS_ADD=ghost_add is not None,
         APPLY_SOFTMAX=apply_softmax, CHANNELS_LAST=channels_last,
         BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, **launch_options(cfg.num_warps))
@@ -509,6 +553,7 @@ def _ghost_grad(parts, ghost):
     return out
 
 
+@on_tensor_device
 def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax,
                        needs_input_grad):
     """Gradients ``(dv, dattn, dmul, dadd)`` of ``elsa_attention_fwd``; an entry is
@@ -517,6 +562,7 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
     B, C, H, W, G, channels_last, cfg = _setup(v, attn, kernel_size)
     K = kernel_size
     KK = K * K
+    dilation = effective_dilation(dilation, H, W)
     need_dv, need_dattn, need_dmul, need_dadd = (bool(n) for n in needs_input_grad)
     need_dmul = need_dmul and ghost_mul is not None
     need_dadd = need_dadd and ghost_add is not None
@@ -533,8 +579,9 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
     scratch = dict(dtype=torch.float32, device=v.device)
     dummy = torch.empty(1, **scratch)  # for pointers a configuration does not read
     mul, mul_strides = _ghost_args(ghost_mul, channels_last, v)
-    # Per-pixel log2-normaliser, written by the attn kernel, read by the dv kernel.
-    lse = torch.empty((B, G, H * W), **scratch) if apply_softmax else dummy
+    # Per-pixel softmax normaliser (m, log_s), written by the attn kernel, read by the dv
+    # kernel.
+    lse = torch.empty((B, G, 2, H * W), **scratch) if apply_softmax else dummy
     common = dict(K=K, HAS_MUL=ghost_mul is not None, APPLY_SOFTMAX=apply_softmax,
                   CHANNELS_LAST=channels_last, BLOCK_C=cfg.block_c)
 
@@ -542,14 +589,14 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
     if need_dattn or need_dmul or need_dadd or (need_dv and apply_softmax):
         n_tiles = triton.cdiv(H * W, cfg.block_p_attn)
         chunk, tile_chunk = work_chunks(B, n_tiles, G)
-        grid = (triton.cdiv(n_tiles, tile_chunk), G, triton.cdiv(B, chunk))
-        parts = (grid[0] * grid[2], C, KK)
+        parts = (triton.cdiv(n_tiles, tile_chunk) * triton.cdiv(B, chunk), C, KK)
         part_mul = torch.empty(parts, **scratch) if need_dmul else dummy
         part_add = torch.empty(parts, **scratch) if need_dadd else dummy
-        dp_ref = torch.empty((B, G, H * W), **scratch) if need_dattn and apply_softmax else dummy
+        # sum_t p_t dp_t per pixel, for the softmax backward.
+        dp_mean = torch.empty((B, G, H * W), **scratch) if need_dattn and apply_softmax else dummy
         da = dattn if need_dattn else attn
-        _elsa_attention_bwd_attn_kernel[grid](
-            dout, v, attn, mul, da, lse, dp_ref, part_mul, part_add,
+        _elsa_attention_bwd_attn_kernel[attn_grid(B, G, n_tiles, chunk, tile_chunk)](
+            dout, v, attn, mul, da, lse, dp_mean, part_mul, part_add,
             B, G, C, C // G, H, W, chunk, tile_chunk,
             *dout.stride(), *v.stride(), *attn.stride(), *mul_strides, *da.stride(), dilation,
             NEED_DATTN=need_dattn, NEED_DMUL=need_dmul, NEED_DADD=need_dadd,
@@ -560,7 +607,7 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
 
     if need_dv:
         add, add_strides = _ghost_args(ghost_add, channels_last, v)
-        _elsa_attention_bwd_v_kernel[(triton.cdiv(H * W, cfg.block_p), G, B)](
+        _elsa_attention_bwd_v_kernel[head_grid(B, G, H * W, cfg.block_p)](
             dout, attn, mul, add, lse, dv, G, C // G, H, W,
             *dout.stride(), *attn.stride(), *mul_strides, *add_strides, *dv.stride(), dilation,
             HAS_ADD=ghost_add is not None, BLOCK_P=cfg.block_p, **launch_options(cfg.num_warps),
@@ -572,7 +619,7 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
 
 _KERNELS = {"fwd": _elsa_attention_fwd_kernel, "bwd_attn": _elsa_attention_bwd_attn_kernel,
             "bwd_v": _elsa_attention_bwd_v_kernel}
-_SCRATCH_PTRS = ("lse_ptr", "ref_ptr", "pm_ptr", "pd_ptr")  # fp32 buffers of the launcher
+_SCRATCH_PTRS = ("lse_ptr", "mean_ptr", "pm_ptr", "pd_ptr")  # fp32 buffers of the launcher
 _DATA_TENSORS = "vaoygx"  # stride_<t>?: v, attn, out, dout, dattn, dv
 _CHANNEL_SIZED = "voyx"   # tensors with C channels (attn / dattn have G*K*K)
 _TRITON_DTYPES = ("fp16", "bf16", "fp32")

@@ -128,11 +128,20 @@ def common_reasons(backend, op, tensors):
         if foreign:
             reasons.append(f"tensors on {sorted(foreign)}: Triton kernels need CUDA tensors "
                            "(or CPU tensors with TRITON_INTERPRET=1 for the interpreter)")
+        # The kernels are compiled and checked for sm_80 and newer (bf16 / tf32 dots;
+        # on sm_75 some configs exceed its 64 KB of shared memory per block).
+        for device in dict.fromkeys(t.device for t in tensors if t.device.type == "cuda"):
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                reasons.append(f"{device}: expected compute capability >= 8.0 for the "
+                               f"Triton kernels, got {major}.{minor}")
         return reasons
     if backend == "cuda":
         from pyvit_ops import _ext
 
-        for device in sorted(devices):
+        # The tensors' own devices (with their index): the architecture check must ask
+        # about the GPU the kernels run on, not the current one.
+        for device in dict.fromkeys(t.device for t in tensors):
             ok, why = _ext.has_op(f"{op}_fwd", device)
             if not ok:
                 reasons.append(why)

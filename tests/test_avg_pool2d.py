@@ -1,4 +1,4 @@
-"""avg_pool2d / poolformer_pool (SPEC §4).
+"""avg_pool2d / poolformer_pool.
 
 - the reference against ``nn.AvgPool2d(count_include_pad=False)`` and timm's Pooling,
   and gradcheck in float64;
@@ -345,3 +345,125 @@ def test_bad_input(change, error, match):
     x = args.pop("x")
     with pytest.raises(error, match=match):
         avg_pool2d(x, **args)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("change, match", [
+    (dict(kernel_size=2**32), r"kernel_size: expected values <= 2\*\*31 - 1, got \(4294967296, "),
+    (dict(kernel_size=(3, 2**40)), r"kernel_size: expected values <= 2\*\*31 - 1, got \(3, "),
+    (dict(stride=2**32), r"stride: expected values <= 2\*\*31 - 1, got \(4294967296, "),
+])
+def test_sizes_beyond_int32_name_the_argument(request, backend_name, change, match):
+    """One message per argument, whichever backend would run (not the binding's or
+    torch's int conversion)."""
+    if backend_name == "cuda":
+        request.getfixturevalue("host_ops")
+    args = dict(kernel_size=3, stride=1, padding=0)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        avg_pool2d(torch.randn(1, 2, 5, 5), **args, backend=backend_name)
+
+
+# --------------------------------------------------------------------------- extreme geometry
+
+
+@pytest.mark.parametrize("size", range(1, 7))
+@pytest.mark.parametrize("k", range(1, 14))
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_clamped_window_pools_the_same_taps(size, k, s):
+    """``clamp_window``: every output's window, clipped to the image, keeps its taps, and
+    the output size is unchanged."""
+    for p in range(k // 2 + 1):
+        out = reference.output_size(size, k, s, p)
+        if out < 1:
+            continue
+        k2, p2 = kernels.clamp_window(size, out, k, s, p)
+        assert reference.output_size(size, k2, s, p2) == out
+        assert k2 <= 2 * size
+        for o in range(out):
+            clip = (max(o * s - p, 0), min(o * s - p + k, size))
+            assert (max(o * s - p2, 0), min(o * s - p2 + k2, size)) == clip, (o, k2, p2)
+
+
+_HUGE_KERNEL_PROBE = """
+import sys, torch
+from pyvit_ops.testing import interpreter
+interpreter.enable()
+from pyvit_ops.testing import host
+import pyvit_ops
+backend, kh, kw, subtract = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+if backend == "cuda":
+    host.load()
+x = torch.arange(2 * 5 * 5, dtype=torch.float32).view(1, 2, 5, 5).requires_grad_()
+out = pyvit_ops.avg_pool2d(x, (kh, kw), 1, None, subtract_input=subtract, backend=backend)
+out.backward(torch.ones_like(out))
+print(repr((out.tolist(), x.grad.tolist())))
+"""
+
+
+@pytest.mark.parametrize("kernel_size, subtract", [((2**31 - 1, 2**31 - 1), False),
+                                                    ((2**31 - 1, 3), True)])
+def test_huge_kernel_size_pools_the_image(backend, kernel_size, subtract):
+    """A window larger than the image covers all of it (the in-image taps only count):
+    the kernels return, with the reference's result (run in a child process, with a
+    time limit, as unrolling 2**31 taps never ends)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _HUGE_KERNEL_PROBE, backend,
+                             *map(str, kernel_size), str(int(subtract))],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out, grad = eval(result.stdout.strip().splitlines()[-1])
+    x = torch.arange(2 * 5 * 5, dtype=torch.float64).view(1, 2, 5, 5).requires_grad_()
+    # The same taps as the window clamped to the image (what torch's pooling accepts).
+    kh, kw = (min(k, 9) for k in kernel_size)
+    expected = reference.avg_pool2d(x, (kh, kw), 1, (kh // 2, kw // 2),
+                                    subtract_input=subtract)
+    expected.backward(torch.ones_like(expected))
+    assert_close(torch.tensor(out, dtype=torch.float64), expected.detach(), atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(grad, dtype=torch.float64), x.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 5), (5, 3)], ids=["k3x5", "k5x3"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_kernel_subtract_input_non_square(backend, kernel_size, channels_last):
+    """pool(x) - x with a non-square window: the centre tap's row and column offsets
+    differ, so swapping them is caught (forward and backward)."""
+    x = torch.randn(2, 3, 13, 9)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _check(x, kernel_size, 1, None, True, backend, 1e-5, 1e-5)
+
+
+def test_cuda_int32_image_limit_is_a_backend_reason(host_ops):
+    """An image of more than 2**31 - 1 elements is a reason to skip the CUDA kernels
+    (the limit comes from the extension), not a launch failure."""
+    x = torch.zeros(1, 1, 1, 1).expand(1, 2**12, 2**10, 2**10)
+    with pytest.raises(_backend.BackendUnavailableError, match="elements per image"):
+        avg_pool2d(x, backend="cuda")
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_grid_keeps_the_batch_on_axis_0(monkeypatch, channels_last):
+    """Grid axes 1 and 2 stop at 65535: a batch of 70000 stays on axis 0."""
+    recorder = _GridRecorder()
+    monkeypatch.setitem(kernels._NUM_WARPS, recorder, 4)
+    monkeypatch.setattr(kernels, "_avg_pool2d_fwd_kernel", recorder)
+    x = torch.zeros(70000, 2, 3, 3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    kernels.avg_pool2d_fwd(x, (3, 3), (1, 1), (1, 1), True)
+    (grid,) = recorder.grids
+    assert len(grid) == 1 and grid[0] >= 70000, grid

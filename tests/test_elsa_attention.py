@@ -4,9 +4,12 @@ backends vs the reference (forward and every gradient): "triton" in the interpre
 (pyvit_ops.testing.host); determinism, strided inputs, partial gradients, empty inputs,
 opcheck; nn.ELSA vs the official module math and checkpoints; bad input, in the public
 op and in the CUDA bindings."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch import nn
 
 import pyvit_ops.ops.elsa_attention as ops
@@ -620,3 +623,226 @@ def test_cuda_backward_rejects_bad_gradient_arguments(host_ops):
         host_ops.elsa_attention_bwd(dout.half(), v, attn, mul, add, 3, 1, True, [True] * 4)
     with pytest.raises(ValueError, match="needs_input_grad must have 4 entries"):
         host_ops.elsa_attention_bwd(dout, v, attn, mul, add, 3, 1, True, [True] * 3)
+
+
+# --------------------------------------------------------------------------- extreme arguments
+
+# Runs in a child process (a crash fails the test instead of killing pytest): the op on
+# `backend` with a huge dilation against the official unfold math at dilation max(H, W),
+# where every tap but the centre is outside the image, as for any larger dilation.
+_HUGE_DILATION_PROBE = """
+import sys, torch
+from pyvit_ops.testing import interpreter
+interpreter.enable()
+from pyvit_ops.testing import host
+import pyvit_ops
+backend, K, dilation = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if backend == "cuda":
+    host.load()
+gen = torch.Generator().manual_seed(0)
+v = torch.randn(1, 2, 4, 4, generator=gen, dtype=torch.float64)
+attn = torch.randn(1, K * K, 4, 4, generator=gen, dtype=torch.float64)
+mul = torch.randn(2, K, K, generator=gen, dtype=torch.float64)
+leaves = [t.float().requires_grad_() for t in (v, attn, mul)]
+out = pyvit_ops.elsa_attention(*leaves, kernel_size=K, dilation=dilation, backend=backend)
+out.backward(torch.ones_like(out))
+print(repr((out.double().tolist(), [t.grad.double().tolist() for t in leaves])))
+"""
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("K, dilation", [(3, 65536), (3, 2**31 - 1), (5, 2**31 - 1)])
+def test_huge_dilation_computes_the_centre_tap(backend, K, dilation):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _HUGE_DILATION_PROBE, backend, str(K),
+                             str(dilation)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    out, grads = eval(result.stdout.strip().splitlines()[-1])
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 2, 4, 4, generator=gen, dtype=torch.float64)
+    attn = torch.randn(1, K * K, 4, 4, generator=gen, dtype=torch.float64)
+    mul = torch.randn(2, K, K, generator=gen, dtype=torch.float64)
+    leaves = [t.float().double().requires_grad_() for t in (v, attn, mul)]
+    expected = _official_aggregate(*leaves[:2], leaves[2], None, K, 4, True)
+    expected.backward(torch.ones_like(expected))
+    _assert_close(torch.tensor(out, dtype=torch.float64), expected.detach(), 1e-5, 1e-5, "out")
+    for name, g, t in zip(("dv", "dattn", "dghost_mul"), grads, leaves):
+        _assert_close(torch.tensor(g, dtype=torch.float64), t.grad, 1e-5, 1e-5, name)
+
+
+def test_cuda_plan_of_a_huge_dilation_is_bounded_by_the_image(host_ops):
+    """The sub-grids of a dilation >= the image: one per pixel at most, for any dilation."""
+    for H, W in ((4, 4), (1, 50000), (3, 70000)):
+        v, attn = torch.zeros(1, 2, H, W), torch.zeros(1, 9, H, W)
+        for dilation in (max(H, W), 65536, 2**31 - 1):
+            why, plan = host_ops.elsa_attention_plan(v, attn, 3, dilation, False, 0, -1)
+            assert why == "" and 1 <= plan[3] <= H * W, (H, W, dilation, plan)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+def test_half_backward_with_scaled_gradient_stays_finite(backend):
+    """fp16 with the upstream gradient scaled x4096 (GradScaler): dattn is finite and
+    matches the reference, although dp_t - dp_centre exceeds the fp16 range."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 32, 6, 6, generator=gen).half()
+    attn = (torch.randn(1, 9, 6, 6, generator=gen) * 4).half()
+    dout = (torch.randn(1, 32, 6, 6, generator=gen) * 4096).half()
+    _check_against_reference(backend, v, attn, None, None, dout, *TOL[torch.float16],
+                             kernel_size=3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+def test_extreme_finite_logits_match_reference(backend):
+    """Logits at +-finfo.max / finfo.min: every result of the reference is finite, and
+    the kernels give it (the base-2 rescaling of l * log2(e) would overflow)."""
+    v, attn, mul, add, dout = _inputs(1, 4, 2, 4, 4, 3, "both", torch.float32)
+    big = torch.finfo(torch.float32)
+    attn[0, :9, 1, 1] = big.min         # a whole softmax at finfo.min
+    attn[0, 9:13, 2, 2] = big.min       # some taps at finfo.min
+    attn[0, 13:, 3, 2] = big.max        # several taps at finfo.max
+    attn[0, 3, 0, 0], attn[0, 4, 0, 0] = big.max, big.min
+    ref_out, ref_grads = _run(reference, v, attn, mul, add, dout, kernel_size=3)
+    assert torch.isfinite(ref_out).all() and all(torch.isfinite(g).all() for g in ref_grads)
+    _check_against_reference(backend, v, attn, mul, add, dout, *TOL[torch.float32],
+                             kernel_size=3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("change, match", [
+    (dict(kernel_size=2**32 + 1), r"kernel_size: expected an int <= 2\*\*31 - 1, got 4294967297"),
+    (dict(dilation=2**32), r"dilation: expected an int <= 2\*\*31 - 1, got 4294967296"),
+    (dict(dilation=2**64), r"dilation: expected an int <= 2\*\*31 - 1, got 18446744073709551616"),
+])
+def test_int_arguments_beyond_int32_name_the_argument(backend, change, match):
+    v, attn, _, _, _ = _inputs(1, 2, 1, 4, 4, 3, "none", torch.float32)
+    with pytest.raises(ValueError, match=match):
+        ops.elsa_attention(v, attn, **{"kernel_size": 3, **change}, backend=backend)
+
+
+# --------------------------------------------------------------------------- launch limits
+
+# Shared memory per block (opt-in) of the GPUs the CUDA kernels plan for, and the largest
+# K whose plan fits there for 32-channel heads (ELSA-Swin) and for one channel per head.
+SMEM_BUDGETS = {"no opt-in": 48 * 1024, "sm_86/89": 99 * 1024, "sm_80": 163 * 1024,
+                "sm_90": 227 * 1024}
+
+
+def _plans(host_ops, budget, Cg, samples_per_block=-1, B=1, G=1, H=56, W=56, ghost_grad=False):
+    """{K: plan or None} of the CUDA kernels at ``budget`` bytes per block."""
+    plans = {}
+    for K in range(1, CUDA_MAX + 1, 2):
+        v, attn = torch.zeros(B, G * Cg, H, W), torch.zeros(B, G * K * K, H, W)
+        why, plan = host_ops.elsa_attention_plan(v, attn, K, 1, ghost_grad, budget,
+                                                 samples_per_block)
+        assert bool(why) == (not plan), (K, why, plan)
+        plans[K] = plan or None
+    return plans
+
+
+CUDA_MAX = ops.CUDA_MAX_KERNEL_SIZE
+
+
+@pytest.mark.parametrize("gpu", SMEM_BUDGETS)
+def test_cuda_plans_fit_each_gpu_budget(host_ops, gpu):
+    """Every plan stays within the budget, and what fits grows with it: the probabilities
+    of a tile take K*K * 128 floats (K = 11: 60.5 KB), so without opt-in K <= 9 fits; with
+    it every K does, staging fewer channels at once where the budget is small (K = 13,
+    32-channel heads: 4 channels at a time on sm_86, 16 on sm_80, the whole head on sm_90)."""
+    budget = SMEM_BUDGETS[gpu]
+    expected_max = 9 if gpu == "no opt-in" else 13
+    expected_chunk_k13 = {"sm_86/89": 4, "sm_80": 16, "sm_90": 32}.get(gpu)
+    for Cg in (32, 1):
+        plans = _plans(host_ops, budget, Cg)
+        fits = [K for K, plan in plans.items() if plan is not None]
+        assert fits == list(range(1, expected_max + 1, 2)), (Cg, fits)
+        for K in fits:
+            tile_h, tile_w, chunk, tiles, aggregate_smem, attn_smem, _ = plans[K]
+            assert aggregate_smem <= budget and attn_smem <= budget, (K, plans[K])
+            assert tile_h * tile_w == 128 and 1 <= chunk <= min(Cg, 32)
+        if expected_chunk_k13 is not None:
+            assert plans[13][2] == min(Cg, expected_chunk_k13), plans[13]
+
+
+def test_cuda_samples_per_block_gpu_rule(host_ops):
+    """The GPU rule (samples_per_block=0): about 1024 attn-gradient blocks, one sample
+    each until the batch is larger; the host build's default (-1) puts two in a block."""
+    def samples(B, default=False):
+        v, attn = torch.zeros(B, 2, 8, 8).expand(B, 2, 8, 8), torch.zeros(B, 9, 8, 8)
+        _, plan = host_ops.elsa_attention_plan(v, attn, 3, 1, True, 0, -1 if default else 0)
+        assert plan[3] == 1, plan  # one tile per (sample, head): 8x8 pixels
+        return plan[-1]
+
+    assert [samples(B) for B in (1, 64, 1024, 1025, 4096)] == [1, 1, 1, 2, 4]
+    assert [samples(B, default=True) for B in (1, 64)] == [1, 2]
+    v, attn = torch.zeros(5, 2, 8, 8), torch.zeros(5, 9, 8, 8)
+    assert host_ops.elsa_attention_plan(v, attn, 3, 1, False, 0, 0)[1][-1] == 1
+
+
+@pytest.mark.parametrize("gpu", SMEM_BUDGETS)
+def test_automatic_choice_falls_back_when_the_cuda_plan_does_not_fit(host_ops, monkeypatch,
+                                                                   gpu):
+    """The automatic choice asks the extension whether the plan fits this device's shared
+    memory, and takes Triton when it does not, instead of failing at launch."""
+    budget = SMEM_BUDGETS[gpu]
+    monkeypatch.setattr(ops, "smem_per_block", lambda device: budget)
+    fits = {K: plan is not None for K, plan in _plans(host_ops, budget, 32, H=4, W=4).items()}
+    for K in (9, 11, 13):
+        v, attn, _, _, _ = _inputs(1, 32, 1, 4, 4, K, "none", torch.float32)
+        heads = 1
+
+        def reasons(b):
+            return ops._reasons(b, v, attn, None, None, heads, K, 1)
+
+        # "cuda": the device type the automatic choice runs on (tensors here are on CPU).
+        chosen = _backend.choose("elsa_attention", None, reasons, device="cuda")
+        assert chosen == ("cuda" if fits[K] else "triton"), (K, reasons("cuda"))
+        if not fits[K]:
+            assert "shared memory" in reasons("cuda")[0]
+            with pytest.raises(_backend.BackendUnavailableError, match="shared memory"):
+                ops.elsa_attention(v, attn, kernel_size=K, backend="cuda")
+
+
+def test_int32_offset_limits_are_backend_reasons():
+    """A sample spanning 2**31 elements is a reason to skip Triton, not a launch failure."""
+    v = torch.empty_strided((1, 2, 4, 4), (2**32, 2**31, 4, 1), device="meta")
+    attn = torch.empty((1, 9, 4, 4), device="meta")
+    why = ops._reasons("triton", v, attn, None, None, 1, 3, 1)
+    assert any(r.startswith("v: offsets within one sample must fit in int32") for r in why), why
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_triton_grids_keep_the_batch_off_axes_1_and_2(monkeypatch, ghost):
+    """Grid axes 1 and 2 stop at 65535: a batch of 70000 folds into axis 0."""
+    recorders = {name: _GridRecorder() for name in (
+        "_elsa_attention_fwd_kernel", "_elsa_attention_bwd_attn_kernel",
+        "_elsa_attention_bwd_v_kernel", "_elsa_attention_bwd_ghost_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(kernels, name, recorder)
+    B, C, G, K = 70000, 4, 2, 3
+    v, attn = torch.zeros(B, C, 1, 2), torch.zeros(B, G * K * K, 1, 2)
+    mul = torch.zeros(C, K, K) if ghost else None
+    kernels.elsa_attention_fwd(v, attn, mul, None, K, 1, True)
+    kernels.elsa_attention_bwd(v, v, attn, mul, None, K, 1, True, [True, True, ghost, False])
+    cfg = kernels.tile_config(C // G, 2, K, False)
+    n_tiles = triton.cdiv(2, cfg.block_p_attn)
+    chunk, tile_chunk = kernels.work_chunks(B, n_tiles, G)
+    expected = {"_elsa_attention_fwd_kernel": B * G, "_elsa_attention_bwd_v_kernel": B * G,
+                "_elsa_attention_bwd_attn_kernel": triton.cdiv(B, chunk) * G}
+    for name, recorder in recorders.items():
+        for grid in recorder.grids:
+            assert all(extent <= 65535 for extent in grid[1:]), (name, grid)
+        if name in expected:
+            assert [math.prod(g) for g in recorder.grids] == [expected[name]], name

@@ -1,5 +1,5 @@
 """``pyvit_ops.avg_pool2d`` / ``poolformer_pool``: average pooling that leaves the
-padding out of the count, with PoolFormer's ``pool(x) - x`` fused (SPEC §4).
+padding out of the count, with PoolFormer's ``pool(x) - x`` fused.
 
 Backends: "reference" (``pyvit_ops.reference.avg_pool2d``, i.e. torch's
 ``avg_pool2d``), "triton" (``pyvit_ops.kernels.avg_pool2d``) and "cuda" (the C++
@@ -15,6 +15,7 @@ from pyvit_ops import _backend, _checks, _ext
 from pyvit_ops.reference import avg_pool2d as reference
 
 _OP = "avg_pool2d"
+_INT32_MAX = 2**31 - 1
 
 
 def _triton_module():
@@ -23,11 +24,18 @@ def _triton_module():
     return kernels
 
 
-def _reasons(backend, x):
+def _reasons(backend, x, out_shape):
     reasons = _backend.common_reasons(backend, _OP, tensors=[x])
     if backend == "triton" and not _triton_module().offsets_fit_int32(x):
         reasons.append(f"x: one sample spans 2**31 elements or more (shape {tuple(x.shape)}, "
                        f"strides {x.stride()}); the Triton kernel indexes a sample in int32")
+    if backend == "cuda" and not reasons:
+        # The outputs are dense: only their element counts matter, as for x in the binding.
+        limit = _ext.lib(x).avg_pool2d_image_limit()
+        for name, shape in (("x", x.shape), ("the output", out_shape)):
+            if shape[0] > limit or shape[1] * shape[2] * shape[3] > limit:
+                reasons.append(f"{name}: shape {tuple(shape)} has more than {limit} elements "
+                               "per image or images; the CUDA kernels index them in 32 bits")
     return reasons
 
 
@@ -115,6 +123,10 @@ def _check_args(x, kernel_size, stride, padding, subtract_input):
         raise ValueError(f"kernel_size: expected sizes >= 1, got {kernel_size}")
     if min(stride) < 1:
         raise ValueError(f"stride: expected strides >= 1, got {stride}")
+    # The kernels and torch's pooling take 32-bit ints.
+    for name, values in (("kernel_size", kernel_size), ("stride", stride)):
+        if max(values) > _INT32_MAX:
+            raise ValueError(f"{name}: expected values <= 2**31 - 1, got {values}")
     half = (kernel_size[0] // 2, kernel_size[1] // 2)
     if not (0 <= padding[0] <= half[0] and 0 <= padding[1] <= half[1]):
         raise ValueError(f"padding: expected 0 <= padding <= kernel_size // 2 = {half} per axis "
@@ -162,7 +174,8 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False
             return avg_pool2d(_backend.autocast_cast(x, low), kernel_size, stride, padding,
                               subtract_input=subtract_input, backend=backend)
     kernel_size, stride, padding = _check_args(x, kernel_size, stride, padding, subtract_input)
-    backend = _backend.choose(_OP, backend, lambda b: _reasons(b, x), device=x.device)
+    out_shape = reference.output_shape(x.shape, kernel_size, stride, padding)
+    backend = _backend.choose(_OP, backend, lambda b: _reasons(b, x, out_shape), device=x.device)
     if backend == "reference":
         return reference.avg_pool2d(x, kernel_size, stride, padding,
                                     subtract_input=subtract_input)

@@ -1,4 +1,4 @@
-"""``pyvit_ops.elsa_attention``: ELSA's local aggregation with the ghost head (SPEC §3).
+"""``pyvit_ops.elsa_attention``: ELSA's local aggregation with the ghost head.
 
 Backends: "reference" (``pyvit_ops.reference.elsa_attention``, differentiable
 PyTorch), "triton" (``pyvit_ops.kernels.elsa_attention``) and "cuda" (the C++
@@ -15,6 +15,7 @@ from pyvit_ops.reference import elsa_attention as reference
 from pyvit_ops.reference.elsa_attention import output_memory_format
 
 _OP = "elsa_attention"
+_INT32_MAX = 2**31 - 1
 
 
 def _triton_module():
@@ -27,7 +28,16 @@ def _triton_module():
 CUDA_MAX_KERNEL_SIZE = 13
 
 
-def _reasons(backend, v, attn, ghost_mul, ghost_add, heads, kernel_size):
+def smem_per_block(device):
+    """Shared memory (bytes) a CUDA block may opt in to on ``device``; 0 for other devices
+    (the host-emulation build plans with an A100's budget)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _reasons(backend, v, attn, ghost_mul, ghost_add, heads, kernel_size, dilation):
     tensors = [v, attn, ghost_mul, ghost_add]
     reasons = _backend.common_reasons(backend, _OP, tensors=tensors)
     if backend == "triton":
@@ -35,9 +45,17 @@ def _reasons(backend, v, attn, ghost_mul, ghost_add, heads, kernel_size):
         if v.shape[1] // heads > limit:
             reasons.append(f"{v.shape[1] // heads} channels per head > {limit}: a Triton program "
                            "holds one head's channels in registers")
+        reasons += _triton_module().int32_reasons(v=v, attn=attn)
     if backend == "cuda" and kernel_size > CUDA_MAX_KERNEL_SIZE:
         reasons.append(f"kernel_size {kernel_size} > {CUDA_MAX_KERNEL_SIZE}: the CUDA kernels "
                        "are compiled for K <= 13 (csrc/elsa_attention.cuh)")
+    if backend == "cuda" and not reasons:
+        # What the launch would refuse (the plan's shared memory on this device, grid and
+        # offset limits), asked of the extension before launching.
+        why, _ = _ext.lib(v).elsa_attention_plan(v, attn, kernel_size, dilation, False,
+                                                 smem_per_block(v.device), -1)
+        if why:
+            reasons.append(why)
     return reasons
 
 
@@ -129,6 +147,10 @@ def _check_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_soft
     _checks.check_same_dtype(v=v, attn=attn)
     _checks.check_int("kernel_size", kernel_size, 1, odd=True)
     _checks.check_int("dilation", dilation, 1)
+    # The kernels take 32-bit ints.
+    for name, value in (("kernel_size", kernel_size), ("dilation", dilation)):
+        if value > _INT32_MAX:
+            raise ValueError(f"{name}: expected an int <= 2**31 - 1, got {value}")
     if not isinstance(apply_softmax, bool):
         raise TypeError(f"apply_softmax: expected a bool, got {apply_softmax!r}")
     B, C, H, W = v.shape
@@ -186,7 +208,8 @@ def elsa_attention(v, attn, ghost_mul=None, ghost_add=None, *, kernel_size=7, di
                 backend=backend)
     heads = _check_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax)
     backend = _backend.choose(
-        _OP, backend, lambda b: _reasons(b, v, attn, ghost_mul, ghost_add, heads, kernel_size),
+        _OP, backend,
+        lambda b: _reasons(b, v, attn, ghost_mul, ghost_add, heads, kernel_size, dilation),
         device=v.device)
     if backend == "reference":
         return reference.elsa_attention(v, attn, ghost_mul, ghost_add, kernel_size=kernel_size,

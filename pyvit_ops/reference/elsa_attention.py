@@ -1,4 +1,4 @@
-"""Reference ELSA local aggregation (SPEC §3 steps 4-6): plain, differentiable PyTorch.
+"""Reference ELSA local aggregation: plain, differentiable PyTorch.
 
 ``y[b, c, o] = sum_t (M[c, t] * A[b, g, t, o] + D[c, t]) * v[b, c, o + delta_t]``
 with ``g = c // (C / G)``, ``A`` the softmax of the logits over the ``K*K`` taps
@@ -25,6 +25,13 @@ def output_memory_format(t):
     return torch.contiguous_format
 
 
+def effective_dilation(dilation, H, W):
+    """The dilation to compute ``dilation`` with: from ``max(H, W)`` on, every tap but the
+    centre lies outside the image and adds nothing, so any larger dilation gives the same
+    result; the clamp bounds padding, offsets and the CUDA kernels' sub-grid count."""
+    return min(dilation, max(H, W, 1))
+
+
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -38,7 +45,7 @@ def elsa_attention(v, attn, ghost_mul=None, ghost_add=None, *, kernel_size=7, di
     Inputs are assumed valid (``pyvit_ops.elsa_attention`` checks them).
     """
     B, C, H, W = v.shape
-    K, d = kernel_size, dilation
+    K, d = kernel_size, effective_dilation(dilation, H, W)
     G = attn.shape[1] // (K * K)
     dtype = _compute_dtype(v.dtype)
     a = attn.to(dtype).view(B, G, K * K, H, W)
