@@ -1,12 +1,29 @@
-// Host emulation of the CUDA execution model, for the test build only (VERIFY.md §4b).
+// Host emulation of the CUDA execution model, for the test build only.
 //
 // Compiled by g++ -std=c++20 without the CUDA toolkit, it lets the unmodified kernel
-// source run on CPU tensors: a launch runs the grid's blocks one after another and the
-// threads of a block as std::threads, so __syncthreads(), __shared__ memory and warp
-// shuffles behave as on the GPU. Kernels must stay plain CUDA C++ (no inline PTX, no
-// tensor-core intrinsics) and declare dynamic shared memory with PV_DYNAMIC_SHARED
-// (common.cuh). Launches are serialised process-wide; it is a test harness, not a
-// fast CPU backend.
+// source run on CPU tensors, and makes the kernel bugs that a GPU shows only sometimes
+// show on every run:
+// - the blocks of a grid run one after another, the threads of a block as fibers on one
+//   worker thread, one thread at a time: a thread runs alone until it reaches
+//   __syncthreads(), a warp collective (shuffle, __syncwarp) or its end, then hands
+//   over. Each barrier phase of a block runs its threads in an order chosen from the
+//   block and phase index (forward, reverse, random from PYVIT_HOST_EMULATION_SEED), so
+//   a missing barrier makes a thread read data a later or an earlier thread has not yet
+//   written (or already overwritten) in every launch of two or more blocks or phases.
+//   A barrier or warp collective that the threads can never complete fails the launch;
+// - shared memory, static and dynamic, is filled with 0xFF bytes (a NaN in any float
+//   type) at the start of every block, and a shuffle from a lane that does not take part
+//   returns the same garbage;
+// - launches are checked as the GPU checks them: block and grid sizes, the block size
+//   against the kernel's __launch_bounds__, the shared memory (static and dynamic)
+//   against the kernel's limit: 48 KB unless cudaFuncSetAttribute raised it, at most
+//   PYVIT_HOST_EMULATION_SMEM_KB (default 163: an A100).
+// host.py compiles kernel files with statements added (PV_HOST_LAUNCH_BOUNDS,
+// PV_HOST_SHARED) that make the kernel's launch bounds and static shared variables
+// known to the emulation.
+// Kernels must stay plain CUDA C++ (no inline PTX, no tensor-core intrinsics) and
+// declare dynamic shared memory with PV_DYNAMIC_SHARED (common.cuh). Launches are
+// serialised process-wide; it is a test harness, not a fast CPU backend.
 #pragma once
 
 #ifdef __CUDACC__
@@ -14,11 +31,11 @@
 #endif
 
 #include <math.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
-#include <barrier>
 #include <bit>
 #include <chrono>
 #include <cmath>
@@ -28,13 +45,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // ---- qualifiers ----------------------------------------------------------------------
@@ -42,11 +59,17 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+// The bound is checked by PV_HOST_LAUNCH_BOUNDS, which host.py inserts at the start of
+// the body of every kernel declared with __launch_bounds__.
 #define __launch_bounds__(...)
-// One instance per kernel instantiation, seen by every thread of the running block.
-// Blocks run one at a time, so it really is per-block storage; CUDA forbids
-// initialisers on __shared__ variables, so no static-init guard is involved.
+#define PV_HOST_LAUNCH_BOUNDS(...) ::pyvit_host::detail::check_launch_bounds(__VA_ARGS__)
+// One instance per kernel instantiation, seen by every thread of the running block
+// (blocks run one at a time, so it really is per-block storage); CUDA forbids
+// initialisers on __shared__ variables, so no static-init guard is involved. host.py
+// follows every declaration with PV_HOST_SHARED(names...), which poisons them once per
+// block and counts their bytes.
 #define __shared__ static
+#define PV_HOST_SHARED(...) ::pyvit_host::detail::shared_variables(__VA_ARGS__)
 
 // ---- built-in variables and runtime types --------------------------------------------
 struct uint3 {
@@ -69,7 +92,9 @@ using cudaStream_t = CUstream_st*;
 
 enum cudaError {
   cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchTimeout = 702,
 };
 using cudaError_t = cudaError;
@@ -91,13 +116,108 @@ inline const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess:
       return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument (host emulation: e.g. more dynamic shared memory than the "
+             "kernel may use; details on stderr)";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument (host emulation)";
+    case cudaErrorLaunchOutOfResources:
+      return "too many resources requested for launch (host emulation: the block is "
+             "larger than the kernel's __launch_bounds__; details on stderr)";
     case cudaErrorLaunchTimeout:
-      return "the launch timed out and was terminated (host emulation: no block finished "
-             "within PYVIT_HOST_EMULATION_TIMEOUT seconds; details on stderr)";
+      return "the launch timed out and was terminated (host emulation: the block "
+             "deadlocks, or makes no progress within PYVIT_HOST_EMULATION_TIMEOUT "
+             "seconds; details on stderr)";
   }
   return "unknown error (host emulation)";
+}
+
+// ---- device properties -------------------------------------------------------------------
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+
+namespace pyvit_host {
+
+// Integer parameter of the emulation from the environment, read at every use so that
+// tests can change it between launches.
+inline long env_parameter(const char* name, long fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atol(value) : fallback;
+}
+
+// A constant that the test build shrinks so that small tests reach the code paths of big
+// problems: `emulated`, or `gpu` when PYVIT_HOST_EMULATION_GPU_CONSTANTS=1.
+template <typename T>
+T test_constant(T emulated, T gpu) {
+  return env_parameter("PYVIT_HOST_EMULATION_GPU_CONSTANTS", 0) != 0 ? gpu : emulated;
+}
+
+namespace detail {
+constexpr std::size_t kDefaultSharedBytes = 48 * 1024;
+
+// The opt-in shared memory per block of the emulated GPU (sm_86/89: 99 KB, sm_80: 163 KB,
+// sm_90: 227 KB).
+inline std::size_t optin_shared_bytes() {
+  return static_cast<std::size_t>(env_parameter("PYVIT_HOST_EMULATION_SMEM_KB", 163)) * 1024;
+}
+
+// Per-kernel cudaFuncAttributeMaxDynamicSharedMemorySize, when set.
+inline std::mutex& attribute_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+inline std::map<const void*, std::size_t>& dynamic_shared_limits() {
+  static std::map<const void*, std::size_t> limits;
+  return limits;
+}
+// (dynamic, static + dynamic) shared memory bytes a block of `kernel` may use: the
+// attribute bounds the dynamic part, which cudaFuncSetAttribute bounds by the opt-in
+// size less the static part; by default both share 48 KB.
+inline std::pair<std::size_t, std::size_t> shared_limits(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(attribute_mutex());
+  const auto it = dynamic_shared_limits().find(kernel);
+  if (it == dynamic_shared_limits().end()) return {kDefaultSharedBytes, kDefaultSharedBytes};
+  return {it->second, optin_shared_bytes()};
+}
+}  // namespace detail
+}  // namespace pyvit_host
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return pyvit_host::detail::last_error() = cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = static_cast<int>(pyvit_host::detail::kDefaultSharedBytes);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(pyvit_host::detail::optin_shared_bytes());
+      return cudaSuccess;
+  }
+  return pyvit_host::detail::last_error() = cudaErrorInvalidValue;
+}
+
+template <typename... Params>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  using namespace pyvit_host::detail;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<std::size_t>(value) > optin_shared_bytes()) {
+    std::fprintf(stderr,
+                 "pyvit host emulation: cudaFuncSetAttribute: expected a dynamic shared "
+                 "memory size of at most %zu bytes (PYVIT_HOST_EMULATION_SMEM_KB), got %d\n",
+                 optin_shared_bytes(), value);
+    return last_error() = cudaErrorInvalidValue;
+  }
+  const std::lock_guard<std::mutex> lock(attribute_mutex());
+  dynamic_shared_limits()[reinterpret_cast<const void*>(kernel)] =
+      static_cast<std::size_t>(value);
+  return cudaSuccess;
 }
 
 // ---- fp16 / bf16 -----------------------------------------------------------------------
@@ -199,152 +319,395 @@ inline T atomicAdd(T* address, T value) {
 namespace pyvit_host {
 namespace detail {
 
-struct Warp {
-  std::optional<std::barrier<>> sync;
-  std::array<std::uint64_t, 32> lanes{};  // shuffle exchange slots
+// Fibers: the threads of a block run on stacks of their own, switched in user space (a
+// system call per switch, as swapcontext makes, would dominate the run time).
+// pv_host_fiber_switch saves the callee-saved registers on the current stack, stores
+// the stack pointer to *save and continues on the stack `load` (x86-64 System V).
+#ifndef __x86_64__
+#error "host_emulation.h switches fibers with x86-64 assembly"
+#endif
+extern "C" __attribute__((visibility("hidden"))) void pv_host_fiber_switch(void** save,
+                                                                           void* load);
+asm(R"(
+  .text
+  .p2align 4
+  .weak pv_host_fiber_switch
+  .hidden pv_host_fiber_switch
+  .type pv_host_fiber_switch, @function
+pv_host_fiber_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size pv_host_fiber_switch, .-pv_host_fiber_switch
+)");
+
+// A fiber stack with a guard page below it: an overflow faults instead of corrupting.
+class Stack {
+ public:
+  static constexpr std::size_t kBytes = 256 * 1024, kGuard = 4096;
+
+  Stack() {
+    void* base = mmap(nullptr, kBytes + kGuard, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED || mprotect(base, kGuard, PROT_NONE) != 0) {
+      std::perror("pyvit host emulation: fiber stack");
+      std::abort();
+    }
+    base_ = static_cast<char*>(base);
+  }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  ~Stack() { munmap(base_, kBytes + kGuard); }
+
+  // Stack pointer that pv_host_fiber_switch "returns" from into entry(), which must not
+  // return: zeroed registers, entry's address, then a null return address for entry,
+  // which starts with the stack aligned as after a call.
+  void* start(void (*entry)()) {
+    auto* top = reinterpret_cast<std::uintptr_t*>(base_ + kGuard + kBytes);
+    top[-1] = 0;
+    top[-2] = reinterpret_cast<std::uintptr_t>(entry);
+    for (int r = 3; r <= 8; ++r) top[-r] = 0;
+    return top - 8;
+  }
+
+ private:
+  char* base_;
 };
 
-// State shared by the threads of the block being run.
-class Block {
+constexpr unsigned char kPoison = 0xFF;  // NaN in fp32 / fp16 / bf16, -1 as an integer
+
+inline std::uint64_t mix(std::uint64_t x) {  // splitmix64 finaliser
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+struct Warp {
+  unsigned live = 0, arrived = 0;  // lanes not exited / waiting at a warp collective
+  std::array<std::uint64_t, 32> in, out;
+  std::array<unsigned, 32> src;  // lane each waiting lane reads from
+};
+
+// One launch: runs the grid's blocks, the block's threads as fibers (on the calling
+// thread), and is what the kernel's __syncthreads / warp collectives talk to.
+class Launch {
  public:
-  Block(dim3 grid, dim3 block, std::size_t dynamic_smem_bytes)
+  Launch(dim3 grid, dim3 block, std::size_t dynamic_smem_bytes, std::size_t shared_limit,
+         void (*invoke)(const void*), const void* kernel_call,
+         std::vector<std::unique_ptr<Stack>>& stacks)
       : grid_(grid),
         block_(block),
         threads_(block.x * block.y * block.z),
-        warps_(std::make_unique<Warp[]>((threads_ + 31) / 32)),
+        invoke_(invoke),
+        kernel_call_(kernel_call),
+        seed_(static_cast<std::uint64_t>(env_parameter("PYVIT_HOST_EMULATION_SEED", 0))),
+        smem_bytes_(dynamic_smem_bytes),
+        shared_limit_(shared_limit),
         smem_((dynamic_smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)),
-        block_end_(threads_, NextBlock{this}) {
-    reset_barriers();
+        state_(threads_),
+        sp_(threads_),
+        index_(threads_),
+        order_(threads_),
+        warps_((threads_ + 31) / 32),
+        stacks_(stacks) {
+    while (stacks_.size() < threads_) stacks_.push_back(std::make_unique<Stack>());
+    for (unsigned t = 0; t < threads_; ++t) {
+      index_[t] = uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+    }
   }
 
-  unsigned threads() const { return threads_; }
-  std::uint64_t finished_blocks() const { return finished_.load(); }
-  void* dynamic_smem() { return smem_.data(); }
-  void syncthreads() { sync_->arrive_and_wait(); }
-  Warp& warp(unsigned tid) { return warps_[tid / 32]; }
-  unsigned warp_size(unsigned tid) const { return min(32u, threads_ - tid / 32 * 32); }
+  // Runs every block; error() is then cudaSuccess or what stopped the launch.
+  void run();
+  cudaError_t error() const { return error_; }
+  // Sync points passed so far: the watchdog's measure of progress.
+  std::uint64_t progress() const { return progress_.load(std::memory_order_relaxed); }
 
-  template <typename Call>
-  void run_thread(unsigned tid, const Call& call);
+  // Called by the running thread.
+  void* dynamic_smem() { return smem_.data(); }
+  void shared_variable(void* address, std::size_t bytes);
+  void syncthreads();
+  std::uint64_t warp_exchange(std::uint64_t value, unsigned src_lane);
+  [[noreturn]] void fail(cudaError_t error);
+  [[noreturn]] void thread_main();
 
  private:
-  struct NextBlock {
-    Block* block;
-    void operator()() noexcept {
-      ++block->finished_;
-      block->reset_barriers();
-    }
-  };
+  enum class State : unsigned char { kReady, kAtBarrier, kAtWarp, kExited };
 
-  // Threads that returned from the kernel drop out of the barriers (as exited GPU
-  // threads stop counting), so every block starts with fresh ones.
-  void reset_barriers() noexcept {
-    sync_.emplace(threads_);
-    for (unsigned w = 0; w * 32 < threads_; ++w) warps_[w].sync.emplace(warp_size(w * 32));
-  }
+  bool run_block(std::uint64_t b);
+  void choose_order(std::uint64_t b, std::uint64_t phase);
+  void complete_warp(unsigned w);
+  void resume(unsigned t);
+  void yield();
+  void report_deadlock(std::uint64_t b) const;
 
   dim3 grid_, block_;
   unsigned threads_;
-  std::unique_ptr<Warp[]> warps_;
+  void (*invoke_)(const void*);
+  const void* kernel_call_;
+  std::uint64_t seed_;
+  std::size_t smem_bytes_, shared_limit_;
   std::vector<std::max_align_t> smem_;
-  std::optional<std::barrier<>> sync_;
-  std::barrier<NextBlock> block_end_;
-  std::atomic<std::uint64_t> finished_{0};
+  std::vector<const void*> static_variables_;  // seen in the running block
+  std::size_t static_bytes_ = 0;
+  std::vector<State> state_;
+  std::vector<void*> sp_;
+  std::vector<uint3> index_;
+  std::vector<unsigned> order_;
+  std::vector<Warp> warps_;
+  std::vector<std::unique_ptr<Stack>>& stacks_;
+  void* scheduler_sp_ = nullptr;
+  unsigned live_ = 0, at_barrier_ = 0;
+  cudaError_t error_ = cudaSuccess;
+  std::atomic<std::uint64_t> progress_{0};
 };
 
-inline thread_local Block* current_block = nullptr;
+inline thread_local Launch* current_launch = nullptr;
 inline thread_local unsigned current_tid = 0;
 
-template <typename Call>
-void Block::run_thread(unsigned tid, const Call& call) {
-  current_block = this;
-  current_tid = tid;
-  threadIdx = uint3{tid % block_.x, tid / block_.x % block_.y, tid / (block_.x * block_.y)};
+extern "C" __attribute__((visibility("hidden"), used, noreturn)) inline void
+pv_host_thread_main() {
+  current_launch->thread_main();
+}
+
+inline void Launch::run() {
+  current_launch = this;
   blockDim = block_;
   gridDim = grid_;
   const std::uint64_t blocks = std::uint64_t{grid_.x} * grid_.y * grid_.z;
-  for (std::uint64_t b = 0; b < blocks; ++b) {
-    blockIdx = uint3{static_cast<unsigned>(b % grid_.x),
-                     static_cast<unsigned>(b / grid_.x % grid_.y),
-                     static_cast<unsigned>(b / (std::uint64_t{grid_.x} * grid_.y))};
-    call();
-    sync_->arrive_and_drop();
-    warp(tid).sync->arrive_and_drop();
-    block_end_.arrive_and_wait();
+  for (std::uint64_t b = 0; b < blocks && error_ == cudaSuccess; ++b) {
+    if (!run_block(b) && error_ == cudaSuccess) {
+      report_deadlock(b);
+      error_ = cudaErrorLaunchTimeout;
+    }
   }
-  current_block = nullptr;
+  current_launch = nullptr;
 }
 
-// Worker threads kept across launches: starting up to 1024 threads per launch would
-// dominate the run time of small test launches. Workers 0..n-1 run job(worker) for one
-// launch; launches are serialised by the caller.
-class WorkerPool {
+// Runs one block to its end; false when it stops early (error_ set) or deadlocks.
+inline bool Launch::run_block(std::uint64_t b) {
+  blockIdx = uint3{static_cast<unsigned>(b % grid_.x),
+                   static_cast<unsigned>(b / grid_.x % grid_.y),
+                   static_cast<unsigned>(b / (std::uint64_t{grid_.x} * grid_.y))};
+  std::memset(smem_.data(), kPoison, smem_bytes_);
+  static_variables_.clear();
+  static_bytes_ = 0;
+  for (unsigned t = 0; t < threads_; ++t) {
+    state_[t] = State::kReady;
+    sp_[t] = stacks_[t]->start(pv_host_thread_main);
+  }
+  for (unsigned w = 0; w < warps_.size(); ++w) {
+    warps_[w].live = std::min(32u, threads_ - 32 * w);
+    warps_[w].arrived = 0;
+  }
+  live_ = threads_;
+  for (std::uint64_t phase = 0;; ++phase) {
+    choose_order(b, phase);
+    // Sweeps until every thread waits: a warp collective that completes readies lanes
+    // that earlier sweeps passed.
+    for (bool ran = true; ran;) {
+      ran = false;
+      for (const unsigned t : order_) {
+        if (state_[t] != State::kReady) continue;
+        resume(t);
+        if (error_ != cudaSuccess) return false;
+        ran = true;
+      }
+    }
+    if (live_ == 0) return true;
+    if (at_barrier_ != live_) return false;  // some lanes wait at a warp collective
+    for (State& s : state_) {
+      if (s == State::kAtBarrier) s = State::kReady;
+    }
+    at_barrier_ = 0;
+  }
+}
+
+// Thread order of one barrier phase: forward, reverse or random, by block and phase.
+inline void Launch::choose_order(std::uint64_t b, std::uint64_t phase) {
+  const std::uint64_t kind = (b + phase + seed_) % 3;
+  for (unsigned i = 0; i < threads_; ++i) order_[i] = kind == 1 ? threads_ - 1 - i : i;
+  if (kind == 2) {  // Fisher-Yates
+    std::uint64_t r = mix(seed_ ^ mix(b ^ mix(phase)));
+    for (unsigned i = threads_ - 1; i > 0; --i) {
+      r = mix(r);
+      std::swap(order_[i], order_[r % (i + 1)]);
+    }
+  }
+}
+
+inline void Launch::resume(unsigned t) {
+  current_tid = t;
+  threadIdx = index_[t];
+  progress_.store(progress_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  pv_host_fiber_switch(&scheduler_sp_, sp_[t]);
+}
+
+// Hands over to the scheduler; the caller has set the thread's state.
+inline void Launch::yield() {
+  pv_host_fiber_switch(&sp_[current_tid], scheduler_sp_);
+}
+
+inline void Launch::thread_main() {
+  invoke_(kernel_call_);
+  // An exited thread no longer counts at barriers and warp collectives.
+  const unsigned t = current_tid;
+  state_[t] = State::kExited;
+  --live_;
+  Warp& warp = warps_[t / 32];
+  --warp.live;
+  if (warp.arrived != 0 && warp.arrived == warp.live) complete_warp(t / 32);
+  yield();
+  __builtin_unreachable();  // an exited thread is never resumed
+}
+
+inline void Launch::fail(cudaError_t error) {
+  error_ = error;
+  state_[current_tid] = State::kExited;
+  yield();  // the launch stops: never resumed
+  __builtin_unreachable();
+}
+
+// A static __shared__ variable declared by the running thread: the block's first thread
+// to declare it poisons it, before any thread can use it.
+inline void Launch::shared_variable(void* address, std::size_t bytes) {
+  for (const void* seen : static_variables_) {
+    if (seen == address) return;
+  }
+  static_variables_.push_back(address);
+  static_bytes_ += bytes;
+  std::memset(address, kPoison, bytes);
+  if (static_bytes_ + smem_bytes_ <= shared_limit_) return;
+  std::fprintf(stderr,
+               "pyvit host emulation: shared memory: expected at most %zu bytes per block "
+               "(48 KB unless raised by cudaFuncSetAttribute), got %zu static + %zu "
+               "dynamic\n",
+               shared_limit_, static_bytes_, smem_bytes_);
+  fail(cudaErrorInvalidValue);
+}
+
+inline void Launch::syncthreads() {
+  state_[current_tid] = State::kAtBarrier;
+  ++at_barrier_;
+  yield();
+}
+
+inline std::uint64_t Launch::warp_exchange(std::uint64_t value, unsigned src_lane) {
+  const unsigned t = current_tid, lane = t % 32;
+  Warp& warp = warps_[t / 32];
+  warp.in[lane] = value;
+  warp.src[lane] = src_lane;
+  state_[t] = State::kAtWarp;
+  if (++warp.arrived == warp.live) complete_warp(t / 32);
+  yield();
+  return warp.out[lane];
+}
+
+// Every live lane of warp w waits at a warp collective: hand out the values.
+inline void Launch::complete_warp(unsigned w) {
+  Warp& warp = warps_[w];
+  const unsigned first = 32 * w, lanes = std::min(32u, threads_ - first);
+  const auto waiting = [&](unsigned lane) { return state_[first + lane] == State::kAtWarp; };
+  for (unsigned lane = 0; lane < lanes; ++lane) {
+    const unsigned src = warp.src[lane];
+    std::memset(&warp.out[lane], kPoison, sizeof(std::uint64_t));
+    if (waiting(lane) && src < lanes && waiting(src)) warp.out[lane] = warp.in[src];
+  }
+  for (unsigned lane = 0; lane < lanes; ++lane) {
+    if (waiting(lane)) state_[first + lane] = State::kReady;
+  }
+  warp.arrived = 0;
+}
+
+inline void Launch::report_deadlock(std::uint64_t b) const {
+  unsigned at_warp = 0;
+  for (const State s : state_) at_warp += s == State::kAtWarp;
+  std::fprintf(stderr,
+               "pyvit host emulation: block %llu of grid (%u, %u, %u) x block (%u, %u, %u) "
+               "deadlocks: of its %u live threads, %u wait at __syncthreads() and %u at a "
+               "warp collective (shuffle, __syncwarp) that lanes of their warp never reach. "
+               "The launch fails.\n",
+               static_cast<unsigned long long>(b), grid_.x, grid_.y, grid_.z, block_.x,
+               block_.y, block_.z, live_, at_barrier_, at_warp);
+}
+
+// The thread that runs the launches, kept across launches. A forked child, or the first
+// launch after a stalled one, gets a fresh worker.
+class Worker {
  public:
-  // The process's pool. Leaked on purpose: idle workers block on a condition variable
-  // and must not be joined during static destruction. A forked child, or the first
-  // launch after a stalled one, gets a fresh pool.
-  static WorkerPool& instance() {
+  // The process's worker. Leaked on purpose: it idles on a condition variable and must
+  // not be joined during static destruction.
+  static Worker& instance() {
     if (current() == nullptr || owner() != getpid()) {
-      current() = new WorkerPool;
+      current() = new Worker;
       owner() = getpid();
     }
     return *current();
   }
 
-  // Runs job(0..n-1) on the workers, polling stalled() about once a second. If it says
-  // so, the pool is abandoned with its stuck workers and run() returns false.
-  template <typename Job, typename Stalled>
-  bool run(unsigned n, const Job& job, Stalled stalled) {
+  std::vector<std::unique_ptr<Stack>>& stacks() { return stacks_; }
+
+  // Runs launch->run() on the worker, polling stalled() about once a second. If it says
+  // so, the worker is abandoned with its stuck launch and run() returns false.
+  template <typename Stalled>
+  bool run(Launch* launch, Stalled stalled) {
     std::unique_lock<std::mutex> lock(mutex_);
-    while (workers_.size() < n) {
-      const unsigned id = static_cast<unsigned>(workers_.size());
-      workers_.emplace_back([this, id] { work(id); });
-    }
-    job_ = [&job](unsigned id) { job(id); };
-    active_ = n;
-    pending_ = n;
-    ++generation_;
-    wake_.notify_all();
-    while (!done_.wait_for(lock, std::chrono::seconds(1), [this] { return pending_ == 0; })) {
+    if (!thread_.joinable()) thread_ = std::thread([this] { work(); });
+    launch_ = launch;
+    pending_ = true;
+    wake_.notify_one();
+    while (!done_.wait_for(lock, std::chrono::seconds(1), [this] { return !pending_; })) {
       if (stalled()) {
+        thread_.detach();
         current() = nullptr;
         return false;
       }
     }
-    job_ = nullptr;
     return true;
   }
 
  private:
-  static WorkerPool*& current() {
-    static WorkerPool* pool = nullptr;
-    return pool;
+  static Worker*& current() {
+    static Worker* worker = nullptr;
+    return worker;
   }
   static pid_t& owner() {
     static pid_t pid = 0;
     return pid;
   }
 
-  void work(unsigned id) {
-    std::uint64_t seen = 0;
+  void work() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;
+      wake_.wait(lock, [this] { return pending_ && !running_; });
+      running_ = true;
       lock.unlock();
-      job_(id);
+      launch_->run();
       lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      running_ = false;
+      pending_ = false;
+      done_.notify_one();
     }
   }
 
   std::mutex mutex_;
   std::condition_variable wake_, done_;
-  std::vector<std::thread> workers_;
-  std::function<void(unsigned)> job_;
-  std::uint64_t generation_ = 0;
-  unsigned active_ = 0, pending_ = 0;
+  std::thread thread_;
+  Launch* launch_ = nullptr;
+  bool pending_ = false, running_ = false;
+  std::vector<std::unique_ptr<Stack>> stacks_;
 };
 
 inline std::mutex& launch_mutex() {
@@ -352,39 +715,39 @@ inline std::mutex& launch_mutex() {
   return mutex;
 }
 
-// A kernel bug such as a __syncthreads() that some live thread never reaches would hang
-// the emulation (on the GPU it is undefined behaviour). The launch fails instead, with
-// cudaErrorLaunchTimeout, once no block has finished for PYVIT_HOST_EMULATION_TIMEOUT
-// seconds (default 120); operator() says whether that happened, explaining on stderr.
+// A kernel that loops forever would hang the emulation. The launch fails instead, with
+// cudaErrorLaunchTimeout, once no thread has reached a sync point for
+// PYVIT_HOST_EMULATION_TIMEOUT seconds (default 120); operator() says whether that
+// happened, explaining on stderr.
 class StallWatchdog {
  public:
-  StallWatchdog(const Block& block, dim3 grid, dim3 threads)
-      : block_(block), grid_(grid), threads_(threads), last_change_(Clock::now()) {
-    const char* env = std::getenv("PYVIT_HOST_EMULATION_TIMEOUT");
-    timeout_ = std::chrono::seconds(env ? std::atoi(env) : 120);
-  }
+  StallWatchdog(const Launch& launch, dim3 grid, dim3 threads)
+      : launch_(launch),
+        grid_(grid),
+        threads_(threads),
+        timeout_(std::chrono::seconds(env_parameter("PYVIT_HOST_EMULATION_TIMEOUT", 120))),
+        last_change_(Clock::now()) {}
 
   bool operator()() {
-    const std::uint64_t finished = block_.finished_blocks();
-    if (finished != seen_) {
-      seen_ = finished;
+    const std::uint64_t progress = launch_.progress();
+    if (progress != seen_) {
+      seen_ = progress;
       last_change_ = Clock::now();
       return false;
     }
     if (Clock::now() - last_change_ <= timeout_) return false;
     std::fprintf(stderr,
-                 "pyvit host emulation: block %llu of grid (%u, %u, %u) x block (%u, %u, %u) "
-                 "made no progress for %lld s: a thread never reaches a __syncthreads() or "
-                 "shuffle that the others wait at, or the kernel loops forever. The launch "
-                 "is abandoned (its threads stay blocked) and fails.\n",
-                 static_cast<unsigned long long>(finished), grid_.x, grid_.y, grid_.z,
-                 threads_.x, threads_.y, threads_.z, static_cast<long long>(timeout_.count()));
+                 "pyvit host emulation: grid (%u, %u, %u) x block (%u, %u, %u) made no "
+                 "progress for %lld s: a thread loops forever without reaching a sync "
+                 "point. The launch is abandoned (its thread keeps running) and fails.\n",
+                 grid_.x, grid_.y, grid_.z, threads_.x, threads_.y, threads_.z,
+                 static_cast<long long>(timeout_.count()));
     return true;
   }
 
  private:
   using Clock = std::chrono::steady_clock;
-  const Block& block_;
+  const Launch& launch_;
   dim3 grid_, threads_;
   std::chrono::seconds timeout_;
   std::uint64_t seen_ = 0;
@@ -398,27 +761,41 @@ inline bool valid_config(dim3 grid, dim3 block) {
          grid.z <= 65535;
 }
 
-// Value of `value` from lane src_lane(lane) of the calling warp (own value when the
-// source lane does not exist).
-template <typename T, typename SrcLane>
-T warp_exchange(T value, SrcLane src_lane) {
+// The kernel's __launch_bounds__(max_threads[, min_blocks]) against the running block:
+// on the GPU an oversized block fails to launch, so the first thread fails the launch
+// before any thread has done anything.
+inline void check_launch_bounds(unsigned max_threads, unsigned /*min_blocks*/ = 0) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if (threads <= max_threads) return;
+  std::fprintf(stderr,
+               "pyvit host emulation: blockDim: expected at most %u threads "
+               "(__launch_bounds__), got %u\n",
+               max_threads, threads);
+  current_launch->fail(cudaErrorLaunchOutOfResources);
+}
+
+template <typename... Variables>
+void shared_variables(Variables&... variables) {
+  (current_launch->shared_variable(&variables, sizeof(Variables)), ...);
+}
+
+// Value of `value` from lane src_lane of the calling warp (poison when that lane does
+// not take part).
+template <typename T>
+T warp_exchange(T value, unsigned src_lane) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
                 "shuffles move trivially copyable values of at most 8 bytes");
-  Block& block = *current_block;
-  Warp& warp = block.warp(current_tid);
-  const unsigned lane = current_tid % 32;
-  std::memcpy(&warp.lanes[lane], &value, sizeof(T));
-  warp.sync->arrive_and_wait();
-  const unsigned src = src_lane(lane);
-  T out = value;
-  if (src < block.warp_size(current_tid)) std::memcpy(&out, &warp.lanes[src], sizeof(T));
-  warp.sync->arrive_and_wait();  // no lane overwrites its slot before every lane has read
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = current_launch->warp_exchange(bits, src_lane);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
 
 }  // namespace detail
 
-inline void* dynamic_shared_memory() { return detail::current_block->dynamic_smem(); }
+inline void* dynamic_shared_memory() { return detail::current_launch->dynamic_smem(); }
 
 // kernel<<<grid, block, smem>>>(args...) on the host; see PV_LAUNCH in common.cuh.
 template <typename... Params, typename... Args>
@@ -429,54 +806,68 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynami
     detail::last_error() = cudaErrorInvalidConfiguration;
     return;
   }
+  const auto [dynamic_limit, shared_limit] =
+      detail::shared_limits(reinterpret_cast<const void*>(kernel));
+  if (dynamic_smem_bytes > dynamic_limit) {
+    std::fprintf(stderr,
+                 "pyvit host emulation: dynamic shared memory: expected at most %zu bytes "
+                 "(48 KB unless raised by cudaFuncSetAttribute), got %zu\n",
+                 dynamic_limit, dynamic_smem_bytes);
+    detail::last_error() = cudaErrorInvalidValue;
+    return;
+  }
   const std::lock_guard<std::mutex> lock(detail::launch_mutex());
   // Arguments are converted once, as a launch copies them into the parameter space.
-  const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  // On the heap: after a stall the stuck threads still use it, so it is leaked then.
-  auto state = std::make_unique<detail::Block>(grid, block, dynamic_smem_bytes);
-  detail::Block* running = state.get();
-  const auto call = [&] { std::apply(kernel, params); };
-  const bool finished = detail::WorkerPool::instance().run(
-      running->threads(), [&](unsigned tid) { running->run_thread(tid, call); },
-      detail::StallWatchdog(*running, grid, block));
-  if (!finished) {
+  struct Call {
+    void (*kernel)(Params...);
+    std::tuple<std::decay_t<Params>...> params;
+  };
+  const auto invoke = [](const void* c) {
+    const Call& k = *static_cast<const Call*>(c);
+    std::apply(k.kernel, k.params);
+  };
+  detail::Worker& worker = detail::Worker::instance();
+  // On the heap: after a stall the stuck thread still uses them, so they are leaked then.
+  auto call = std::make_unique<const Call>(
+      Call{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)});
+  auto state = std::make_unique<detail::Launch>(grid, block, dynamic_smem_bytes, shared_limit,
+                                                invoke, call.get(), worker.stacks());
+  if (!worker.run(state.get(), detail::StallWatchdog(*state, grid, block))) {
+    static_cast<void>(call.release());
     static_cast<void>(state.release());
     detail::last_error() = cudaErrorLaunchTimeout;
+  } else if (state->error() != cudaSuccess) {
+    detail::last_error() = state->error();
   }
 }
 
 }  // namespace pyvit_host
 
-inline void __syncthreads() { pyvit_host::detail::current_block->syncthreads(); }
+inline void __syncthreads() { pyvit_host::detail::current_launch->syncthreads(); }
 
 inline void __syncwarp(unsigned /*mask*/ = 0xFFFFFFFFu) {
-  auto& warp = pyvit_host::detail::current_block->warp(pyvit_host::detail::current_tid);
-  warp.sync->arrive_and_wait();
+  pyvit_host::detail::warp_exchange(0u, pyvit_host::detail::current_tid % 32);
 }
 
 // Shuffles: `mask` is not modelled (every live lane of the warp must take part, as the
 // kernels' full-warp masks promise); `width` splits the warp into segments as on the GPU.
 template <typename T>
 T __shfl_sync(unsigned /*mask*/, T value, int src_lane, int width = warpSize) {
-  const unsigned w = static_cast<unsigned>(width);
-  return pyvit_host::detail::warp_exchange(value, [&](unsigned lane) {
-    return (lane & ~(w - 1)) + static_cast<unsigned>(src_lane) % w;
-  });
+  const unsigned w = static_cast<unsigned>(width), lane = pyvit_host::detail::current_tid % 32;
+  return pyvit_host::detail::warp_exchange(
+      value, (lane & ~(w - 1)) + static_cast<unsigned>(src_lane) % w);
 }
 
 template <typename T>
 T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta, int width = warpSize) {
-  const unsigned w = static_cast<unsigned>(width);
-  return pyvit_host::detail::warp_exchange(
-      value, [&](unsigned lane) { return lane % w + delta < w ? lane + delta : lane; });
+  const unsigned w = static_cast<unsigned>(width), lane = pyvit_host::detail::current_tid % 32;
+  return pyvit_host::detail::warp_exchange(value, lane % w + delta < w ? lane + delta : lane);
 }
 
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int width = warpSize) {
-  const unsigned w = static_cast<unsigned>(width);
-  return pyvit_host::detail::warp_exchange(value, [&](unsigned lane) {
-    // A lane may read from its own or an earlier segment, never a later one.
-    const unsigned src = lane ^ static_cast<unsigned>(lane_mask);
-    return src < (lane & ~(w - 1)) + w ? src : lane;
-  });
+  const unsigned w = static_cast<unsigned>(width), lane = pyvit_host::detail::current_tid % 32;
+  // A lane may read from its own or an earlier segment, never a later one.
+  const unsigned src = lane ^ static_cast<unsigned>(lane_mask);
+  return pyvit_host::detail::warp_exchange(value, src < (lane & ~(w - 1)) + w ? src : lane);
 }

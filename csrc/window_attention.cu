@@ -56,12 +56,14 @@ constexpr int kRowPartials = kThreads * 4;  // one per (thread, score row)
 constexpr float kLog2e = 1.4426950408889634f;
 // Backward blocks to aim at: enough waves for any GPU, while the per-block partials stay
 // ~1% of the backward's traffic. The grouping depends on the shape only, so results are
-// bitwise the same on every GPU. The host-emulation build aims at 4 blocks so that
-// test-sized problems walk several windows per block, with a ragged last group.
-#ifdef PYVIT_HOST_EMULATION
-constexpr int kBackwardBlocks = 4;
-#else
+// bitwise the same on every GPU. The host-emulation build aims at 4 blocks unless told
+// to use the GPU's value, so that test-sized problems walk several windows per block,
+// with a ragged last group.
 constexpr int kBackwardBlocks = 4096;
+#ifdef PYVIT_HOST_EMULATION
+inline int backward_blocks() { return pyvit_host::test_constant(4, kBackwardBlocks); }
+#else
+constexpr int backward_blocks() { return kBackwardBlocks; }
 #endif
 constexpr int kSumColumns = 32, kSumRows = 8;  // ordered column-sum block
 
@@ -744,7 +746,7 @@ inline Geometry make_geometry(const WindowAttentionParams& p) {
 }
 
 inline int windows_per_block(const Geometry& g) {
-  const int groups = std::max(1, std::min(g.num_windows, kBackwardBlocks / g.heads));
+  const int groups = std::max(1, std::min(g.num_windows, backward_blocks() / g.heads));
   return static_cast<int>(ceil_div(g.num_windows, groups));
 }
 

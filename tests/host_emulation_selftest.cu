@@ -59,6 +59,69 @@ __global__ void deadlock_kernel() {
   }
 }
 
+// Deliberately broken unless *flag is set before the launch: spins without a sync point.
+__global__ void spin_kernel(volatile int* flag) {
+  while (*flag == 0) {
+  }
+}
+
+// out[i] = in[i + 1] within each block-sized tile, through static shared memory, for
+// `tiles` tiles per block. `barriers` bit 0: __syncthreads between the stores and the
+// loads (read after write), bit 1: between the loads and the next tile's stores (write
+// after read). Without either, threads read a neighbour's slot before it is written or
+// after it is overwritten.
+__global__ void __launch_bounds__(64) neighbour_kernel(const float* in, float* out, int tiles,
+                                                       int barriers) {
+  __shared__ float tile[64];
+  const int t = threadIdx.x, n = blockDim.x;
+  for (int k = 0; k < tiles; ++k) {
+    const int base = (blockIdx.x * tiles + k) * n;
+    tile[t] = in[base + t];
+    if (barriers & 1) __syncthreads();
+    out[base + t] = tile[(t + 1) % n];
+    if (barriers & 2) __syncthreads();
+  }
+}
+
+// Only block 0 writes the shared slots (static and dynamic) that every block reads: the
+// other blocks see whatever the block's shared memory held before.
+__global__ void unwritten_shared_kernel(float* out) {
+  __shared__ float fixed[32];
+  PV_DYNAMIC_SHARED(float, dynamic);
+  const int t = threadIdx.x;
+  if (blockIdx.x == 0) {
+    fixed[t] = 1.f;
+    dynamic[t] = 2.f;
+  }
+  __syncthreads();
+  out[2 * (blockIdx.x * blockDim.x + t)] = fixed[t];
+  out[2 * (blockIdx.x * blockDim.x + t) + 1] = dynamic[t];
+}
+
+// Records the order in which the threads pass each of `phases` barrier phases.
+__global__ void order_kernel(int* order, int* next, int phases) {
+  const int threads = blockDim.x;
+  for (int phase = 0; phase < phases; ++phase) {
+    const int slot = blockIdx.x * phases + phase;
+    order[slot * threads + atomicAdd(&next[slot], 1)] = threadIdx.x;
+    __syncthreads();
+  }
+}
+
+// Uses `extra` floats of static shared memory (none or 40 KB) and the launch's dynamic
+// shared memory; the instance (Attribute) says whether the launcher raises its limit.
+template <int Static, int Attribute>
+__global__ void shared_budget_kernel(float* out) {
+  __shared__ float fixed[Static];
+  PV_DYNAMIC_SHARED(float, dynamic);
+  fixed[threadIdx.x] = 1.f;
+  dynamic[threadIdx.x] = 2.f;
+  __syncthreads();
+  out[threadIdx.x] = fixed[threadIdx.x] + dynamic[threadIdx.x];
+}
+
+__global__ void count_blocks_kernel(int* count) { atomicAdd(count, 1); }
+
 __global__ void atomic_kernel(int* count, float* sum) {
   atomicAdd(count, 1);
   atomicAdd(sum, static_cast<float>(threadIdx.x));
@@ -109,6 +172,53 @@ int pv_shuffle(int* out, int threads) {
 
 int pv_deadlock() {
   PV_LAUNCH(deadlock_kernel, dim3(1), dim3(32), 0, nullptr);
+  return cudaGetLastError();
+}
+
+int pv_spin(volatile int* flag) {
+  PV_LAUNCH(spin_kernel, dim3(1), dim3(1), 0, nullptr, flag);
+  return cudaGetLastError();
+}
+
+int pv_neighbour(const float* in, float* out, int blocks, int threads, int tiles,
+                 int barriers) {
+  PV_LAUNCH(neighbour_kernel, dim3(blocks), dim3(threads), 0, nullptr, in, out, tiles,
+            barriers);
+  return cudaGetLastError();
+}
+
+int pv_unwritten_shared(float* out, int blocks) {
+  PV_LAUNCH(unwritten_shared_kernel, dim3(blocks), dim3(32), 32 * sizeof(float), nullptr, out);
+  return cudaGetLastError();
+}
+
+int pv_order(int* order, int* next, int blocks, int threads, int phases) {
+  PV_LAUNCH(order_kernel, dim3(blocks), dim3(threads), 0, nullptr, order, next, phases);
+  return cudaGetLastError();
+}
+
+// static_kb: 0 (32 floats) or 40; attribute < 0: the kernel's default limit, else the
+// dynamic shared memory limit the launcher asks for first (its cudaError on failure).
+int pv_shared_budget(float* out, int static_kb, int dynamic_bytes, int attribute) {
+  const auto launch = [&](auto kernel) {
+    if (attribute >= 0) {
+      const cudaError_t error =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute);
+      if (error != cudaSuccess) return static_cast<int>(cudaGetLastError());
+    }
+    PV_LAUNCH(kernel, dim3(1), dim3(32), static_cast<std::size_t>(dynamic_bytes), nullptr, out);
+    return static_cast<int>(cudaGetLastError());
+  };
+  if (static_kb == 40) {
+    return attribute < 0 ? launch(shared_budget_kernel<10240, 0>)
+                         : launch(shared_budget_kernel<10240, 1>);
+  }
+  return attribute < 0 ? launch(shared_budget_kernel<32, 0>) : launch(shared_budget_kernel<32, 1>);
+}
+
+int pv_count_blocks(int* count, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                    unsigned bz) {
+  PV_LAUNCH(count_blocks_kernel, dim3(gx, gy, gz), dim3(bx, 1, bz), 0, nullptr, count);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,12 @@
-"""The CUDA C++ infrastructure, without a GPU (VERIFY.md §4).
+"""The CUDA C++ infrastructure, without a GPU.
 
 - the host emulation of the CUDA execution model (csrc/host_emulation.h) runs kernels
   that use static and dynamic shared memory, __syncthreads, warp shuffles and atomics
-  correctly (tests/host_emulation_selftest.cu, built with g++, called through ctypes);
+  correctly (tests/host_emulation_selftest.cu, built with g++, called through ctypes),
+  and makes their bugs fail every run: a missing barrier, a read of shared memory no
+  thread wrote, a deadlock, a launch over the GPU's limits;
+- the window-attention backward gives the reference's gradients with the GPU build's
+  grouping of windows as well as with the test build's;
 - its fp16 / bf16 conversions are bit-exact against torch, ties, inf and nan included;
 - every csrc kernel compiles for sm_80 and sm_90 with 0 spilled registers;
 - the host-emulation build of the bindings registers torch.ops.pyvit_ops_host and
@@ -19,11 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from pyvit_ops import _ext
+from pyvit_ops.ops.window_attention import window_attention
 from pyvit_ops.testing import cuda_report, host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SELFTEST = os.path.join(HERE, "host_emulation_selftest.cu")
+CUDA_INVALID_VALUE = 1
 CUDA_INVALID_CONFIGURATION = 9
+CUDA_OUT_OF_RESOURCES = 701
 CUDA_LAUNCH_TIMEOUT = 702
 F16, BF16 = 0, 1  # dtype codes of the self-test wrappers
 
@@ -34,16 +41,20 @@ def _ptr(array):
 
 @pytest.fixture(scope="module")
 def selftest(tmp_path_factory):
-    """The self-test kernels built with g++ under host emulation."""
-    library = tmp_path_factory.mktemp("emulation") / "selftest.so"
+    """The self-test kernels built with g++ under host emulation, from the source host.py
+    compiles (with the emulation's launch-bound and shared-memory statements)."""
+    directory = tmp_path_factory.mktemp("emulation")
+    source = host.write_emulation_source(SELFTEST, str(directory))
+    library = directory / "selftest.so"
     cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-           "-DPYVIT_HOST_EMULATION", "-I", host.csrc_dir(), "-x", "c++", SELFTEST,
+           "-DPYVIT_HOST_EMULATION", "-I", host.csrc_dir(), "-x", "c++", source,
            "-o", str(library)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
     lib = ctypes.CDLL(str(library))
-    for name in ("pv_block_sum", "pv_reverse_rows", "pv_shuffle", "pv_deadlock", "pv_atomic",
-                 "pv_divmod", "pv_round", "pv_widen"):
+    for name in ("pv_block_sum", "pv_reverse_rows", "pv_shuffle", "pv_deadlock", "pv_spin",
+                 "pv_neighbour", "pv_unwritten_shared", "pv_order", "pv_shared_budget",
+                 "pv_count_blocks", "pv_atomic", "pv_divmod", "pv_round", "pv_widen"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -97,14 +108,127 @@ def test_invalid_launch_configuration_is_reported(selftest):
     assert selftest.pv_block_sum(_ptr(x), 4, _ptr(out), 1, 2048) == CUDA_INVALID_CONFIGURATION
 
 
-def test_deadlocked_block_fails_the_launch_instead_of_hanging(selftest, monkeypatch, capfd):
-    monkeypatch.setenv("PYVIT_HOST_EMULATION_TIMEOUT", "1")
+def test_deadlocked_block_fails_the_launch_instead_of_hanging(selftest, capfd):
     assert selftest.pv_deadlock() == CUDA_LAUNCH_TIMEOUT
-    assert "made no progress" in capfd.readouterr().err
-    # The stuck threads are abandoned; the next launch gets fresh workers.
+    assert "16 wait at __syncthreads() and 16 at a warp collective" in capfd.readouterr().err
     x = np.ones(64, dtype=np.float32)
     out = np.zeros(1, dtype=np.float32)
     assert selftest.pv_block_sum(_ptr(x), 64, _ptr(out), 1, 64) == 0 and out[0] == 64
+
+
+def test_endless_kernel_fails_the_launch_instead_of_hanging(selftest, monkeypatch, capfd):
+    monkeypatch.setenv("PYVIT_HOST_EMULATION_TIMEOUT", "1")
+    flag = np.zeros(1, dtype=np.int32)
+    assert selftest.pv_spin(_ptr(flag)) == CUDA_LAUNCH_TIMEOUT
+    assert "made no progress" in capfd.readouterr().err
+    flag[0] = 1  # lets the abandoned thread finish
+    # The stuck thread is abandoned; the next launch gets a fresh one.
+    x = np.ones(64, dtype=np.float32)
+    out = np.zeros(1, dtype=np.float32)
+    assert selftest.pv_block_sum(_ptr(x), 64, _ptr(out), 1, 64) == 0 and out[0] == 64
+
+
+# ---- the emulation exposes kernel bugs on every run -----------------------------------
+
+@pytest.mark.parametrize("blocks", [1, 4])
+@pytest.mark.parametrize("barriers", [0, 1, 2, 3], ids=["none", "raw-only", "war-only", "both"])
+def test_missing_barrier_fails_every_run(selftest, blocks, barriers):
+    threads, tiles = 64, 2
+    x = np.arange(blocks * tiles * threads, dtype=np.float32)
+    expected = np.roll(x.reshape(-1, threads), -1, axis=1).ravel()
+    for _ in range(3):
+        out = np.zeros_like(x)
+        assert selftest.pv_neighbour(_ptr(x), _ptr(out), blocks, threads, tiles, barriers) == 0
+        assert np.array_equal(out, expected) == (barriers == 3)
+
+
+def test_unwritten_shared_memory_reads_garbage(selftest):
+    blocks = 3
+    for _ in range(2):
+        out = np.zeros((blocks, 32, 2), dtype=np.float32)
+        assert selftest.pv_unwritten_shared(_ptr(out), blocks) == 0
+        np.testing.assert_array_equal(out[0], np.broadcast_to([1.0, 2.0], (32, 2)))
+        # Not the previous block's values: static and dynamic memory are poisoned.
+        assert np.isnan(out[1:]).all()
+
+
+def _orders(selftest, blocks, threads, phases):
+    order = np.full((blocks, phases, threads), -1, dtype=np.int32)
+    next_slot = np.zeros((blocks, phases), dtype=np.int32)
+    assert selftest.pv_order(_ptr(order), _ptr(next_slot), blocks, threads, phases) == 0
+    return order
+
+
+def test_threads_run_alone_in_forward_reverse_and_random_order(selftest, monkeypatch):
+    blocks, threads, phases = 2, 64, 3
+    order = _orders(selftest, blocks, threads, phases)
+    forward = np.arange(threads)
+    kinds = {}
+    for b in range(blocks):
+        for phase in range(phases):
+            row = order[b, phase]
+            assert np.array_equal(np.sort(row), forward)
+            kind = ("forward" if np.array_equal(row, forward) else
+                    "reverse" if np.array_equal(row, forward[::-1]) else "random")
+            kinds.setdefault(kind, []).append((b, phase))
+    assert sorted(kinds) == ["forward", "random", "reverse"]
+    # Deterministic for a seed; another seed gives other random orders.
+    assert np.array_equal(_orders(selftest, blocks, threads, phases), order)
+    monkeypatch.setenv("PYVIT_HOST_EMULATION_SEED", "1")
+    reseeded = _orders(selftest, blocks, threads, phases)
+    assert not np.array_equal(reseeded, order)
+    b, phase = kinds["random"][0]
+    assert not np.array_equal(reseeded[b, phase], order[b, phase])
+
+
+KB = 1024
+
+
+@pytest.mark.parametrize("static_kb, dynamic, attribute, smem_kb, error", [
+    (0, 48 * KB - 128, -1, 163, 0),                # 128 static bytes + dynamic = 48 KB
+    (0, 48 * KB, -1, 163, CUDA_INVALID_VALUE),     # one static float too many
+    (0, 64 * KB, -1, 163, CUDA_INVALID_VALUE),     # over 48 KB without opting in
+    (0, 64 * KB, 64 * KB, 163, 0),
+    (0, 200 * KB, 200 * KB, 163, CUDA_INVALID_VALUE),  # opt-in over the GPU's budget
+    (0, 100 * KB, 100 * KB, 99, CUDA_INVALID_VALUE),
+    (0, 100 * KB, 100 * KB, 227, 0),
+    (40, 8 * KB, -1, 163, 0),
+    (40, 9 * KB, -1, 163, CUDA_INVALID_VALUE),
+    (40, 123 * KB, 123 * KB, 163, 0),
+    (40, 124 * KB, 124 * KB, 163, CUDA_INVALID_VALUE),  # static + dynamic over the budget
+])
+def test_shared_memory_over_budget_fails_the_launch(selftest, monkeypatch, static_kb, dynamic,
+                                                    attribute, smem_kb, error):
+    monkeypatch.setenv("PYVIT_HOST_EMULATION_SMEM_KB", str(smem_kb))
+    out = np.zeros(32, dtype=np.float32)
+    assert selftest.pv_shared_budget(_ptr(out), static_kb, dynamic, attribute) == error
+    np.testing.assert_array_equal(out, 3.0 if error == 0 else 0.0)
+
+
+def test_block_over_launch_bounds_fails_the_launch(selftest, capfd):
+    x = np.arange(128, dtype=np.float32)
+    out = np.zeros_like(x)
+    # neighbour_kernel is declared with __launch_bounds__(64).
+    assert selftest.pv_neighbour(_ptr(x), _ptr(out), 1, 128, 1, 3) == CUDA_OUT_OF_RESOURCES
+    assert "expected at most 64 threads (__launch_bounds__), got 128" in capfd.readouterr().err
+    assert not out.any()
+    assert selftest.pv_neighbour(_ptr(x), _ptr(out), 2, 64, 1, 3) == 0
+
+
+@pytest.mark.parametrize("grid, block, error", [
+    ((2**31, 1, 1), (1, 1), CUDA_INVALID_CONFIGURATION),
+    ((1, 65536, 1), (1, 1), CUDA_INVALID_CONFIGURATION),
+    ((1, 1, 65536), (1, 1), CUDA_INVALID_CONFIGURATION),
+    ((1, 1, 1), (1025, 1), CUDA_INVALID_CONFIGURATION),
+    ((1, 1, 1), (1, 65), CUDA_INVALID_CONFIGURATION),
+    ((1, 1, 1), (32, 33), CUDA_INVALID_CONFIGURATION),  # 1056 threads
+    ((1, 65535, 1), (1, 1), 0),
+    ((3, 2, 2), (32, 2), 0),
+])
+def test_grid_and_block_limits(selftest, grid, block, error):
+    count = np.zeros(1, dtype=np.int32)
+    assert selftest.pv_count_blocks(_ptr(count), *grid, *block) == error
+    assert count[0] == (0 if error else np.prod(grid) * np.prod(block))
 
 
 @pytest.mark.parametrize("divisor", [1, 2, 3, 7, 49, 96, 1000, 3136, 65537, 2**30 + 1,
@@ -211,6 +335,34 @@ def test_csrc_kernels_compile_without_spills():
 @pytest.fixture(scope="module")
 def host_ops():
     return host.load()
+
+
+def test_window_backward_at_gpu_constants(host_ops):
+    """The backward's grouping of windows into blocks at the GPU build's constant (one
+    window per block here) as well as the test build's (five): both match the reference,
+    and the table gradient's summation order, hence its bits, differ."""
+    torch.manual_seed(0)
+    shape, window, shift = (1, 9, 10, 2, 32), (4, 5), (2, 1)
+    q, k, v = torch.randn(*shape[:3], 3, *shape[3:]).unbind(3)
+    table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), shape[3])
+    pad_kv = tuple(torch.randn(2, shape[3], shape[4]).unbind(0))
+    grad = torch.randn(shape)
+
+    def gradients(backend, tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        out = window_attention(*tensors[:4], window_size=window, shift_size=shift,
+                               pad_kv=tuple(tensors[4:]), backend=backend)
+        return torch.autograd.grad(out, tensors, grad.to(out.dtype))
+
+    inputs = [q, k, v, table, *pad_kv]
+    expected = gradients("reference", [t.double() for t in inputs])
+    emulated = gradients("cuda", inputs)
+    with host.gpu_constants():
+        gpu = gradients("cuda", inputs)
+    for got in (emulated, gpu):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g.double(), e, atol=5e-5, rtol=2e-5)
+    assert not torch.equal(emulated[3], gpu[3])
 
 
 def test_host_build_is_registered(host_ops):
