@@ -339,6 +339,9 @@ PV_DEVICE void stage_shifted_probs(float* probs, const float* lse2, const T* a,
     std::uint32_t x;
     const int u = static_cast<int>(geo.tw_div.divmod(pix, x));
     float* col = probs + pix;
+    // One tap row at a time: a fully unrolled window keeps its three loads per tap
+    // (logit, max, log-sum) in flight at once and spills at K = 5.
+    PV_ELSA_UNROLL_ONCE
     for (int ty = 0; ty < K; ++ty) {
       const int su = o.u0 + u + kR - ty;
       const int h = o.sigma + su * geo.d;
@@ -861,8 +864,12 @@ std::int64_t partial_rows(const ElsaAttentionParams& p, const Geometry& geo) {
 
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, std::size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+  const cudaError_t error = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  // The caller gets the error as the return value: consume it, so that the next
+  // cudaGetLastError() does not report it again.
+  if (error != cudaSuccess) static_cast<void>(cudaGetLastError());
+  return error;
 }
 
 // fn(std::integral_constant<int, K>{}) for the runtime kernel size k (odd, 1..13).
