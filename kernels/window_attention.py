@@ -34,10 +34,13 @@ so it would only add masked work to a memory-bound operator. Larger windows (Swi
 384: 12x12 = 144, up to 16x16) go to the tiled kernels below (``_tiled``), which walk
 a window in query / key blocks with an online softmax, as flash attention walks a
 sequence.
-Products use tensor cores in every dtype: fp16 / bf16 operands, and TF32 for fp32
-inputs (IEEE fp32 dots fall back to FMA loops that spill; TF32 rounds the
-operands to 10 mantissa bits, about 1e-3 relative error on the scores, as
-``torch.backends.cuda.matmul.allow_tf32 = True`` would). Accumulation is fp32.
+Products use tensor cores in every dtype: fp16 / bf16 operands, and for fp32 inputs
+3xTF32 (each operand split into two TF32 parts, three products: float32-grade, as
+torch's default float32 matmuls), or plain TF32 (operands rounded to 10 mantissa
+bits, about 1e-3 relative error on the scores) when torch allows TF32 matmuls; the
+choice is read per call (``_dtype_name``) and is the kernels' ``PRECISION``. IEEE
+fp32 dots would fall back to FMA loops that spill. 3xTF32 takes more registers:
+its windows over 32 tokens go to the tiled kernels. Accumulation is fp32.
 
 Saved for the backward: the output and the log-sum-exp of every score row, fp32,
 ``(num_windows, heads, N)`` with ``num_windows = B * ceil(H/wh) * ceil(W/ww)``, in
@@ -52,15 +55,16 @@ writes one ``N x N`` partial, and a small kernel sums each table row's pairs ove
 the partials in program order (each partial element is read once) into dtable. Passes of the
 same kernel (``PASS``, see ``_bwd_passes``) keep the register load of each launch
 spill-free: dq / dk / dv (with dbias where it fits); for 64-token windows beyond
-half-precision head dim 32, dbias alone; and, only when the grid is padded and a pad
-needs its gradient, the pad gradient (dk / dv summed over padded keys) over the
-last-row / last-column programs. That sum is a vector-matrix product (the key sums
-of dS and P times q and dout), written per window and added by the launcher. The
-dbias and pad passes reduce the scores and dP over head-dim chunks of 32, so only
-chunk-wide operand tiles are live; the pad pass then re-reads the window's q and
-dout chunks (from L2) for its sums.
+half-precision head dim 32 and 3xTF32 32-token windows at head dim 64, dbias alone;
+and, only when the grid is padded and a pad needs its gradient, the pad gradient (dk /
+dv summed over padded keys) over the last-row / last-column programs. That sum is a
+vector-matrix product (the key sums of dS and P times q and dout), written per window
+and added by the launcher. The dbias and pad passes reduce the scores and dP over
+head-dim chunks of 32, so only chunk-wide operand tiles are live; the pad pass then
+re-reads the window's q and dout chunks (from L2) for its sums.
 
-Element offsets inside one image are int32, the batch offset is int64.
+Element offsets inside one image are int32, the batch offset is int64; the ops layer
+falls back from calls past that (``int32_reasons``).
 """
 import functools
 import itertools
@@ -69,6 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pyvit_ops.kernels._common import on_tensor_device
 
 MAX_WINDOW_AREA = 256  # 16 x 16; windows over 64 tokens take the tiled kernels
 MAX_HEAD_DIM = 128
@@ -202,11 +207,11 @@ def _window_tokens(e, ny, nx, last_row, last_col, H, W, n_wh, n_ww, WH, WW, SH, 
 
 
 @triton.jit
-def _scores_log2(a, b, acc0, scale):
+def _scores_log2(a, b, acc0, scale, PRECISION: tl.constexpr):
     """(a b^T * scale + bias + shift mask) * log2(e), (a, b) = (q, k), or (k, q) for the
     transposed scores. Bias and mask enter as the dot's accumulator: loop-invariant,
     it is converted once to the dot's layout, and the softmax stays in that layout."""
-    s = tl.dot(a, tl.trans(b), acc0, input_precision="tf32")
+    s = tl.dot(a, tl.trans(b), acc0, input_precision=PRECISION)
     return s * (scale * 1.4426950408889634)
 
 
@@ -273,7 +278,8 @@ def _window_attention_fwd_kernel(
         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
-        HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        HAS_TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr):
     h, last_row, last_col, ny, nx, first, end, ty, tx, in_win, acc0, d, d_ok, pad_k, pad_v = \
         _program_setup(tl.program_id(0), table_ptr, pad_k_ptr, pad_v_ptr, B, n_wh, n_ww, HEADS,
                        D, WINDOWS_PER_PROGRAM, WH, WW, SH, SW, inv_scale, mask_value,
@@ -285,13 +291,13 @@ def _window_attention_fwd_kernel(
         q, k = _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
                         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-        s = _scores_log2(q, k, acc0, scale)
+        s = _scores_log2(q, k, acc0, scale, PRECISION)
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
         l = tl.sum(p, 1)
         v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                          stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-        out = tl.dot(p.to(v.dtype), v, input_precision="tf32") / l[:, None]
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
         _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS * D, D)
         tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, m + tl.log2(l), mask=in_win)
 
@@ -303,7 +309,8 @@ def _scores_dp_chunked(q_ptr, k_ptr, v_ptr, dout_ptr, pad_k_ptr, pad_v_ptr, acc0
                        stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
                        stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
                        stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """Transposed log2 scores (``_scores_log2(k, q)``) and dP^T = v dout^T of one window,
     reduced over head-dim chunks of ``BLOCK_K``: only chunk-wide q / k / v / dout tiles
     are live, which keeps wide head dims out of register spills. One loop per product:
@@ -318,7 +325,7 @@ def _scores_dp_chunked(q_ptr, k_ptr, v_ptr, dout_ptr, pad_k_ptr, pad_v_ptr, acc0
         q, k = _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
                         stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
                         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-        s = tl.dot(k, tl.trans(q), s, input_precision="tf32")
+        s = tl.dot(k, tl.trans(q), s, input_precision=PRECISION)
     dp = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     for c in range(0, BLOCK_D, BLOCK_K):
         d = c + tl.arange(0, BLOCK_K)
@@ -328,7 +335,7 @@ def _scores_dp_chunked(q_ptr, k_ptr, v_ptr, dout_ptr, pad_k_ptr, pad_v_ptr, acc0
                           stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
         v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                          stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-        dp = tl.dot(v, tl.trans(do), dp, input_precision="tf32")
+        dp = tl.dot(v, tl.trans(do), dp, input_precision=PRECISION)
     return s * (scale * 1.4426950408889634), dp
 
 
@@ -343,7 +350,8 @@ def _window_attention_bwd_kernel(
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
         stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd, stride_dqkv_token,
         HAS_TABLE: tl.constexpr, PASS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr):
     """One backward pass over this program's windows (``PASS``): ``_QKV`` writes dq, dk,
     dv; ``_PAD`` only the gradient of the pad vectors (dk, dv summed over padded keys),
     one ``2 x D`` partial per window, launched over the last-row / last-column programs
@@ -367,14 +375,14 @@ def _window_attention_bwd_kernel(
             q, k = _load_qk(q_ptr, k_ptr, pad_k, is_pad, b, oy, ox, h, d, real, d_ok,
                             stride_qb, stride_qh, stride_qw, stride_qhead, stride_qd,
                             stride_kb, stride_kh, stride_kw, stride_khead, stride_kd)
-            p = tl.exp2(_scores_log2(k, q, acc0, scale) - lse[None, :])
+            p = tl.exp2(_scores_log2(k, q, acc0, scale, PRECISION) - lse[None, :])
             do = _load_tokens(dout_ptr, b, oy, ox, h, d, real, d_ok,
                               stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd)
-            dv = tl.dot(p.to(do.dtype), do, input_precision="tf32")
+            dv = tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
             _store_tokens(dv_ptr, dv, b, oy, ox, h, d, real, d_ok, H, W, stride_dqkv_token, D)
             v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                              stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-            dp = tl.dot(v, tl.trans(do), input_precision="tf32")
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         else:
             s, dp = _scores_dp_chunked(
                 q_ptr, k_ptr, v_ptr, dout_ptr, pad_k_ptr, pad_v_ptr, acc0, b, oy, ox, h, real,
@@ -383,7 +391,7 @@ def _window_attention_bwd_kernel(
                 stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
                 stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
                 stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd,
-                BLOCK_N, BLOCK_D, BLOCK_K)
+                BLOCK_N, BLOCK_D, BLOCK_K, PRECISION)
             p = tl.exp2(s - lse[None, :])
         # delta_i = sum_j p_ij dp_ij (= dout_i . out_i): the whole row is in the tile, so
         # the output need not be read.
@@ -392,9 +400,9 @@ def _window_attention_bwd_kernel(
             dbias += ds
         if PASS == _QKV:
             ds = ds.to(q.dtype)
-            dk = tl.dot(ds, q, input_precision="tf32") * scale
+            dk = tl.dot(ds, q, input_precision=PRECISION) * scale
             _store_tokens(dk_ptr, dk, b, oy, ox, h, d, real, d_ok, H, W, stride_dqkv_token, D)
-            dq = tl.dot(tl.trans(ds), k, input_precision="tf32") * scale
+            dq = tl.dot(tl.trans(ds), k, input_precision=PRECISION) * scale
             _store_tokens(dq_ptr, dq, b, oy, ox, h, d, real, d_ok, H, W, stride_dqkv_token, D)
         elif PASS == _PAD:
             # Summed over padded keys, dk = dS q and dv = P dout are vector-matrix
@@ -425,9 +433,9 @@ def _window_attention_dtable_kernel(dbias_ptr, dtable_ptr, GROUPS, HEADS, ROWS, 
     pairs, enumerated here in row-major query order (no index tensor to read), are the
     queries whose key at that offset is inside the window. Each partial element belongs
     to one row, so every one is read once; programs are walked in a fixed order
-    (deterministic)."""
-    h = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    (deterministic). Heads are grid axis 0: axis 1 stops at 65535."""
+    h = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     p = tl.arange(0, BLOCK_P)
     N = WH * WW
     dy = r // (2 * WW - 1) - (WH - 1)
@@ -480,7 +488,7 @@ def _window_attention_fwd_tiled_kernel(
         stride_kb, stride_kh, stride_kw, stride_khead, stride_kd,
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
         HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Forward of one query block of the program's windows; query blocks vary fastest
     over program ids, so the programs of a window run together (its k / v from L2)."""
     N = WH * WW
@@ -509,7 +517,7 @@ def _window_attention_fwd_tiled_kernel(
             acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col,
                               inv_scale, mask_value, tyq, txq, in_q, tyk, txk, in_k,
                               HAS_TABLE, False)
-            s = _scores_log2(q, k, acc0, scale)
+            s = _scores_log2(q, k, acc0, scale, PRECISION)
             m_new = tl.maximum(m, tl.max(s, 1))
             # A -inf mask_value can hide a whole key block from a row: keep exp2 finite.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -518,7 +526,7 @@ def _window_attention_fwd_tiled_kernel(
             l = l * alpha + tl.sum(p, 1)
             v = _load_padded(v_ptr, pad_v, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
                              stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32")
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         _store_tokens(out_ptr, acc / l[:, None], b, oyq, oxq, h, d, real_q, d_ok, H, W,
                       HEADS * D, D)
@@ -526,11 +534,12 @@ def _window_attention_fwd_tiled_kernel(
 
 
 @triton.jit
-def _probs_dscores(a, b, a2, b2, acc0, lse, delta, scale, KEYS_AS_ROWS: tl.constexpr):
+def _probs_dscores(a, b, a2, b2, acc0, lse, delta, scale, KEYS_AS_ROWS: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """P and dS of one tile from its operands: (a, b, a2, b2) = (q, k, dout, v) for a
     (query, key) tile, (k, q, v, dout) for (key, query)."""
-    s = _scores_log2(a, b, acc0, scale)
-    dp = tl.dot(a2, tl.trans(b2), input_precision="tf32")
+    s = _scores_log2(a, b, acc0, scale, PRECISION)
+    dp = tl.dot(a2, tl.trans(b2), input_precision=PRECISION)
     if KEYS_AS_ROWS:
         p = tl.exp2(s - lse[None, :])
         ds = p * (dp - delta[None, :])
@@ -551,7 +560,8 @@ def _window_attention_bwd_tiled_kernel(
         stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd,
         stride_gb, stride_gh, stride_gw, stride_ghead, stride_gd, stride_dqkv_token,
         HAS_TABLE: tl.constexpr, PASS: tl.constexpr, PAD_GRAD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr):
     """One backward launch (``PASS``), each program owning one block of its windows:
     ``_DQ`` a query block: delta = rowsum(dout * out), stored for the other passes, and
     dq over the key blocks; ``_DKV`` a key block: dk, dv over the query blocks, and with
@@ -600,9 +610,10 @@ def _window_attention_bwd_tiled_kernel(
                 acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col,
                                   inv_scale, mask_value, tyk, txk, in_k, tyq, txq, in_q,
                                   HAS_TABLE, True)
-                p, ds = _probs_dscores(k, q, v, do, acc0, lse, delta, scale, True)
-                dv += tl.dot(p.to(do.dtype), do, input_precision="tf32")
-                dk += tl.dot(ds.to(q.dtype), q, input_precision="tf32")
+                p, ds = _probs_dscores(k, q, v, do, acc0, lse, delta, scale, True,
+                                       PRECISION)
+                dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
             dk *= scale
             _store_tokens(dk_ptr, dk, b, oyk, oxk, h, d, real_k, d_ok, H, W, stride_dqkv_token, D)
             _store_tokens(dv_ptr, dv, b, oyk, oxk, h, d, real_k, d_ok, H, W, stride_dqkv_token, D)
@@ -648,9 +659,10 @@ def _window_attention_bwd_tiled_kernel(
                 acc0 = _bias_mask(table_ptr, h, HEADS, WH, WW, SH, SW, last_row, last_col,
                                   inv_scale, mask_value, tyq, txq, in_q, tyk, txk, in_k,
                                   HAS_TABLE, False)
-                p, ds = _probs_dscores(q, k, do, v, acc0, lse, delta, scale, False)
+                p, ds = _probs_dscores(q, k, do, v, acc0, lse, delta, scale, False,
+                                       PRECISION)
                 if PASS == _DQ:
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision="tf32")
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 else:
                     dbias += ds
             if PASS == _DQ:
@@ -666,6 +678,8 @@ def _window_attention_bwd_tiled_kernel(
 # --------------------------------------------------------------------------- configs
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32 = ("fp32", "fp32x3")  # float32 config keys (see _dtype_name)
+_SPEC_DTYPES = ("fp16", "bf16") + _FP32
 _BLOCK_NS = (32, 64)          # window-area buckets (7x7 -> 64)
 _BLOCK_DS = (32, 64, 128)     # head-dim buckets (masked loads: 48, 80, 96 cost no extra bytes)
 
@@ -686,12 +700,14 @@ def _config(block_n, block_d, dtype_name, backward, arch):
     if block_n == 32:
         warps = 4
     elif backward:
-        warps = 4 if block_d == 32 and dtype_name != "fp32" else 8
+        warps = 4 if block_d == 32 and dtype_name not in _FP32 else 8
     else:
         warps = 8 if block_d == 128 else 4
     if not backward:
         return warps, 2
-    return warps, 2 if arch >= 90 and block_n == 32 and block_d <= 64 else 1
+    # 3xTF32 spills with the prefetch buffers too.
+    pipelined = arch >= 90 and block_n == 32 and block_d <= 64 and dtype_name != "fp32x3"
+    return warps, 2 if pipelined else 1
 
 
 # (BLOCK_D, PASS; None: the forward) -> (BLOCK_M, BLOCK_N) of the tiled kernels: the
@@ -712,17 +728,27 @@ def _tiled_config(block_d, dtype_name, pass_):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tiled launch (``pass_`` None: the
     forward, whose key loop is pipelined). The same on both archs; half-precision dq at
     D = 32 takes 32-query blocks (64 x 32 spills on sm_80 with a table)."""
-    blocks = (32, 64) if dtype_name != "fp32" and (block_d, pass_) == (32, _DQ.value) \
+    if dtype_name == "fp32x3" and pass_ == _DKV.value:
+        # 3xTF32 keeps hi / lo parts of the loop-invariant k and v beside the dk / dv
+        # accumulators: 16-key blocks (168 registers); 32 or 64 keys spill on sm_80
+        # with 4 or 8 warps.
+        return 32, 16, 4, 1
+    blocks = (32, 64) if dtype_name not in _FP32 and (block_d, pass_) == (32, _DQ.value) \
         else _TILED_BLOCKS[block_d, pass_]
-    return (*blocks, 4, 2 if pass_ is None else 1)
+    # 3xTF32's split operands: the forward spills with 4 warps.
+    warps = 8 if dtype_name == "fp32x3" and pass_ is None else 4
+    return (*blocks, warps, 2 if pass_ is None else 1)
 
 
 def _split_bias(block_n, block_d, dtype_name):
     """Whether dbias takes its own pass. Its ``BLOCK_N x BLOCK_N`` fp32 accumulator stays
     live across the window loop; beside the five products of 64-token windows it fits
-    only with half-precision head dim 32 (Swin). The separate pass re-reads q, k, v,
-    dout and recomputes the scores, but needs two products only."""
-    return block_n > _BLOCK_NS[0] and (block_d > 32 or dtype_name == "fp32")
+    only with half-precision head dim 32 (Swin), and beside the 3xTF32 products of
+    32-token windows only up to head dim 32 (at 64 it spills on sm_90a). The separate
+    pass re-reads q, k, v, dout and recomputes the scores, but needs two products only."""
+    if block_n > _BLOCK_NS[0]:
+        return block_d > 32 or dtype_name in _FP32
+    return block_d > 32 and dtype_name == "fp32x3"
 
 
 def _bwd_passes(block_n, block_d, dtype_name, bias_grad, pad_grad):
@@ -763,8 +789,10 @@ def _dtable_rows(block_p):
     return min(32, 2048 // block_p)
 
 
-def _tiled(N):
-    return N > _BLOCK_NS[-1]
+def _tiled(N, dtype_name):
+    """Whether windows of N tokens take the tiled kernels: past 64 tokens, and with
+    3xTF32 past 32 (a 64-token tile spills there)."""
+    return N > (_BLOCK_NS[0] if dtype_name == "fp32x3" else _BLOCK_NS[-1])
 
 
 def _blocks(N, D):
@@ -774,11 +802,57 @@ def _blocks(N, D):
     return block_n, block_d
 
 
+def tf32_allowed():
+    """Whether torch lets float32 matmuls run on TF32 tensor cores. Read through
+    ``torch.backends.cuda.matmul.fp32_precision``, which is "tf32" however it was allowed
+    (that flag, ``torch.backends.fp32_precision``, the legacy ``allow_tf32`` or
+    ``torch.set_float32_matmul_precision``); ``allow_tf32`` itself raises once both
+    APIs were used."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def _dtype_name(dtype):
+    """The config key of a call, chosen per call: its dtype's name, or "fp32x3" for
+    float32 inputs while torch does not allow TF32: their products run 3xTF32
+    (float32-grade, as torch's default float32 matmuls), whose split operands take more
+    registers than plain TF32's."""
+    if dtype == torch.float32 and not tf32_allowed():
+        return "fp32x3"
+    return _DTYPE_NAMES[dtype]
+
+
+def _precision(dtype_name):
+    """``input_precision`` of every ``tl.dot`` for a config key: 3xTF32 for "fp32x3",
+    else TF32 (half-precision operands are exact in it)."""
+    return "tf32x3" if dtype_name == "fp32x3" else "tf32"
+
+
+def _int32_reason(name, shape, strides):
+    """Why the kernels cannot index a tensor of this layout (element offsets within one
+    image are int32), or None."""
+    if sum((n - 1) * s for n, s in zip(shape[1:], strides[1:])) > _INT32_MAX:
+        return (f"{name}: offsets within one image must fit in int32, got shape "
+                f"{tuple(shape)} with strides {tuple(strides)}")
+    return None
+
+
+def int32_reasons(q, k, v, packed=False):
+    """Why the kernels cannot index a call on q, k, v (of any device, meta included): in
+    them or in what the launchers write, the contiguous output and gradients (``packed``:
+    dq, dk, dv are the slices of one contiguous (B, H, W, 3, heads, D) gradient, whose
+    span covers the output's)."""
+    _, H, W, heads, D = q.shape
+    token = (3 if packed else 1) * heads * D
+    layouts = [(name, t.shape, t.stride()) for name, t in (("q", q), ("k", k), ("v", v))]
+    layouts.append(("dq" if packed else "out", q.shape, (H * W * token, W * token, token, D, 1)))
+    return [reason for reason in itertools.starmap(_int32_reason, layouts) if reason]
+
+
 def _check_int32(**tensors):
     for name, t in tensors.items():
-        if sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) > _INT32_MAX:
-            raise ValueError(f"{name}: offsets within one image must fit in int32, got shape "
-                             f"{tuple(t.shape)} with strides {t.stride()}")
+        reason = _int32_reason(name, t.shape, t.stride())
+        if reason:
+            raise ValueError(reason)
 
 
 def _geometry(q, window_size):
@@ -830,6 +904,7 @@ def _window_groups(B, n_wh, n_ww, heads, device, tiles=1):
     return per_program, [triton.cdiv(n, per_program) * heads for n in kinds]
 
 
+@on_tensor_device
 def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, scale, mask_value):
     """Forward; returns ``out`` (contiguous (B, H, W, heads, D)) and ``lse`` (fp32,
     ``(num_windows, heads, N)``, base 2). Arguments are validated by the caller:
@@ -845,8 +920,8 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
         return out, lse
     N = wh * ww
     block_n, block_d = _blocks(N, D)
-    dtype_name, arch = _DTYPE_NAMES[q.dtype], _arch(q.device)
-    if _tiled(N):
+    dtype_name, arch = _dtype_name(q.dtype), _arch(q.device)
+    if _tiled(N, dtype_name):
         kernel = _window_attention_fwd_tiled_kernel
         block_m, block_n, num_warps, num_stages = _tiled_config(block_d, dtype_name, None)
         tiles = triton.cdiv(N, block_m)
@@ -861,14 +936,15 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
         out, lse, B, H, W, n_wh, n_ww, heads, D, per_program, wh, ww, sh, sw,
         float(scale), 1.0 / scale, float(mask_value),
         *q.stride(), *k.stride(), *v.stride(),
-        HAS_TABLE=table is not None, BLOCK_D=block_d, **blocks,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_TABLE=table is not None, BLOCK_D=block_d, PRECISION=_precision(dtype_name),
+        **blocks, num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
 def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq, dk, dv, window_size,
-                     shift_size, scale, mask_value, want_bias, want_pad):
-    """Backward launches of windows of at most 64 tokens (``_bwd_passes``): returns the
+                     shift_size, scale, mask_value, want_bias, want_pad, dtype_name):
+    """Backward launches of windows of one tile (``_bwd_passes``; ``dtype_name``: the
+    call's config key, ``_dtype_name``): returns the
     partial dbias buffer, its number of program groups and the fp32 pad gradient
     partials, ``(groups, heads, slots, 2, D)`` (no groups unless ``want_pad``).
 
@@ -885,25 +961,24 @@ def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq, dk, dv, window
     # a program's last window stay zero.
     dpad = torch.zeros(sum(programs[1:]) * per_program if want_pad else 0, 2, D,
                        dtype=torch.float32, device=q.device)
-    if dq.numel():
-        block_n, block_d = _blocks(N, D)
-        dtype_name = _DTYPE_NAMES[q.dtype]
-        num_warps, num_stages = _config(block_n, block_d, dtype_name, True, _arch(q.device))
-        args = (q, k, v, dout, lse, _table_arg(table, q.device),
-                _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
-                B, H, W, n_wh, n_ww, heads, D, per_program)
-        rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
-                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
-        config = dict(HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-                      num_warps=num_warps, num_stages=num_stages)
-        for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias,
-                                            want_pad):
-            # The pad pass walks the last-row / last-column programs only.
-            grid, first = ((sum(programs[1:]), programs[0]) if pass_ == _PAD.value
-                           else (sum(programs), 0))
-            _window_attention_bwd_kernel[(grid,)](
-                *args, first, *rest, PASS=pass_, BIAS_GRAD=bias_grad,
-                BLOCK_K=_chunk(block_d, pass_), **config)
+    block_n, block_d = _blocks(N, D)
+    num_warps, num_stages = _config(block_n, block_d, dtype_name, True, _arch(q.device))
+    args = (q, k, v, dout, lse, _table_arg(table, q.device),
+            _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
+            B, H, W, n_wh, n_ww, heads, D, per_program)
+    rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
+    config = dict(HAS_TABLE=table is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+                  PRECISION=_precision(dtype_name), num_warps=num_warps,
+                  num_stages=num_stages)
+    for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias,
+                                        want_pad):
+        # The pad pass walks the last-row / last-column programs only.
+        grid, first = ((sum(programs[1:]), programs[0]) if pass_ == _PAD.value
+                       else (sum(programs), 0))
+        _window_attention_bwd_kernel[(grid,)](
+            *args, first, *rest, PASS=pass_, BIAS_GRAD=bias_grad,
+            BLOCK_K=_chunk(block_d, pass_), **config)
     # Slots are (program, window of the program); heads vary fastest over programs.
     return dbias, sum(programs) // heads, dpad.view(-1, heads, per_program, 2, D)
 
@@ -922,15 +997,14 @@ def _tiles(N, pass_, block_m, block_n):
 
 
 def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_size,
-               shift_size, scale, mask_value, want_bias, want_pad):
-    """Backward launches of windows over 64 tokens (``_tiled_passes``), returning what
+               shift_size, scale, mask_value, want_bias, want_pad, dtype_name):
+    """Backward launches of the tiled kernels (``_tiled_passes``), returning what
     ``_bwd_single_tile`` returns. Each launch groups windows for its own tile count; the
     ``_DKV`` launch writes one pad partial per program when ``want_pad``."""
     B, H, W, heads, D, n_wh, n_ww, num_windows = _geometry(q, window_size)
     (wh, ww), (sh, sw) = window_size, shift_size
     N = wh * ww
     block_d = _blocks(N, D)[1]
-    dtype_name = _DTYPE_NAMES[q.dtype]
     launches = {}  # PASS -> (config, tiles, windows per program, programs per kind)
     for pass_ in _tiled_passes(True):
         config = _tiled_config(block_d, dtype_name, pass_)
@@ -944,23 +1018,24 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk, dv, window_
     dpad = torch.empty(sum(kv_programs) * kv_tiles if want_pad else 0, 2, D,
                        dtype=torch.float32, device=q.device)
     delta = torch.empty(num_windows, heads, N, dtype=torch.float32, device=q.device)
-    if dq.numel():
-        args = (q, k, v, dout, out.contiguous(), lse, delta, _table_arg(table, q.device),
-                _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
-                B, H, W, n_wh, n_ww, heads, D)
-        rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
-                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
-        for pass_ in _tiled_passes(want_bias):
-            (block_m, block_n, num_warps, num_stages), tiles, per_program, programs = \
-                launches[pass_]
-            _window_attention_bwd_tiled_kernel[(sum(programs) * tiles,)](
-                *args, per_program, *rest, HAS_TABLE=table is not None, PASS=pass_,
-                PAD_GRAD=want_pad and pass_ == _DKV.value, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+    args = (q, k, v, dout, out.contiguous(), lse, delta, _table_arg(table, q.device),
+            _pad_rows(pad_k, q), _pad_rows(pad_v, q), dq, dk, dv, dbias, dpad,
+            B, H, W, n_wh, n_ww, heads, D)
+    rest = (wh, ww, sh, sw, float(scale), 1.0 / scale, float(mask_value),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
+    for pass_ in _tiled_passes(want_bias):
+        (block_m, block_n, num_warps, num_stages), tiles, per_program, programs = \
+            launches[pass_]
+        _window_attention_bwd_tiled_kernel[(sum(programs) * tiles,)](
+            *args, per_program, *rest, HAS_TABLE=table is not None, PASS=pass_,
+            PAD_GRAD=want_pad and pass_ == _DKV.value, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, PRECISION=_precision(dtype_name), num_warps=num_warps,
+            num_stages=num_stages)
     # Programs are (group, head, key block) with the key block fastest.
     return dbias, bias_programs // heads, dpad.view(-1, heads, kv_tiles, 2, D)
 
 
+@on_tensor_device
 def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_size, shift_size,
                          scale, mask_value, needs_input_grad, dqkv=None):
     """Gradients ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; an entry is None when the
@@ -981,17 +1056,27 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
     else:
         dq, dk, dv = dqkv.unbind(3)
     _check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
+    if dq.numel() == 0:
+        # No token (an empty batch or grid, or no head): nothing to launch, and the
+        # parameters get zero gradients.
+        def zeros(t, need):
+            return torch.zeros(t.shape, dtype=t.dtype, device=t.device) \
+                if need and t is not None else None
+
+        return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+                zeros(table, need_table), zeros(pad_k, need_pad_k), zeros(pad_v, need_pad_v))
     want_bias = table is not None and need_table
     want_pad = (((need_pad_k and pad_k is not None) or (need_pad_v and pad_v is not None))
                 and (H % wh != 0 or W % ww != 0))
-    if _tiled(N):
+    dtype_name = _dtype_name(q.dtype)
+    if _tiled(N, dtype_name):
         dbias, groups, dpad = _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, dq, dk,
                                          dv, window_size, shift_size, scale, mask_value,
-                                         want_bias, want_pad)
+                                         want_bias, want_pad, dtype_name)
     else:
         dbias, groups, dpad = _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, dq,
                                                dk, dv, window_size, shift_size, scale,
-                                               mask_value, want_bias, want_pad)
+                                               mask_value, want_bias, want_pad, dtype_name)
     dtable = None
     if want_bias:
         # One pass over the partials, straight into the table's (rows, heads) layout and dtype.
@@ -999,7 +1084,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
         dtable = torch.empty(rows, heads, dtype=table.dtype, device=q.device)
         block_p = _pairs_block(N)
         block_r = _dtable_rows(block_p)
-        _window_attention_dtable_kernel[(triton.cdiv(rows, block_r), heads)](
+        _window_attention_dtable_kernel[(heads, triton.cdiv(rows, block_r))](
             dbias, dtable, groups, heads, rows, wh, ww,
             BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
             num_stages=1)
@@ -1017,7 +1102,8 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
 
 def static_compile_specs():
     """Every (kernel, BLOCK_N, BLOCK_D, HAS_TABLE, PASS, BIAS_GRAD, dtype, warps, stages)
-    the launchers can pick. A spec the launchers pick on one of sm_80 / sm_90a only
+    the launchers can pick; float32 both with TF32 products ("fp32") and with 3xTF32
+    ("fp32x3", see ``_dtype_name``). A spec the launchers pick on one of sm_80 / sm_90a only
     names that arch (``archs``, and an ``_sm80`` / ``_sm90`` suffix). The head-dim
     strides are the constexpr 1 (Triton specialises them for dense rows); D and the
     other strides are multiples of 16 (for the head dims listed, so are heads * D)."""
@@ -1029,8 +1115,8 @@ def static_compile_specs():
             archs.append(arch)
 
     for arch, dtype, block_n, block_d in itertools.product(
-            (80, 90), ("fp16", "bf16", "fp32"), _BLOCK_NS, _BLOCK_DS):
-        if dtype == "fp32" and block_d > max_head_dim_fp32(block_n):
+            (80, 90), _SPEC_DTYPES, _BLOCK_NS, _BLOCK_DS):
+        if dtype in _FP32 and block_d > max_head_dim_fp32(block_n) or _tiled(block_n, dtype):
             continue
         for kernel, backward in ((_window_attention_fwd_kernel, False),
                                  (_window_attention_bwd_kernel, True)):
@@ -1051,8 +1137,8 @@ def static_compile_specs():
                 pick((f"{kernel.__name__}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
                       dtype, constexprs, *_config(block_n, block_d, dtype, backward, arch)), arch)
     tiled_names = {None: "", _DQ.value: "_dq", _DKV.value: "_dkv", _BIAS.value: "_bias"}
-    for arch, dtype, block_d in itertools.product((80, 90), ("fp16", "bf16", "fp32"), _BLOCK_DS):
-        if dtype == "fp32" and block_d > max_head_dim_fp32(_BLOCK_NS[-1] + 1):
+    for arch, dtype, block_d in itertools.product((80, 90), _SPEC_DTYPES, _BLOCK_DS):
+        if dtype in _FP32 and block_d > max_head_dim_fp32(_BLOCK_NS[-1] + 1):
             continue
         # (pass or None for the forward, HAS_TABLE, PAD_GRAD) as the tiled launchers see them.
         variants = [(None, t, False) for t in (True, False)]
@@ -1079,8 +1165,10 @@ def static_compile_specs():
                 and not a.endswith("head")]
         strided = [a for a in kernel.arg_names if a.startswith("stride_") and a not in unit]
         constexprs = dict(constexprs, **{a: 1 for a in unit})
+        constexprs["PRECISION"] = _precision(dtype)
+        ptr = "fp32" if dtype in _FP32 else dtype
         # The table comes in fp32 (a parameter under autocast) or in the model's dtype.
-        tables = ["fp32"] + ([dtype] if constexprs["HAS_TABLE"] and dtype != "fp32" else [])
+        tables = ["fp32"] + ([dtype] if constexprs["HAS_TABLE"] and dtype not in _FP32 else [])
         for table in tables:
             signature = {}
             for a in kernel.arg_names:
@@ -1091,7 +1179,7 @@ def static_compile_specs():
                 elif a in ("lse_ptr", "delta_ptr", "dbias_ptr", "dpad_ptr"):
                     signature[a] = "*fp32"
                 elif a.endswith("_ptr"):
-                    signature[a] = f"*{dtype}"
+                    signature[a] = f"*{ptr}"
                 elif a in ("scale", "inv_scale", "mask_value"):
                     signature[a] = "fp32"
                 else:

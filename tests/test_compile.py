@@ -203,12 +203,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5, autocast=None):
-    """Compile ``fn`` (fullgraph), call it twice with the same shapes (one compile
-    allowed), and compare outputs and input gradients with eager; inside
-    ``torch.autocast("cpu", dtype=autocast)`` when given."""
+def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5, autocast=None, dynamic=None):
+    """Compile ``fn`` (fullgraph, ``dynamic`` as torch.compile takes it), call it twice
+    with the same shapes (one compile allowed), and compare outputs and input gradients
+    with eager; inside ``torch.autocast("cpu", dtype=autocast)`` when given."""
     counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=dynamic)
 
     def run(f):
         leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
@@ -305,6 +305,17 @@ def test_compile_operator(name, backend, autocast, tol, request):
     torch.manual_seed(0)
     fn, inputs = OPERATOR_CASES[name](backend)
     _compiled_matches_eager(fn, inputs, atol=tol, rtol=tol, autocast=autocast)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["window_attention", "window_attention_qkvpacked"])
+def test_compile_window_attention_dynamic(name, backend, request):
+    # dynamic=True traces the float arguments (scale, mask_value) symbolically too:
+    # their validation must not need concrete Python floats.
+    _use(backend, request)
+    torch.manual_seed(0)
+    fn, inputs = OPERATOR_CASES[name](backend)
+    _compiled_matches_eager(fn, inputs, dynamic=True)
 
 
 def _module_cases():

@@ -2,6 +2,7 @@
 (the Triton kernels in the interpreter) and "cuda" (the CUDA C++ kernels of
 csrc/window_attention.cu on CPU tensors under host emulation, pyvit_ops.testing.host);
 errors of the public function and of the CUDA bindings."""
+import contextlib
 import types
 
 import pytest
@@ -141,11 +142,11 @@ def _use(backend):
         host.load()
 
 
-# (backend, dtype) -> (atol, rtol). Triton: fp32 products are exact in the interpreter
-# (TF32 on a GPU: that error is not modelled here); half kernels round P and dS to the
-# input dtype before the second products, as every fused attention does. CUDA: every
-# product and the softmax run in fp32 (probabilities are not rounded), so the error is
-# about the rounding of the result.
+# (backend, dtype) -> (atol, rtol). Triton: float32 products are 3xTF32, float32-grade
+# (the interpreter models tl.dot's input precision, pyvit_ops.testing.interpreter); half
+# kernels round P and dS to the input dtype before the second products, as every fused
+# attention does. CUDA: every product and the softmax run in fp32 (probabilities are
+# not rounded), so the error is about the rounding of the result.
 TOLERANCES = {
     ("triton", torch.float32): (5e-6, 2e-5),
     ("triton", torch.float16): (3e-3, 3e-3),
@@ -159,7 +160,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _tol(backend, dtype, expected, summed=False):
     """(atol, rtol) for one tensor: summed gradients (table, pads) add up many terms, so
-    their atol scales with max |expected|."""
+    their atol scales with max |expected|. The row is that of the products' operand
+    precision: Triton's float32 products round their operands to TF32 when torch allows
+    it, 10 mantissa bits as float16's."""
+    if backend == "triton" and kernels._precision(kernels._dtype_name(dtype)) == "tf32":
+        dtype = torch.float16 if dtype == torch.float32 else dtype
     atol, rtol = TOLERANCES[backend, dtype]
     peak = expected.abs().max().item() if expected.numel() else 0.0
     return atol * (max(1.0, peak / 4) if summed else 1.0), rtol
@@ -344,7 +349,48 @@ def test_empty_batch(backend):
     assert torch.equal(dtable, torch.zeros_like(table))
 
 
+@pytest.mark.parametrize("backend, window", [("triton", (3, 5)), ("triton", (9, 8)),
+                                             ("cuda", (3, 5))],
+                         ids=["triton", "triton-tiled", "cuda"])
+def test_negative_scale(backend, window):
+    """A negative scale flips the scores' sign: key slots past N (15 of a 32-slot tile;
+    72 tokens in 32-key blocks) must stay -inf after it, not turn into +inf (NaN)."""
+    _use(backend)
+    torch.manual_seed(0)
+    H, W = window[0] + 2, window[1] + 1
+    inputs = [t.detach().requires_grad_() for t in
+              (*_packed_qkv(1, H, W, 2, 16, torch.float32), _table(window, 2, torch.float32))]
+    grad = torch.randn(1, H, W, 2, 16)
+    kwargs = dict(window_size=window, shift_size=(1, 2), scale=-0.4)
+    out, grads = _run(backend, inputs, True, False, grad, **kwargs)
+    expected, expected_grads = _run("reference", [t.detach().double().requires_grad_()
+                                                  for t in inputs], True, False, grad, **kwargs)
+    for name, g, e in zip(("out", "q", "k", "v", "table"), (out, *grads),
+                          (expected, *expected_grads)):
+        atol, rtol = _tol(backend, torch.float32, e, summed=name == "table")
+        torch.testing.assert_close(g.double(), e, atol=atol, rtol=rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend, window", [("triton", 3), ("triton", 9), ("cuda", 3)],
+                         ids=["triton", "triton-tiled", "cuda"])
+def test_zero_heads(backend, window):
+    """Empty inputs give empty outputs and gradients: no division by the head count."""
+    _use(backend)
+    tensors = [t.detach().requires_grad_() for t in
+               (*_packed_qkv(1, 10, 10, 0, 8, torch.float32), _table(window, 0, torch.float32),
+                *torch.randn(2, 0, 8))]
+    out, grads = _run(backend, tensors, True, True, torch.randn(1, 10, 10, 0, 8),
+                      window_size=window, shift_size=1)
+    assert out.shape == (1, 10, 10, 0, 8)
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape
+
+
 _TABLE_ARGS = ("table_ptr", "dtable_ptr")
+_KERNEL_NAMES = ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel",
+                 "_window_attention_fwd_tiled_kernel", "_window_attention_bwd_tiled_kernel",
+                 "_window_attention_dtable_kernel")
 
 
 class _LaunchRecorder:
@@ -358,9 +404,12 @@ class _LaunchRecorder:
         def launch(*args, num_warps, num_stages, **constexprs):
             named = dict(zip(self.kernel.arg_names, args))
             table = next(named[a] for a in _TABLE_ARGS if a in named)
-            dtype = named.get("q_ptr", table).dtype
+            # The config key: float32 inputs are "fp32x3" unless TF32 is allowed; the
+            # dtable kernel's is its table's dtype.
+            key = (kernels._dtype_name(named["q_ptr"].dtype) if "q_ptr" in named
+                   else kernels._DTYPE_NAMES[table.dtype])
             self.launches.append((self.kernel.__name__, tuple(sorted(constexprs.items())),
-                                  num_warps, num_stages, kernels._DTYPE_NAMES[dtype],
+                                  num_warps, num_stages, key,
                                   "*" + kernels._DTYPE_NAMES[table.dtype]))
             return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,
                                      **constexprs)
@@ -368,18 +417,23 @@ class _LaunchRecorder:
 
 
 # The dtable reduction reads the fp32 partials whatever the inputs' dtype.
-# (H, W, window, D, dtype, backward PASSes): padded grids, table and pads needing
-# gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone, pads (two head-dim
-# chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass; float32;
-# windows over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
-@pytest.mark.parametrize("H,W,window,D,dtype,table_dtype,passes", [
-    (7, 9, (5, 7), 64, torch.float16, torch.float16, {0, 1, 2}),
-    (9, 8, 7, 16, torch.bfloat16, torch.float32, {0, 1}),
-    (9, 10, (4, 5), 32, torch.float32, torch.float32, {0, 1}),
-    (13, 12, (12, 11), 32, torch.bfloat16, torch.bfloat16, {2, 3, 4}),
-], ids=["N35-D64-fp16", "N49-D16-bf16-fp32table", "N20-D32-fp32", "tiled-N132-D32-bf16"])
+# (H, W, window, D, dtype, TF32 allowed, backward PASSes): padded grids, table and pads
+# needing gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone, pads (two
+# head-dim chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass;
+# float32 as TF32 and as 3xTF32 (dbias alone at D = 64, tiled past 32 tokens); windows
+# over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
+@pytest.mark.parametrize("H,W,window,D,dtype,table_dtype,tf32,passes", [
+    (7, 9, (5, 7), 64, torch.float16, torch.float16, False, {0, 1, 2}),
+    (9, 8, 7, 16, torch.bfloat16, torch.float32, False, {0, 1}),
+    (9, 10, (4, 5), 32, torch.float32, torch.float32, True, {0, 1}),
+    (9, 10, (4, 5), 32, torch.float32, torch.float32, False, {0, 1}),
+    (9, 10, (4, 5), 64, torch.float32, torch.float32, False, {0, 1, 2}),
+    (9, 8, 7, 32, torch.float32, torch.float32, False, {2, 3, 4}),
+    (13, 12, (12, 11), 32, torch.bfloat16, torch.bfloat16, False, {2, 3, 4}),
+], ids=["N35-D64-fp16", "N49-D16-bf16-fp32table", "N20-D32-tf32", "N20-D32-fp32x3",
+        "N20-D64-fp32x3", "tiled-N49-D32-fp32x3", "tiled-N132-D32-bf16"])
 def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, table_dtype,
-                                           passes):
+                                           tf32, passes):
     """The static compile check (tests/test_static_compile.py) covers what the launchers
     pick: every launch is a spec of the sm_80 row (the interpreter's), table dtype
     included (fp32 parameters under autocast, or the model's dtype)."""
@@ -389,20 +443,46 @@ def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, 
               next(s["signature"][a] for a in _TABLE_ARGS if a in s["signature"]))
              for s in kernels.static_compile_specs() if 80 in s.get("archs", (80, 90))}
     launches = []
-    for name in ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel",
-                 "_window_attention_fwd_tiled_kernel", "_window_attention_bwd_tiled_kernel",
-                 "_window_attention_dtable_kernel"):
+    for name in _KERNEL_NAMES:
         monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), launches))
     torch.manual_seed(0)
     tensors = [t.detach().requires_grad_() for t in (
         *_packed_qkv(1, H, W, 1, D, dtype), _table(window, 1, table_dtype),
         *torch.randn(2, 1, D))]
-    out = ops.window_attention(*tensors[:4], window_size=window, shift_size=2,
-                               pad_kv=tensors[4:], backend="triton")
-    torch.autograd.grad(out, tensors, torch.randn_like(out))
+    with _tf32(tf32):
+        out = ops.window_attention(*tensors[:4], window_size=window, shift_size=2,
+                                   pad_kv=tensors[4:], backend="triton")
+        torch.autograd.grad(out, tensors, torch.randn_like(out))
     assert {dict(c)["PASS"] for _, c, *_ in launches if "PASS" in dict(c)} == passes
     assert any(name == "_window_attention_dtable_kernel" for name, *_ in launches)
     assert set(launches) <= specs, set(launches) - specs
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_triton_grids_keep_heads_off_axis_1(monkeypatch):
+    """Grid axes 1 and 2 stop at 65535: 70000 heads (the dtable kernel has programs per
+    head) stay on axis 0."""
+    grids = []
+    for name in _KERNEL_NAMES:
+        monkeypatch.setattr(kernels, name, _GridRecorder(grids))
+    heads = 70000
+    q, k, v = _packed_qkv(1, 2, 2, heads, 1, torch.float32)
+    table = _table(2, heads, torch.float32)
+    geometry = ((2, 2), (0, 0), 1.0, -100.0)
+    out, lse = kernels.window_attention_fwd(q, k, v, table, None, None, *geometry)
+    kernels.window_attention_bwd(out, q, k, v, out, lse, table, None, None, *geometry,
+                                 (True,) * 6)
+    assert len(grids) > 2 and all(n <= 65535 for g in grids for n in g[1:]), grids
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -485,6 +565,36 @@ def test_forced_backend_reasons(backend, change, reason):
     assert reason in str(info.value)
 
 
+# Element offsets within one image are int32 in the Triton kernels: in q, k, v as given
+# (meta: a 2**31 stride) and in the contiguous output and gradients they write
+# (expanded inputs hold no memory). Packed, the output of 2**31 elements fits, but the
+# gradient's tokens are 3 * heads * D apart.
+@pytest.mark.parametrize("shape,strides,packed,reason", [
+    ((1, 2, 2, 1, 8), (2**32, 2**31, 8, 8, 1), False, "q: "),
+    ((1, 2**12, 2**12, 16, 16), None, False, "out: "),
+    ((1, 2**12, 2**11, 16, 16), None, True, "dq: "),
+], ids=["q-meta", "out-expanded", "packed-grad-expanded"])
+def test_int32_offset_limits_are_backend_reasons(shape, strides, packed, reason):
+    """An image spanning 2**31 elements is a reason to skip Triton, not a launch failure."""
+    if strides is None:
+        q = torch.zeros(()).expand(shape)
+    else:
+        q = torch.empty_strided(shape, strides, device="meta")
+    why = ops._reasons("triton", q, q, q, None, None, (2, 2), packed=packed)
+    assert any(r.startswith(reason + "offsets within one image must fit in int32")
+               for r in why), why
+    row = q[:, :1]  # one grid row fits
+    assert not [r for r in ops._reasons("triton", row, row, row, None, None, (1, 2),
+                                        packed=packed) if "int32" in r]
+    if strides is None:  # the forced backend refuses before allocating anything
+        with pytest.raises(_backend.BackendUnavailableError, match="fit in int32"):
+            if packed:
+                qkv = torch.zeros(()).expand(*shape[:3], 3, *shape[3:])
+                ops.window_attention_qkvpacked(qkv, window_size=2, backend="triton")
+            else:
+                ops.window_attention(q, q, q, window_size=2, backend="triton")
+
+
 def test_cpu_default_is_reference():
     q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
     out = ops.window_attention(q, k, v, window_size=(4, 5), shift_size=(2, 1))
@@ -536,21 +646,68 @@ def test_binding_rejects_bad_lse():
     assert "lse must have shape [6, 2, 20], got [6, 1, 20]" in str(info.value)
 
 
-@pytest.mark.parametrize("dtype, allow_tf32, first", [
-    (torch.float32, False, "cuda"),    # full fp32 products unless TF32 is allowed
-    (torch.float32, True, "triton"),
-    (torch.float16, False, "triton"),
-])
-def test_automatic_order_for_float32(dtype, allow_tf32, first):
-    """Automatic choice on CUDA tensors: Triton's fp32 products are TF32, so float32
-    inputs go to the CUDA kernel first unless torch allows TF32 matmuls."""
-    # allow_tf32 is a property of torch's cuBLAS module, not a plain attribute:
-    # monkeypatch cannot restore it, so set and restore it through the property.
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+@contextlib.contextmanager
+def _tf32(allowed):
+    """torch's TF32 permission for float32 matmuls, set and restored through its property
+    (monkeypatch cannot restore it)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if allowed else "ieee"
     try:
-        order = ops._fp32_order(torch.empty(1, 7, 7, 1, 32, dtype=dtype))
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-    assert _backend.choose("window_attention", None, lambda b: [], device="cuda",
-                           order=order) == first
+        matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("tf32", [False, True], ids=["no-tf32", "tf32"])
+def test_automatic_order(dtype, tf32, monkeypatch):
+    """Automatic choice on CUDA tensors: Triton first for every dtype, TF32 allowed or
+    not (its float32 products are float32-grade 3xTF32 unless TF32 is allowed)."""
+    chosen = []
+    choose = _backend.choose
+
+    def on_gpu(op, backend, reasons, device, **kwargs):
+        # As on a GPU where every backend can run the call; the CPU run uses the reference.
+        chosen.append(choose(op, backend, lambda b: [], device="cuda", **kwargs))
+        return "reference"
+
+    monkeypatch.setattr(_backend, "choose", on_gpu)
+    with _tf32(tf32):
+        ops.window_attention(*_packed_qkv(1, 7, 7, 1, 32, dtype), window_size=7)
+    assert chosen == ["triton"]
+
+
+# (window, what the Triton launchers run for float32): 3xTF32 takes the tiled kernels
+# past 32 tokens, TF32 past 64.
+PRECISION_WINDOWS = [((4, 5), "single tile"), ((6, 7), "3xTF32 tiled, TF32 single tile"),
+                     ((9, 8), "tiled")]
+
+
+@pytest.mark.parametrize("window", [w for w, _ in PRECISION_WINDOWS],
+                         ids=[why for _, why in PRECISION_WINDOWS])
+@pytest.mark.parametrize("tf32", [False, True], ids=["no-tf32", "tf32"])
+def test_float32_precision_follows_torch(window, tf32):
+    """Float32 inputs: float32-grade results unless torch allows TF32, then TF32's error
+    (visible, and within float16's tolerance: both keep 10 mantissa bits)."""
+    torch.manual_seed(0)
+    H, W = 2 * window[0] - 1, window[1] + 2  # padded and shifted: every window kind
+    inputs = [t.detach().requires_grad_() for t in
+              (*_packed_qkv(1, H, W, 1, 16, torch.float32), _table(window, 1, torch.float32))]
+    grad = torch.randn(1, H, W, 1, 16)
+    kwargs = dict(window_size=window, shift_size=(1, 2))
+    expected, expected_grads = _run("reference", [t.detach().double().requires_grad_()
+                                                  for t in inputs], True, False, grad, **kwargs)
+    errors = []
+    with _tf32(tf32):
+        out, grads = _run("triton", inputs, True, False, grad, **kwargs)
+        for name, g, e in zip(("out", "q", "k", "v", "table"), (out, *grads),
+                              (expected, *expected_grads)):
+            atol, rtol = _tol("triton", torch.float32, e, summed=name == "table")
+            torch.testing.assert_close(g.double(), e, atol=atol, rtol=rtol,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+            errors.append(((g.double() - e).abs().max() / e.abs().max()).item())
+    if tf32:
+        assert max(errors) > 1e-5, errors
+    else:
+        assert max(errors) < 2e-6, errors

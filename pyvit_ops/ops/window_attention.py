@@ -1,4 +1,4 @@
-"""``pyvit_ops.window_attention``: Swin W-MSA / SW-MSA, fused (SPEC §2).
+"""``pyvit_ops.window_attention``: Swin W-MSA / SW-MSA, fused.
 
 Backends: "reference" (``pyvit_ops.reference.window_attention``, differentiable
 PyTorch), "triton" (``pyvit_ops.kernels.window_attention``) and "cuda" (the C++
@@ -30,7 +30,9 @@ def _triton_module():
 CUDA_MAX_WINDOW_AREA = 64
 
 
-def _reasons(backend, q, k, v, table, pad_kv, window_size):
+def _reasons(backend, q, k, v, table, pad_kv, window_size, packed=False):
+    """Why ``backend`` cannot run the call; ``packed``: q, k, v are slices of one qkv,
+    whose gradient the kernels write as one packed tensor."""
     tensors = [q, k, v, table, *(pad_kv or ())]
     reasons = _backend.common_reasons(backend, _OP, tensors=tensors)
     D = q.shape[-1]
@@ -48,6 +50,7 @@ def _reasons(backend, q, k, v, table, pad_kv, window_size):
             reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
                            f"{kernels.MAX_WINDOW_AREA}: the Triton kernels are built and checked "
                            "for windows up to 16x16")
+        reasons += kernels.int32_reasons(q, k, v, packed)
     if backend == "cuda" and area > CUDA_MAX_WINDOW_AREA:
         reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
                        f"{CUDA_MAX_WINDOW_AREA}: the CUDA kernel holds a whole window in one "
@@ -263,24 +266,17 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float or None, got {scale!r}")
-    elif scale == 0 or not math.isfinite(scale):
+    # Comparisons, not math.isfinite / isnan: torch.compile(dynamic=True) traces the
+    # float arguments as symbolic floats, which math's functions cannot take. NaN fails
+    # every comparison.
+    elif scale == 0 or not -math.inf < scale < math.inf:
         raise ValueError(f"scale: expected a nonzero finite float, got {scale}")
     if isinstance(mask_value, bool) or not isinstance(mask_value, (int, float)):
         raise TypeError(f"mask_value: expected a float (timm: -100.0), got {mask_value!r}")
-    if math.isnan(mask_value) or mask_value == math.inf:
+    if not mask_value < math.inf:
         raise ValueError("mask_value: expected a number below +inf (timm: -100.0), "
                          f"got {mask_value}")
     return (wh, ww), (sh, sw), pad_k, pad_v, float(scale), float(mask_value)
-
-
-def _fp32_order(q):
-    """Automatic order for float32 inputs: the Triton kernel's float32 products are TF32
-    (10 mantissa bits), the CUDA kernel's are full float32 FMAs, so Triton goes first
-    only when the user allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``,
-    off by default in torch); otherwise the default ``PRIORITY`` order."""
-    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return ("cuda", "triton")
-    return None
 
 
 def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
@@ -307,9 +303,13 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     mask_value: added between tokens of different shift regions (timm: -100.0).
     Table and pads may be in q's dtype or float32. Gradients flow to q, k, v, the
     table and the pads, deterministically (no atomics) on every backend.
-    backend: None (automatic), "reference", "triton" or "cuda". The Triton kernels
-    run the products of float32 inputs on TF32 tensor cores (~1e-3 relative error
-    on the scores); "reference" keeps full float32.
+    backend: None (automatic: Triton first on CUDA tensors of every dtype), "reference",
+    "triton" or "cuda". Float32 inputs get float32-grade products on every backend:
+    the Triton kernels run them as 3xTF32 on tensor cores, the CUDA kernel as float32
+    FMAs; only when torch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or the legacy
+    ``allow_tf32``) do the Triton kernels run plain TF32 (~1e-3 relative error on the
+    scores), as torch's own matmuls then do. The flag is read at every call.
     Under ``torch.autocast`` (any device type) q, k, v are cast to the autocast dtype
     and the operator runs in it (float32 scores and softmax, output in that dtype);
     a float32 table and pads are read as is: fp32 masters with fp32 gradients.
@@ -350,8 +350,9 @@ def _window_attention(tokens, table, window_size, shift_size, scale, pad_kv, mas
     window_size, shift_size, pad_k, pad_v, scale, mask_value = _check_args(
         q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value)
     backend = _backend.choose(
-        _OP, backend, lambda b: _reasons(b, q, k, v, table, pad_kv, window_size),
-        device=q.device, order=_fp32_order(q))
+        _OP, backend,
+        lambda b: _reasons(b, q, k, v, table, pad_kv, window_size, packed=len(tokens) == 1),
+        device=q.device)
     if backend == "reference":
         return reference.window_attention(
             q, k, v, table, window_size=window_size, shift_size=shift_size, scale=scale,

@@ -1,4 +1,4 @@
-"""Reference Swin window attention (SPEC §2): plain, vectorised, differentiable PyTorch.
+"""Reference Swin window attention: plain, vectorised, differentiable PyTorch.
 
 Follows timm's ``SwinTransformerBlock._attn`` + ``WindowAttention`` (timm >= 1.0):
 

@@ -317,7 +317,8 @@ def window_cases(draw):
         # The window tests' fixed fp32 atol holds for logits up to ~2x timm's scale
         # D ** -0.5: scale 1 at D = 32 gives |dq| ~ 10 and errors of 2e-5 (PyTorch's own:
         # 4e-6), 0.37 at D = 96 errors of 1.6e-5 on the cuda backend.
-        scale=draw(st.sampled_from((None, 2 * d ** -0.5))),
+        # Negative scales flip every score: padded key slots must stay -inf.
+        scale=draw(st.sampled_from((None, 2 * d ** -0.5, -(d ** -0.5)))),
         mask_value=draw(st.sampled_from((-100.0, -2.5, float("-inf")))),
         layout=draw(st.sampled_from(WINDOW_LAYOUTS)), strided_dout=draw(st.booleans()),
         seed=draw(_seeds))
@@ -349,13 +350,15 @@ def elsa_cases(draw):
 
 @st.composite
 def pool_cases(draw):
-    """PoolFormer's ``pool(x) - x`` (odd kernels 1..7) or a general pooling (kernel
+    """PoolFormer's ``pool(x) - x`` (odd kernels 1..7 per axis, square or not: the
+    centre tap's row and column offsets differ only then) or a general pooling (kernel
     1..7 per axis, stride 1..3, padding 0..k // 2), on grids down to a single pixel
     and smaller than the kernel, in every memory layout."""
     subtract_input = draw(st.booleans())
     if subtract_input:
         k = draw(st.sampled_from((3, 5, 7, 1)))
-        kernel_size, stride, padding = (k, k), (1, 1), None
+        kernel_size = (k, draw(st.sampled_from((k, 3, 5, 7, 1))))
+        stride, padding = (1, 1), None
     else:
         kernel_size = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
         stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
