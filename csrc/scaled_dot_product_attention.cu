@@ -4,8 +4,11 @@
 // tiles of q/k/v in shared memory as fp32; everything accumulates in fp32.
 //
 // Forward: a block per (batch, 16-query tile) walks the keys 32 at a time with an online
-// softmax (log2 domain) and saves lse (natural log; +inf for a row with every key
-// masked, which makes every recomputed probability 0, as torch gives zeros).
+// softmax and saves each row's max logit m and log2 of its sum l, apart (m + log(l) in
+// one float would lose log(l) next to a large |m|, e.g. a -1e9 mask); m = +inf for a row
+// with every key masked, which makes every recomputed probability 0, as torch gives
+// zeros. Logits stay in natural units; only differences (logit - m <= 0) are scaled to
+// log2 units for exp2, so finite logits near the float32 limit do not overflow.
 // Backward, deterministic (no atomics; every output element has one owner that sums in
 // a fixed order): delta = rowsum(dout * out); a key-major kernel for dk/dv looping over
 // the query tiles; a query-major kernel for dq looping over the key tiles; and, for a
@@ -23,7 +26,6 @@ namespace sdpa {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Tile sizes per padded head dim DP, sized so that each kernel's fp32 tiles fit in the
 // 48 KB of static shared memory. K/V rows are padded by one float: the score loops read
@@ -54,8 +56,9 @@ PV_DEVICE std::uint32_t philox_first(std::uint32_t c0, std::uint32_t c1, std::ui
 
 PV_DEVICE bool dropout_keep(const SdpaParams& p, std::int64_t z, int row, int col) {
   const auto offset = static_cast<std::uint32_t>(row * p.Nk + col);
-  return philox_first(offset, static_cast<std::uint32_t>(z), static_cast<std::uint32_t>(p.seed),
-                      static_cast<std::uint32_t>(p.seed >> 32)) >= p.dropout_threshold;
+  const auto seed = static_cast<std::uint64_t>(__ldg(p.seed));
+  return philox_first(offset, static_cast<std::uint32_t>(z), static_cast<std::uint32_t>(seed),
+                      static_cast<std::uint32_t>(seed >> 32)) >= p.dropout_threshold;
 }
 
 // The bias term of logit (row, col) in natural units: the float bias, or 0 / -inf for a
@@ -134,7 +137,6 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
   const T* v = static_cast<const T*>(p.v) + z1 * p.v_stride[0] + z2 * p.v_stride[1];
   load_tile<BM, DP, DP>(qs, q, p.q_stride[2], p.q_stride[3], row0, p.Nq, p.D);
 
-  const float qk_scale = p.scale * kLog2e;
   float m[RPW], l[RPW];
   for (int r = 0; r < RPW; ++r) m[r] = -INFINITY, l[r] = 0.f;
   const int oi = tid / 8, od = tid % 8;  // the output row and column phase of the thread
@@ -144,12 +146,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
     load_tile<BN, DP, DP + 1>(ks, k, p.k_stride[2], p.k_stride[3], col0, p.Nk, p.D);
     load_tile<BN, DP, DP>(vs, v, p.v_stride[2], p.v_stride[3], col0, p.Nk, p.D);
     __syncthreads();
-    for (int e = tid; e < BM * BN; e += kThreads) {  // logits, log2 units
+    for (int e = tid; e < BM * BN; e += kThreads) {  // logits
       const int i = e / BN, j = e % BN, row = row0 + i, col = col0 + j;
       float s = -INFINITY;
       if (row < p.Nq && col < p.Nk) {
-        s = dot_row<DP>(qs + i * DP, ks + j * (DP + 1)) * qk_scale;
-        if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col) * kLog2e;
+        s = dot_row<DP>(qs + i * DP, ks + j * (DP + 1)) * p.scale;
+        if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col);
       }
       ps[i * (BN + 1) + j] = s;
     }
@@ -160,8 +162,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
       const float m_new = fmaxf(m[r], warp_max(s));
       // A row with every key masked so far keeps m = -inf: shift by 0, not inf - inf.
       const float m_ref = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m[r] - m_ref);
-      float prob = exp2f(s - m_ref);
+      const float alpha = exp2f((m[r] - m_ref) * kLog2e);
+      float prob = exp2f((s - m_ref) * kLog2e);
       l[r] = l[r] * alpha + warp_sum(prob);
       m[r] = m_new;
       if (p.dropout && !dropout_keep(p, z, row0 + i, col0 + lane)) prob = 0.f;
@@ -182,7 +184,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
       const int i = warp * RPW + r;
       l_s[i] = l[r];
       if (row0 + i < p.Nq) {
-        p.lse[z * p.Nq + row0 + i] = l[r] == 0.f ? INFINITY : (m[r] + log2f(l[r])) * kLn2;
+        float* stats = p.lse + (z * p.Nq + row0 + i) * 2;
+        stats[0] = l[r] == 0.f ? INFINITY : m[r];
+        stats[1] = log2f(l[r] == 0.f ? 1.f : l[r]);
       }
     }
   }
@@ -223,7 +227,7 @@ template <int DP, int BM, int BN>
 struct BwdTiles {
   float qs[BM * DP], dos[BM * DP], ks[BN * (DP + 1)], vs[BN * (DP + 1)];
   float ps[BM * (BN + 1)], dss[BM * (BN + 1)];
-  float lse[BM], delta[BM];  // lse in log2 units
+  float m[BM], log2_l[BM], delta[BM];  // the forward's row max and log2 of the row sum
 };
 
 template <int DP, int BM, int BN, typename T>
@@ -236,7 +240,8 @@ PV_DEVICE void load_queries(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::i
                         p.do_stride[2], p.do_stride[3], row0, p.Nq, p.D);
   for (int i = threadIdx.x; i < BM; i += kThreads) {
     const bool valid = row0 + i < p.Nq;
-    t.lse[i] = valid ? p.lse[z * p.Nq + row0 + i] * kLog2e : INFINITY;
+    t.m[i] = valid ? p.lse[(z * p.Nq + row0 + i) * 2] : INFINITY;
+    t.log2_l[i] = valid ? p.lse[(z * p.Nq + row0 + i) * 2 + 1] : 0.f;
     t.delta[i] = valid ? p.delta[z * p.Nq + row0 + i] : 0.f;
   }
 }
@@ -256,14 +261,13 @@ PV_DEVICE void load_keys(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, int z1, i
 template <int DP, int BM, int BN, typename T>
 PV_DEVICE void probs_and_dscores(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::int64_t z,
                                  int z1, int z2, int row0, int col0) {
-  const float qk_scale = p.scale * kLog2e;
   for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
     const int i = e / BN, j = e % BN, row = row0 + i, col = col0 + j;
     float pv = 0.f, ds = 0.f;
     if (row < p.Nq && col < p.Nk) {
-      float s = dot_row<DP>(t.qs + i * DP, t.ks + j * (DP + 1)) * qk_scale;
-      if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col) * kLog2e;
-      const float prob = exp2f(s - t.lse[i]);
+      float s = dot_row<DP>(t.qs + i * DP, t.ks + j * (DP + 1)) * p.scale;
+      if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col);
+      const float prob = exp2f((s - t.m[i]) * kLog2e - t.log2_l[i]);
       float dp = dot_row<DP>(t.dos + i * DP, t.vs + j * (DP + 1));
       pv = prob;
       if (p.dropout) {
@@ -473,7 +477,8 @@ cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& p, cudaStream_t s
     if (error != cudaSuccess) return error;
     PV_LAUNCH((sdpa::dkdv_kernel<T, DP>), dim3(static_cast<unsigned>(ceil_div(p.Nk, Tiles::kKvN) * z)),
               block, 0, stream, p);
-    if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    // (one key: the logits' gradient is zero, the caller writes dq)
+    if ((error = cudaGetLastError()) != cudaSuccess || p.Nk == 1) return error;
     const std::int64_t num_m = ceil_div(p.Nq, Tiles::kQM), num_n = ceil_div(p.Nk, Tiles::kQN);
     PV_LAUNCH((sdpa::dq_kernel<T, DP>), dim3(static_cast<unsigned>(num_m * z)), block, 0, stream, p);
     if ((error = cudaGetLastError()) != cudaSuccess || p.dbias == nullptr) return error;

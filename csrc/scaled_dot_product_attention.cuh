@@ -12,11 +12,14 @@ enum class SdpaBias : std::uint8_t { kNone, kBool, kFloat32, kSameAsQ };
 
 // Tensors are (Z1, Z2, N, D) (bias (Z1, Z2, Nq, Nk)), read through strides in elements
 // (z1, z2, row, col order); broadcast bias dims have stride 0. Output out is contiguous,
-// dq, dk, dv are written through dq_stride / dk_stride / dv_stride; lse and delta are
-// contiguous fp32 (Z1, Z2, Nq). dbias (float32 or q's dtype, per dbias_f32) is written
+// dq, dk, dv are written through dq_stride / dk_stride / dv_stride; delta is contiguous
+// fp32 (Z1, Z2, Nq), lse contiguous fp32 (Z1, Z2, Nq, 2): each row's max logit and log2
+// of its sum of exponentials. dbias (float32 or q's dtype, per dbias_f32) is written
 // through db_stride, 0 on the dims it is reduced over.
 // Dropout keeps element (z, i, j) when the first Philox-4x32-10 output for counter
-// (i * Nk + j, z, 0, 0) and key (seed low, seed high) is >= dropout_threshold.
+// (i * Nk + j, z, 0, 0) and key (seed low, seed high) is >= dropout_threshold. The
+// kernels read the seed from device memory (*seed): the host never reads it, and a
+// CUDA graph replays the read, not a captured value.
 struct SdpaParams {
   DType dtype = DType::kFloat32;
   SdpaBias bias_kind = SdpaBias::kNone;
@@ -33,7 +36,7 @@ struct SdpaParams {
   float scale = 1.f, dropout_scale = 1.f;
   bool dropout = false;
   std::uint32_t dropout_threshold = 0;
-  std::uint64_t seed = 0;
+  const std::int64_t* seed = nullptr;
   bool dbias_f32 = false;
 };
 
@@ -43,7 +46,9 @@ constexpr int kSdpaMaxHeadDim = 128;
 // Writes out_w (contiguous, q's dtype) and lse.
 cudaError_t scaled_dot_product_attention_fwd(const SdpaParams& params, cudaStream_t stream);
 // Writes delta (scratch), dq, dk, dv and, if dbias is set, dbias (its reduced shape;
-// the caller handles a bias broadcast along the keys, whose gradient is zero).
+// the caller handles a bias broadcast along the keys, whose gradient is zero). With
+// one key (Nk == 1) softmax is constant: dq, dk and dbias are exactly zero, which the
+// caller writes over dk (dq and dbias are not computed).
 cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& params, cudaStream_t stream);
 
 }  // namespace pyvit

@@ -22,7 +22,8 @@ void copy_strides(std::int64_t (&dst)[4], const at::Tensor& t) {
 // Shapes, dtypes, bias and dropout shared by the forward and backward.
 pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const std::optional<at::Tensor>& bias,
-                              double scale, double dropout_p, int64_t seed) {
+                              double scale, double dropout_p,
+                              const std::optional<at::Tensor>& seed) {
   pyvit::SdpaParams p;
   p.dtype = check_float_tensor(op, "q", q, 4);
   TORCH_CHECK_TYPE(check_float_tensor(op, "k", k, 4) == p.dtype &&
@@ -75,18 +76,29 @@ pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Ten
   const float threshold = std::min(static_cast<float>(dropout_p) * 4294967296.0f, 4294967040.0f);
   p.dropout_threshold = static_cast<std::uint32_t>(threshold);
   p.dropout_scale = dropout_p >= 1.0 ? 0.f : static_cast<float>(1.0 / (1.0 - dropout_p));
-  p.seed = static_cast<std::uint64_t>(seed);
+  if (p.dropout) {
+    // The kernels read the seed in device memory: the host never reads it (no sync).
+    TORCH_CHECK_VALUE(seed.has_value(), op,
+                      ": seed: expected a one-element int64 tensor with dropout, got None");
+    TORCH_CHECK_VALUE(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                      ": seed: expected a one-element int64 tensor, got ", seed->scalar_type(),
+                      " of shape ", seed->sizes());
+    check_same_device(op, "seed", *seed, "q", q);
+    p.seed = seed->const_data_ptr<int64_t>();
+  }
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v,
                                             const std::optional<at::Tensor>& bias, double scale,
-                                            double dropout_p, int64_t seed) {
+                                            double dropout_p,
+                                            const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "scaled_dot_product_attention_fwd";
   pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({p.Z1, p.Z2, p.Nq}, q.options().dtype(at::kFloat));
+  // Per row: the max logit and log2 of the sum of exponentials.
+  at::Tensor lse = at::empty({p.Z1, p.Z2, p.Nq, 2}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const DeviceContext context(q);
   p.out_w = out.mutable_data_ptr();
@@ -100,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
 at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                     const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
-                    double dropout_p, int64_t seed, bool bias_requires_grad, at::Tensor& dq,
-                    at::Tensor& dk, at::Tensor& dv) {
+                    double dropout_p, const std::optional<at::Tensor>& seed,
+                    bool bias_requires_grad, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout},
                                 std::pair<const char*, const at::Tensor&>{"out", out}}) {
@@ -110,10 +122,10 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
                       q.sizes(), ", got ", t.sizes());
   }
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                        lse.sizes() == c10::IntArrayRef({p.Z1, p.Z2, p.Nq}) &&
+                        lse.sizes() == c10::IntArrayRef({p.Z1, p.Z2, p.Nq, 2}) &&
                         lse.device() == q.device(),
                     op, ": lse must be a contiguous float32 [", p.Z1, ", ", p.Z2, ", ", p.Nq,
-                    "] tensor on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(),
+                    ", 2] tensor on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(),
                     " strides ", lse.strides(), " on ", lse.device());
   TORCH_CHECK_VALUE(!bias_requires_grad || (bias.has_value() && bias->scalar_type() != at::kBool),
                     op, ": bias_requires_grad needs a float bias");
@@ -133,8 +145,9 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
     for (int d = 0; d < 4; ++d) {
       reduced[d] = bias->stride(d) == 0 && bias->size(d) > 1 ? 1 : bias->size(d);
     }
-    // A bias constant along the keys has a zero gradient (softmax is shift-invariant).
-    const bool zero = empty || (p.b_stride[3] == 0 && p.Nk > 1);
+    // A bias constant along the keys (or a single key) has a zero gradient (softmax is
+    // shift-invariant).
+    const bool zero = empty || p.b_stride[3] == 0 || p.Nk == 1;
     dbias = zero ? at::zeros(reduced, bias->options()) : at::empty(reduced, bias->options());
     if (!zero) {
       p.dbias = dbias.mutable_data_ptr();
@@ -146,7 +159,7 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
     dq.zero_(), dk.zero_(), dv.zero_();
     return dbias;
   }
-  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  at::Tensor delta = at::empty({p.Z1, p.Z2, p.Nq}, lse.options());
   const DeviceContext context(q);
   p.out = out.const_data_ptr(), p.dout = dout.const_data_ptr();
   copy_strides(p.o_stride, out), copy_strides(p.do_stride, dout);
@@ -155,13 +168,19 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
   p.dq = dq.mutable_data_ptr(), p.dk = dk.mutable_data_ptr(), p.dv = dv.mutable_data_ptr();
   copy_strides(p.dq_stride, dq), copy_strides(p.dk_stride, dk), copy_strides(p.dv_stride, dv);
   check_launch(pyvit::scaled_dot_product_attention_bwd(p, context.stream()), op);
+  if (p.Nk == 1) {
+    // One key: softmax is constant, so q and k get an exactly zero gradient (the dS
+    // the kernels would recompute is rounding noise).
+    dq.zero_(), dk.zero_();
+  }
   return dbias;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
-    double scale, double dropout_p, int64_t seed, bool bias_requires_grad) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed,
+    bool bias_requires_grad) {
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), contiguous);
   at::Tensor dk = at::empty(k.sizes(), contiguous);
@@ -174,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
 at::Tensor sdpa_bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                          const std::optional<at::Tensor>& bias, double scale, double dropout_p,
-                         int64_t seed, bool bias_requires_grad, at::Tensor& dq, at::Tensor& dk,
-                         at::Tensor& dv) {
+                         const std::optional<at::Tensor>& seed, bool bias_requires_grad,
+                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   return backward("scaled_dot_product_attention_bwd_into", dout, q, k, v, out, lse, bias, scale,
                   dropout_p, seed, bias_requires_grad, dq, dk, dv);
 }
@@ -185,14 +204,14 @@ at::Tensor sdpa_bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
   m.def(
       "scaled_dot_product_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, "
-      "float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def(
       "scaled_dot_product_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor? bias, float scale, float dropout_p, int seed, "
+      "Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
       "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "scaled_dot_product_attention_bwd_into(Tensor dout, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor lse, Tensor? bias, float scale, float dropout_p, int seed, "
+      "Tensor out, Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
       "bool bias_requires_grad, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor");
 }
 

@@ -6,10 +6,14 @@ bias is None or a ``(Z1, Z2, Nq, Nk)`` view whose broadcast dims have stride 0; 
 float (added to the logits) or bool (True = attend).
 
 Forward: one program per (query block, batch). Online softmax in the exp2 domain,
-fp32 accumulation, ``tl.dot`` for both products. It saves the log-sum-exp of each
-row (natural log, fp32); a row with every key masked gets lse = +inf, so every
-recomputed probability is exp(-inf) = 0 and its output and gradients are 0
-(torch's behaviour).
+fp32 accumulation, ``tl.dot`` for both products. Logits stay in natural units and
+only their differences (logit - row max, never above 0) are scaled to log2 units, so
+finite logits near the float32 limit give finite results. It saves two fp32 numbers
+per row, the row max m and log2 of the row sum l, apart: m + log(l) in one float32
+would lose log(l) next to a large |m| (a row masked with -1e9), and the backward
+would recompute probabilities Nk times too large. A row with every key masked gets
+m = +inf, so every recomputed probability is exp(-inf) = 0 and its output and
+gradients are 0 (torch's behaviour).
 
 Backward, three kernels, no float atomics (deterministic):
 - preprocess: delta = rowsum(dO * O);
@@ -26,17 +30,29 @@ dtype and shape). When that leaves too few programs to fill the GPU, the broadca
 batch is split into chunks whose partial sums (``(chunks, *dbias)``, at most ~2 x SMs
 / blocks of them) are added once, in a fixed order, at the end. No ``(*batch, Nq,
 Nk)`` gradient is ever formed. A bias constant along the keys (stride 0 on Nk) has an
-exactly zero gradient since softmax is shift-invariant: zeros, without a kernel.
+exactly zero gradient since softmax is shift-invariant: zeros, without a kernel. With
+a single key softmax is constant: dq, dk and dbias are exactly zero (no dq kernel).
+
+Offsets: batch offsets are int64; offsets within one batch element (row or key index
+x stride) are int32, except in the OFFS64 variant of each kernel (int64 row and key
+strides), which the launchers pick when a tensor's extent within one batch element
+reaches 2**31 (e.g. q, k, v sliced from a sequence-major (N, B, 3, heads, D)
+projection). Head-dim offsets are int32 in both (the ops layer refuses larger ones).
 
 Dropout: element (z, i, j) (z the flat batch index) is kept when the first output of
 Philox-4x32 for counter (i * Nk + j, z, 0, 0) and key ``seed`` is >= p * 2**32; the
 same function runs in the forward, both backward kernels and ``dropout_keep_mask``.
+The kernels load the seed from a one-element int64 tensor on the inputs' device
+(``Seed``), never from a launch argument: the host never reads it, and a CUDA graph
+replays the load, not a captured value.
 """
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from pyvit_ops.kernels._common import on_tensor_device
 
 # Head dims padded to the next power of two (masked), at most this.
 MAX_HEAD_DIM = 128
@@ -51,28 +67,33 @@ BIAS_NONE, BIAS_FLOAT, BIAS_BOOL = 0, 1, 2
 # static_compile_specs).
 _MAXNREG = 255
 
-# Logits are kept in log2 units inside the kernels (exp2 is the native instruction).
+# exp2 is the native instruction: logit differences are scaled to log2 units for it.
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _add_bias(s, ptrs, mask, BIAS: tl.constexpr):
-    """Logits ``s`` (log2 units) plus a float bias, or -inf where a bool mask is False."""
+    """Logits ``s`` plus a float bias, or -inf where a bool mask is False."""
     if BIAS == 1:
-        s += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * _LOG2E
+        s += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     elif BIAS == 2:
         s = tl.where(tl.load(ptrs, mask=mask, other=1) != 0, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _dropout_keep(seed, z, offsets, dropout_p):
+def _dropout_keep(Seed, z, offsets, dropout_p):
     """Keep mask of the elements ``offsets`` (= row * Nk + col) of batch ``z``: the first
-    Philox-4x32 output for counter (offset, z, 0, 0) against the threshold p * 2**32.
-    32-bit counters keep the hash's register state small."""
+    Philox-4x32 output for counter (offset, z, 0, 0) and key ``*Seed`` against the
+    threshold p * 2**32. 32-bit counters keep the hash's register state small."""
     c0 = offsets.to(tl.uint32, bitcast=True)
     zero = c0 * 0
+    # Loaded here, not once per program: where the loop also stores (dq's dbias) the
+    # load and the Philox key schedule derived from it stay inside the loop; hoisted,
+    # the schedule of a loaded (non-uniform) seed holds ~20 more registers across the
+    # loop (spills at fp32 d128). Volatile would keep it inside every loop, but that
+    # spills the dk/dv kernel at d128.
+    seed = tl.load(Seed)
     r, _, _, _ = tl.philox(seed, c0, zero + z.to(tl.uint32), zero, zero)
     # (the largest fp32 below 2**32: p = 1 gets scale 0 anyway)
     threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
@@ -92,18 +113,44 @@ def _query_program(Nq, Z2, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(Lse, offs, mask):
+    """The forward's (row max, log2 of the row sum) of rows ``offs`` (flat z * Nq + row);
+    +inf and 0 where masked, which give probability 0."""
+    ptrs = Lse + offs * 2
+    return tl.load(ptrs, mask=mask, other=float("inf")), tl.load(ptrs + 1, mask=mask, other=0.0)
+
+
+@triton.jit
+def _probs(s, m, log2_l):
+    """exp(s - m) / l from the forward's row statistics (the difference first: no
+    overflow near the float32 limit)."""
+    return tl.exp2((s - m) * _LOG2E - log2_l)
+
+
+@triton.jit
+def _wide(stride):
+    """A row (or key) stride as int64, so that index x stride cannot overflow (the OFFS64
+    variant: a batch element whose offsets pass 2**31, e.g. sequence-major q, k, v
+    views). Head-dim offsets stay 32-bit (the ops layer refuses larger ones)."""
+    return tl.cast(stride, tl.int64)
+
+
+@triton.jit
 def _scaled_dot_product_attention_fwd_kernel(
         Q, K, V, Bias, Out, Lse,
-        seed, sm_scale, dropout_p, dropout_scale,
+        Seed, sm_scale, dropout_p, dropout_scale,
         stride_qz1, stride_qz2, stride_qm, stride_qd,
         stride_kz1, stride_kz2, stride_kn, stride_kd,
         stride_vz1, stride_vz2, stride_vn, stride_vd,
         stride_bz1, stride_bz2, stride_bm, stride_bn,
         stride_oz1, stride_oz2, stride_om, stride_od,
         Z2, Nq, Nk, D,
-        BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, z, z1, z2 = _query_program(Nq, Z2, BLOCK_M)
+    if OFFS64:
+        stride_qm, stride_kn, stride_vn = _wide(stride_qm), _wide(stride_kn), _wide(stride_vn)
+        stride_bm, stride_bn, stride_om = _wide(stride_bm), _wide(stride_bn), _wide(stride_om)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = rows < Nq
@@ -116,7 +163,6 @@ def _scaled_dot_product_attention_fwd_kernel(
     b_base = Bias + z1 * stride_bz1 + z2 * stride_bz2 + rows[:, None] * stride_bm
     drop_rows = rows[:, None] * Nk
 
-    qk_scale = sm_scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -125,18 +171,18 @@ def _scaled_dot_product_attention_fwd_kernel(
         mask_n = cols < Nk
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
         s = _add_bias(s, b_base + cols[None, :] * stride_bn, mask_m[:, None] & mask_n[None, :],
                       BIAS)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with every key masked so far keep m = -inf; shift them by 0 to avoid inf - inf.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2((m_i - m_ref) * _LOG2E)
+        p = tl.exp2((s - m_ref[:, None]) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, z, drop_rows + cols[None, :], dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(Seed, z, drop_rows + cols[None, :], dropout_p), p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -148,8 +194,9 @@ def _scaled_dot_product_attention_fwd_kernel(
     tl.store(Out + z1 * stride_oz1 + z2 * stride_oz2 + rows[:, None] * stride_om
              + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_ref)) * _LN2)
-    tl.store(Lse + z * Nq + rows, lse, mask=mask_m)
+    stats = Lse + (z * Nq + rows) * 2
+    tl.store(stats, tl.where(empty, float("inf"), m_i), mask=mask_m)
+    tl.store(stats + 1, tl.log2(l_ref), mask=mask_m)
 
 
 @triton.jit
@@ -158,8 +205,10 @@ def _scaled_dot_product_attention_bwd_preprocess_kernel(
         stride_oz1, stride_oz2, stride_om, stride_od,
         stride_dz1, stride_dz2, stride_dm, stride_dd,
         Z2, Nq, D,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, z, z1, z2 = _query_program(Nq, Z2, BLOCK_M)
+    if OFFS64:
+        stride_om, stride_dm = _wide(stride_om), _wide(stride_dm)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < Nq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(Out + z1 * stride_oz1 + z2 * stride_oz2 + rows[:, None] * stride_om
@@ -207,7 +256,7 @@ def _backward_program(n, NG, NB, B_CHUNK, BLOCK: tl.constexpr):
 @triton.jit
 def _scaled_dot_product_attention_bwd_dkdv_kernel(
         Q, K, V, Bias, DO, Lse, Delta, DK, DV, DBias,
-        seed, sm_scale, dropout_p, dropout_scale,
+        Seed, sm_scale, dropout_p, dropout_scale,
         stride_qz1, stride_qz2, stride_qm, stride_qd,
         stride_kz1, stride_kz2, stride_kn, stride_kd,
         stride_vz1, stride_vz2, stride_vn, stride_vd,
@@ -218,17 +267,21 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
         stride_dbs, stride_dbz1, stride_dbz2, stride_dbn,
         Z2, Nq, Nk, D, NG, NB, B_CHUNK,
         BIAS: tl.constexpr, DBIAS: tl.constexpr, BCAST1: tl.constexpr, BCAST2: tl.constexpr,
-        DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk, dv of one key block for each batch of a chunk; with DBIAS, the gradient of
     a bias broadcast over the queries (one value per key), summed over the chunk."""
     cols, g, split, b_start, b_end = _backward_program(Nk, NG, NB, B_CHUNK, BLOCK_N)
+    if OFFS64:
+        stride_qm, stride_kn, stride_vn = _wide(stride_qm), _wide(stride_kn), _wide(stride_vn)
+        stride_bm, stride_bn, stride_dom = _wide(stride_bm), _wide(stride_bn), _wide(stride_dom)
+        stride_dkn, stride_dvn = _wide(stride_dkn), _wide(stride_dvn)
+        stride_dbs, stride_dbn = _wide(stride_dbs), _wide(stride_dbn)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = cols < Nk
     mask_d = offs_d < D
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    qk_scale = sm_scale * _LOG2E
     dcol = tl.zeros([BLOCK_N], tl.float32)
 
     for i in range(0, b_end - b_start):
@@ -254,15 +307,15 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
                         mask=qo_mask, other=0.0)
             do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                          mask=qo_mask, other=0.0)
-            # Padded rows get lse = +inf, hence probability 0.
-            lse = tl.load(Lse + z * Nq + rows, mask=mask_m, other=float("inf"))
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            # Padded rows get row max +inf, hence probability 0.
+            m, log2_l = _row_stats(Lse, z * Nq + rows, mask_m)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale
             st = _add_bias(st, b_base + rows[None, :] * stride_bm + cols[:, None] * stride_bn,
                            mask_n[:, None] & mask_m[None, :], BIAS)
-            pt = tl.exp2(st - lse[None, :] * _LOG2E)
+            pt = _probs(st, m[None, :], log2_l[None, :])
             # (this order of the products is the one measured spill-free in every config)
             if DROPOUT:
-                keep = _dropout_keep(seed, z, rows[None, :] * Nk + cols[:, None], dropout_p)
+                keep = _dropout_keep(Seed, z, rows[None, :] * Nk + cols[:, None], dropout_p)
                 pdt = tl.where(keep, pt * dropout_scale, 0.0)
             else:
                 pdt = pt
@@ -290,7 +343,7 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
 @triton.jit
 def _scaled_dot_product_attention_bwd_dq_kernel(
         Q, K, V, Bias, DO, Lse, Delta, DQ, DBias,
-        seed, sm_scale, dropout_p, dropout_scale,
+        Seed, sm_scale, dropout_p, dropout_scale,
         stride_qz1, stride_qz2, stride_qm, stride_qd,
         stride_kz1, stride_kz2, stride_kn, stride_kd,
         stride_vz1, stride_vz2, stride_vn, stride_vd,
@@ -301,7 +354,7 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
         Z2, Nq, Nk, D, NG, NB, B_CHUNK,
         BIAS: tl.constexpr, DBIAS: tl.constexpr, DBIAS_DIRECT: tl.constexpr,
         BCAST1: tl.constexpr, BCAST2: tl.constexpr,
-        DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq of one query block for each batch of a chunk; with DBIAS, the gradient of a
     bias with a query axis, summed over the chunk's batches in an fp32 buffer that only
@@ -309,12 +362,16 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
     DBIAS_DIRECT (one batch index, no split: its ds is the gradient) DBias is dbias
     itself, stored once in the bias dtype: no fp32 buffer and no cast pass."""
     rows, g, split, b_start, b_end = _backward_program(Nq, NG, NB, B_CHUNK, BLOCK_M)
+    if OFFS64:
+        stride_qm, stride_kn, stride_vn = _wide(stride_qm), _wide(stride_kn), _wide(stride_vn)
+        stride_bm, stride_bn, stride_dom = _wide(stride_bm), _wide(stride_bn), _wide(stride_dom)
+        stride_dqm, stride_dbs = _wide(stride_dqm), _wide(stride_dbs)
+        stride_dbm, stride_dbn = _wide(stride_dbm), _wide(stride_dbn)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = rows < Nq
     mask_d = offs_d < D
     qo_mask = mask_m[:, None] & mask_d[None, :]
-    qk_scale = sm_scale * _LOG2E
 
     for i in range(0, b_end - b_start):
         z1, z2 = _batch_coords(g, b_start + i, Z2, BCAST1, BCAST2)
@@ -323,7 +380,7 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
                     + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
         do = tl.load(DO + z1 * stride_doz1 + z2 * stride_doz2 + rows[:, None] * stride_dom
                      + offs_d[None, :] * stride_dod, mask=qo_mask, other=0.0)
-        lse = tl.load(Lse + z * Nq + rows, mask=mask_m, other=float("inf")) * _LOG2E
+        m, log2_l = _row_stats(Lse, z * Nq + rows, mask_m)
         delta = tl.load(Delta + z * Nq + rows, mask=mask_m, other=0.0)
         k_base = K + z1 * stride_kz1 + z2 * stride_kz2
         v_base = V + z1 * stride_vz1 + z2 * stride_vz2
@@ -339,15 +396,15 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
                         mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
             s = _add_bias(s, b_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
                           tile_mask, BIAS)
-            # Padded keys: -inf (probability 0); else exp2(0 - lse) could even overflow.
+            # Padded keys: -inf (probability 0); else exp(0 - m) could even overflow.
             s = tl.where(mask_n[None, :], s, float("-inf"))
-            p = tl.exp2(s - lse[:, None])
+            p = _probs(s, m[:, None], log2_l[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, z, rows[:, None] * Nk + cols[None, :], dropout_p)
+                keep = _dropout_keep(Seed, z, rows[:, None] * Nk + cols[None, :], dropout_p)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -367,10 +424,10 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _scaled_dot_product_attention_dropout_mask_kernel(Keep, seed, dropout_p, numel, nq_nk,
+def _scaled_dot_product_attention_dropout_mask_kernel(Keep, Seed, dropout_p, numel, nq_nk,
                                                       BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(seed, offs // nq_nk, (offs % nq_nk).to(tl.int32), dropout_p)
+    keep = _dropout_keep(Seed, offs // nq_nk, (offs % nq_nk).to(tl.int32), dropout_p)
     tl.store(Keep + offs, keep.to(tl.uint8), mask=offs < numel)
 
 
@@ -392,13 +449,16 @@ def _precision(dtype):
 # operand in two) and head dim 128 need the smallest tiles. ptxas's allocation is not
 # monotonic in the tile size: the backward configs are measured points, not a rule.
 
-def _fwd_config(Nq, block_d, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+def _fwd_config(Nq, block_d, dtype, offs64=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel; ``offs64``: the
+    64-bit-offset variant."""
     if dtype == torch.float32:
         return (16, 32, 4, 2) if Nq <= 16 or block_d >= 64 else (64, 32, 4, 2)
     if Nq <= 16:  # CaiT class attention (Nq = 1): the smallest tl.dot tile
         return 16, 64, 4, 2
     block_n = 32 if block_d == 128 else 64
+    if offs64:  # (64-bit K / V tile offsets spill at 64 x 64 (d64), 64 x 32 (d128) on sm_80)
+        block_n //= 2
     # ViT N = 197 / 577: 128 queries per program (8 warps); K/V tiles are reused from L2
     # by the two or five query blocks of a head, which run next to each other.
     return (64, block_n, 4, 2) if Nq <= 64 else (128, block_n, 8, 2)
@@ -437,6 +497,20 @@ def _bias_args(bias, like):
     return bias, bias.stride(), BIAS_FLOAT
 
 
+# Offsets within one batch element from this on need the kernels' OFFS64 variant
+# (int64 row / key x stride products); the batch offsets are int64 in every variant,
+# head-dim offsets int32 in every variant (the ops layer refuses larger ones).
+_INT32_OFFSETS = 2 ** 31
+
+
+def _offs64(*tensors):
+    """Whether an offset within one batch element (all dims but the two batch dims, the
+    4th and 3rd from last) of one of ``tensors`` reaches ``_INT32_OFFSETS``."""
+    return any(sum((n - 1) * abs(st) for i, (n, st) in enumerate(zip(t.shape, t.stride()))
+                   if i not in (t.dim() - 4, t.dim() - 3) and n > 0) >= _INT32_OFFSETS
+               for t in tensors if t is not None)
+
+
 def _check_inputs(q, k, v, bias):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v: expected 4-D (Z1, Z2, N, D) tensors, got shapes "
@@ -453,24 +527,45 @@ def _check_inputs(q, k, v, bias):
     return Z1, Z2, Nq, Nk, D
 
 
-def _dropout_args(dropout_p, seed, Nq, Nk):
-    if dropout_p > 0.0 and Nq * Nk >= 2 ** 31:
+def _check_seed(seed, device=None):
+    """``seed``: a one-element int64 tensor, on ``device`` unless it is None."""
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
+            and seed.numel() == 1 and device in (None, seed.device)):
+        got = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)} on {seed.device}"
+               if isinstance(seed, torch.Tensor) else type(seed).__name__)
+        where = "" if device is None else f" on {device}"
+        raise ValueError(f"seed: expected a one-element int64 tensor{where}, got {got}")
+
+
+def _dropout_args(dropout_p, seed, q, Nk):
+    """(DROPOUT, the Seed tensor, p, 1 / (1 - p)). Without dropout no kernel reads Seed:
+    q stands in for it (as for an absent bias)."""
+    if dropout_p <= 0.0:
+        return False, q, 0.0, 1.0
+    Nq = q.shape[2]
+    if Nq * Nk >= 2 ** 31:
         raise ValueError(f"dropout: Nq * Nk must be < 2**31, got {Nq} * {Nk}")
+    _check_seed(seed, q.device)
     scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-    return dropout_p > 0.0, int(seed) if seed is not None else 0, float(dropout_p), scale
+    return True, seed, float(dropout_p), scale
 
 
+@on_tensor_device
 def scaled_dot_product_attention_fwd(q, k, v, bias, scale, dropout_p=0.0, seed=None):
-    """Forward launcher: returns ``(out (Z1, Z2, Nq, D) in q's dtype, lse (Z1, Z2, Nq) fp32)``."""
+    """Forward launcher: returns ``(out (Z1, Z2, Nq, D) in q's dtype, lse (Z1, Z2, Nq, 2)
+    fp32)``, lse holding each row's max logit and log2 of its sum of exponentials (see
+    the module docstring). ``seed``: with dropout, a one-element int64 tensor on q's
+    device."""
     Z1, Z2, Nq, Nk, D = _check_inputs(q, k, v, bias)
     out = torch.empty((Z1, Z2, Nq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((Z1, Z2, Nq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((Z1, Z2, Nq, 2), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     block_d = _block_d(D)
-    block_m, block_n, warps, stages = _fwd_config(Nq, block_d, q.dtype)
+    offs64 = _offs64(q, k, v, bias, out)
+    block_m, block_n, warps, stages = _fwd_config(Nq, block_d, q.dtype, offs64)
     bias_t, bs, bias_kind = _bias_args(bias, q)
-    use_dropout, seed, dropout_p, dropout_scale = _dropout_args(dropout_p, seed, Nq, Nk)
+    use_dropout, seed, dropout_p, dropout_scale = _dropout_args(dropout_p, seed, q, Nk)
     grid = (triton.cdiv(Nq, block_m) * Z1 * Z2,)
     _scaled_dot_product_attention_fwd_kernel[grid](
         q, k, v, bias_t, out, lse,
@@ -478,7 +573,7 @@ def scaled_dot_product_attention_fwd(q, k, v, bias, scale, dropout_p=0.0, seed=N
         *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
         Z2, Nq, Nk, D,
         BIAS=bias_kind, DROPOUT=use_dropout, PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        OFFS64=offs64, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages, maxnreg=_MAXNREG)
     return out, lse
 
@@ -512,6 +607,7 @@ class _BatchPlan:
         return dict(BCAST1=self.bcast1, BCAST2=self.bcast2)
 
 
+@on_tensor_device
 def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p=0.0,
                                      seed=None, bias_requires_grad=False, grads=None):
     """Backward launcher: returns ``(dq, dk, dv, dbias)``: new contiguous tensors, or
@@ -526,8 +622,9 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     if tuple(dout.shape) != (Z1, Z2, Nq, D) or tuple(out.shape) != (Z1, Z2, Nq, D):
         raise ValueError(f"dout, out: expected shape {(Z1, Z2, Nq, D)}, got "
                          f"{tuple(dout.shape)}, {tuple(out.shape)}")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != (Z1, Z2, Nq) or not lse.is_contiguous():
-        raise ValueError(f"lse: expected a contiguous float32 ({Z1}, {Z2}, {Nq}) tensor, "
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (Z1, Z2, Nq, 2) or \
+            not lse.is_contiguous():
+        raise ValueError(f"lse: expected a contiguous float32 ({Z1}, {Z2}, {Nq}, 2) tensor, "
                          f"got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
     if bias_requires_grad and (bias is None or bias.dtype == torch.bool):
         raise ValueError("bias_requires_grad: needs a float bias")
@@ -543,15 +640,15 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
 
     block_d = _block_d(D)
     bias_t, bs, bias_kind = _bias_args(bias, q)
-    use_dropout, seed, dropout_p, dropout_scale = _dropout_args(dropout_p, seed, Nq, Nk)
+    use_dropout, seed, dropout_p, dropout_scale = _dropout_args(dropout_p, seed, q, Nk)
     common = dict(BIAS=bias_kind, DROPOUT=use_dropout, PRECISION=_precision(q.dtype),
                   BLOCK_D=block_d)
     scalars = (seed, float(scale), dropout_p, dropout_scale)
 
-    delta = torch.empty_like(lse)
+    delta = torch.empty(lse.shape[:-1], device=q.device, dtype=torch.float32)
     _scaled_dot_product_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, 64) * Z1 * Z2,)](
         out, dout, delta, *out.stride(), *dout.stride(), Z2, Nq, D,
-        BLOCK_M=64, BLOCK_D=block_d, num_warps=4)
+        OFFS64=_offs64(out, dout), BLOCK_M=64, BLOCK_D=block_d, num_warps=4)
 
     dq_m, dq_n, dq_warps, dq_stages = _dq_config(Nq, block_d, q.dtype)
     kv_m, kv_n, kv_warps, kv_stages = _dkdv_config(block_d, q.dtype)
@@ -560,9 +657,9 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     kv_plan = _BatchPlan(Z1, Z2, blocks=num_n)
     column = tile = direct = False
     db_buf, db_strides = q, (0, 0, 0, 0, 0)
-    # A bias constant along the keys (stride 0 on Nk) has an exactly zero gradient
-    # (softmax is shift-invariant): zeros, without a kernel.
-    if bias_requires_grad and bs[3] == 0 and Nk > 1:
+    # A bias constant along the keys (stride 0 on Nk, or a single key) has an exactly
+    # zero gradient (softmax is shift-invariant): zeros, without a kernel.
+    if bias_requires_grad and (bs[3] == 0 or Nk == 1):
         dbias = _zero_dbias(red_shape, bias)
     elif bias_requires_grad:
         bcast = dict(bcast1=bs[0] == 0 and Z1 > 1, bcast2=bs[1] == 0 and Z2 > 1, device=q.device)
@@ -591,6 +688,8 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
             db_buf = torch.empty((plan.splits,) + red_shape[:2] + (rows, cols),
                                  device=q.device, dtype=torch.float32)
             db_strides = (db_buf.stride(0),) + _reduced_strides(db_buf)
+    common["OFFS64"] = _offs64(q, k, v, bias, dout, dq, dk, dv,
+                               db_buf if column or tile else None)
 
     _scaled_dot_product_attention_bwd_dkdv_kernel[kv_plan.grid](
         q, k, v, bias_t, dout, lse, delta, dk, dv, db_buf, *scalars,
@@ -599,6 +698,12 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
         Z2, Nq, Nk, D, *kv_plan.args(), DBIAS=column, **kv_plan.flags(), **common,
         BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages,
         maxnreg=_MAXNREG)
+    if Nk == 1:
+        # One key: softmax is the constant 1 (0 on a masked row), so the logits get an
+        # exactly zero gradient, and so do q and k (the kernels' dS would be rounding
+        # noise: delta comes from the output rounded to q's dtype).
+        dq.zero_(), dk.zero_()
+        return dq, dk, dv, dbias
     _scaled_dot_product_attention_bwd_dq_kernel[dq_plan.grid](
         q, k, v, bias_t, dout, lse, delta, dq, db_buf, *scalars,
         *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(), *db_strides,
@@ -625,14 +730,17 @@ def _zero_dbias(red_shape, bias):
                                                       dtype=bias.dtype)
 
 
-def dropout_keep_mask(seed, shape, dropout_p, device):
-    """The kernels' dropout keep-mask (bool, True = keep) for a ``(*batch, Nq, Nk)`` attention."""
+@on_tensor_device
+def dropout_keep_mask(seed, shape, dropout_p):
+    """The kernels' dropout keep-mask (bool, True = keep) for a ``(*batch, Nq, Nk)`` attention
+    and ``seed``, a one-element int64 tensor (the launchers' seed); on the seed's device."""
+    _check_seed(seed)
     numel = math.prod(shape)
-    keep = torch.empty(numel, device=device, dtype=torch.uint8)
+    keep = torch.empty(numel, device=seed.device, dtype=torch.uint8)
     block = 1024
     if numel:
         _scaled_dot_product_attention_dropout_mask_kernel[(triton.cdiv(numel, block),)](
-            keep, int(seed), float(dropout_p), numel, shape[-2] * shape[-1], BLOCK=block)
+            keep, seed, float(dropout_p), numel, shape[-2] * shape[-1], BLOCK=block)
     return keep.view(torch.bool).reshape(shape)
 
 
@@ -661,8 +769,6 @@ def _spec(kernel, name, dtype, constexprs, warps, stages, pointers):
             sig[arg] = "constexpr"
         elif arg[0].isupper() and arg not in ("Z2", "Nq", "Nk", "D", "NG", "NB", "B_CHUNK"):
             sig[arg] = pointers.get(arg, "*fp32" if arg in _FP32_POINTERS else "*" + dtype)
-        elif arg == "seed":
-            sig[arg] = "i64"
         elif arg in ("sm_scale", "dropout_p", "dropout_scale"):
             sig[arg] = "fp32"
         else:
@@ -683,7 +789,8 @@ def _spec(kernel, name, dtype, constexprs, warps, stages, pointers):
 
 def static_compile_specs():
     """Every (kernel, tile config, dtype, head-dim bucket) the launchers can pick, each
-    in its lightest and its heaviest feature variant.
+    in its lightest and its heaviest feature variant, the heaviest with 32-bit and with
+    64-bit offsets (OFFS64).
 
     Bias kind, dropout and dbias are constexprs too; compiling all their combinations
     (~600 specs) is too slow for CI, so each config is compiled without them (the
@@ -695,16 +802,20 @@ def static_compile_specs():
     for dtype, dname in _SPEC_DTYPES.items():
         precision = _precision(dtype)
         for block_d in _SPEC_BLOCK_D:
-            specs.append(_spec(
-                _scaled_dot_product_attention_bwd_preprocess_kernel,
-                f"sdpa_bwd_preprocess_d{block_d}_{dname}", dname,
-                dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1, {}))
-            for heavy in (False, True):
-                tag = f"d{block_d}_{'heavy' if heavy else 'light'}_{dname}"
+            for offs64 in (False, True):
+                specs.append(_spec(
+                    _scaled_dot_product_attention_bwd_preprocess_kernel,
+                    f"sdpa_bwd_preprocess_d{block_d}{'_offs64' if offs64 else ''}_{dname}",
+                    dname, dict(OFFS64=offs64, BLOCK_M=64, BLOCK_D=block_d), 4, 1, {}))
+            for variant in ("light", "heavy", "heavy64"):
+                heavy, offs64 = variant != "light", variant == "heavy64"
+                tag = f"d{block_d}_{variant}_{dname}"
                 common = dict(BIAS=BIAS_FLOAT if heavy else BIAS_NONE, DROPOUT=heavy,
-                              PRECISION=precision, BLOCK_D=block_d)
-                pointers = {"Bias": "*fp32" if heavy else "*" + dname, "DBias": "*fp32"}
-                for bm, bn, warps, stages in sorted({_fwd_config(nq, block_d, dtype)
+                              PRECISION=precision, OFFS64=offs64, BLOCK_D=block_d)
+                # (without dropout the launchers pass q for the unread Seed)
+                pointers = {"Bias": "*fp32" if heavy else "*" + dname, "DBias": "*fp32",
+                            "Seed": "*i64" if heavy else "*" + dname}
+                for bm, bn, warps, stages in sorted({_fwd_config(nq, block_d, dtype, offs64)
                                                      for nq in _SPEC_NQ}):
                     specs.append(_spec(
                         _scaled_dot_product_attention_fwd_kernel,
@@ -725,10 +836,12 @@ def static_compile_specs():
                                                          for nq in _SPEC_NQ}):
                         spec = _spec(
                             _scaled_dot_product_attention_bwd_dq_kernel,
-                            f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_d{block_d}_direct_{dname}", dname,
+                            f"sdpa_bwd_dq_m{bm}n{bn}w{warps}_d{block_d}_direct"
+                            f"{'64' if offs64 else ''}_{dname}", dname,
                             dict(common, BCAST1=False, BCAST2=False, DBIAS=True,
                                  DBIAS_DIRECT=True, BLOCK_M=bm, BLOCK_N=bn),
-                            warps, stages, {"Bias": "*" + dname, "DBias": "*" + dname})
+                            warps, stages,
+                            {"Bias": "*" + dname, "DBias": "*" + dname, "Seed": "*i64"})
                         spec["divisible_by_16"] = [a for a in spec["divisible_by_16"]
                                                    if not a.startswith("stride_db")]
                         specs.append(spec)
@@ -739,5 +852,6 @@ def static_compile_specs():
                     dict(common, **bcast, DBIAS=heavy, BLOCK_M=bm, BLOCK_N=bn),
                     warps, stages, pointers))
     specs.append(_spec(_scaled_dot_product_attention_dropout_mask_kernel,
-                       "sdpa_dropout_mask", "u8", dict(BLOCK=1024), 4, 1, {"Keep": "*u8"}))
+                       "sdpa_dropout_mask", "u8", dict(BLOCK=1024), 4, 1,
+                       {"Keep": "*u8", "Seed": "*i64"}))
     return specs

@@ -107,6 +107,8 @@ BAD_CALLS = [
     _row(_sdpa, dict(attn_bias=_r(3, 5, dtype=torch.float16)), TypeError,
          "attn_bias: expected dtype bool, float32"),
     _row(_sdpa, dict(scale="0.5"), TypeError, "scale: expected a float"),
+    _row(_sdpa, dict(scale=float("nan")), ValueError, "scale: expected a finite float"),
+    _row(_sdpa, dict(scale=float("inf")), ValueError, "scale: expected a finite float"),
     _row(_sdpa, dict(dropout_p=1.5), ValueError, "dropout_p: expected a float in [0, 1]"),
     _row(_sdpa, dict(dropout_p=-0.1), ValueError, "dropout_p: expected a float in [0, 1]"),
     _row(_sdpa, dict(dropout_p="0.1"), TypeError, "dropout_p: expected a float"),

@@ -31,6 +31,7 @@ from hypothesis import example, given
 import pyvit_ops
 from pyvit_ops._backend import BackendUnavailableError
 from pyvit_ops.kernels.scaled_dot_product_attention import dropout_keep_mask
+from pyvit_ops.ops.scaled_dot_product_attention import dropout_seed
 from pyvit_ops.reference.avg_pool2d import output_memory_format as pool_memory_format
 from pyvit_ops.reference.elsa_attention import output_memory_format as elsa_memory_format
 from pyvit_ops.reference.scaled_dot_product_attention import \
@@ -128,29 +129,7 @@ class _KnownBug:
     reason: str
 
 
-KNOWN_BUGS = [
-    _KnownBug(
-        "elsa_attention", ("triton",), ("attn",),
-        lambda c: c.dtype == fp32 and not c.probs and c.kernel_size > 1,
-        "test_regression_elsa_triton_fp32_dattn_at_border",
-        "Triton ELSA backward, fp32: dattn loses precision where taps fall outside the image "
-        "and the centre tap's probability is small (dp is stored relative to the centre tap, "
-        "so dl = p * (dp' - mean') cancels two O(dp_centre) terms): relative error ~ "
-        "eps / p_centre, 3.4e-4 of max |dattn| on a 1x1 grid with K = 7 (cuda: 4e-8)"),
-    _KnownBug(
-        "scaled_dot_product_attention", ("triton", "cuda"), ("q", "k", "bias"),
-        lambda c: c.dropout_p > 0 and c.nk == 1,
-        "test_regression_sdpa_dropout_single_key",
-        "SDPA backward with dropout and one key: dS is exactly 0 (PyTorch's own error: 0), but "
-        "delta = rowsum(dO * O) comes from the output rounded to the input dtype, so dq, dk, "
-        "dbias get rounding noise (fp16: dbias 8.6e-3 over 64 rows; fp32: ~2e-5 > 1e-5)"),
-    _KnownBug(
-        "scaled_dot_product_attention", ("triton",), ("v",),
-        lambda c: c.dtype == bf16 and c.nk == 1,
-        "test_regression_sdpa_triton_bf16_dv_single_key",
-        "Triton SDPA backward, bf16, one key: dv = sum of dO over the queries is 4.7x "
-        "PyTorch's own bf16 error (6.1e-2 vs 1.3e-2 for 16 queries; cuda: within it)"),
-]
+KNOWN_BUGS = []
 
 
 def _known_bug(op, backend, case, error):
@@ -205,9 +184,9 @@ def _assert_close(name, got, want, atol, rtol):
 
 
 def _sdpa_dropout_seed(case):
-    """The seed the operator draws from torch's generator (after manual_seed(case.seed))."""
+    """The seed tensor the operator draws on the CPU (after manual_seed(case.seed))."""
     torch.manual_seed(case.seed)
-    return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
+    return dropout_seed(torch.device("cpu"))
 
 
 def _sdpa_problem(case):
@@ -252,7 +231,7 @@ def _sdpa_problem(case):
 
     keep = None
     if case.dropout_p:
-        keep = dropout_keep_mask(_sdpa_dropout_seed(case), (*b, nq, nk), case.dropout_p, "cpu")
+        keep = dropout_keep_mask(_sdpa_dropout_seed(case), (*b, nq, nk), case.dropout_p)
     scale = d ** -0.5 if case.scale is None else case.scale
 
     def run(t, backend):
@@ -521,22 +500,26 @@ def test_avg_pool2d(backend, case):
 # --------------------------------------------------------------------------- regressions
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[0].reason)
 def test_regression_elsa_triton_fp32_dattn_at_border():
-    """Minimal reproducer found by the fuzz test: one pixel, K = 7, logits, no ghost."""
+    """Found by the fuzz test: one pixel, K = 7, logits, no ghost. Every tap but the centre
+    is outside the image and the centre's probability is small; dattn must not cancel two
+    O(dp_centre) terms (the softmax backward's mean comes from its own fp32 pass)."""
     _check_fuzz("elsa_attention", "triton", ElsaCase(grid=(1, 1), kernel_size=7), _elsa_problem,
                 _elsa_compare, strict=True)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[1].reason)
 def test_regression_sdpa_dropout_single_key(backend):
+    """With one key softmax is constant: dq, dk and dbias are exactly zero (PyTorch's own
+    error is 0), not the rounding noise of dS = p * (dp - delta) with delta taken from
+    the output rounded to fp16."""
     case = SdpaCase(dtype=fp16, batch=(4,), nq=16, nk=1, d=16, bias="float", bias_shape=(1, 1),
                     dropout_p=0.3)
     _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem, _sdpa_compare,
                 strict=True)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[2].reason)
 def test_regression_sdpa_triton_bf16_dv_single_key():
+    """One key: p = exp(s - m) / l recomputes exactly 1, and its bf16 cast (round to
+    nearest, as on the GPU and in the interpreter's model) keeps it 1: dv = sum of dO."""
     _check_fuzz("scaled_dot_product_attention", "triton", SdpaCase(dtype=bf16, nq=16, nk=1, d=16),
                 _sdpa_problem, _sdpa_compare, strict=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pyvit_ops import _backend
 from pyvit_ops.kernels import scaled_dot_product_attention as kernels
+from pyvit_ops.ops import scaled_dot_product_attention as sdpa_ops
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention as sdpa
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention_qkvpacked
 from pyvit_ops.reference.scaled_dot_product_attention import scaled_dot_product_attention as ref
@@ -43,6 +44,21 @@ def backend(request):
     if request.param == "cuda":
         request.getfixturevalue("host_ops")
     return request.param
+
+
+@pytest.fixture(params=["triton", "triton-4sms", "triton-1sms", "cuda"])
+def dbias_backend(request, monkeypatch):
+    """``backend`` for the bias-gradient tests, the Triton one at several SM counts: its
+    launcher splits the batch a bias is broadcast over by the GPU's SM count (the
+    interpreter's default 108 mostly gives one batch index per program); with 4 or 1
+    a program sums several (the dq kernel's tile read-add-write, the dk/dv kernel's
+    per-key registers)."""
+    if request.param == "cuda":
+        request.getfixturevalue("host_ops")
+        return "cuda"
+    if request.param != "triton":
+        monkeypatch.setattr(kernels, "_DEFAULT_SMS", int(request.param[7:-3]))
+    return "triton"
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -217,13 +233,13 @@ def test_kernel_matches_reference(backend, dtype, batch, nq, nk, d, bias_shape):
     (torch.float16, "fp32", (3, 19, 21)),       # float32 bias with half q (torch allows it)
     (torch.float32, "bool", (2, 1, 1, 21)),
 ])
-def test_kernel_bias_broadcast_grads(backend, dtype, bias_kind, bias_shape):
+def test_kernel_bias_broadcast_grads(dbias_backend, dtype, bias_kind, bias_shape):
     torch.manual_seed(0)
     q = _randn(2, 3, 19, 32, dtype=dtype)
     k, v = _randn(2, 3, 21, 32, dtype=dtype), _randn(2, 3, 21, 32, dtype=dtype)
     bias_dtype = torch.float32 if bias_kind == "fp32" else dtype
     _compare_kernel(q, k, v, _bias("bool" if bias_kind == "bool" else "float", bias_shape,
-                                   bias_dtype), dtype, backend)
+                                   bias_dtype), dtype, dbias_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -239,11 +255,11 @@ def test_kernel_float32_bias_and_scale(backend, dtype):
     (torch.float32, 9, 70, 16, 9),      # Nq != Nk, several key blocks
     (torch.bfloat16, 20, 13, 128, 1),   # largest head dim
 ])
-def test_kernel_shapes(backend, dtype, nq, nk, d, bias_rows):
+def test_kernel_shapes(dbias_backend, dtype, nq, nk, d, bias_rows):
     torch.manual_seed(0)
     q = _randn(2, 2, nq, d, dtype=dtype)
     k, v = _randn(2, 2, nk, d, dtype=dtype), _randn(2, 2, nk, d, dtype=dtype)
-    _compare_kernel(q, k, v, _randn(2, 1, bias_rows, nk, dtype=dtype), dtype, backend)
+    _compare_kernel(q, k, v, _randn(2, 1, bias_rows, nk, dtype=dtype), dtype, dbias_backend)
 
 
 def test_triton_vit_197_tokens():
@@ -304,12 +320,51 @@ def test_fold_is_zero_copy_for_packed_qkv():
 
 
 @pytest.mark.parametrize("bias_shape", [(4, 3, 9, 9), (4, 1, 9, 9)])
-def test_kernel_five_dim_batch(backend, bias_shape):
+def test_kernel_five_dim_batch(dbias_backend, bias_shape):
     """(B, windows, heads, N, D); a (nW, 1, N, N) mask needs three batch groups and takes
     the partial-materialisation path."""
     torch.manual_seed(0)
     q, k, v = (_randn(2, 4, 3, 9, 16) for _ in range(3))
-    _compare_kernel(q, k, v, _randn(*bias_shape), torch.float32, backend)
+    _compare_kernel(q, k, v, _randn(*bias_shape), torch.float32, dbias_backend)
+
+
+@pytest.mark.parametrize("value, cols", [
+    (-1e9, slice(None)),                             # a large finite mask value
+    (torch.finfo(torch.float32).min, slice(None)),   # the float32 limit: x log2(e) overflows
+    (3e38, slice(3, 4)),                             # one key near the limit: a one-hot row
+], ids=["-1e9-row", "fp32-min-row", "3e38-entry"])
+def test_kernel_extreme_finite_bias_matches_composition(backend, value, cols):
+    """Finite logits of any size give the float32 composition's finite result. A row
+    whose bias is -1e9 rounds every logit to one value (a uniform row: the mean of v)
+    and its lse, 1e9 + log(Nk) in float32, has lost log(Nk): the backward must still
+    recompute p = 1 / Nk. At the float32 limit the logits must not overflow when
+    scaled to log2 units (zeros or NaN instead of the composition's values)."""
+    torch.manual_seed(0)
+    q, k, v, dout = _randn(2, 2, 5, 16), _randn(2, 2, 7, 16), _randn(2, 2, 7, 16), \
+        _randn(2, 2, 5, 16)
+    bias = _randn(2, 5, 7)
+    bias[:, 1, cols] = value
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(sdpa(q, k, v, bias, backend=backend), expected)
+    got = _grads(lambda *a: sdpa(*a, backend=backend), [q, k, v, bias], dout)
+    expected = _grads(lambda *a: ref(*a), [q, k, v, bias], dout)
+    for name, g, e in zip(["out", "dq", "dk", "dv", "dbias"], got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("bias_shape", [(0, 4, 6), (4, 6)])
+def test_empty_batch_dim_with_bias_grad(backend_name, bias_shape, request):
+    """No heads: empty outputs, an empty q/k/v gradient and a zero (or empty) bias
+    gradient in the bias's shape on every backend."""
+    if backend_name == "cuda":
+        request.getfixturevalue("host_ops")
+    q, k, v = _randn(2, 0, 4, 16), _randn(2, 0, 6, 16), _randn(2, 0, 6, 16)
+    got = _grads(lambda *a: sdpa(*a, backend=backend_name), [q, k, v, _randn(*bias_shape)],
+                 _randn(2, 0, 4, 16))
+    assert [tuple(t.shape) for t in got] == [(2, 0, 4, 16), (2, 0, 4, 16), (2, 0, 6, 16),
+                                            (2, 0, 6, 16), bias_shape]
+    assert (got[-1] == 0).all()
 
 
 def test_kernel_no_keys_gives_zeros_like_torch(backend):
@@ -334,18 +389,88 @@ def test_kernel_bool_mask_with_empty_rows(backend, dtype):
     assert (out[:, :, 3] == 0).all()
 
 
-def test_kernel_dropout_matches_keep_mask(backend):
-    """Both backends drop the elements of ``dropout_keep_mask`` for the seed the public
-    function draws from torch's generator, in the forward and the backward."""
+class _SeedSpy:
+    """A backend's launchers recording (launcher, q's device, seed) of each launch."""
+
+    # Positions of q and of the seed in the launchers' arguments.
+    _ARGS = {"scaled_dot_product_attention_fwd": (0, 6),
+             "scaled_dot_product_attention_bwd": (1, 9),
+             "scaled_dot_product_attention_bwd_into": (1, 9)}
+
+    def __init__(self, launchers, calls):
+        self._launchers, self._calls = launchers, calls
+
+    def __getattr__(self, name):
+        fn = getattr(self._launchers, name)
+        iq, iseed = self._ARGS[name]
+
+        def launch(*args, **kwargs):
+            self._calls.append((name, args[iq].device, args[iseed]))
+            return fn(*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def kernel_seeds(monkeypatch):
+    """The (launcher, q's device, seed) of every SDPA kernel launch, in order."""
+    calls, launchers = [], sdpa_ops._launchers
+    monkeypatch.setattr(sdpa_ops, "_launchers",
+                        lambda backend, q: _SeedSpy(launchers(backend, q), calls))
+    return calls
+
+
+def _forbid_host_sync(monkeypatch):
+    def sync(self, *args, **kwargs):
+        raise AssertionError("host sync: a tensor read on the host inside the operator")
+
+    for name in ("item", "tolist", "__int__", "__index__", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_kernel_dropout_seed_stays_on_device(backend, packed, kernel_seeds, monkeypatch):
+    """With dropout, the forward and the backward hand the kernels a seed tensor on q's
+    device and never read a tensor on the host (a sync on a GPU; under CUDA graphs a
+    host value would be replayed as a constant)."""
+    torch.manual_seed(0)
+    qkv = _randn(2, 9, 3, 2, 16).requires_grad_()  # (B, N, 3, heads, D)
+    dout = _randn(2, 2, 9, 16)
+    with monkeypatch.context() as m:
+        _forbid_host_sync(m)
+        if packed:
+            out = scaled_dot_product_attention_qkvpacked(qkv, dropout_p=0.3, backend=backend)
+        else:
+            out = sdpa(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout_p=0.3, backend=backend)
+        torch.autograd.grad(out, qkv, dout)
+    assert [name.split("_")[-1] for name, _, _ in kernel_seeds] == \
+        ["fwd", "into" if packed and backend == "cuda" else "bwd"]
+    for name, device, seed in kernel_seeds:
+        assert isinstance(seed, torch.Tensor), f"{name}: seed {seed!r} is not a tensor"
+        assert (seed.dtype, seed.numel(), seed.device) == (torch.int64, 1, device), name
+    assert torch.equal(kernel_seeds[0][2], kernel_seeds[1][2])
+
+
+@pytest.mark.parametrize("seed", [None, torch.tensor([5], dtype=torch.int32),
+                                  torch.tensor([5, 6])], ids=["none", "int32", "two"])
+def test_kernel_dropout_needs_a_seed_tensor(backend, seed):
+    q = _randn(1, 1, 4, 16)
+    launchers = sdpa_ops._launchers(backend, q)
+    with pytest.raises(ValueError, match="seed: expected a one-element int64 tensor"):
+        launchers.scaled_dot_product_attention_fwd(q, q, q, None, 0.25, 0.3, seed)
+
+
+def test_kernel_dropout_matches_keep_mask(backend, kernel_seeds):
+    """Both backends drop the elements of ``dropout_keep_mask`` for the seed tensor the
+    forward hands to the kernels; the backward recomputes that mask from the saved seed."""
     torch.manual_seed(0)
     q, k, v, dout = _randn(1, 2, 13, 32), _randn(1, 2, 35, 32), _randn(1, 2, 35, 32), \
         _randn(1, 2, 13, 32)
     bias, p = _randn(2, 13, 35), 0.3
-    torch.manual_seed(5)
     got = _grads(lambda *a: sdpa(*a, dropout_p=p, backend=backend), [q, k, v, bias], dout)
-    torch.manual_seed(5)  # the same seed draw as the call above
-    seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
-    keep = kernels.dropout_keep_mask(seed, (1, 2, 13, 35), p, q.device)
+    (_, _, seed), (_, _, bwd_seed) = kernel_seeds
+    assert torch.equal(bwd_seed, seed)
+    keep = kernels.dropout_keep_mask(seed, (1, 2, 13, 35), p)
     assert 0 < keep.sum() < keep.numel()
     expected = _grads(lambda *a: ref(*a, dropout_p=p, dropout_mask=keep),
                       [t.double() for t in (q, k, v, bias)], dout.double())
@@ -358,11 +483,11 @@ def test_triton_dropout_matches_reference_with_kernel_mask(bias_shape, bias_kind
     """Launchers with a given seed vs the reference applying dropout_keep_mask: the forward
     and both backward kernels must draw the same mask."""
     torch.manual_seed(0)
-    p, seed = 0.3, 1234567
+    p, seed = 0.3, torch.tensor([1234567])
     q = _randn(2, 3, 19, 32)
     k, v = _randn(2, 3, 21, 32), _randn(2, 3, 21, 32)
     bias = _bias(bias_kind, bias_shape, torch.float32)
-    keep = kernels.dropout_keep_mask(seed, (2, 3, 19, 21), p, q.device)
+    keep = kernels.dropout_keep_mask(seed, (2, 3, 19, 21), p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.05
     bias4 = bias.expand(2, 3, 19, 21)
     out, lse = kernels.scaled_dot_product_attention_fwd(q, k, v, bias4, 32 ** -0.5, p, seed)
@@ -381,16 +506,23 @@ def test_triton_dropout_matches_reference_with_kernel_mask(bias_shape, bias_kind
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_kernel_dropout_seed_from_torch_generator(backend):
+def test_kernel_dropout_seed_from_torch_generator(backend, kernel_seeds):
+    """Each call draws a new seed from torch's generator, hence a new mask;
+    ``torch.manual_seed`` reproduces it. The outputs apply exactly those masks."""
     torch.manual_seed(0)
     q, k, v = (_randn(1, 2, 17, 16) for _ in range(3))
+    p = 0.5
     torch.manual_seed(7)
-    a = sdpa(q, k, v, dropout_p=0.5, backend=backend)
+    outs = [sdpa(q, k, v, dropout_p=p, backend=backend) for _ in range(2)]
     torch.manual_seed(7)
-    b = sdpa(q, k, v, dropout_p=0.5, backend=backend)
-    c = sdpa(q, k, v, dropout_p=0.5, backend=backend)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    outs.append(sdpa(q, k, v, dropout_p=p, backend=backend))
+    masks = [kernels.dropout_keep_mask(seed, (1, 2, 17, 17), p) for _, _, seed in kernel_seeds]
+    assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(masks[0], masks[2])
+    assert torch.equal(outs[0], outs[2])
+    for out, keep in zip(outs, masks):
+        torch.testing.assert_close(out, ref(q, k, v, dropout_p=p, dropout_mask=keep),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def _assert_deterministic(backend, q, k, v, bias, dout):
@@ -422,12 +554,92 @@ def test_triton_backward_is_deterministic_with_chunked_dbias(monkeypatch, bias_s
     _assert_deterministic("triton", q, k, v, _randn(*bias_shape), _randn(3, 2, 19, 16))
 
 
-def test_custom_op_opcheck(backend):
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """(kernel name, grid, keyword arguments) of every Triton launch, recorded instead of
+    run: the launchers' arguments for inputs too big for the interpreter (meta tensors)."""
+    from triton.runtime import interpreter
+
+    recorded = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        recorded.append((self.__name__, tuple(grid(kwargs) if callable(grid) else grid), kwargs))
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", record)
+    return recorded
+
+
+def _launch_forward_backward(q, k, v, bias):
+    out, lse = kernels.scaled_dot_product_attention_fwd(q, k, v, bias, 0.125)
+    kernels.scaled_dot_product_attention_bwd(torch.empty_like(out), q, k, v, out, lse, bias,
+                                             0.125, bias_requires_grad=bias is not None)
+
+
+def test_triton_offsets_past_int32_take_the_64_bit_variant(triton_launches):
+    """q, k, v as the (B, heads, N, D) slices of a sequence-major (N, B, 3, heads, D)
+    projection: the row stride B * 3 * heads * D times 2047 rows passes 2**31, so the
+    kernels reading them take the OFFS64 variant; the same shapes contiguous keep int32."""
+    qkv = torch.empty(2048, 512, 3, 16, 64, dtype=torch.float16, device="meta")
+    q, k, v = qkv.permute(2, 1, 3, 0, 4).unbind(0)
+    bias = torch.empty(2048, 2048, dtype=torch.float16, device="meta").expand(512, 16, -1, -1)
+    _launch_forward_backward(q, k, v, bias)
+    offs64 = {name.split("_")[-2]: kwargs["OFFS64"] for name, _, kwargs in triton_launches}
+    # (the preprocess reads only out and dout, which the launchers allocate contiguous)
+    assert offs64 == {"fwd": True, "preprocess": False, "dkdv": True, "dq": True}
+    triton_launches.clear()
+    dense = torch.empty(512, 16, 2048, 64, dtype=torch.float16, device="meta")
+    _launch_forward_backward(dense, dense, dense, bias)
+    assert not any(kwargs["OFFS64"] for _, _, kwargs in triton_launches)
+
+
+def test_offsets_the_kernels_cannot_index_are_refused():
+    """Head-dim offsets past 2**31 (Triton) and a grid of more than 2**31 - 1 tiles' worth
+    of rows (CUDA) are reasons, so the automatic choice falls back instead of failing."""
+    from pyvit_ops.ops.scaled_dot_product_attention import _reasons
+
+    wide = torch.empty(64, 2 ** 26, device="meta").t().unsqueeze(0)  # (1, 2**26, 64), D outer
+    assert any("head-dim strides" in r for r in _reasons("triton", wide, wide, wide, None))
+    q = torch.empty(2 ** 20, 2 ** 11, 1, device="meta")
+    assert any("index their grid in 32 bits" in r for r in _reasons("cuda", q, q, q, None))
+    small = torch.empty(2, 9, 16, device="meta")
+    assert not any("32 bits" in r for b in ("triton", "cuda")
+                   for r in _reasons(b, small, small, small, None))
+
+
+def test_triton_64_bit_offsets_variant(monkeypatch):
+    """The OFFS64 variant computes what the 32-bit one does (forced on a small case)."""
+    monkeypatch.setattr(kernels, "_INT32_OFFSETS", 0)
+    assert kernels._offs64(torch.empty(1, 1, 1, 1))
+    torch.manual_seed(0)
+    qkv = _randn(2, 23, 3, 3, 16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    _compare_kernel(q, k, v, _randn(3, 23, 23), torch.float32, "triton")
+
+
+@pytest.mark.parametrize("bias_shape", [None, (1, 2, 9, 9), (1, 2, 1, 9)])
+def test_triton_grids_keep_the_batch_on_axis_0(triton_launches, bias_shape):
+    """CUDA limits grid axes 1 and 2 to 65535: a batch of 100000 sits on axis 0 (limit
+    2**31 - 1) in every launch, with or without a dbias reduction over it."""
+    batch = 100000
+    q = torch.empty(batch, 2, 9, 16, device="meta")
+    bias = None if bias_shape is None else \
+        torch.empty(bias_shape, device="meta").expand(batch, 2, 9, 9)
+    _launch_forward_backward(q, q, q, bias)
+    assert len(triton_launches) == 4
+    for name, grid, _ in triton_launches:
+        assert len(grid) == 1 and 0 < grid[0] < 2 ** 31, (name, grid)
+    if bias_shape is None:
+        assert all(grid[0] >= batch for _, grid, _ in triton_launches)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_custom_op_opcheck(backend, dropout_p):
     torch.manual_seed(0)
     q, k, v = (_randn(2, 2, 9, 16).requires_grad_() for _ in range(3))
     bias = _randn(2, 1, 9, 9).requires_grad_()
+    seed = sdpa_ops.dropout_seed(q.device) if dropout_p else None
     torch.library.opcheck(torch.ops.pyvit_ops.scaled_dot_product_attention_fwd.default,
-                          (q, k, v, bias, 0.25, 0.0, None, backend))
+                          (q, k, v, bias, 0.25, dropout_p, seed, backend))
 
 
 def test_torch_compile_fullgraph_with_dropout():
@@ -484,11 +696,21 @@ def test_bad_tensors(make, exc, match):
     (dict(attn_bias=[[0.0]]), TypeError, "attn_bias: expected a torch.Tensor"),
     (dict(dropout_p=1.5), ValueError, "dropout_p"),
     (dict(scale="x"), TypeError, "scale"),
+    (dict(scale=float("nan")), ValueError, "scale: expected a finite float, got nan"),
+    (dict(scale=float("inf"), backend="triton"), ValueError, "scale: expected a finite float"),
+    (dict(scale=-float("inf"), backend="reference"), ValueError, "scale: expected a finite"),
     (dict(backend="nope"), ValueError, "backend"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         sdpa(*_qkv(2, 4, 8), **kwargs)
+
+
+def test_zero_scale_like_torch(backend):
+    """scale = 0 is finite, as torch's SDPA accepts it: uniform attention."""
+    q, k, v = _qkv(2, 4, 8)
+    torch.testing.assert_close(sdpa(q, k, v, scale=0.0, backend=backend),
+                               F.scaled_dot_product_attention(q, k, v, scale=0.0))
 
 
 @pytest.mark.parametrize("make, backend, match", [

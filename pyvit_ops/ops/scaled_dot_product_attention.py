@@ -25,6 +25,16 @@ def _reasons(backend, q, k, v, attn_bias):
     if backend in ("triton", "cuda") and q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} (the {backend} kernels "
                        "hold the padded head dim in registers / shared memory)")
+    batch, tokens = math.prod(q.shape[:-2]), max(q.shape[-2], k.shape[-2])
+    if backend == "cuda" and batch * tokens >= 2 ** 31:
+        reasons.append(f"batch {batch} x tokens {tokens} >= 2**31 (the CUDA kernels index "
+                       "their grid in 32 bits)")
+    # (row and key offsets past 2**31 take the Triton kernels' 64-bit variant)
+    if backend == "triton" and any((t.shape[-1] - 1) * abs(t.stride(-1)) >= 2 ** 31
+                                   for t in (q, k, v)):
+        reasons.append(f"head-dim strides {q.stride(-1)}, {k.stride(-1)}, {v.stride(-1)} "
+                       "x (D - 1) reach 2**31 (the Triton kernels index the head dim in "
+                       "32 bits)")
     return reasons
 
 
@@ -60,6 +70,9 @@ def _validate(q, k, v, attn_bias, scale, dropout_p):
                              f"(*batch, Nq, Nk), got {tuple(attn_bias.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    # 0 is allowed, as torch allows it (uniform attention).
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -80,10 +93,12 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     zero gradient (softmax is shift-invariant).
 
     ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)). On
-    the Triton / CUDA backends the mask is a hash of a seed drawn from torch's CPU
-    generator (``torch.manual_seed`` controls it), recomputed identically in the
-    backward; the reference backend uses torch's own attention dropout. The two draw
-    different masks for the same seed.
+    the Triton / CUDA backends the mask is a hash of a seed that each call draws from
+    the generator of q's device (``torch.manual_seed`` controls it) into a tensor the
+    kernels read on the device: no host sync, and a CUDA graph draws a new seed on
+    every replay. The backward recomputes the mask from the saved seed. The reference
+    backend uses torch's own attention dropout; the two draw different masks for the
+    same seed.
 
     Returns ``(*batch, Nq, D)`` in q's dtype (q, k, v share one dtype: float32,
     float16, bfloat16, or float64 on the reference). Gradients are deterministic on
@@ -134,11 +149,19 @@ def _attention(tokens, attn_bias, scale, dropout_p, backend):
     if backend == "reference":
         return reference.scaled_dot_product_attention(q, k, v, attn_bias, scale=scale,
                                                       dropout_p=dropout_p)
-    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     fwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_fwd if len(tokens) == 3 else
            torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_fwd)
     out, _ = fwd(*tokens, attn_bias, scale, dropout_p, seed, backend)
     return out
+
+
+def dropout_seed(device):
+    """The dropout seed of one call: a one-element int64 tensor drawn on ``device`` by its
+    default generator, which the kernels read in device memory. On CUDA the draw is
+    graph-safe: each replay of a captured graph advances the generator's Philox offset,
+    so each replay draws a new seed."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
 
 
 # ----------------------------------------------------------------------------- folding
@@ -237,7 +260,7 @@ class _Fold:
 
 def _launchers(backend, q):
     """The launchers of ``backend``: the Triton module, or the CUDA ops, which take the
-    same folded 4-D tensors and an int seed."""
+    same folded 4-D tensors and the seed tensor (None without dropout)."""
     if backend == "triton":
         from pyvit_ops.kernels import scaled_dot_product_attention as kernels
 
@@ -247,15 +270,11 @@ def _launchers(backend, q):
     raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
 
 
-def _seed(seed):
-    return 0 if seed is None else int(seed.item())
-
-
 def _fwd(q, k, v, bias, scale, dropout_p, seed, backend):
     fold = _Fold(q, k, v, bias, bias_grad=False)
     out, lse = _launchers(backend, q).scaled_dot_product_attention_fwd(
-        fold.q, fold.k, fold.v, fold.bias, scale, dropout_p, _seed(seed))
-    return fold.unfold(out, out.shape[-2:]), fold.unfold(lse, lse.shape[-1:])
+        fold.q, fold.k, fold.v, fold.bias, scale, dropout_p, seed)
+    return fold.unfold(out, out.shape[-2:]), fold.unfold(lse, lse.shape[-2:])
 
 
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_fwd", mutates_args=())
@@ -276,7 +295,7 @@ def _qkvpacked_fwd_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], scale: fl
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, bias, scale, dropout_p, seed, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
 
 
 @_qkvpacked_fwd_op.register_fake
@@ -289,10 +308,15 @@ def _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_gr
     """(dq, dk, dv, dbias), or (dqkv, dbias) written in place of a stack when q, k, v are
     the slices of the packed ``qkv``; dbias is an empty tensor unless
     ``bias_requires_grad``."""
+    if math.prod(q.shape[:-2]) == 0:
+        # No batch element: nothing to launch (and nothing to fold back into the bias).
+        tokens = (q, k, v) if qkv is None else (qkv,)
+        dbias = torch.zeros_like(bias) if bias_requires_grad else q.new_empty(0)
+        return (*(torch.zeros_like(t) for t in tokens), dbias)
     fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad)
-    lse4 = fold.view(lse.unsqueeze(-1)).squeeze(-1).contiguous()
+    lse4 = fold.view(lse).contiguous()
     args = (fold.view(dout), fold.q, fold.k, fold.v, fold.view(out), lse4, fold.bias, scale,
-            dropout_p, _seed(seed), bias_requires_grad)
+            dropout_p, seed, bias_requires_grad)
     launchers = _launchers(backend, q)
     if qkv is None:
         dq, dk, dv, dbias = launchers.scaled_dot_product_attention_bwd(*args)
