@@ -120,7 +120,10 @@ def traffic_section(records):
 
 def _kernel_group(r):
     if r["backend"] == "triton":
-        return "triton", f"`kernels/{r['module'].rsplit('.', 1)[-1]}.py`"
+        op = r["module"].rsplit(".", 1)[-1]
+        # A kernels module is kernels/<op>.py or the package kernels/<op>/.
+        package = os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(PAGE)), "kernels", op))
+        return "triton", f"`kernels/{op}/`" if package else f"`kernels/{op}.py`"
     return "cuda", f"`csrc/{r.get('source', r['kernel'])}`"
 
 

@@ -15,6 +15,7 @@ import functools
 import itertools
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 # The device of the innermost launcher running in this context: read by the tests'
 # launch recorder to check that every launch runs under its tensors' device.
@@ -46,3 +47,66 @@ def on_tensor_device(fn):
             _LAUNCH_DEVICE.reset(token)
 
     return launcher
+
+
+INT32_MAX = 2**31 - 1
+
+
+def offsets_fit_int32(t):
+    """True if every element offset inside one sample of ``t`` (its first axis is the
+    batch, whose offset the kernels compute in int64) fits in int32."""
+    span = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return span <= INT32_MAX
+
+
+def int32_reasons(**tensors):
+    """Why kernels that index within one sample in int32 cannot index these tensors."""
+    return [f"{name}: offsets within one sample must fit in int32, got shape "
+            f"{tuple(t.shape)} with strides {t.stride()}"
+            for name, t in tensors.items() if not offsets_fit_int32(t)]
+
+
+def check_int32(**tensors):
+    """Raise ValueError with the first of ``int32_reasons(**tensors)``, if any."""
+    reasons = int32_reasons(**tensors)
+    if reasons:
+        raise ValueError(reasons[0])
+
+
+# Output geometry of avg_pool2d: the launchers, the reference and the fake (meta)
+# implementation agree on it through these (torch only, so the reference does not
+# import Triton).
+def pool_output_size(size, kernel_size, stride, padding):
+    """Pooled length of one spatial axis (floor mode, as torch with ceil_mode=False)."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def pool_output_shape(x_shape, kernel_size, stride, padding):
+    """``(B, C, Ho, Wo)`` of pooling an ``x_shape = (B, C, H, W)`` input; the pool
+    arguments are ``(h, w)`` pairs."""
+    B, C, H, W = x_shape
+    return (B, C, pool_output_size(H, kernel_size[0], stride[0], padding[0]),
+            pool_output_size(W, kernel_size[1], stride[1], padding[1]))
+
+
+def pool_memory_format(x):
+    """The layout of the pooling output (and of grad_x): the input's, as torch's pooling
+    decides it (``Tensor.suggest_memory_format``), so strided views of a channels_last
+    tensor stay channels_last."""
+    return suggest_memory_format(x)
+
+
+def elsa_memory_format(t):
+    """Memory format of ELSA's output / gradient of a (B, C, H, W) tensor: channels_last
+    when its channel axis is the contiguous one (also for strided views such as v
+    sliced out of a channels_last projection), else contiguous NCHW."""
+    if t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) != 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def effective_dilation(dilation, H, W):
+    """The dilation ELSA computes ``dilation`` with: from ``max(H, W)`` on, every tap but
+    the centre lies outside the image and adds nothing, so any larger dilation gives the
+    same result; the clamp bounds padding, offsets and the CUDA kernels' sub-grid count."""
+    return min(dilation, max(H, W, 1))

@@ -26,7 +26,10 @@ from pyvit_ops.kernels import scaled_dot_product_attention as sdpa_kernels
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNEL_DIR = ROOT / "kernels"
-KERNEL_MODULES = sorted(p.stem for p in KERNEL_DIR.glob("*.py") if not p.stem.startswith("_"))
+# A kernels module is kernels/<op>.py or the package kernels/<op>/.
+KERNEL_MODULES = sorted(p.name.removesuffix(".py") for p in KERNEL_DIR.iterdir()
+                        if not p.name.startswith("_")
+                        and (p.suffix == ".py" or (p / "__init__.py").exists()))
 GUARD = _common.on_tensor_device.__name__
 GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's grid size per axis (x, y, z)
 
@@ -286,7 +289,10 @@ def launch_sites(source):
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)
 def test_every_launch_site_is_behind_a_guard(module):
-    sites = launch_sites((KERNEL_DIR / f"{module}.py").read_text())
+    package = KERNEL_DIR / module
+    files = sorted(package.glob("*.py")) if package.is_dir() else [KERNEL_DIR / f"{module}.py"]
+    sites = {f"{path.name}: {site}": guarded for path in files
+             for site, guarded in launch_sites(path.read_text()).items()}
     assert sites
     assert [site for site, guarded in sites.items() if not guarded] == []
 

@@ -18,6 +18,7 @@ from pyvit_ops.kernels import elsa_attention as kernels
 from pyvit_ops.nn.elsa import ELSA
 from pyvit_ops.reference.elsa_attention import elsa_attention as reference
 from pyvit_ops.reference.elsa_attention import output_memory_format
+from pyvit_ops.testing.specs import elsa_attention as static_specs
 
 GHOSTS = ["none", "mul", "add", "both"]
 
@@ -410,17 +411,57 @@ def test_tile_config_fits_elsa_swin():
 
 
 def test_static_compile_specs_cover_every_tile():
-    specs = kernels.static_compile_specs()
+    specs = static_specs.static_compile_specs()
     names = {s["name"] for s in specs}
     assert len(names) == len(specs)
-    for channels_last, cfg in kernels._spec_tiles():
-        for key, kernel in kernels._KERNELS.items():
+    for channels_last, cfg in static_specs._spec_tiles():
+        for key, kernel in static_specs._KERNELS.items():
+            kernel = kernel.fn
             block_p = cfg.block_p_attn if key == "bwd_attn" else cfg.block_p
             stem = (f"{kernel.__name__}_{'cl' if channels_last else 'nchw'}"
                     f"_c{cfg.block_c}p{block_p}_k7_")
             assert {f"{stem}{dt}" for dt in ("fp16", "bf16", "fp32")} <= names
     ghost = kernels._elsa_attention_bwd_ghost_kernel.__name__
     assert {f"{ghost}_{dt}" for dt in ("fp16", "bf16", "fp32")} <= names
+
+
+class _ArgRecorder:
+    """Stands in for a kernel: records the arguments of each launch, runs nothing."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append({**dict(zip(self.kernel.arg_names, args)), **kwargs})
+        return launch
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_static_specs_assume_the_divisibility_of_elsa_swin(monkeypatch, channels_last):
+    """The "_div16" specs mark as multiples of 16 exactly the integer arguments the JIT
+    finds to be at ELSA-Swin's shapes (C = 96, 3 heads, 56², K = 7, fp32 ghost tensors):
+    the launches themselves are recorded, not run."""
+    recorders = {}
+    for key, kernel in static_specs._KERNELS.items():
+        recorders[key] = _ArgRecorder(kernel.fn)
+        monkeypatch.setattr(kernels, kernel.fn.__name__, recorders[key])
+    monkeypatch.setattr(kernels, "_ghost_grad", lambda parts, ghost: torch.zeros_like(ghost))
+    B, C, G, K, H = 2, 96, 3, 7, 56
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    v = torch.zeros(B, C, H, H, dtype=torch.float16).to(memory_format=layout)
+    attn = torch.zeros(B, G * K * K, H, H, dtype=torch.float16).to(memory_format=layout)
+    ghost = torch.zeros(C, K, K)
+    kernels.elsa_attention_fwd(v, attn, ghost, ghost, K, 1, True)
+    kernels.elsa_attention_bwd(v, v, attn, ghost, ghost, K, 1, True, [True] * 4)
+    specs = {s["name"]: s for s in static_specs.static_compile_specs()}
+    for key, recorder in recorders.items():
+        (call,) = recorder.calls
+        name = (f"{recorder.kernel.__name__}_{'cl' if channels_last else 'nchw'}_c32"
+                f"p{call['BLOCK_P']}_k7_div16_ghostfp32_fp16")
+        spec = specs[name]
+        ints = [a for a, t in spec["signature"].items() if t == "i32" and call[a] != 1]
+        assert sorted(spec["divisible_by_16"]) == sorted(a for a in ints if call[a] % 16 == 0)
 
 
 # --------------------------------------------------------------------------- nn.ELSA

@@ -15,21 +15,9 @@ cast back; float64 stays float64 (for gradcheck).
 import torch
 import torch.nn.functional as F
 
-
-def output_memory_format(t):
-    """Memory format of the output / gradient of a (B, C, H, W) tensor: channels_last
-    when its channel axis is the contiguous one (also for strided views such as v
-    sliced out of a channels_last projection), else contiguous NCHW."""
-    if t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) != 1:
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def effective_dilation(dilation, H, W):
-    """The dilation to compute ``dilation`` with: from ``max(H, W)`` on, every tap but the
-    centre lies outside the image and adds nothing, so any larger dilation gives the same
-    result; the clamp bounds padding, offsets and the CUDA kernels' sub-grid count."""
-    return min(dilation, max(H, W, 1))
+# Shared with the Triton launchers (torch only: importing them loads no Triton).
+from pyvit_ops.kernels._common import effective_dilation
+from pyvit_ops.kernels._common import elsa_memory_format as output_memory_format
 
 
 def _compute_dtype(dtype):
