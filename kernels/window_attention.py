@@ -216,6 +216,19 @@ def _scores_log2(a, b, acc0, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _value_weights(p, s, lse):
+    """The weights ``p = 2^(s - m)`` as the product with v takes them, ``lse`` (log2) the
+    row's ``m + log2(l)``. The reference's float32 softmax keeps a weight ``p / l`` above
+    2^-150 as a subnormal (a -100 shift mask gives ~2^-144), and such a weight times an
+    infinite value is inf. Here it would be 0: exp2 flushes subnormal results on the GPU
+    (ex2.approx.ftz.f32), and the TF32 parts of the product round them to 0; 0 * inf is
+    NaN. Such weights therefore take the smallest normal float32 (exact in TF32 and
+    bf16): against a finite value the output moves by < 2^-126 |v| / l. Weights the
+    reference rounds to 0 are 0 (NaN against inf, as there)."""
+    return tl.where(s - lse[:, None] > -150.0, tl.maximum(p, 1.1754943508222875e-38), 0.0)
+
+
+@triton.jit
 def _load_tokens(ptr, b, oy, ox, h, d, real, d_ok, s_b, s_h, s_w, s_head, s_d):
     ptrs = ptr + b.to(tl.int64) * s_b + h * s_head \
         + (oy * s_h + ox * s_w)[:, None] + d[None, :] * s_d
@@ -295,11 +308,13 @@ def _window_attention_fwd_kernel(
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
         l = tl.sum(p, 1)
+        lse = m + tl.log2(l)
+        p = _value_weights(p, s, lse)
         v = _load_padded(v_ptr, pad_v, is_pad, b, oy, ox, h, d, real, d_ok,
                          stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
         out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
         _store_tokens(out_ptr, out, b, oy, ox, h, d, real, d_ok, H, W, HEADS * D, D)
-        tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, m + tl.log2(l), mask=in_win)
+        tl.store(lse_ptr + (w * HEADS + h) * (WH * WW) + t, lse, mask=in_win)
 
 
 @triton.jit
@@ -524,6 +539,9 @@ def _window_attention_fwd_tiled_kernel(
             p = tl.exp2(s - m_ref[:, None])
             alpha = tl.exp2(m - m_ref)
             l = l * alpha + tl.sum(p, 1)
+            # The row's log-sum-exp so far: a lower bound of the final one, so a weight
+            # that later blocks push below 2^-150 keeps its floor here.
+            p = _value_weights(p, s, m_ref + tl.log2(l))
             v = _load_padded(v_ptr, pad_v, is_pad, b, oyk, oxk, h, d, real_k, d_ok,
                              stride_vb, stride_vh, stride_vw, stride_vhead, stride_vd)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
