@@ -37,6 +37,26 @@ def _has(namespace, op):
     return True
 
 
+# Limits the kernels are compiled with, exported by each build as ``<name>() -> int``
+# ops, so that Python's backend reasons and the C++ checks cannot disagree.
+LIMIT_OPS = ("avg_pool2d_image_limit",)
+_LIMITS = {}
+
+
+def read_limits(namespace):
+    """Read ``namespace``'s compiled limits once, when its library loads: an op call
+    inside torch.compile's tracing (where backend reasons run) would not trace."""
+    ops = _namespace(namespace)
+    _LIMITS[namespace] = {name: int(getattr(ops, name)()) for name in LIMIT_OPS
+                          if _has(namespace, name)}
+
+
+def limit(tensor, name):
+    """The compiled limit ``name`` of the build that runs ``tensor``'s device."""
+    namespace = CUDA_NAMESPACE if tensor.device.type == "cuda" else HOST_NAMESPACE
+    return _LIMITS[namespace][name]
+
+
 def host_loaded():
     """True once the host-emulation build is loaded into this process."""
     return _has(HOST_NAMESPACE, "built_archs")
@@ -102,3 +122,7 @@ def lib(tensor):
                 "call pyvit_ops.testing.host.load() first (tests do)")
         return _namespace(HOST_NAMESPACE)
     raise RuntimeError(f"the cuda backend does not run on {device.type} tensors")
+
+
+if HAS_CUDA_EXT:
+    read_limits(CUDA_NAMESPACE)

@@ -17,9 +17,11 @@ from torch.testing import assert_close
 
 import pyvit_ops.kernels.avg_pool2d as kernels
 from pyvit_ops import _backend, _ext, avg_pool2d, poolformer_pool
+from pyvit_ops.kernels import _common
 from pyvit_ops.nn import Pooling
 from pyvit_ops.reference import avg_pool2d as reference
 from pyvit_ops.testing import traffic
+from pyvit_ops.testing.specs import avg_pool2d as pool_specs
 
 # (kernel_size, stride, padding, subtract_input); padding None = kernel_size // 2.
 GEOMETRIES = [
@@ -212,7 +214,7 @@ def test_triton_moves_compulsory_bytes_only(channels_last):
 
 
 def test_static_compile_specs_cover_every_tile_config():
-    specs = kernels.static_compile_specs()
+    specs = pool_specs.static_compile_specs()
     tile_keys = ("CHANNELS_LAST", "BLOCK_C", "BLOCK_H", "BLOCK_W")
     assert len({s["name"] for s in specs}) == len(specs)
     compiled = {(s["fn"].__name__, *(s["constexprs"][k] for k in tile_keys),
@@ -227,7 +229,7 @@ def test_static_compile_specs_cover_every_tile_config():
 
 def test_triton_rejects_samples_beyond_int32_offsets():
     x = torch.empty(1, 2**12, 2**10, 2**10, device="meta")
-    assert not kernels.offsets_fit_int32(x)
+    assert not _common.offsets_fit_int32(x)
     with pytest.raises(_backend.BackendUnavailableError, match="int32"):
         avg_pool2d(x, backend="triton")
 
@@ -374,11 +376,11 @@ def test_clamped_window_pools_the_same_taps(size, k, s):
     """``clamp_window``: every output's window, clipped to the image, keeps its taps, and
     the output size is unchanged."""
     for p in range(k // 2 + 1):
-        out = reference.output_size(size, k, s, p)
+        out = _common.pool_output_size(size, k, s, p)
         if out < 1:
             continue
         k2, p2 = kernels.clamp_window(size, out, k, s, p)
-        assert reference.output_size(size, k2, s, p2) == out
+        assert _common.pool_output_size(size, k2, s, p2) == out
         assert k2 <= 2 * size
         for o in range(out):
             clip = (max(o * s - p, 0), min(o * s - p + k, size))

@@ -113,7 +113,7 @@ def test_tiny_refuses_the_committed_results_dir(capsys):
     from benchmarks import __main__ as entry
 
     with pytest.raises(SystemExit) as exc:  # argparse refuses before anything runs
-        entry.main(["--tiny"])
+        entry.main(["--tiny", "--out", harness.RESULTS_DIR])
     assert exc.value.code == 2 and "pass --out DIR" in capsys.readouterr().err
 
 

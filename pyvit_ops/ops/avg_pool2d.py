@@ -12,10 +12,10 @@ from typing import List
 import torch
 
 from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops.kernels import _common
 from pyvit_ops.reference import avg_pool2d as reference
 
 _OP = "avg_pool2d"
-_INT32_MAX = 2**31 - 1
 
 
 def _triton_module():
@@ -26,12 +26,12 @@ def _triton_module():
 
 def _reasons(backend, x, out_shape):
     reasons = _backend.common_reasons(backend, _OP, tensors=[x])
-    if backend == "triton" and not _triton_module().offsets_fit_int32(x):
+    if backend == "triton" and not _common.offsets_fit_int32(x):
         reasons.append(f"x: one sample spans 2**31 elements or more (shape {tuple(x.shape)}, "
                        f"strides {x.stride()}); the Triton kernel indexes a sample in int32")
     if backend == "cuda" and not reasons:
         # The outputs are dense: only their element counts matter, as for x in the binding.
-        limit = _ext.lib(x).avg_pool2d_image_limit()
+        limit = _ext.limit(x, "avg_pool2d_image_limit")
         for name, shape in (("x", x.shape), ("the output", out_shape)):
             if shape[0] > limit or shape[1] * shape[2] * shape[3] > limit:
                 reasons.append(f"{name}: shape {tuple(shape)} has more than {limit} elements "
@@ -55,9 +55,9 @@ def _avg_pool2d_fwd(x: torch.Tensor, kernel_size: List[int], stride: List[int],
 
 @_avg_pool2d_fwd.register_fake
 def _(x, kernel_size, stride, padding, subtract_input, backend):
-    return torch.empty(reference.output_shape(x.shape, kernel_size, stride, padding),
+    return torch.empty(_common.pool_output_shape(x.shape, kernel_size, stride, padding),
                        dtype=x.dtype, device=x.device,
-                       memory_format=reference.output_memory_format(x))
+                       memory_format=_common.pool_memory_format(x))
 
 
 @torch.library.custom_op("pyvit_ops::avg_pool2d_bwd", mutates_args=())
@@ -77,7 +77,7 @@ def _avg_pool2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: List[i
 @_avg_pool2d_bwd.register_fake
 def _(grad_out, x, kernel_size, stride, padding, subtract_input, backend):
     return torch.empty(x.shape, dtype=grad_out.dtype, device=grad_out.device,
-                       memory_format=reference.output_memory_format(x))
+                       memory_format=_common.pool_memory_format(x))
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -125,13 +125,13 @@ def _check_args(x, kernel_size, stride, padding, subtract_input):
         raise ValueError(f"stride: expected strides >= 1, got {stride}")
     # The kernels and torch's pooling take 32-bit ints.
     for name, values in (("kernel_size", kernel_size), ("stride", stride)):
-        if max(values) > _INT32_MAX:
+        if max(values) > _common.INT32_MAX:
             raise ValueError(f"{name}: expected values <= 2**31 - 1, got {values}")
     half = (kernel_size[0] // 2, kernel_size[1] // 2)
     if not (0 <= padding[0] <= half[0] and 0 <= padding[1] <= half[1]):
         raise ValueError(f"padding: expected 0 <= padding <= kernel_size // 2 = {half} per axis "
                          f"(torch's rule), got {padding}")
-    out_shape = reference.output_shape(x.shape, kernel_size, stride, padding)
+    out_shape = _common.pool_output_shape(x.shape, kernel_size, stride, padding)
     if min(out_shape[2:]) < 1:
         raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size "
                          f"{kernel_size} with padding {padding}: the output would be "
@@ -174,7 +174,7 @@ def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False
             return avg_pool2d(_backend.autocast_cast(x, low), kernel_size, stride, padding,
                               subtract_input=subtract_input, backend=backend)
     kernel_size, stride, padding = _check_args(x, kernel_size, stride, padding, subtract_input)
-    out_shape = reference.output_shape(x.shape, kernel_size, stride, padding)
+    out_shape = _common.pool_output_shape(x.shape, kernel_size, stride, padding)
     backend = _backend.choose(_OP, backend, lambda b: _reasons(b, x, out_shape), device=x.device)
     if backend == "reference":
         return reference.avg_pool2d(x, kernel_size, stride, padding,

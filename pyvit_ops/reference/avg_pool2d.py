@@ -2,14 +2,14 @@
 
 The semantics are those of ``torch.nn.functional.avg_pool2d(..., ceil_mode=False,
 count_include_pad=False)``: each output is the mean of the window's in-image
-elements only. The output geometry helpers below are shared by the kernels and
-the fake (meta) implementation so that every backend agrees on shape and layout.
+elements only. Every backend takes the output's shape and layout from the same
+helpers, ``pool_output_shape`` and ``pool_memory_format`` of ``pyvit_ops.kernels._common``.
 """
 import torch
 import torch.nn.functional as F
-from torch._prims_common import suggest_memory_format
 
 from pyvit_ops import _checks
+from pyvit_ops.kernels._common import pool_memory_format as output_memory_format
 
 
 def pool_params(kernel_size, stride, padding):
@@ -20,26 +20,6 @@ def pool_params(kernel_size, stride, padding):
     if padding is None:
         padding = (kernel_size[0] // 2, kernel_size[1] // 2)
     return kernel_size, stride, _checks.pair("padding", padding)
-
-
-def output_size(size, kernel_size, stride, padding):
-    """Pooled length of one spatial axis (floor mode, as torch with ceil_mode=False)."""
-    return (size + 2 * padding - kernel_size) // stride + 1
-
-
-def output_shape(x_shape, kernel_size, stride, padding):
-    """``(B, C, Ho, Wo)`` of pooling an ``x_shape = (B, C, H, W)`` input; the pool
-    arguments are ``(h, w)`` pairs (see ``pool_params``)."""
-    B, C, H, W = x_shape
-    return (B, C, output_size(H, kernel_size[0], stride[0], padding[0]),
-            output_size(W, kernel_size[1], stride[1], padding[1]))
-
-
-def output_memory_format(x):
-    """The layout of the output (and of grad_x): the input's, as torch's pooling
-    decides it (``Tensor.suggest_memory_format``), so strided views of a
-    channels_last tensor stay channels_last."""
-    return suggest_memory_format(x)
 
 
 def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False):

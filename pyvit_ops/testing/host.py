@@ -194,4 +194,5 @@ def load():
                 is_python_module=False,
                 verbose=False,
             )
+            _ext.read_limits(_ext.HOST_NAMESPACE)
     return torch.ops.pyvit_ops_host
