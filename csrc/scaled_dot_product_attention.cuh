@@ -17,7 +17,7 @@ enum class SdpaBias : std::uint8_t { kNone, kBool, kFloat32, kSameAsQ };
 // of its sum of exponentials. dbias (float32 or q's dtype, per dbias_f32) is written
 // through db_stride, 0 on the dims it is reduced over.
 // Dropout keeps element (z, i, j) when the first Philox-4x32-10 output for counter
-// (i * Nk + j, z, 0, 0) and key (seed low, seed high) is >= dropout_threshold. The
+// (i * Nk + j, z, seed low, seed high) and key (0, 0) is >= dropout_threshold. The
 // kernels read the seed from device memory (*seed): the host never reads it, and a
 // CUDA graph replays the read, not a captured value.
 struct SdpaParams {

@@ -40,8 +40,8 @@ reaches 2**31 (e.g. q, k, v sliced from a sequence-major (N, B, 3, heads, D)
 projection). Head-dim offsets are int32 in both (the ops layer refuses larger ones).
 
 Dropout: element (z, i, j) (z the flat batch index) is kept when the first output of
-Philox-4x32 for counter (i * Nk + j, z, 0, 0) and key ``seed`` is >= p * 2**32; the
-same function runs in the forward, both backward kernels and ``dropout_keep_mask``.
+Philox-4x32 for counter (i * Nk + j, z, seed low, seed high) and key 0 is >= p * 2**32;
+the same function runs in the forward, both backward kernels and ``dropout_keep_mask``.
 The kernels load the seed from a one-element int64 tensor on the inputs' device
 (``Seed``), never from a launch argument: the host never reads it, and a CUDA graph
 replays the load, not a captured value.
@@ -84,17 +84,16 @@ def _add_bias(s, ptrs, mask, BIAS: tl.constexpr):
 @triton.jit
 def _dropout_keep(Seed, z, offsets, dropout_p):
     """Keep mask of the elements ``offsets`` (= row * Nk + col) of batch ``z``: the first
-    Philox-4x32 output for counter (offset, z, 0, 0) and key ``*Seed`` against the
-    threshold p * 2**32. 32-bit counters keep the hash's register state small."""
+    Philox-4x32 output for counter (offset, z, seed low, seed high) and key 0 against
+    the threshold p * 2**32. 32-bit counters keep the hash's register state small."""
     c0 = offsets.to(tl.uint32, bitcast=True)
     zero = c0 * 0
-    # Loaded here, not once per program: where the loop also stores (dq's dbias) the
-    # load and the Philox key schedule derived from it stay inside the loop; hoisted,
-    # the schedule of a loaded (non-uniform) seed holds ~20 more registers across the
-    # loop (spills at fp32 d128). Volatile would keep it inside every loop, but that
-    # spills the dk/dv kernel at d128.
+    # The seed goes in the counter, not the key: a loaded seed is not a uniform value,
+    # so a key derived from it would hold its whole schedule (~20 values) in vector
+    # registers across the loops; a constant key folds into the instructions.
     seed = tl.load(Seed)
-    r, _, _, _ = tl.philox(seed, c0, zero + z.to(tl.uint32), zero, zero)
+    r, _, _, _ = tl.philox(0, c0, zero + z.to(tl.uint32), zero + seed.to(tl.uint32),
+                           zero + (seed >> 32).to(tl.uint32))
     # (the largest fp32 below 2**32: p = 1 gets scale 0 anyway)
     threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
     return r >= threshold

@@ -1,5 +1,6 @@
-"""The interpreter's model of ``tl.dot``'s float32 input precision
-(``pyvit_ops.testing.interpreter``): what every float32 Triton test runs on."""
+"""The interpreter's model of the GPU's float32 arithmetic (``pyvit_ops.testing.interpreter``):
+``tl.dot``'s input precision and the flush-to-zero exponentials, what every float32 Triton
+test runs on."""
 import numpy as np
 import pytest
 import torch
@@ -104,3 +105,20 @@ def test_non_finite_operands_propagate_like_the_exact_product(precision):
     assert torch.equal(out[inf].double(), exact[inf])
     finite = exact.isfinite()
     torch.testing.assert_close(out[finite].double(), exact[finite], atol=1e-2, rtol=1e-2)
+
+
+@triton.jit
+def _exp_kernel(X, OUT2, OUT):
+    r = tl.arange(0, 4)
+    x = tl.load(X + r)
+    tl.store(OUT2 + r, tl.exp2(x))
+    tl.store(OUT + r, tl.exp(x))
+
+
+def test_exponentials_flush_subnormal_results_to_zero():
+    """ex2.approx.ftz.f32: 2**-130 is subnormal, so 0 on the GPU; 2**-126 is normal."""
+    x = torch.tensor([-130.0, -126.0, 0.0, float("-inf")])
+    out2, out = torch.empty(4), torch.empty(4)
+    _exp_kernel[(1,)](x, out2, out)
+    assert out2.tolist() == [0.0, 2.0 ** -126, 1.0, 0.0]
+    assert out[0] == 0.0 and out[1] == 0.0 and out[2] == 1.0  # e**-126 and e**-130: subnormal

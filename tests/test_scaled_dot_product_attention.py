@@ -731,9 +731,9 @@ def test_cuda_binding_names_bad_argument(host_ops):
     q = torch.randn(1, 1, 4, 8)
     wide = torch.randn(1, 1, 4, 130)
     with pytest.raises(ValueError, match="head dim"):
-        host_ops.scaled_dot_product_attention_fwd(wide, wide, wide, None, 1.0, 0.0, 0)
+        host_ops.scaled_dot_product_attention_fwd(wide, wide, wide, None, 1.0, 0.0, None)
     with pytest.raises(ValueError, match="bias"):
-        host_ops.scaled_dot_product_attention_fwd(q, q, q, torch.randn(1, 1, 4, 5), 1.0, 0.0, 0)
+        host_ops.scaled_dot_product_attention_fwd(q, q, q, torch.randn(1, 1, 4, 5), 1.0, 0.0, None)
     int_bias = torch.ones(1, 1, 4, 4, dtype=torch.int32)
     with pytest.raises(TypeError, match="bias"):
-        host_ops.scaled_dot_product_attention_fwd(q, q, q, int_bias, 1.0, 0.0, 0)
+        host_ops.scaled_dot_product_attention_fwd(q, q, q, int_bias, 1.0, 0.0, None)

@@ -91,6 +91,23 @@ def _patch_dot():
         return original_cast(self, src, dst_type)
 
     builder.cast_impl = cast_impl
+
+    def flush_to_zero(op):
+        # On the GPU, float32 tl.exp / tl.exp2 are ex2.approx.ftz.f32: a subnormal result
+        # is 0. numpy keeps it, so a tiny weight times an inf value would be inf here and
+        # NaN on the GPU.
+        def create(self, arg):
+            out = op(self, arg)
+            if out.dtype.scalar == interpreter.tl.float32:
+                data = out.data
+                out = interpreter.TensorHandle(
+                    np.where(np.abs(data) < np.float32(2.0 ** -126), np.float32(0), data)
+                    .astype(np.float32), out.dtype.scalar)
+            return out
+        return create
+
+    builder.create_exp2 = flush_to_zero(builder.create_exp2)
+    builder.create_exp = flush_to_zero(builder.create_exp)
     _PATCHED = True
 
 
