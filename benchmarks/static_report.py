@@ -60,8 +60,9 @@ def _first_specs(modules, count, tmp):
         dotted = name if "." in name else f"{static.KERNELS_PACKAGE}.{name}"
         path = os.path.join(tmp, f"{dotted.rsplit('.', 1)[-1]}.py")
         with open(path, "w") as f:
-            f.write(f"from {dotted} import static_compile_specs as _all\n\n\n"
-                    f"def static_compile_specs():\n    return _all()[:{int(count)}]\n")
+            f.write("from pyvit_ops.testing import static\n\n\n"
+                    f"def static_compile_specs():\n"
+                    f"    return static.specs_of({dotted!r})[:{int(count)}]\n")
         paths.append(path)
     return paths
 

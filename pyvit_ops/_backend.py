@@ -57,7 +57,8 @@ def choose(op, backend, reasons, device, order=None):
         why = reasons(candidate)
         if not why:
             return candidate
-        log.debug("%s: skipping backend %r: %s", op, candidate, "; ".join(why))
+        if not torch.compiler.is_compiling():  # a logging call breaks a fullgraph trace
+            log.debug("%s: skipping backend %r: %s", op, candidate, "; ".join(why))
     return "reference"
 
 

@@ -425,6 +425,38 @@ def test_static_compile_specs_cover_every_tile():
     assert {f"{ghost}_{dt}" for dt in ("fp16", "bf16", "fp32")} <= names
 
 
+# Compiles named specs for sm_80 / sm_90a in a process without TRITON_INTERPRET (the
+# static compile needs the real jit functions); prints their records as JSON.
+_STATIC_PROBE = """
+import json, sys
+from pyvit_ops.testing import static
+specs = {s["name"]: s for s in static.specs_of("elsa_attention")}
+print(json.dumps([static.compile_triton(specs[n], a) for n in sys.argv[1:] for a in static.ARCHS]))
+"""
+
+
+@pytest.mark.slow
+def test_attn_grad_kernel_at_k5_compiles_without_spills():
+    """Found by the static report's full sweep: the attn-gradient kernel at K = 5 (K_PAD
+    = 8, 32-channel heads, 16 warps: 128 registers) spilled on sm_90a. The suite's
+    representative config (most BLOCK_* elements per thread) does not weigh K, so this
+    one is compiled here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    name = "_elsa_attention_bwd_attn_kernel_nchw_c32p16_k5_fp16"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _STATIC_PROBE, name], env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(records) == 2, records
+    for r in records:
+        assert r["spill_stores"] == r["spill_loads"] == 0, (r["target"], r["registers"], r)
+
+
 class _ArgRecorder:
     """Stands in for a kernel: records the arguments of each launch, runs nothing."""
 
@@ -843,6 +875,26 @@ def test_automatic_choice_falls_back_when_the_cuda_plan_does_not_fit(host_ops, m
             assert "shared memory" in reasons("cuda")[0]
             with pytest.raises(_backend.BackendUnavailableError, match="shared memory"):
                 ops.elsa_attention(v, attn, kernel_size=K, backend="cuda")
+
+
+@pytest.mark.parametrize("gpu", ["no opt-in", "sm_90"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cuda_reasons_under_torch_compile_ask_the_plan(host_ops, monkeypatch, gpu, dynamic):
+    """torch.compile(fullgraph=True) traces the cuda backend's reasons, the plan query
+    included (no graph break on the extension's plan op), and they say what eager says:
+    K = 11 fits sm_90's shared memory, not a block without opt-in."""
+    monkeypatch.setattr(ops, "smem_per_block", lambda device: SMEM_BUDGETS[gpu])
+    K = 11
+    v, attn, _, _, _ = _inputs(1, 32, 1, 4, 4, K, "none", torch.float32)
+
+    def fn(v, attn):
+        return v + len(ops._reasons("cuda", v, attn, None, None, 1, K, 1))
+
+    expected = ops._reasons("cuda", v, attn, None, None, 1, K, 1)
+    assert bool(expected) == (gpu == "no opt-in") and len(expected) <= 1, expected
+    torch._dynamo.reset()  # the plan's answer is a trace-time constant: no stale graph
+    compiled = torch.compile(fn, backend="eager", fullgraph=True, dynamic=dynamic)
+    assert torch.equal(compiled(v, attn), v + len(expected))
 
 
 def test_int32_offset_limits_are_backend_reasons():

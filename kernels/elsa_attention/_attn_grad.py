@@ -16,6 +16,30 @@ def _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P: tl.constexpr, P_AXIS: tl
 
 
 @triton.jit
+def _row_prod(dout_ptr, v_ptr, b, dout_off, v_off, h, w, hh, ww, c_ok, ok, tap_ok,
+              stride_dout_b, stride_dout_h, stride_dout_w, stride_v_b, stride_v_h, stride_v_w):
+    """prod = dy[c, o] * v[c, o + delta_t] in fp32 for a row of taps (zero where masked)."""
+    prod = tl.load(dout_ptr + b * stride_dout_b + (dout_off + h * stride_dout_h + w * stride_dout_w),
+                   mask=c_ok & ok, other=0.0).to(tl.float32)
+    prod *= tl.load(v_ptr + b * stride_v_b + (v_off + hh * stride_v_h + ww * stride_v_w),
+                    mask=c_ok & tap_ok, other=0.0).to(tl.float32)
+    return prod
+
+
+@triton.jit
+def _row_dp(prod, mt, HAS_MUL: tl.constexpr, C_AXIS: tl.constexpr):
+    """dp_t = sum_c M[c, t] prod[c] for a row of taps. The pre-pass and the tap loop both
+    compute dp through this (same operations, order and reduction), so that the tap
+    loop's dp_t - sum_s p_s dp_s cancels exactly where the softmax is constant (one tap:
+    dattn = 0, as PyTorch gets)."""
+    if HAS_MUL:
+        dp = tl.sum(prod * mt, axis=C_AXIS, keep_dims=True)
+    else:
+        dp = tl.sum(prod, axis=C_AXIS, keep_dims=True)
+    return dp
+
+
+@triton.jit
 def _elsa_attention_bwd_attn_kernel(
         dout_ptr, v_ptr, attn_ptr, mul_ptr, dattn_ptr, lse_ptr, mean_ptr,
         part_mul_ptr, part_add_ptr,
@@ -71,32 +95,30 @@ def _elsa_attention_bwd_attn_kernel(
             tl.store(lse_ptrs, m, mask=ok)
             tl.store(lse_ptrs + H * W, log_s, mask=ok)
             if SOFTMAX_GRAD:
-                # The softmax backward's sum_t p_t dp_t = sum_c dy[c] sum_t M[c, t] p_t
-                # v[c, o + delta_t], aggregated like the forward: the tap loop then
-                # stores each dl_t = p_t (dp_t - sum) at once, no dp is rounded or
-                # stored in between (and none cancels against another's rounding).
-                agg = tl.zeros((K_PAD, BLOCK_P, BLOCK_C) if CHANNELS_LAST
-                               else (K_PAD, BLOCK_C, BLOCK_P), tl.float32)
+                # The softmax backward's sum_t p_t dp_t in fp32, from dp_t computed
+                # exactly as the tap loop computes it (_row_prod, _row_dp): the tap loop
+                # then stores each dl_t = p_t (dp_t - sum) at once, no dp is rounded or
+                # stored in between, and with one tap (p = 1) dp_t - sum is exactly 0.
+                mean = tl.zeros(ok.shape, tl.float32)
                 for ty in range(K):
                     hh = h + (ty - R) * DIL
                     ww = w + (tx - R) * DIL
                     tap_ok = (tx < K) & ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+                    if HAS_MUL:
+                        mt = tl.load(mul_ptr + (ch * stride_mul_c + ty * stride_mul_h
+                                                + tx * stride_mul_w),
+                                     mask=c_ok & (tx < K), other=0.0).to(tl.float32)
+                    else:
+                        mt = 1.0
+                    prod = _row_prod(dout_ptr, v_ptr, b, dout_off, v_off, h, w, hh, ww, c_ok,
+                                     ok, tap_ok, stride_dout_b, stride_dout_h, stride_dout_w,
+                                     stride_v_b, stride_v_h, stride_v_w)
+                    dp = _row_dp(prod, mt, HAS_MUL, C_AXIS)
                     p = tl.load(attn_base + (attn_off + (ty * K + tx) * stride_attn_c),
                                 mask=tap_ok, other=0.0).to(tl.float32)
                     # Masked taps: p = 0, not exp(0 - m - log_s) (inf when m < -88).
-                    f = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
-                    if HAS_MUL:
-                        f = f * tl.load(mul_ptr + (ch * stride_mul_c + ty * stride_mul_h
-                                                   + tx * stride_mul_w),
-                                        mask=c_ok & (tx < K), other=0.0).to(tl.float32)
-                    agg += f * tl.load(v_ptr + b * stride_v_b + (v_off + hh * stride_v_h
-                                                                 + ww * stride_v_w),
-                                       mask=c_ok & tap_ok, other=0.0).to(tl.float32)
-                dy = tl.load(dout_ptr + b * stride_dout_b
-                             + (dout_off + h * stride_dout_h + w * stride_dout_w),
-                             mask=c_ok & ok, other=0.0).to(tl.float32)
-                mean = tl.sum(tl.sum(agg, axis=0, keep_dims=True) * dy, axis=C_AXIS,
-                              keep_dims=True)
+                    p = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
+                    mean += tl.sum(p * dp, axis=0, keep_dims=True)
                 tl.store(mean_ptr + stat_ptrs, mean, mask=ok)
         # Other threads may reload what this one stored.
         tl.debug_barrier()
@@ -110,6 +132,8 @@ def _elsa_attention_bwd_attn_kernel(
         if HAS_MUL and NEED_DATTN:
             mt = tl.load(mul_ptr + (ch * stride_mul_c + ty * stride_mul_h + tx * stride_mul_w),
                          mask=c_ok & (tx < K), other=0.0).to(tl.float32)
+        else:
+            mt = 1.0  # unread: _row_dp multiplies by M only with HAS_MUL
         acc_m = tl.zeros((K_PAD, BLOCK_P, BLOCK_C) if CHANNELS_LAST else (K_PAD, BLOCK_C, BLOCK_P),
                          tl.float32)
         acc_d = tl.zeros((K_PAD, BLOCK_P, BLOCK_C) if CHANNELS_LAST else (K_PAD, BLOCK_C, BLOCK_P),
@@ -119,11 +143,9 @@ def _elsa_attention_bwd_attn_kernel(
             hh = h + (ty - R) * DIL
             ww = w + (tx - R) * DIL
             tap_ok = (tx < K) & ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
-            prod = tl.load(dout_ptr + b * stride_dout_b
-                           + (dout_off + h * stride_dout_h + w * stride_dout_w),
-                           mask=c_ok & ok, other=0.0).to(tl.float32)
-            prod *= tl.load(v_ptr + b * stride_v_b + (v_off + hh * stride_v_h + ww * stride_v_w),
-                            mask=c_ok & tap_ok, other=0.0).to(tl.float32)
+            prod = _row_prod(dout_ptr, v_ptr, b, dout_off, v_off, h, w, hh, ww, c_ok, ok, tap_ok,
+                             stride_dout_b, stride_dout_h, stride_dout_w,
+                             stride_v_b, stride_v_h, stride_v_w)
             if NEED_DMUL or SOFTMAX_GRAD:
                 p = tl.load(attn_ptr + b * stride_attn_b
                             + ((g * KK + t) * stride_attn_c + h * stride_attn_h
@@ -134,10 +156,7 @@ def _elsa_attention_bwd_attn_kernel(
                     p = _softmax_prob(p, tl.load(lse_ptrs, mask=ok, other=0.0),
                                       tl.load(lse_ptrs + H * W, mask=ok, other=0.0))
             if NEED_DATTN:
-                if HAS_MUL:
-                    dp = tl.sum(prod * mt, axis=C_AXIS, keep_dims=True)
-                else:
-                    dp = tl.sum(prod, axis=C_AXIS, keep_dims=True)
+                dp = _row_dp(prod, mt, HAS_MUL, C_AXIS)
                 if SOFTMAX_GRAD:
                     dp = p * (dp - tl.load(mean_ptr + (b * G + g) * H * W + pix, mask=ok,
                                            other=0.0))

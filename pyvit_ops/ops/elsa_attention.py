@@ -6,11 +6,13 @@ extension's ``elsa_attention_fwd`` / ``_bwd``). The kernel backends go through t
 custom ops ``pyvit_ops::elsa_attention_fwd`` / ``_bwd``; nothing but the inputs is
 saved for the backward, which recomputes the softmax.
 """
+import operator
 from typing import List, Optional, Tuple
 
 import torch
 
 from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops.kernels import _common
 from pyvit_ops.reference import elsa_attention as reference
 from pyvit_ops.reference.elsa_attention import output_memory_format
 
@@ -50,13 +52,36 @@ def _reasons(backend, v, attn, ghost_mul, ghost_add, heads, kernel_size, dilatio
         reasons.append(f"kernel_size {kernel_size} > {CUDA_MAX_KERNEL_SIZE}: the CUDA kernels "
                        "are compiled for K <= 13 (csrc/elsa_attention.cuh)")
     if backend == "cuda" and not reasons:
-        # What the launch would refuse (the plan's shared memory on this device, grid and
-        # offset limits), asked of the extension before launching.
-        why, _ = _ext.lib(v).elsa_attention_plan(v, attn, kernel_size, dilation, False,
-                                                 smem_per_block(v.device), -1)
+        # The plan reads sizes only, through stride-0 proxies: their offset limit is
+        # checked here, on the real strides (the binding's rule).
+        reasons += _common.int32_reasons(v=v, attn=attn)
+        # operator.index: concrete ints under torch.compile too (symbolic sizes and ints
+        # are specialised and guarded), since the plan depends on every one of them.
+        why = _cuda_plan_reason(v.device, v.dtype, tuple(operator.index(s) for s in v.shape),
+                                tuple(operator.index(s) for s in attn.shape),
+                                operator.index(kernel_size), operator.index(dilation))
         if why:
             reasons.append(why)
     return reasons
+
+
+def _cuda_plan_reason(device, dtype, v_shape, attn_shape, kernel_size, dilation):
+    """What the CUDA launch would refuse (the plan's shared memory on this device, grid
+    limits), or "": asked of the extension before launching. A function of sizes and
+    ints that torch.compile runs at trace time (the plan op has no fake implementation
+    and returns no tensor), on stride-0 proxies of v and attn (one element each)."""
+    v, attn = (torch.empty((), dtype=dtype, device=device).expand(shape)
+               for shape in (v_shape, attn_shape))
+    why, _ = _ext.lib(v).elsa_attention_plan(v, attn, kernel_size, dilation, False,
+                                             smem_per_block(device), -1)
+    return why
+
+
+# torch.compiler.assume_constant_result(_cuda_plan_reason), minus the decorator's import
+# of torch._dynamo (and with it triton.language, before the tests enable the interpreter)
+# when pyvit_ops is imported: the mark is the attribute that decorator sets. The compile
+# tests of the cuda backend fail if torch renames it.
+_cuda_plan_reason._dynamo_marked_constant = True
 
 
 # --------------------------------------------------------------------------- custom ops
