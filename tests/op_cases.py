@@ -16,6 +16,18 @@ from pyvit_ops.testing import host
 BACKENDS = ("reference", "triton", "cuda")
 
 
+class GridRecorder:
+    """Stands in for a Triton kernel: records the grid of each launch into ``grids``
+    (its own list by default) and runs nothing."""
+
+    def __init__(self, grids=None):
+        self.grids = [] if grids is None else grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
 def use_backend(backend):
     """The cuda backend runs the kernels' source on CPU tensors through the
     host-emulation build: load it (built once, cached)."""

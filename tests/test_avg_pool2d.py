@@ -22,6 +22,7 @@ from pyvit_ops.nn import Pooling
 from pyvit_ops.reference import avg_pool2d as reference
 from pyvit_ops.testing import traffic
 from pyvit_ops.testing.specs import avg_pool2d as pool_specs
+from op_cases import GridRecorder
 
 # (kernel_size, stride, padding, subtract_input); padding None = kernel_size // 2.
 GEOMETRIES = [
@@ -446,21 +447,10 @@ def test_cuda_int32_image_limit_is_a_backend_reason(host_ops):
         avg_pool2d(x, backend="cuda")
 
 
-class _GridRecorder:
-    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
-
-    def __init__(self):
-        self.grids = []
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return lambda *args, **kwargs: None
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_triton_grid_keeps_the_batch_on_axis_0(monkeypatch, channels_last):
     """Grid axes 1 and 2 stop at 65535: a batch of 70000 stays on axis 0."""
-    recorder = _GridRecorder()
+    recorder = GridRecorder()
     monkeypatch.setitem(kernels._NUM_WARPS, recorder, 4)
     monkeypatch.setattr(kernels, "_avg_pool2d_fwd_kernel", recorder)
     x = torch.zeros(70000, 2, 3, 3)

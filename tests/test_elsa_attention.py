@@ -19,6 +19,7 @@ from pyvit_ops.nn.elsa import ELSA
 from pyvit_ops.reference.elsa_attention import elsa_attention as reference
 from pyvit_ops.reference.elsa_attention import output_memory_format
 from pyvit_ops.testing.specs import elsa_attention as static_specs
+from op_cases import GridRecorder
 
 GHOSTS = ["none", "mul", "add", "both"]
 
@@ -905,21 +906,10 @@ def test_int32_offset_limits_are_backend_reasons():
     assert any(r.startswith("v: offsets within one sample must fit in int32") for r in why), why
 
 
-class _GridRecorder:
-    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
-
-    def __init__(self):
-        self.grids = []
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return lambda *args, **kwargs: None
-
-
 @pytest.mark.parametrize("ghost", [False, True])
 def test_triton_grids_keep_the_batch_off_axes_1_and_2(monkeypatch, ghost):
     """Grid axes 1 and 2 stop at 65535: a batch of 70000 folds into axis 0."""
-    recorders = {name: _GridRecorder() for name in (
+    recorders = {name: GridRecorder() for name in (
         "_elsa_attention_fwd_kernel", "_elsa_attention_bwd_attn_kernel",
         "_elsa_attention_bwd_v_kernel", "_elsa_attention_bwd_ghost_kernel")}
     for name, recorder in recorders.items():

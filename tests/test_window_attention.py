@@ -16,6 +16,7 @@ from pyvit_ops import _backend
 from pyvit_ops.kernels import window_attention as kernels
 from pyvit_ops.reference.window_attention import window_attention as reference
 from pyvit_ops.testing import host
+from op_cases import GridRecorder
 
 # (B, H, W, heads, D, window, shift): borders, padding on one / both axes, non-square
 # windows and shifts, a shift on one axis only, N not a multiple of the tile.
@@ -458,23 +459,12 @@ def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, 
     assert set(launches) <= specs, set(launches) - specs
 
 
-class _GridRecorder:
-    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
-
-    def __init__(self, grids):
-        self.grids = grids
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return lambda *args, **kwargs: None
-
-
 def test_triton_grids_keep_heads_off_axis_1(monkeypatch):
     """Grid axes 1 and 2 stop at 65535: 70000 heads (the dtable kernel has programs per
     head) stay on axis 0."""
     grids = []
     for name in _KERNEL_NAMES:
-        monkeypatch.setattr(kernels, name, _GridRecorder(grids))
+        monkeypatch.setattr(kernels, name, GridRecorder(grids))
     heads = 70000
     q, k, v = _packed_qkv(1, 2, 2, heads, 1, torch.float32)
     table = _table(2, heads, torch.float32)
