@@ -147,12 +147,12 @@ def run_timing(args, device):
 def speedup_table(rows):
     """One line per (op, shape, provider): the fwd+bwd time and its ratio to naive."""
     full = [r for r in rows if r["pass"] == "full" and r["provider"] != harness.NAIVE]
-    lines = [f"{'op':<30} {'shape':<34} {'provider':<22} {'fwd+bwd ms':>10} {'vs naive':>8}"]
+    lines = [f"{'op':<30} {'shape':<44} {'provider':<22} {'fwd+bwd ms':>10} {'vs naive':>8}"]
     for r in full:
         ms, ratio = r.get("min_ms") or r.get("median_ms"), r.get("speedup_vs_naive")
         cells = (f"{float(ms):10.2f} {float(ratio):7.2f}x" if ms not in (None, "")
                  and ratio not in (None, "") else f"{'-':>10} {'-':>8}  {r['status'][:40]}")
-        lines.append(f"{r['op']:<30} {r['model'][:34]:<34} {r['provider']:<22} {cells}")
+        lines.append(f"{r['op']:<30} {r['model']:<44} {r['provider']:<22} {cells}")
     return lines
 
 
