@@ -5,8 +5,8 @@
 // show on every run:
 // - the blocks of a grid run one after another, the threads of a block as fibers on one
 //   worker thread, one thread at a time: a thread runs alone until it reaches
-//   __syncthreads(), a warp collective (shuffle, __syncwarp) or its end, then hands
-//   over. Each barrier phase of a block runs its threads in an order chosen from the
+//   __syncthreads(), a warp collective (shuffle, __syncwarp, mma, ldmatrix) or its end,
+//   then hands over. Each barrier phase of a block runs its threads in an order chosen from the
 //   block and phase index (forward, reverse, random from PYVIT_HOST_EMULATION_SEED), so
 //   a missing barrier makes a thread read data a later or an earlier thread has not yet
 //   written (or already overwritten) in every launch of two or more blocks or phases.
@@ -21,7 +21,17 @@
 // host.py compiles kernel files with statements added (PV_HOST_LAUNCH_BOUNDS,
 // PV_HOST_SHARED) that make the kernel's launch bounds and static shared variables
 // known to the emulation.
-// Kernels must stay plain CUDA C++ (no inline PTX, no tensor-core intrinsics) and
+// - warp-level tensor-core instructions are warp collectives like the shuffles, modelled
+//   from the PTX ISA's fragment layouts (csrc/mma.cuh is the kernels' interface):
+//   mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} gathers A, B and C from the
+//   registers of the 32 lanes, computes D = A * B + C with exact products and one fp32
+//   rounding per addition (C first, then k = 0..15), and scatters D back;
+//   ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16 reads the rows the lanes
+//   point at when the last lane arrives, checking that every row address is in the
+//   block's shared memory and 16-byte aligned. A lane that does not take part (exited,
+//   or at another collective) contributes poison, as a shuffle from it returns;
+// - 32-bit fragment loads from global or shared memory fail the launch when misaligned.
+// Kernels use no other inline PTX or intrinsics than those csrc/mma.cuh wraps, and
 // declare dynamic shared memory with PV_DYNAMIC_SHARED (common.cuh). Launches are
 // serialised process-wide; it is a test harness, not a fast CPU backend.
 #pragma once
@@ -94,8 +104,10 @@ enum cudaError {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorIllegalAddress = 700,
   cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchTimeout = 702,
+  cudaErrorMisalignedAddress = 716,
 };
 using cudaError_t = cudaError;
 
@@ -121,6 +133,11 @@ inline const char* cudaGetErrorString(cudaError_t error) {
              "kernel may use; details on stderr)";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument (host emulation)";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered (host emulation: e.g. ldmatrix "
+             "outside shared memory; details on stderr)";
+    case cudaErrorMisalignedAddress:
+      return "misaligned address (host emulation; details on stderr)";
     case cudaErrorLaunchOutOfResources:
       return "too many resources requested for launch (host emulation: the block is "
              "larger than the kernel's __launch_bounds__; details on stderr)";
@@ -287,6 +304,11 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{static_cast<std::uint16_t>(rounded >> 16)};
 }
 
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short bits) { return __half{bits}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
+
 // ---- math intrinsics -------------------------------------------------------------------
 // CUDA's device min/max: same-type overloads only (mixed types are a compile error here,
 // which catches signed/unsigned mix-ups that nvcc would silently promote).
@@ -395,10 +417,16 @@ inline std::uint64_t mix(std::uint64_t x) {  // splitmix64 finaliser
   return x ^ (x >> 31);
 }
 
+// A warp collective other than a shuffle: called once the warp completes, with the data
+// of each lane waiting at the same operation (nullptr for the other lanes).
+using WarpOp = void (*)(const std::array<void*, 32>& lanes);
+
 struct Warp {
   unsigned live = 0, arrived = 0;  // lanes not exited / waiting at a warp collective
   std::array<std::uint64_t, 32> in, out;
   std::array<unsigned, 32> src;  // lane each waiting lane reads from
+  std::array<WarpOp, 32> op;     // nullptr: a shuffle or __syncwarp
+  std::array<void*, 32> data;
 };
 
 // One launch: runs the grid's blocks, the block's threads as fibers (on the calling
@@ -440,6 +468,9 @@ class Launch {
   void shared_variable(void* address, std::size_t bytes);
   void syncthreads();
   std::uint64_t warp_exchange(std::uint64_t value, unsigned src_lane);
+  // Waits at a warp collective other than a shuffle, `data` this lane's part of it.
+  void warp_collective(WarpOp op, void* data);
+  bool in_shared(const void* address, std::size_t bytes) const;
   [[noreturn]] void fail(cudaError_t error);
   [[noreturn]] void thread_main();
 
@@ -460,7 +491,8 @@ class Launch {
   std::uint64_t seed_;
   std::size_t smem_bytes_, shared_limit_;
   std::vector<std::max_align_t> smem_;
-  std::vector<const void*> static_variables_;  // seen in the running block
+  // (address, bytes) of the static shared variables seen in the running block
+  std::vector<std::pair<const void*, std::size_t>> static_variables_;
   std::size_t static_bytes_ = 0;
   std::vector<State> state_;
   std::vector<void*> sp_;
@@ -583,10 +615,10 @@ inline void Launch::fail(cudaError_t error) {
 // A static __shared__ variable declared by the running thread: the block's first thread
 // to declare it poisons it, before any thread can use it.
 inline void Launch::shared_variable(void* address, std::size_t bytes) {
-  for (const void* seen : static_variables_) {
-    if (seen == address) return;
+  for (const auto& seen : static_variables_) {
+    if (seen.first == address) return;
   }
-  static_variables_.push_back(address);
+  static_variables_.emplace_back(address, bytes);
   static_bytes_ += bytes;
   std::memset(address, kPoison, bytes);
   if (static_bytes_ + smem_bytes_ <= shared_limit_) return;
@@ -604,14 +636,36 @@ inline void Launch::syncthreads() {
   yield();
 }
 
-inline std::uint64_t Launch::warp_exchange(std::uint64_t value, unsigned src_lane) {
+// Whether [address, address + bytes) lies in the running block's shared memory.
+inline bool Launch::in_shared(const void* address, std::size_t bytes) const {
+  const auto inside = [&](const void* base, std::size_t size) {
+    const auto p = reinterpret_cast<std::uintptr_t>(address);
+    const auto b = reinterpret_cast<std::uintptr_t>(base);
+    return p >= b && p - b <= size && bytes <= size - (p - b);
+  };
+  if (inside(smem_.data(), smem_bytes_)) return true;
+  for (const auto& [base, size] : static_variables_) {
+    if (inside(base, size)) return true;
+  }
+  return false;
+}
+
+inline void Launch::warp_collective(WarpOp op, void* data) {
   const unsigned t = current_tid, lane = t % 32;
   Warp& warp = warps_[t / 32];
-  warp.in[lane] = value;
-  warp.src[lane] = src_lane;
+  warp.op[lane] = op;
+  warp.data[lane] = data;
   state_[t] = State::kAtWarp;
   if (++warp.arrived == warp.live) complete_warp(t / 32);
   yield();
+}
+
+inline std::uint64_t Launch::warp_exchange(std::uint64_t value, unsigned src_lane) {
+  const unsigned lane = current_tid % 32;
+  Warp& warp = warps_[current_tid / 32];
+  warp.in[lane] = value;
+  warp.src[lane] = src_lane;
+  warp_collective(nullptr, nullptr);
   return warp.out[lane];
 }
 
@@ -620,10 +674,24 @@ inline void Launch::complete_warp(unsigned w) {
   Warp& warp = warps_[w];
   const unsigned first = 32 * w, lanes = std::min(32u, threads_ - first);
   const auto waiting = [&](unsigned lane) { return state_[first + lane] == State::kAtWarp; };
-  for (unsigned lane = 0; lane < lanes; ++lane) {
+  const auto at = [&](unsigned lane, WarpOp op) { return waiting(lane) && warp.op[lane] == op; };
+  for (unsigned lane = 0; lane < lanes; ++lane) {  // shuffles (op nullptr)
     const unsigned src = warp.src[lane];
     std::memset(&warp.out[lane], kPoison, sizeof(std::uint64_t));
-    if (waiting(lane) && src < lanes && waiting(src)) warp.out[lane] = warp.in[src];
+    if (at(lane, nullptr) && src < lanes && at(src, nullptr)) warp.out[lane] = warp.in[src];
+  }
+  // Each other operation once, with the lanes that wait at it.
+  for (unsigned lane = 0; lane < lanes; ++lane) {
+    const WarpOp op = warp.op[lane];
+    if (op == nullptr || !waiting(lane)) continue;
+    bool seen = false;
+    for (unsigned other = 0; other < lane; ++other) seen |= at(other, op);
+    if (seen) continue;
+    std::array<void*, 32> data{};
+    for (unsigned other = lane; other < lanes; ++other) {
+      if (at(other, op)) data[other] = warp.data[other];
+    }
+    op(data);
   }
   for (unsigned lane = 0; lane < lanes; ++lane) {
     if (waiting(lane)) state_[first + lane] = State::kReady;
@@ -637,8 +705,8 @@ inline void Launch::report_deadlock(std::uint64_t b) const {
   std::fprintf(stderr,
                "pyvit host emulation: block %llu of grid (%u, %u, %u) x block (%u, %u, %u) "
                "deadlocks: of its %u live threads, %u wait at __syncthreads() and %u at a "
-               "warp collective (shuffle, __syncwarp) that lanes of their warp never reach. "
-               "The launch fails.\n",
+               "warp collective (shuffle, __syncwarp, mma, ldmatrix) that lanes of their warp "
+               "never reach. The launch fails.\n",
                static_cast<unsigned long long>(b), grid_.x, grid_.y, grid_.z, block_.x,
                block_.y, block_.z, live_, at_barrier_, at_warp);
 }
@@ -871,3 +939,148 @@ T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int width = warpSiz
   const unsigned src = lane ^ static_cast<unsigned>(lane_mask);
   return pyvit_host::detail::warp_exchange(value, src < (lane & ~(w - 1)) + w ? src : lane);
 }
+
+// ---- tensor cores ------------------------------------------------------------------------
+// The instructions csrc/mma.cuh wraps, as warp collectives. The fragment layouts are those
+// of the PTX ISA, written out here apart from mma.cuh's so that a layout mistake there
+// shows in the results (g = lane / 4, t = lane % 4; element i of a register pair list is
+// register i / 2, low half for even i).
+namespace pyvit_host {
+namespace detail {
+
+// Reports a bad address of the running thread and fails the launch.
+[[noreturn]] inline void bad_address(cudaError_t error, const char* what, const void* address) {
+  std::fprintf(stderr, "pyvit host emulation: thread %u of block (%u, %u, %u): %s at %p\n",
+               current_tid, blockIdx.x, blockIdx.y, blockIdx.z, what, address);
+  current_launch->fail(error);
+}
+
+struct MmaLane {
+  std::uint32_t a[4], b[2];
+  float c[4], d[4];
+};
+
+template <typename T>
+float mma_element(std::uint32_t reg, unsigned high) {
+  const std::uint16_t bits = static_cast<std::uint16_t>(reg >> (16 * high));
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__half{bits});
+  } else {
+    return __bfloat162float(__nv_bfloat16{bits});
+  }
+}
+
+// mma.m16n8k16 with .f16 / .bf16 A (16x16) and B (16x8) and .f32 C / D (16x8). The
+// registers of a lane that does not take part are poison (0xFF bytes: NaN).
+template <typename T>
+void complete_mma_m16n8k16(const std::array<void*, 32>& lanes) {
+  MmaLane poison;
+  std::memset(&poison, kPoison, sizeof(poison));
+  float a[16][16], b[16][8], c[16][8];
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    const MmaLane& l = lanes[lane] != nullptr ? *static_cast<const MmaLane*>(lanes[lane]) : poison;
+    const unsigned g = lane >> 2, t = lane % 4;
+    for (unsigned i = 0; i < 8; ++i) {  // a0..a7
+      const unsigned row = i < 2 || (4 <= i && i < 6) ? g : g + 8;
+      const unsigned col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+      a[row][col] = mma_element<T>(l.a[i / 2], i % 2);
+    }
+    for (unsigned i = 0; i < 4; ++i) {  // b0..b3
+      const unsigned row = t * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+      b[row][g] = mma_element<T>(l.b[i / 2], i % 2);
+    }
+    for (unsigned i = 0; i < 4; ++i) {  // c0..c3
+      c[i < 2 ? g : g + 8][t * 2 + (i & 1)] = l.c[i];
+    }
+  }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    if (lanes[lane] == nullptr) continue;
+    MmaLane& l = *static_cast<MmaLane*>(lanes[lane]);
+    const unsigned g = lane >> 2, t = lane % 4;
+    for (unsigned i = 0; i < 4; ++i) {  // d0..d3, laid out as c0..c3
+      const unsigned row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
+      // fp16 and bf16 products are exact in an fma; each addition rounds to fp32.
+      float d = c[row][col];
+      for (unsigned k = 0; k < 16; ++k) d = std::fma(a[row][k], b[k][col], d);
+      l.d[i] = d;
+    }
+  }
+}
+
+struct LdmatrixLane {
+  const unsigned char* row;  // this lane's row address (lanes 0..8 * matrices - 1)
+  std::uint32_t r[4];
+};
+
+// ldmatrix.m8n8.x{Matrices}[.trans].b16: row i of matrix j is 8 16-bit elements at the
+// address of lane 8 * j + i. Register j of lane l holds, without .trans, elements 2 * t
+// and 2 * t + 1 of row g; with .trans, element g of rows 2 * t and 2 * t + 1. Rows of a
+// lane that does not take part are poison.
+template <int Matrices, bool kTrans>
+void complete_ldmatrix(const std::array<void*, 32>& lanes) {
+  const auto element = [&](unsigned matrix, unsigned row, unsigned col) -> std::uint32_t {
+    const void* source = lanes[8 * matrix + row];
+    if (source == nullptr) return 0xFFFFu;
+    std::uint16_t bits;
+    std::memcpy(&bits, static_cast<const LdmatrixLane*>(source)->row + 2 * col, 2);
+    return bits;
+  };
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    if (lanes[lane] == nullptr) continue;
+    LdmatrixLane& l = *static_cast<LdmatrixLane*>(lanes[lane]);
+    const unsigned g = lane >> 2, t = lane % 4;
+    for (unsigned j = 0; j < Matrices; ++j) {
+      l.r[j] = kTrans ? element(j, 2 * t, g) | element(j, 2 * t + 1, g) << 16
+                      : element(j, g, 2 * t) | element(j, g, 2 * t + 1) << 16;
+    }
+  }
+}
+
+}  // namespace detail
+
+// mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 d, a, b, c (T: __half or __nv_bfloat16).
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2],
+                  const float (&c)[4]) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "mma.m16n8k16 takes fp16 or bf16 operands");
+  detail::MmaLane lane;
+  std::memcpy(lane.a, a, sizeof(lane.a));
+  std::memcpy(lane.b, b, sizeof(lane.b));
+  std::memcpy(lane.c, c, sizeof(lane.c));
+  detail::current_launch->warp_collective(detail::complete_mma_m16n8k16<T>, &lane);
+  std::memcpy(d, lane.d, sizeof(lane.d));
+}
+
+// ldmatrix.sync.aligned.m8n8.x{Matrices}[.trans].shared.b16 r, [row]: lanes past the
+// first 8 * Matrices pass an address that is not used.
+template <int Matrices, bool kTrans>
+void ldmatrix(std::uint32_t (&r)[Matrices], const void* row) {
+  static_assert(Matrices == 1 || Matrices == 2 || Matrices == 4, "ldmatrix loads .x1, .x2, .x4");
+  const unsigned lane = detail::current_tid % 32;
+  if (lane < 8 * Matrices) {
+    if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) {
+      detail::bad_address(cudaErrorMisalignedAddress,
+                          "ldmatrix row address not 16-byte aligned", row);
+    }
+    if (!detail::current_launch->in_shared(row, 16)) {
+      detail::bad_address(cudaErrorIllegalAddress,
+                          "ldmatrix row address outside the block's shared memory", row);
+    }
+  }
+  detail::LdmatrixLane data{static_cast<const unsigned char*>(row), {}};
+  detail::current_launch->warp_collective(detail::complete_ldmatrix<Matrices, kTrans>, &data);
+  std::memcpy(r, data.r, sizeof(r));
+}
+
+// A 32-bit load (a pair of 16-bit elements), which faults on the GPU unless aligned.
+inline std::uint32_t load_b32(const void* address) {
+  if (reinterpret_cast<std::uintptr_t>(address) % 4 != 0) {
+    detail::bad_address(cudaErrorMisalignedAddress, "32-bit load not 4-byte aligned", address);
+  }
+  std::uint32_t value;
+  std::memcpy(&value, address, 4);
+  return value;
+}
+
+}  // namespace pyvit_host

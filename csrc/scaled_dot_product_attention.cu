@@ -1,14 +1,15 @@
 // scaled_dot_product_attention kernels (interface in scaled_dot_product_attention.cuh).
-// Plain CUDA C++ (no tensor-core intrinsics) so the same source runs under host
-// emulation; automatic dispatch prefers the Triton kernels. Blocks of 128 threads stage
-// tiles of q/k/v in shared memory as fp32; everything accumulates in fp32.
+// The same source runs under host emulation (tensor cores through mma.cuh); automatic
+// dispatch prefers the Triton kernels. Blocks of 128 threads stage tiles of q/k/v in
+// shared memory; everything accumulates in fp32.
 //
-// Forward: a block per (batch, 16-query tile) walks the keys 32 at a time with an online
-// softmax and saves each row's max logit m and log2 of its sum l, apart (m + log(l) in
-// one float would lose log(l) next to a large |m|, e.g. a -1e9 mask); m = +inf for a row
-// with every key masked, which makes every recomputed probability 0, as torch gives
-// zeros. Logits stay in natural units; only differences (logit - m <= 0) are scaled to
-// log2 units for exp2, so finite logits near the float32 limit do not overflow.
+// Forward: a block per (batch, query tile: 16 rows in fp32, 64 on the tensor cores in
+// fp16 / bf16) walks the keys 32 at a time with an online softmax and saves each row's max
+// logit m and log2 of its sum l, apart (m + log(l) in one float would lose log(l) next to
+// a large |m|, e.g. a -1e9 mask); m = +inf for a row with every key masked, which makes
+// every recomputed probability 0, as torch gives zeros. Logits stay in natural units;
+// only differences (logit - m <= 0) are scaled to log2 units for exp2, so finite logits
+// near the float32 limit do not overflow.
 // Backward, deterministic (no atomics; every output element has one owner that sums in
 // a fixed order): delta = rowsum(dout * out); a key-major kernel for dk/dv looping over
 // the query tiles; a query-major kernel for dq looping over the key tiles; and, for a
@@ -16,8 +17,10 @@
 // for each broadcast batch index in order (and every query tile when the bias is
 // broadcast over the queries) and sums it, so no (*batch, Nq, Nk) gradient is formed.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "scaled_dot_product_attention.cuh"
 
 namespace pyvit {
@@ -84,14 +87,14 @@ PV_DEVICE float bias_value(const SdpaParams& p, int z1, int z2, int row, int col
 
 // rows [row0, row0 + ROWS) of a (N, D) matrix at `base` into dst (row pitch LD), zero
 // outside the matrix. Consecutive threads read consecutive columns.
-template <int ROWS, int DP, int LD, typename T>
-PV_DEVICE void load_tile(float* dst, const T* __restrict__ base, std::int64_t row_stride,
+template <int ROWS, int DP, int LD, typename T, typename Dst>
+PV_DEVICE void load_tile(Dst* dst, const T* __restrict__ base, std::int64_t row_stride,
                          std::int64_t col_stride, int row0, int n, int D) {
   for (int e = threadIdx.x; e < ROWS * DP; e += kThreads) {
     const int r = e / DP, d = e % DP;
-    dst[r * LD + d] = row0 + r < n && d < D
-                          ? to_float(base[(row0 + r) * row_stride + d * col_stride])
-                          : 0.f;
+    dst[r * LD + d] = from_float<Dst>(
+        row0 + r < n && d < D ? to_float(base[(row0 + r) * row_stride + d * col_stride])
+                              : 0.f);
   }
 }
 
@@ -201,6 +204,131 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
 #pragma unroll
   for (int c = 0; c < DP / 8; ++c) {
     if (od + 8 * c < p.D) out[od + 8 * c] = from_float<T>(acc[c] * f);
+  }
+}
+
+// The forward for fp16 / bf16 on the tensor cores: a block per (batch, 64-query tile),
+// each warp owning 16 query rows, keys 32 at a time. S = Q K^T and O += P V are mma with
+// fp32 accumulators; the online softmax runs on the score fragments in registers (a lane
+// holds two rows, the four lanes of its group a row's 32 keys) and P, rounded to T as the
+// operand of P V, stays in registers. Tiles are staged in shared memory as T with rows
+// padded by 16 bytes, so that the 8 rows an ldmatrix reads fall in different banks.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const SdpaParams p) {
+  constexpr int BM = 16 * kWarps, BN = 32, LD = DP + 8;
+  alignas(16) __shared__ T qs[BM * LD], ks[BN * LD], vs[BN * LD];
+  const auto [row0, z, z1, z2] = block_tile(p, p.Nq, BM);
+  const int warp = threadIdx.x / 32, lane = mma::lane_id();
+  const T* q = static_cast<const T*>(p.q) + z1 * p.q_stride[0] + z2 * p.q_stride[1];
+  const T* k = static_cast<const T*>(p.k) + z1 * p.k_stride[0] + z2 * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + z1 * p.v_stride[0] + z2 * p.v_stride[1];
+  load_tile<BM, DP, LD>(qs, q, p.q_stride[2], p.q_stride[3], row0, p.Nq, p.D);
+  __syncthreads();
+  mma::FragA<T> qf[DP / 16];
+#pragma unroll
+  for (int c = 0; c < DP / 16; ++c) mma::ldmatrix_a(qf[c], qs + warp * 16 * LD + 16 * c, LD);
+
+  const int top = row0 + warp * 16 + mma::c_coord(lane, 0).row;  // rows top, top + 8
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  mma::FragC acc[DP / 8];
+#pragma unroll
+  for (int j = 0; j < DP / 8; ++j) mma::fill(acc[j], 0.f);
+  const auto maximum = [](float a, float b) { return fmaxf(a, b); };
+  const auto plus = [](float a, float b) { return a + b; };
+  for (int col0 = 0; col0 < p.Nk; col0 += BN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<BN, DP, LD>(ks, k, p.k_stride[2], p.k_stride[3], col0, p.Nk, p.D);
+    load_tile<BN, DP, LD>(vs, v, p.v_stride[2], p.v_stride[3], col0, p.Nk, p.D);
+    __syncthreads();
+    mma::FragC s[BN / 8];
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {  // logits, 8 keys at a time
+      mma::fill(s[n], 0.f);
+#pragma unroll
+      for (int c = 0; c < DP / 16; ++c) {
+        mma::FragB<T> kf;
+        mma::ldmatrix_b_col(kf, ks + 8 * n * LD + 16 * c, LD);
+        mma::mma(s[n], qf[c], kf, s[n]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = top + 8 * (e / 2), col = col0 + 8 * n + mma::c_coord(lane, e).col;
+        float x = -INFINITY;
+        if (row < p.Nq && col < p.Nk) {
+          x = s[n].reg[e] * p.scale;
+          if (p.bias_kind != SdpaBias::kNone) x += bias_value<T>(p, z1, z2, row, col);
+        }
+        s[n].reg[e] = x;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+      }
+    }
+    float alpha[2], m_ref[2], prob_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // online softmax of rows top + 8h
+      const float m_new = fmaxf(m[h], mma::group_reduce(tile_max[h], maximum));
+      // A row with every key masked so far keeps m = -inf: shift by 0, not inf - inf.
+      m_ref[h] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[h] = exp2f((m[h] - m_ref[h]) * kLog2e);
+      m[h] = m_new;
+    }
+    // Bit 4n + e: element e of s[n] is kept. One Philox call site in a loop that is not
+    // unrolled: sixteen inlined copies push the kernel into register spills.
+    unsigned keep = ~0u;
+    if (p.dropout) {
+#pragma unroll 1
+      for (int i = 0; i < BN / 2; ++i) {
+        const int row = top + 8 * (i % 4 / 2);
+        const int col = col0 + 8 * (i / 4) + mma::c_coord(lane, i % 4).col;
+        if (row < p.Nq && col < p.Nk && !dropout_keep(p, z, row, col)) keep &= ~(1u << i);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float prob = exp2f((s[n].reg[e] - m_ref[e / 2]) * kLog2e);
+        prob_sum[e / 2] += prob;
+        s[n].reg[e] = keep >> (4 * n + e) & 1u ? prob : 0.f;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + mma::group_reduce(prob_sum[h], plus);
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j].reg[e] *= alpha[e / 2];
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {  // O += P V, 16 keys at a time
+      const mma::FragA<T> pf = mma::a_from_c<T>(s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j) {
+        mma::FragB<T> vf;
+        mma::ldmatrix_b_row(vf, vs + 16 * kk * LD + 8 * j, LD);
+        mma::mma(acc[j], pf, vf, acc[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = top + 8 * h;
+    if (row >= p.Nq) continue;
+    if (mma::thread_in_group(lane) == 0) {
+      float* stats = p.lse + (z * p.Nq + row) * 2;
+      stats[0] = l[h] == 0.f ? INFINITY : m[h];
+      stats[1] = log2f(l[h] == 0.f ? 1.f : l[h]);
+    }
+    const float f = p.dropout_scale / (l[h] == 0.f ? 1.f : l[h]);
+    T* out = static_cast<T*>(p.out_w) + (z * p.Nq + row) * p.D;
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+#pragma unroll
+      for (int e = 2 * h; e < 2 * h + 2; ++e) {
+        const int col = 8 * j + mma::c_coord(lane, e).col;
+        if (col < p.D) out[col] = from_float<T>(acc[j].reg[e] * f);
+      }
+    }
   }
 }
 
@@ -453,8 +581,13 @@ cudaError_t scaled_dot_product_attention_fwd(const SdpaParams& p, cudaStream_t s
   return sdpa::dispatch(p, [&](auto t, auto dp) {
     using T = decltype(t);
     constexpr int DP = decltype(dp)::value;
-    const auto grid = static_cast<unsigned>(ceil_div(p.Nq, sdpa::Tiles<DP>::kFwdM) * z);
-    PV_LAUNCH((sdpa::fwd_kernel<T, DP>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
+    if constexpr (std::is_same_v<T, float>) {
+      const auto grid = static_cast<unsigned>(ceil_div(p.Nq, sdpa::Tiles<DP>::kFwdM) * z);
+      PV_LAUNCH((sdpa::fwd_kernel<T, DP>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
+    } else {
+      const auto grid = static_cast<unsigned>(ceil_div(p.Nq, 16 * sdpa::kWarps) * z);
+      PV_LAUNCH((sdpa::fwd_mma_kernel<T, DP>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
+    }
     return cudaGetLastError();
   });
 }

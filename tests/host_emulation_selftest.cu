@@ -4,6 +4,7 @@
 // the results with numpy; it also compiles it with nvcc to show that the same source
 // builds for the GPU. Each wrapper returns the launch's cudaError_t.
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace {
 
@@ -145,6 +146,155 @@ __global__ void widen_kernel(const T* in, int n, float* out) {
   if (i < n) out[i] = pyvit::to_float(in[i]);
 }
 
+// ---- tensor cores (mma.cuh) -------------------------------------------------------------
+
+// One mma on raw registers: lane l's A registers at a[4l..4l+3], B at b[2l..2l+1], C at
+// c[4l..4l+3], D to d[4l..4l+3]. Lane `absent` returns before the mma and lane `diverged`
+// waits at __syncwarp instead (-1: none), so that they do not take part.
+template <typename T>
+__global__ void mma_registers_kernel(const std::uint32_t* a, const std::uint32_t* b,
+                                     const float* c, float* d, int absent, int diverged) {
+  const int lane = pyvit::mma::lane_id();
+  if (lane == absent) return;
+  pyvit::mma::FragA<T> fa;
+  pyvit::mma::FragB<T> fb;
+  pyvit::mma::FragC fc;
+  for (int r = 0; r < 4; ++r) fa.reg[r] = a[4 * lane + r];
+  for (int r = 0; r < 2; ++r) fb.reg[r] = b[2 * lane + r];
+  for (int r = 0; r < 4; ++r) fc.reg[r] = c[4 * lane + r];
+  if (lane == diverged) {
+    __syncwarp();
+  } else {
+    pyvit::mma::mma(fc, fa, fb, fc);
+  }
+  for (int r = 0; r < 4; ++r) d[4 * lane + r] = fc.reg[r];
+}
+
+// (row, column) of every fragment element of every lane by mma.cuh's coordinates:
+// coords[lane][0..7] for A, [8..11] for B (k, n), [12..15] for C, two ints each.
+__global__ void mma_coords_kernel(int* coords) {
+  const int lane = pyvit::mma::lane_id();
+  int* out = coords + 32 * lane;
+  for (int e = 0; e < 8; ++e) {
+    const pyvit::mma::Coord p = pyvit::mma::a_coord(lane, e);
+    out[2 * e] = p.row;
+    out[2 * e + 1] = p.col;
+  }
+  for (int e = 0; e < 4; ++e) {
+    const pyvit::mma::Coord pb = pyvit::mma::b_coord(lane, e);
+    const pyvit::mma::Coord pc = pyvit::mma::c_coord(lane, e);
+    out[16 + 2 * e] = pb.row;
+    out[16 + 2 * e + 1] = pb.col;
+    out[24 + 2 * e] = pc.row;
+    out[24 + 2 * e + 1] = pc.col;
+  }
+}
+
+// Layout bugs a test plants to show that the comparison catches them.
+enum MmaBug { kNoBug = 0, kSwapA = 1, kSwapB = 2, kSwapD = 3 };
+
+template <typename R>
+__device__ void swap_registers(R& x, R& y) {
+  const R t = x;
+  x = y;
+  y = t;
+}
+
+// D = A * B + C per warp: warp w multiplies A[w] (16x16, row-major) by B[w] (16x8; stored
+// n-major, element (k, n) at b[n * 16 + k], or k-major at b[k * 8 + n]) and adds C[w]
+// (16x8 fp32). `via_ldmatrix`: A and B go through shared memory (rows padded to 24
+// elements) and ldmatrix; else they load from global memory by the lane mapping.
+template <typename T>
+__global__ void mma_tile_kernel(const T* a, const T* b, const float* c, float* d,
+                                bool b_k_major, bool via_ldmatrix, int bug) {
+  namespace mma = pyvit::mma;
+  constexpr int kLd = 24;
+  const int warp = threadIdx.x / 32, lane = mma::lane_id();
+  a += warp * 16 * 16;
+  b += warp * 16 * 8;
+  mma::FragA<T> fa;
+  mma::FragB<T> fb;
+  mma::FragC fc;
+  if (via_ldmatrix) {
+    PV_DYNAMIC_SHARED(T, smem);
+    T* sa = smem + warp * 32 * kLd;  // A: 16 rows; B: 8 (n-major) or 16 (k-major) rows
+    T* sb = sa + 16 * kLd;
+    for (int i = lane; i < 16 * 16; i += 32) sa[i / 16 * kLd + i % 16] = a[i];
+    const int b_cols = b_k_major ? 8 : 16;
+    for (int i = lane; i < 16 * 8; i += 32) sb[i / b_cols * kLd + i % b_cols] = b[i];
+    __syncwarp();
+    mma::ldmatrix_a(fa, sa, kLd);
+    if (b_k_major) {
+      mma::ldmatrix_b_row(fb, sb, kLd);
+    } else {
+      mma::ldmatrix_b_col(fb, sb, kLd);
+    }
+  } else {
+    mma::load_a(fa, a, 16);
+    if (b_k_major) {
+      mma::load_b_row(fb, b, 8);
+    } else {
+      mma::load_b_col(fb, b, 16);
+    }
+  }
+  mma::load_c(fc, c + warp * 16 * 8, 8);
+  if (bug == kSwapA) swap_registers(fa.reg[1], fa.reg[2]);  // rows + 8 taken for columns + 8
+  if (bug == kSwapB) swap_registers(fb.reg[0], fb.reg[1]);  // k 0-7 taken for k 8-15
+  mma::mma(fc, fa, fb, fc);
+  if (bug == kSwapD) swap_registers(fc.reg[1], fc.reg[2]);  // (row, column) pairs crossed
+  mma::store_c(fc, d + warp * 16 * 8, 8);
+}
+
+// Row maxima of a 16x8 fp32 tile held as a C fragment: each lane reduces its own two
+// columns of its two rows, then its group's four lanes, which hold the same rows, combine.
+__global__ void mma_row_max_kernel(const float* c, float* row_max) {
+  namespace mma = pyvit::mma;
+  const int lane = mma::lane_id();
+  mma::FragC fc;
+  mma::load_c(fc, c, 8);
+  const auto maximum = [](float x, float y) { return max(x, y); };
+  const float top = mma::group_reduce(max(fc.reg[0], fc.reg[1]), maximum);
+  const float bottom = mma::group_reduce(max(fc.reg[2], fc.reg[3]), maximum);
+  if (mma::thread_in_group(lane) == 0) {
+    row_max[mma::c_coord(lane, 0).row] = top;
+    row_max[mma::c_coord(lane, 2).row] = bottom;
+  }
+}
+
+// D = round_T(A * B1) * B2 with the 16x16 product kept in registers: two mma give its
+// column halves as C fragments, a_from_c turns them into the next mma's A. B1 (16x16) and
+// B2 (16x8) are stored n-major.
+template <typename T>
+__global__ void mma_chain_kernel(const T* a, const T* b1, const T* b2, float* d) {
+  namespace mma = pyvit::mma;
+  mma::FragA<T> fa;
+  mma::FragB<T> lo_b, hi_b, fb2;
+  mma::load_a(fa, a, 16);
+  mma::load_b_col(lo_b, b1, 16);
+  mma::load_b_col(hi_b, b1 + 8 * 16, 16);
+  mma::load_b_col(fb2, b2, 16);
+  mma::FragC lo, hi, out;
+  mma::fill(lo, 0.f);
+  mma::fill(hi, 0.f);
+  mma::fill(out, 0.f);
+  mma::mma(lo, fa, lo_b, lo);
+  mma::mma(hi, fa, hi_b, hi);
+  mma::mma(out, mma::a_from_c<T>(lo, hi), fb2, out);
+  mma::store_c(out, d, 8);
+}
+
+// ldmatrix with a row address that is misaligned (`fault` 1) or in global memory (2).
+__global__ void ldmatrix_fault_kernel(const __half* global, float* out, int fault) {
+  PV_DYNAMIC_SHARED(__half, smem);
+  const int lane = pyvit::mma::lane_id();
+  for (int i = lane; i < 16 * 16; i += 32) smem[i] = global[i];
+  __syncwarp();
+  const __half* tile = fault == 1 ? smem + 1 : fault == 2 ? global : smem;
+  pyvit::mma::FragA<__half> fa;
+  pyvit::mma::ldmatrix_a(fa, tile, 16);
+  out[lane] = pyvit::to_float(__ushort_as_half(static_cast<unsigned short>(fa.reg[0])));
+}
+
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int n) { return static_cast<unsigned>(pyvit::ceil_div(n, kThreads)); }
@@ -253,6 +403,63 @@ int pv_widen(const void* bits, int n, float* out, int dtype) {
     PV_LAUNCH((widen_kernel<__nv_bfloat16>), dim3(blocks_for(n)), dim3(kThreads), 0, nullptr,
               static_cast<const __nv_bfloat16*>(bits), n, out);
   }
+  return cudaGetLastError();
+}
+
+// dtype: 0 = float16, 1 = bfloat16 below; the matrices hold 16-bit patterns.
+int pv_mma_registers(const std::uint32_t* a, const std::uint32_t* b, const float* c, float* d,
+                     int dtype, int absent, int diverged) {
+  if (dtype == 0) {
+    PV_LAUNCH(mma_registers_kernel<__half>, dim3(1), dim3(32), 0, nullptr, a, b, c, d, absent,
+              diverged);
+  } else {
+    PV_LAUNCH(mma_registers_kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, nullptr, a, b, c, d,
+              absent, diverged);
+  }
+  return cudaGetLastError();
+}
+
+int pv_mma_coords(int* coords) {
+  PV_LAUNCH(mma_coords_kernel, dim3(1), dim3(32), 0, nullptr, coords);
+  return cudaGetLastError();
+}
+
+int pv_mma_tile(const void* a, const void* b, const float* c, float* d, int warps, int dtype,
+                int b_k_major, int via_ldmatrix, int bug) {
+  const std::size_t smem = via_ldmatrix ? warps * 32 * 24 * sizeof(__half) : 0;
+  if (dtype == 0) {
+    PV_LAUNCH(mma_tile_kernel<__half>, dim3(1), dim3(32 * warps), smem, nullptr,
+              static_cast<const __half*>(a), static_cast<const __half*>(b), c, d,
+              b_k_major != 0, via_ldmatrix != 0, bug);
+  } else {
+    PV_LAUNCH(mma_tile_kernel<__nv_bfloat16>, dim3(1), dim3(32 * warps), smem, nullptr,
+              static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(b), c, d,
+              b_k_major != 0, via_ldmatrix != 0, bug);
+  }
+  return cudaGetLastError();
+}
+
+int pv_mma_row_max(const float* c, float* row_max) {
+  PV_LAUNCH(mma_row_max_kernel, dim3(1), dim3(32), 0, nullptr, c, row_max);
+  return cudaGetLastError();
+}
+
+int pv_mma_chain(const void* a, const void* b1, const void* b2, float* d, int dtype) {
+  if (dtype == 0) {
+    PV_LAUNCH(mma_chain_kernel<__half>, dim3(1), dim3(32), 0, nullptr,
+              static_cast<const __half*>(a), static_cast<const __half*>(b1),
+              static_cast<const __half*>(b2), d);
+  } else {
+    PV_LAUNCH(mma_chain_kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, nullptr,
+              static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(b1),
+              static_cast<const __nv_bfloat16*>(b2), d);
+  }
+  return cudaGetLastError();
+}
+
+int pv_ldmatrix_fault(const void* global, float* out, int fault) {
+  PV_LAUNCH(ldmatrix_fault_kernel, dim3(1), dim3(32), 16 * 16 * sizeof(__half), nullptr,
+            static_cast<const __half*>(global), out, fault);
   return cudaGetLastError();
 }
 

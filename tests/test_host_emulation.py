@@ -8,6 +8,12 @@
 - the window-attention backward gives the reference's gradients with the GPU build's
   grouping of windows as well as with the test build's;
 - its fp16 / bf16 conversions are bit-exact against torch, ties, inf and nan included;
+- its tensor-core instructions (mma.sync m16n8k16, ldmatrix) hold the PTX ISA's fragment
+  layouts: csrc/mma.cuh's coordinates and the emulated mma against tables written here from
+  the ISA, tiles loaded by every loader against a matrix product (a planted register swap
+  fails it), a row reduction and an mma chain that rely on the accumulator layout, and
+  lanes that do not take part or bad ldmatrix addresses poison or fail;
+- csrc/mma.cuh compiles to HMMA instructions without spills on sm_80 / sm_90a;
 - every csrc kernel compiles for sm_80 and sm_90 with 0 spilled registers;
 - the host-emulation build of the bindings registers torch.ops.pyvit_ops_host and
   rejects bad input with errors that name the argument.
@@ -15,7 +21,9 @@
 import ctypes
 import glob
 import os
+import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +40,8 @@ CUDA_INVALID_VALUE = 1
 CUDA_INVALID_CONFIGURATION = 9
 CUDA_OUT_OF_RESOURCES = 701
 CUDA_LAUNCH_TIMEOUT = 702
+CUDA_ILLEGAL_ADDRESS = 700
+CUDA_MISALIGNED_ADDRESS = 716
 F16, BF16 = 0, 1  # dtype codes of the self-test wrappers
 
 
@@ -54,7 +64,9 @@ def selftest(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     for name in ("pv_block_sum", "pv_reverse_rows", "pv_shuffle", "pv_deadlock", "pv_spin",
                  "pv_neighbour", "pv_unwritten_shared", "pv_order", "pv_shared_budget",
-                 "pv_count_blocks", "pv_atomic", "pv_divmod", "pv_round", "pv_widen"):
+                 "pv_count_blocks", "pv_atomic", "pv_divmod", "pv_round", "pv_widen",
+                 "pv_mma_registers", "pv_mma_coords", "pv_mma_tile", "pv_mma_row_max",
+                 "pv_mma_chain", "pv_ldmatrix_fault"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -295,6 +307,194 @@ def test_widening_matches_torch(selftest, dtype, code):
     assert selftest.pv_widen(ctypes.c_void_p(bits.data_ptr()), bits.numel(),
                              ctypes.c_void_p(out.data_ptr()), code) == 0
     _assert_same_bits(out, bits.float())
+
+
+# ---- tensor cores: mma.sync m16n8k16 and ldmatrix (csrc/mma.cuh) ---------------------------
+
+MMA_DTYPES = [pytest.param(torch.float16, F16, id="fp16"),
+              pytest.param(torch.bfloat16, BF16, id="bf16")]
+
+
+def _tptr(tensor):
+    """The data pointer of `tensor`, which the caller keeps alive through the call."""
+    assert tensor.is_contiguous()
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _ptx_fragments():
+    """(row, column) of every element of every lane, from the PTX ISA's m16n8k16 tables for
+    .f16 / .bf16 operands: A[lane, i] for a0..a7, B[lane, i] = (k, n) for b0..b3,
+    C[lane, i] for c0..c3 (and d0..d3); element i sits in register i // 2, low half first."""
+    a, b, c = np.zeros((32, 8, 2), int), np.zeros((32, 4, 2), int), np.zeros((32, 4, 2), int)
+    for lane in range(32):
+        group, tig = lane >> 2, lane % 4
+        for i in range(8):
+            a[lane, i] = (group if i < 2 or 4 <= i < 6 else group + 8,
+                          tig * 2 + (i & 1) + (8 if i >= 4 else 0))
+        for i in range(4):
+            b[lane, i] = (tig * 2 + (i & 1) + (8 if i >= 2 else 0), group)
+            c[lane, i] = (group if i < 2 else group + 8, tig * 2 + (i & 1))
+    return a, b, c
+
+
+def _registers(matrix, positions):
+    """The 32-bit registers of every lane holding `matrix` (fp16 / bf16) at `positions`."""
+    bits = matrix.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+    elements = bits[positions[..., 0], positions[..., 1]]
+    return np.ascontiguousarray(elements[:, 0::2] | elements[:, 1::2] << 16)
+
+
+def _integers(shape, low, high, seed):
+    return torch.randint(low, high + 1, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _mma_inputs(dtype, warps, exact, seed):
+    """A (warps x 16x16), B (warps x 16x8, k x n), C (warps x 16x8 fp32): small integers,
+    so that every order of summation is exact, or normal random values."""
+    shapes = [(warps, 16, 16), (warps, 16, 8), (warps, 16, 8)]
+    if exact:
+        a, b = (_integers(s, -4, 4, seed + i).to(dtype) for i, s in enumerate(shapes[:2]))
+        c = _integers(shapes[2], -50, 50, seed + 2).float()
+    else:
+        g = torch.Generator().manual_seed(seed)
+        a, b = (torch.randn(s, generator=g).to(dtype) for s in shapes[:2])
+        c = torch.randn(shapes[2], generator=g)
+    return a, b, c
+
+
+def _assert_product(d, a, b, c, exact):
+    """d == a @ b + c: bit-exact, or within the fp32 rounding of a 17-term sum."""
+    expected = a.double() @ b.double() + c.double()
+    if exact:
+        assert torch.equal(d.double(), expected)
+        return
+    magnitude = a.double().abs() @ b.double().abs() + c.double().abs()
+    error = (d.double() - expected).abs()
+    assert (error <= 17 * 2.0**-24 * magnitude).all(), f"max error {error.max().item()}"
+
+
+def test_mma_coordinates_follow_the_ptx_isa(selftest):
+    coords = np.zeros((32, 16, 2), dtype=np.int32)
+    assert selftest.pv_mma_coords(_ptr(coords)) == 0
+    a, b, c = _ptx_fragments()
+    np.testing.assert_array_equal(coords[:, 0:8], a)
+    np.testing.assert_array_equal(coords[:, 8:12], b)
+    np.testing.assert_array_equal(coords[:, 12:16], c)
+
+
+def _mma_registers(selftest, a, b, c, code, absent=-1, diverged=-1):
+    """D (16x8) of one emulated mma on registers packed here by the PTX ISA's tables; NaN
+    where no lane that took part holds the element."""
+    pa, pb, pc = _ptx_fragments()
+    ra, rb = _registers(a, pa), _registers(b, pb)
+    rc = np.ascontiguousarray(c.numpy()[pc[..., 0], pc[..., 1]])
+    rd = np.zeros((32, 4), dtype=np.float32)
+    assert selftest.pv_mma_registers(_ptr(ra), _ptr(rb), _ptr(rc), _ptr(rd), code, absent,
+                                     diverged) == 0
+    d = torch.full((16, 8), float("nan"))
+    for lane in set(range(32)) - {absent, diverged}:
+        d[pc[lane, :, 0], pc[lane, :, 1]] = torch.from_numpy(rd[lane])
+    return d
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["integers", "random"])
+@pytest.mark.parametrize("dtype, code", MMA_DTYPES)
+def test_emulated_mma_on_ptx_registers(selftest, dtype, code, exact):
+    a, b, c = (t[0] for t in _mma_inputs(dtype, 1, exact, seed=1))
+    _assert_product(_mma_registers(selftest, a, b, c, code), a, b, c, exact)
+
+
+@pytest.mark.parametrize("how", ["absent", "diverged"])
+def test_mma_lane_that_does_not_take_part_poisons_its_rows_and_column(selftest, how):
+    a, b, c = (t[0] for t in _mma_inputs(torch.float16, 1, True, seed=2))
+    lane = 13  # group 3: rows 3 and 11 of A and C, column 3 of B
+    d = _mma_registers(selftest, a, b, c, F16, **{how: lane})
+    poisoned = torch.zeros(16, 8, dtype=torch.bool)
+    poisoned[[3, 11]] = True
+    poisoned[:, 3] = True
+    assert torch.isnan(d[poisoned]).all()
+    expected = a.double() @ b.double() + c.double()
+    assert torch.equal(d[~poisoned].double(), expected[~poisoned])
+
+
+@pytest.mark.parametrize("via_ldmatrix", [False, True], ids=["lanes", "ldmatrix"])
+@pytest.mark.parametrize("b_k_major", [False, True], ids=["b-n-major", "b-k-major"])
+@pytest.mark.parametrize("dtype, code", MMA_DTYPES)
+def test_mma_tile_through_the_loaders(selftest, dtype, code, b_k_major, via_ldmatrix):
+    warps = 2
+    for exact in (True, False):
+        a, b, c = _mma_inputs(dtype, warps, exact, seed=3)
+        stored_b = b.contiguous() if b_k_major else b.transpose(1, 2).contiguous()
+        d = torch.full((warps, 16, 8), float("nan"))
+        assert selftest.pv_mma_tile(_tptr(a), _tptr(stored_b), _tptr(c), _tptr(d), warps, code,
+                                    b_k_major, via_ldmatrix, 0) == 0
+        _assert_product(d, a, b, c, exact)
+
+
+@pytest.mark.parametrize("bug", [1, 2, 3], ids=["a-registers-1-2", "b-registers-0-1",
+                                                "d-registers-1-2"])
+@pytest.mark.parametrize("via_ldmatrix", [False, True], ids=["lanes", "ldmatrix"])
+def test_mma_layout_bug_fails_the_comparison(selftest, via_ldmatrix, bug):
+    a, b, c = _mma_inputs(torch.float16, 1, True, seed=4)
+    stored_b = b.transpose(1, 2).contiguous()
+    d = torch.zeros(1, 16, 8)
+    assert selftest.pv_mma_tile(_tptr(a), _tptr(stored_b), _tptr(c), _tptr(d), 1, F16, False,
+                                via_ldmatrix, bug) == 0
+    with pytest.raises(AssertionError):
+        _assert_product(d, a, b, c, exact=True)
+
+
+def test_row_max_of_an_accumulator_tile_in_registers(selftest):
+    c = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
+    row_max = torch.full((16,), float("nan"))
+    assert selftest.pv_mma_row_max(_tptr(c), _tptr(row_max)) == 0
+    assert torch.equal(row_max, c.amax(dim=1))
+
+
+@pytest.mark.parametrize("dtype, code", MMA_DTYPES)
+def test_mma_chain_keeps_the_product_in_registers(selftest, dtype, code):
+    a = _integers((16, 16), -3, 3, 6).to(dtype)
+    b1 = _integers((16, 16), -3, 3, 7).to(dtype)
+    b2 = _integers((16, 8), -3, 3, 8).to(dtype)
+    stored_b1, stored_b2 = b1.T.contiguous(), b2.T.contiguous()  # n-major
+    d = torch.full((16, 8), float("nan"))
+    assert selftest.pv_mma_chain(_tptr(a), _tptr(stored_b1), _tptr(stored_b2), _tptr(d),
+                                 code) == 0
+    p = (a.double() @ b1.double()).to(dtype)  # |p| <= 144: exact in fp16 and bf16
+    assert torch.equal(d.double(), p.double() @ b2.double())
+
+
+@pytest.mark.parametrize("fault, error, message", [
+    (0, 0, None),
+    (1, CUDA_MISALIGNED_ADDRESS, "ldmatrix row address not 16-byte aligned"),
+    (2, CUDA_ILLEGAL_ADDRESS, "ldmatrix row address outside the block's shared memory"),
+])
+def test_ldmatrix_checks_its_addresses(selftest, capfd, fault, error, message):
+    a = torch.arange(256, dtype=torch.float16).reshape(16, 16)
+    out = torch.zeros(32)
+    assert selftest.pv_ldmatrix_fault(_tptr(a), _tptr(out), fault) == error
+    if message is None:
+        lanes = torch.arange(32)
+        assert torch.equal(out, a[lanes // 4, 2 * (lanes % 4)].float())
+    else:
+        assert message in capfd.readouterr().err
+
+
+@pytest.mark.skipif(cuda_report.nvcc_path() is None,
+                    reason="nvcc not found (set CUDA_HOME): cannot compile for sm_80 / sm_90a")
+@pytest.mark.parametrize("arch", ["80", "90a"])
+def test_mma_compiles_to_tensor_core_instructions(arch):
+    if os.path.dirname(HERE) not in sys.path:  # benchmarks/ is a package of the checkout
+        sys.path.insert(0, os.path.dirname(HERE))
+    from benchmarks import static_report
+
+    counts = static_report._sass_tensor_core_counts(cuda_report, SELFTEST, arch)
+    hmma = {name: n for (_, _, name), n in counts.items()
+            if re.search(r"mma_(registers|tile|chain)_kernel", name)}
+    assert len(hmma) == 6 and all(n >= 1 for n in hmma.values()), hmma
+    records = cuda_report.ptxas_report(archs=(arch,), sources=[SELFTEST])
+    spilled = [r for r in records if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, "register spills:\n" + cuda_report.format_table(spilled)
 
 
 # ---- static compile figures ----------------------------------------------------------------
