@@ -151,9 +151,8 @@ def static_section(records):
              "CUDA kernel (nvcc `-Xptxas -v`, SASS from cuobjdump). Registers are per thread, "
              "shared memory per block, occupancy in resident warps per SM. Tensor-core "
              "configs count the configs with HMMA / HGMMA instructions among those whose "
-             "`tl.dot` should use them (fp16 / bf16 operands, or fp32 in tf32); the CUDA "
-             "C++ kernels are FMA-only by design (their source also runs under the CPU host "
-             "emulation), so they have none.", ""]
+             "`tl.dot` should use them (fp16 / bf16 operands, or fp32 in tf32); for the CUDA "
+             "C++ kernels, those with `mma.sync` (HMMA) instructions.", ""]
     return lines + _table(["backend", "kernels", "arch", "configs compiled",
                            "registers", "shared KiB", "spill stores + loads",
                            "tensor-core configs", "occupancy (warps/SM)"], rows)

@@ -208,6 +208,6 @@ def static_lines(records):
         with_tc = [r for r in cuda_mm if r.get("tensor_core_instructions")]
         lines.append(f"{_verdict(len(with_tc) == len(cuda_mm))} static: tensor-core instructions "
                      f"in the CUDA C++ kernels that multiply matrices ({', '.join(CUDA_MATMUL_SOURCES)}):"
-                     f" {len(with_tc)}/{len(cuda_mm)} kernels (they are FMA-only so that the host "
-                     "emulation runs the same source; on GPUs the Triton kernels are tried first)")
+                     f" {len(with_tc)}/{len(cuda_mm)} kernels (the others multiply with FMAs; on GPUs the Triton kernels are "
+                     "tried first)")
     return lines

@@ -52,11 +52,17 @@ def on_tensor_device(fn):
 INT32_MAX = 2**31 - 1
 
 
+def sample_span(t, batch_axes=(0,)):
+    """The largest element offset inside one sample of ``t``: over every axis but the
+    ``batch_axes``, whose offsets the kernels compute in int64."""
+    return sum((size - 1) * abs(stride) for axis, (size, stride)
+               in enumerate(zip(t.shape, t.stride())) if axis not in batch_axes and size > 0)
+
+
 def offsets_fit_int32(t):
     """True if every element offset inside one sample of ``t`` (its first axis is the
-    batch, whose offset the kernels compute in int64) fits in int32."""
-    span = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
-    return span <= INT32_MAX
+    batch) fits in int32."""
+    return sample_span(t) <= INT32_MAX
 
 
 def int32_reasons(**tensors):
@@ -71,6 +77,16 @@ def check_int32(**tensors):
     reasons = int32_reasons(**tensors)
     if reasons:
         raise ValueError(reasons[0])
+
+
+# Short dtype names, as Triton's signatures and the tile-config keys spell them.
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device):
+    """Streaming multiprocessors of the CUDA ``device`` (sizes grids to fill the GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Output geometry of avg_pool2d: the launchers, the reference and the fake (meta)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from pyvit_ops.capabilities import capability
 from pyvit_ops.kernels._common import (check_int32, effective_dilation, elsa_memory_format,
                                        on_tensor_device)
 # The ops layer asks the kernels module why it cannot index a call.
@@ -20,7 +21,8 @@ _NUM_STAGES = 1  # nothing to software-pipeline: no tl.dot, loads are gathers
 _MAX_TILE_CL = 1024  # BLOCK_C * BLOCK_P of the channels_last forward / dv kernels
 _CL_PIXELS = (64, 32, 16, 8)  # their BLOCK_P candidates, largest first
 _MAX_TILE_ATTN = 4096  # K_PAD * BLOCK_C * BLOCK_P of the attn-gradient kernel
-MAX_HEAD_CHANNELS = 128  # BLOCK_C = next_pow2(C / G) must hold one head
+# BLOCK_C = next_pow2(C / G) must hold one head.
+MAX_HEAD_CHANNELS = capability("elsa_attention", "triton").limit("head_channels").value
 _TARGET_PROGRAMS = 1024  # attn-gradient kernel: ~8 waves on 132 SMs, few partial rows
 _MIN_ITEMS = 8  # attn-gradient kernel: (sample, pixel tile) pairs per partial row, at least
 _GHOST_BLOCK = 1024  # C*K*K is 4.7K-25K at ELSA-Swin: a few programs, vector loads

@@ -337,12 +337,10 @@ _SPECS = {}
 
 def _spec_module(ref):
     """The module whose ``static_compile_specs()`` lists ``ref``'s configs: the
-    operator's ``pyvit_ops.testing.specs.<op>`` for a kernels module (the kernels
-    module itself while its specs have not moved), else ``ref`` (a .py file of tests)."""
+    operator's ``pyvit_ops.testing.specs.<op>`` for a kernels module, else ``ref`` (a
+    .py file of tests)."""
     if ref.startswith(KERNELS_PACKAGE + "."):
-        name = f"{SPECS_PACKAGE}.{ref.rsplit('.', 1)[1]}"
-        if importlib.util.find_spec(name) is not None:
-            return _import(name)
+        return _import(f"{SPECS_PACKAGE}.{ref.rsplit('.', 1)[1]}")
     return _import(ref)
 
 
