@@ -222,6 +222,10 @@ std::tuple<std::string, std::vector<int64_t>> elsa_attention_plan(
                info.samples_per_block}};
 }
 
+// The largest kernel_size the kernels are compiled for (elsa_attention_unsupported), for
+// the Python layer to ask before launching.
+int64_t kernel_size_limit() { return pyvit::kElsaMaxKernelSize; }
+
 }  // namespace elsa_attention_bind
 
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
@@ -235,6 +239,7 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
   m.def(
       "elsa_attention_plan(Tensor v, Tensor attn, int kernel_size, int dilation, bool ghost_grad, "
       "int smem_budget, int samples_per_block) -> (str, int[])");
+  m.def("elsa_attention_kernel_size_limit() -> int", &elsa_attention_bind::kernel_size_limit);
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {

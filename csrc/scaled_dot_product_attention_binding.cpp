@@ -15,6 +15,9 @@ namespace sdpa_bind {
 
 using namespace pyvit_bind;
 
+// Most (batch, query or key) rows of one call: the kernels index their grid in 32 bits.
+constexpr int64_t kMaxBatchTokens = INT_MAX;
+
 void copy_strides(std::int64_t (&dst)[4], const at::Tensor& t) {
   for (int d = 0; d < 4; ++d) dst[d] = t.stride(d);
 }
@@ -40,7 +43,7 @@ pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Ten
   TORCH_CHECK_VALUE(D >= 1 && D <= pyvit::kSdpaMaxHeadDim, op, ": head dim must be in [1, ",
                     pyvit::kSdpaMaxHeadDim, "], got ", D);
   TORCH_CHECK_VALUE(Z1 <= INT_MAX && Z2 <= INT_MAX && Nq <= INT_MAX && Nk <= INT_MAX &&
-                        Z1 * Z2 * std::max<int64_t>(Nq, Nk) <= INT_MAX,
+                        Z1 * Z2 * std::max<int64_t>(Nq, Nk) <= kMaxBatchTokens,
                     op, ": q of shape ", q.sizes(), " and k of shape ", k.sizes(),
                     " are too large (the grid is indexed in 32 bits)");
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, op,
@@ -199,6 +202,10 @@ at::Tensor sdpa_bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::
                   dropout_p, seed, bias_requires_grad, dq, dk, dv);
 }
 
+// The limits above, for the Python layer to ask before launching (pyvit_ops.capabilities).
+int64_t head_dim_limit() { return pyvit::kSdpaMaxHeadDim; }
+int64_t batch_tokens_limit() { return kMaxBatchTokens; }
+
 }  // namespace sdpa_bind
 
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
@@ -213,6 +220,9 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "scaled_dot_product_attention_bwd_into(Tensor dout, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
       "bool bias_requires_grad, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor");
+  m.def("scaled_dot_product_attention_head_dim_limit() -> int", &sdpa_bind::head_dim_limit);
+  m.def("scaled_dot_product_attention_batch_tokens_limit() -> int",
+        &sdpa_bind::batch_tokens_limit);
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {

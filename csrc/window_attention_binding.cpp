@@ -230,6 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_qkvp
   return {dqkv, dtable, dpad_k, dpad_v};
 }
 
+// The largest window make_call takes, for the Python layer to ask before launching.
+int64_t window_area_limit() { return pyvit::kWindowAttentionMaxArea; }
+
 }  // namespace window_attention_bind
 
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
@@ -247,6 +250,8 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "Tensor? table, Tensor? pad_k, Tensor? pad_v, int window_h, int window_w, int shift_h, "
       "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("window_attention_window_area_limit() -> int",
+        &window_attention_bind::window_area_limit);
 }
 
 PV_TORCH_LIBRARY_IMPL(PV_OPS_NAMESPACE, PV_DISPATCH_KEY, m) {

@@ -2,28 +2,21 @@
 
 Each operator passes a ``reasons(backend) -> list[str]`` function; an empty list
 means the backend can run this call. Forcing a backend that cannot run raises
-with every reason; automatic choice walks ``PRIORITY`` and falls back to the
-reference, which runs everywhere.
+with every reason; automatic choice walks ``PRIORITY`` (the automatic orders declared
+in ``pyvit_ops.capabilities``) and falls back to the reference, which runs everywhere.
 """
 import logging
 import os
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+from pyvit_ops import capabilities
+
+BACKENDS = capabilities.BACKENDS
 ENV_VAR = "PYVIT_OPS_BACKEND"
 
-# Automatic order on CUDA tensors, per operator. The rule (README "Backends"):
-# the Triton kernels use tensor cores for the matrix products and are tuned for the
-# model shapes, so they come first for the attention operators; the memory-bound
-# pooling and ELSA aggregations are equally served by both, and the CUDA kernel
-# avoids Triton's launch overhead, so it comes first there when it is built.
-PRIORITY = {
-    "scaled_dot_product_attention": ("triton", "cuda"),
-    "window_attention": ("triton", "cuda"),
-    "elsa_attention": ("cuda", "triton"),
-    "avg_pool2d": ("cuda", "triton"),
-}
+# Automatic order on CUDA tensors, per operator.
+PRIORITY = {op: capabilities.automatic_order(op) for op in capabilities.OPERATOR_NAMES}
 
 log = logging.getLogger("pyvit_ops")
 
@@ -117,9 +110,9 @@ def common_reasons(backend, op, tensors):
     devices = {t.device.type for t in tensors}
     if backend == "reference":
         return []
-    reasons = []
-    if any(t.dtype == torch.float64 for t in tensors):
-        reasons.append("float64 runs only on the reference backend")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    reasons = capabilities.dtype_reasons(op, backend, tensors)
     if backend == "triton":
         err = _triton_import_error()
         if err:
@@ -131,25 +124,20 @@ def common_reasons(backend, op, tensors):
                            "(or CPU tensors with TRITON_INTERPRET=1 for the interpreter)")
         # The kernels are compiled and checked for sm_80 and newer (bf16 / tf32 dots;
         # on sm_75 some configs exceed its 64 KB of shared memory per block).
+        oldest = capabilities.capability(op, backend).min_compute_capability
         for device in dict.fromkeys(t.device for t in tensors if t.device.type == "cuda"):
             major, minor = torch.cuda.get_device_capability(device)
-            if major < 8:
-                reasons.append(f"{device}: expected compute capability >= 8.0 for the "
-                               f"Triton kernels, got {major}.{minor}")
+            if (major, minor) < oldest:
+                reasons.append(f"{device}: expected compute capability >= "
+                               f"{oldest[0]}.{oldest[1]} for the Triton kernels, got "
+                               f"{major}.{minor}")
         return reasons
-    if backend == "cuda":
-        from pyvit_ops import _ext
+    from pyvit_ops import _ext
 
-        # The tensors' own devices (with their index): the architecture check must ask
-        # about the GPU the kernels run on, not the current one.
-        for device in dict.fromkeys(t.device for t in tensors):
-            ok, why = _ext.has_op(f"{op}_fwd", device)
-            if not ok:
-                reasons.append(why)
-        return reasons
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-
-
-def available(op, reasons_fn):
-    """{backend: (available, reason)} for ``python -m pyvit_ops.info``."""
-    return {b: (not reasons_fn(b), "; ".join(reasons_fn(b)) or "ok") for b in BACKENDS}
+    # The tensors' own devices (with their index): the architecture check must ask
+    # about the GPU the kernels run on, not the current one.
+    for device in dict.fromkeys(t.device for t in tensors):
+        ok, why = _ext.has_op(f"{op}_fwd", device)
+        if not ok:
+            reasons.append(why)
+    return reasons

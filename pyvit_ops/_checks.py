@@ -60,20 +60,21 @@ def check_shape(name, t, expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def check_same_device(**tensors):
+def _check_same(attribute, error, tensors):
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]
     for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name}: expected device {first.device} (as {first_name}), got {t.device}")
+        if getattr(t, attribute) != getattr(first, attribute):
+            raise error(f"{name}: expected {attribute} {getattr(first, attribute)} (as "
+                        f"{first_name}), got {getattr(t, attribute)}")
+
+
+def check_same_device(**tensors):
+    _check_same("device", ValueError, tensors)
 
 
 def check_same_dtype(**tensors):
-    named = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name}: expected dtype {first.dtype} (as {first_name}), got {t.dtype}")
+    _check_same("dtype", TypeError, tensors)
 
 
 def pair(name, value):

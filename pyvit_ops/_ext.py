@@ -11,6 +11,8 @@ Importing this module never fails: without the extension ``HAS_CUDA_EXT`` is Fal
 """
 import torch
 
+from pyvit_ops import capabilities
+
 CUDA_NAMESPACE = "pyvit_ops_cuda"
 HOST_NAMESPACE = "pyvit_ops_host"
 
@@ -38,23 +40,41 @@ def _has(namespace, op):
 
 
 # Limits the kernels are compiled with, exported by each build as ``<name>() -> int``
-# ops, so that Python's backend reasons and the C++ checks cannot disagree.
-LIMIT_OPS = ("avg_pool2d_image_limit",)
+# ops. The backend reasons read the declared values (pyvit_ops.capabilities); a build
+# whose limits differ from them (compiled from other sources) does not run, so that
+# the reasons and the C++ checks cannot disagree.
+LIMIT_OPS = tuple(capabilities.exported_limits())
 _LIMITS = {}
+_LIMITS_MISMATCH = {}
 
 
 def read_limits(namespace):
-    """Read ``namespace``'s compiled limits once, when its library loads: an op call
-    inside torch.compile's tracing (where backend reasons run) would not trace."""
+    """Read ``namespace``'s compiled limits once, when its library loads (an op call
+    inside torch.compile's tracing, where backend reasons run, would not trace), and
+    note any that differ from the declared ones."""
     ops = _namespace(namespace)
     _LIMITS[namespace] = {name: int(getattr(ops, name)()) for name in LIMIT_OPS
                           if _has(namespace, name)}
+    declared = capabilities.exported_limits()
+    wrong = [f"{name}: built {_LIMITS[namespace].get(name, 'missing')}, declared {value}"
+             for name, value in declared.items() if _LIMITS[namespace].get(name) != value]
+    _LIMITS_MISMATCH[namespace] = "; ".join(wrong)
 
 
-def limit(tensor, name):
-    """The compiled limit ``name`` of the build that runs ``tensor``'s device."""
-    namespace = CUDA_NAMESPACE if tensor.device.type == "cuda" else HOST_NAMESPACE
-    return _LIMITS[namespace][name]
+def limits(namespace):
+    """``{name: value}`` of the limits the build ``namespace`` exported when it loaded."""
+    return dict(_LIMITS[namespace])
+
+
+def limits_reason(namespace):
+    """Why the build ``namespace`` does not run: it was compiled with other limits than
+    the declared ones ("" if not, or if it is not loaded)."""
+    wrong = _LIMITS_MISMATCH.get(namespace)
+    if not wrong:
+        return ""
+    build = "CUDA extension" if namespace == CUDA_NAMESPACE else "host-emulation build"
+    return (f"the {build} was compiled with other limits than pyvit_ops.capabilities "
+            f"declares ({wrong}); rebuild it")
 
 
 def host_loaded():
@@ -93,6 +113,9 @@ def has_op(name, device):
         if not _has(CUDA_NAMESPACE, name):
             return False, (f"the CUDA extension has no op {name!r}; rebuild it "
                            "(python setup.py build_ext --inplace)")
+        stale = limits_reason(CUDA_NAMESPACE)
+        if stale:
+            return False, stale
         if torch.cuda.is_available():
             reason = _arch_reason(device)
             if reason:
@@ -104,6 +127,9 @@ def has_op(name, device):
                            "test harness (pyvit_ops.testing.host.load()), which is not loaded")
         if not _has(HOST_NAMESPACE, name):
             return False, f"the host-emulation build has no op {name!r}"
+        stale = limits_reason(HOST_NAMESPACE)
+        if stale:
+            return False, stale
         return True, ""
     return False, f"the cuda backend does not run on {device.type} tensors"
 

@@ -11,11 +11,14 @@ from typing import List
 
 import torch
 
-from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops import _backend, _checks, _ext, capabilities
 from pyvit_ops.kernels import _common
 from pyvit_ops.reference import avg_pool2d as reference
 
 _OP = "avg_pool2d"
+
+
+# --------------------------------------------------------------------------- limits
 
 
 def _triton_module():
@@ -29,14 +32,51 @@ def _reasons(backend, x, out_shape):
     if backend == "triton" and not _common.offsets_fit_int32(x):
         reasons.append(f"x: one sample spans 2**31 elements or more (shape {tuple(x.shape)}, "
                        f"strides {x.stride()}); the Triton kernel indexes a sample in int32")
-    if backend == "cuda" and not reasons:
-        # The outputs are dense: only their element counts matter, as for x in the binding.
-        limit = _ext.limit(x, "avg_pool2d_image_limit")
-        for name, shape in (("x", x.shape), ("the output", out_shape)):
-            if shape[0] > limit or shape[1] * shape[2] * shape[3] > limit:
-                reasons.append(f"{name}: shape {tuple(shape)} has more than {limit} elements "
-                               "per image or images; the CUDA kernels index them in 32 bits")
+    # The outputs are dense: only their element counts matter, as for x in the binding.
+    for name, shape in (("x", x.shape), ("the output", out_shape)):
+        for count, what in ((shape[0], "images"),
+                            (shape[1] * shape[2] * shape[3], "elements per image")):
+            reasons += capabilities.limit_reasons(
+                _OP, backend, "image", count, f"{name} of shape {tuple(shape)}: {count} {what}")
     return reasons
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_args(x, kernel_size, stride, padding, subtract_input):
+    _checks.check_tensor("x", x, ndim=4)
+    if x.shape[1] == 0:
+        # torch's avg_pool2d rejects it too (only the batch may be empty).
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    kernel_size, stride, padding = reference.pool_params(kernel_size, stride, padding)
+    if min(kernel_size) < 1:
+        raise ValueError(f"kernel_size: expected sizes >= 1, got {kernel_size}")
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected strides >= 1, got {stride}")
+    # The kernels and torch's pooling take 32-bit ints.
+    for name, values in (("kernel_size", kernel_size), ("stride", stride)):
+        if max(values) > _common.INT32_MAX:
+            raise ValueError(f"{name}: expected values <= 2**31 - 1, got {values}")
+    half = (kernel_size[0] // 2, kernel_size[1] // 2)
+    if not (0 <= padding[0] <= half[0] and 0 <= padding[1] <= half[1]):
+        raise ValueError(f"padding: expected 0 <= padding <= kernel_size // 2 = {half} per axis "
+                         f"(torch's rule), got {padding}")
+    out_shape = _common.pool_output_shape(x.shape, kernel_size, stride, padding)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size "
+                         f"{kernel_size} with padding {padding}: the output would be "
+                         f"{tuple(out_shape[2:])}")
+    if not isinstance(subtract_input, bool):
+        raise TypeError(f"subtract_input: expected a bool, got {subtract_input!r}")
+    if subtract_input and stride != (1, 1):
+        raise ValueError(f"subtract_input: needs stride (1, 1) (pool(x) - x), got stride {stride}")
+    if subtract_input and tuple(out_shape) != tuple(x.shape):
+        raise ValueError(f"subtract_input: needs an output the size of x, i.e. an odd "
+                         f"kernel_size with padding kernel_size // 2; got output "
+                         f"{tuple(out_shape)} for x {tuple(x.shape)} (kernel_size {kernel_size}, "
+                         f"padding {padding})")
+    return kernel_size, stride, padding
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -80,6 +120,9 @@ def _(grad_out, x, kernel_size, stride, padding, subtract_input, backend):
                        memory_format=_common.pool_memory_format(x))
 
 
+# --------------------------------------------------------------------------- autograd
+
+
 def _fwd_setup_context(ctx, inputs, output):
     x, *params = inputs
     # Only x's shape and layout are needed, but torch's own avg_pool2d keeps its input
@@ -111,41 +154,6 @@ _avg_pool2d_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_contex
 
 
 # --------------------------------------------------------------------------- public
-
-
-def _check_args(x, kernel_size, stride, padding, subtract_input):
-    _checks.check_tensor("x", x, ndim=4)
-    if x.shape[1] == 0:
-        # torch's avg_pool2d rejects it too (only the batch may be empty).
-        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
-    kernel_size, stride, padding = reference.pool_params(kernel_size, stride, padding)
-    if min(kernel_size) < 1:
-        raise ValueError(f"kernel_size: expected sizes >= 1, got {kernel_size}")
-    if min(stride) < 1:
-        raise ValueError(f"stride: expected strides >= 1, got {stride}")
-    # The kernels and torch's pooling take 32-bit ints.
-    for name, values in (("kernel_size", kernel_size), ("stride", stride)):
-        if max(values) > _common.INT32_MAX:
-            raise ValueError(f"{name}: expected values <= 2**31 - 1, got {values}")
-    half = (kernel_size[0] // 2, kernel_size[1] // 2)
-    if not (0 <= padding[0] <= half[0] and 0 <= padding[1] <= half[1]):
-        raise ValueError(f"padding: expected 0 <= padding <= kernel_size // 2 = {half} per axis "
-                         f"(torch's rule), got {padding}")
-    out_shape = _common.pool_output_shape(x.shape, kernel_size, stride, padding)
-    if min(out_shape[2:]) < 1:
-        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size "
-                         f"{kernel_size} with padding {padding}: the output would be "
-                         f"{tuple(out_shape[2:])}")
-    if not isinstance(subtract_input, bool):
-        raise TypeError(f"subtract_input: expected a bool, got {subtract_input!r}")
-    if subtract_input and stride != (1, 1):
-        raise ValueError(f"subtract_input: needs stride (1, 1) (pool(x) - x), got stride {stride}")
-    if subtract_input and tuple(out_shape) != tuple(x.shape):
-        raise ValueError(f"subtract_input: needs an output the size of x, i.e. an odd "
-                         f"kernel_size with padding kernel_size // 2; got output "
-                         f"{tuple(out_shape)} for x {tuple(x.shape)} (kernel_size {kernel_size}, "
-                         f"padding {padding})")
-    return kernel_size, stride, padding
 
 
 def avg_pool2d(x, kernel_size=3, stride=1, padding=None, *, subtract_input=False, backend=None):

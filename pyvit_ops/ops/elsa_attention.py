@@ -11,23 +11,21 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops import _backend, _checks, _ext, capabilities
 from pyvit_ops.kernels import _common
 from pyvit_ops.reference import elsa_attention as reference
 from pyvit_ops.reference.elsa_attention import output_memory_format
 
 _OP = "elsa_attention"
-_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- limits
 
 
 def _triton_module():
     from pyvit_ops.kernels import elsa_attention as kernels
 
     return kernels
-
-
-# kElsaMaxKernelSize in csrc/elsa_attention.cuh.
-CUDA_MAX_KERNEL_SIZE = 13
 
 
 def smem_per_block(device):
@@ -42,15 +40,13 @@ def smem_per_block(device):
 def _reasons(backend, v, attn, ghost_mul, ghost_add, heads, kernel_size, dilation):
     tensors = [v, attn, ghost_mul, ghost_add]
     reasons = _backend.common_reasons(backend, _OP, tensors=tensors)
+    channels = v.shape[1] // heads
+    reasons += capabilities.limit_reasons(_OP, backend, "head_channels", channels,
+                                          f"{channels} channels per head")
+    reasons += capabilities.limit_reasons(_OP, backend, "kernel_size", kernel_size,
+                                          f"kernel_size {kernel_size}")
     if backend == "triton":
-        limit = _triton_module().MAX_HEAD_CHANNELS
-        if v.shape[1] // heads > limit:
-            reasons.append(f"{v.shape[1] // heads} channels per head > {limit}: a Triton program "
-                           "holds one head's channels in registers")
         reasons += _triton_module().int32_reasons(v=v, attn=attn)
-    if backend == "cuda" and kernel_size > CUDA_MAX_KERNEL_SIZE:
-        reasons.append(f"kernel_size {kernel_size} > {CUDA_MAX_KERNEL_SIZE}: the CUDA kernels "
-                       "are compiled for K <= 13 (csrc/elsa_attention.cuh)")
     if backend == "cuda" and not reasons:
         # The plan reads sizes only, through stride-0 proxies: their offset limit is
         # checked here, on the real strides (the binding's rule).
@@ -82,6 +78,44 @@ def _cuda_plan_reason(device, dtype, v_shape, attn_shape, kernel_size, dilation)
 # when pyvit_ops is imported: the mark is the attribute that decorator sets. The compile
 # tests of the cuda backend fail if torch renames it.
 _cuda_plan_reason._dynamo_marked_constant = True
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax):
+    _checks.check_tensor("v", v, ndim=4)
+    _checks.check_tensor("attn", attn, ndim=4)
+    _checks.check_same_dtype(v=v, attn=attn)
+    _checks.check_int("kernel_size", kernel_size, 1, odd=True)
+    _checks.check_int("dilation", dilation, 1)
+    # The kernels take 32-bit ints.
+    for name, value in (("kernel_size", kernel_size), ("dilation", dilation)):
+        if value > capabilities.INT32_MAX:
+            raise ValueError(f"{name}: expected an int <= 2**31 - 1, got {value}")
+    if not isinstance(apply_softmax, bool):
+        raise TypeError(f"apply_softmax: expected a bool, got {apply_softmax!r}")
+    B, C, H, W = v.shape
+    taps = kernel_size * kernel_size
+    if attn.shape[1] == 0 or attn.shape[1] % taps:
+        raise ValueError(f"attn: expected G * kernel_size**2 = G * {taps} channels (G heads), "
+                         f"got shape {tuple(attn.shape)}")
+    heads = attn.shape[1] // taps
+    expected = (B, heads * taps, H, W)
+    if tuple(attn.shape) != expected:
+        raise ValueError(f"attn: expected shape {expected} to match v {tuple(v.shape)}, "
+                         f"got {tuple(attn.shape)}")
+    if C % heads:
+        raise ValueError(f"v: expected a channel count divisible by the {heads} heads of attn "
+                         f"(attn has {attn.shape[1]} = {heads} x {taps} channels), got "
+                         f"shape {tuple(v.shape)}")
+    allowed = tuple(dict.fromkeys((v.dtype, torch.float32)))
+    for name, ghost in (("ghost_mul", ghost_mul), ("ghost_add", ghost_add)):
+        if ghost is not None:
+            _checks.check_tensor(name, ghost, ndim=3, dtypes=allowed)
+            _checks.check_shape(name, ghost, (C, kernel_size, kernel_size))
+    _checks.check_same_device(v=v, attn=attn, ghost_mul=ghost_mul, ghost_add=ghost_add)
+    return heads
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -145,6 +179,9 @@ def _(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax,
     return tuple(like(t, n) for t, n in zip((v, attn, ghost_mul, ghost_add), needs_input_grad))
 
 
+# --------------------------------------------------------------------------- autograd
+
+
 def _setup_context(ctx, inputs, output):
     v, attn, ghost_mul, ghost_add, *params = inputs
     ctx.save_for_backward(v, attn, ghost_mul, ghost_add)
@@ -164,41 +201,6 @@ _elsa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public
-
-
-def _check_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, apply_softmax):
-    _checks.check_tensor("v", v, ndim=4)
-    _checks.check_tensor("attn", attn, ndim=4)
-    _checks.check_same_dtype(v=v, attn=attn)
-    _checks.check_int("kernel_size", kernel_size, 1, odd=True)
-    _checks.check_int("dilation", dilation, 1)
-    # The kernels take 32-bit ints.
-    for name, value in (("kernel_size", kernel_size), ("dilation", dilation)):
-        if value > _INT32_MAX:
-            raise ValueError(f"{name}: expected an int <= 2**31 - 1, got {value}")
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"apply_softmax: expected a bool, got {apply_softmax!r}")
-    B, C, H, W = v.shape
-    taps = kernel_size * kernel_size
-    if attn.shape[1] == 0 or attn.shape[1] % taps:
-        raise ValueError(f"attn: expected G * kernel_size**2 = G * {taps} channels (G heads), "
-                         f"got shape {tuple(attn.shape)}")
-    heads = attn.shape[1] // taps
-    expected = (B, heads * taps, H, W)
-    if tuple(attn.shape) != expected:
-        raise ValueError(f"attn: expected shape {expected} to match v {tuple(v.shape)}, "
-                         f"got {tuple(attn.shape)}")
-    if C % heads:
-        raise ValueError(f"v: expected a channel count divisible by the {heads} heads of attn "
-                         f"(attn has {attn.shape[1]} = {heads} x {taps} channels), got "
-                         f"shape {tuple(v.shape)}")
-    allowed = tuple(dict.fromkeys((v.dtype, torch.float32)))
-    for name, ghost in (("ghost_mul", ghost_mul), ("ghost_add", ghost_add)):
-        if ghost is not None:
-            _checks.check_tensor(name, ghost, ndim=3, dtypes=allowed)
-            _checks.check_shape(name, ghost, (C, kernel_size, kernel_size))
-    _checks.check_same_device(v=v, attn=attn, ghost_mul=ghost_mul, ghost_add=ghost_add)
-    return heads
 
 
 def elsa_attention(v, attn, ghost_mul=None, ghost_add=None, *, kernel_size=7, dilation=1,

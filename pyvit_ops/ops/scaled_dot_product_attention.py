@@ -11,24 +11,23 @@ from typing import Optional, Tuple
 
 import torch
 
-from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops import _backend, _checks, _ext, capabilities
 from pyvit_ops.reference import scaled_dot_product_attention as reference
 
-OP = "scaled_dot_product_attention"
-# Both kernel backends pad the head dim to a power of two of at most 128.
-MAX_HEAD_DIM = 128
+_OP = "scaled_dot_product_attention"
+
+
+# --------------------------------------------------------------------------- limits
 
 
 def _reasons(backend, q, k, v, attn_bias):
     """Why ``backend`` cannot run this call ([] = it can)."""
-    reasons = _backend.common_reasons(backend, OP, tensors=[q, k, v, attn_bias])
-    if backend in ("triton", "cuda") and q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} (the {backend} kernels "
-                       "hold the padded head dim in registers / shared memory)")
+    reasons = _backend.common_reasons(backend, _OP, tensors=[q, k, v, attn_bias])
+    D = q.shape[-1]
+    reasons += capabilities.limit_reasons(_OP, backend, "head_dim", D, f"head dim {D}")
     batch, tokens = math.prod(q.shape[:-2]), max(q.shape[-2], k.shape[-2])
-    if backend == "cuda" and batch * tokens >= 2 ** 31:
-        reasons.append(f"batch {batch} x tokens {tokens} >= 2**31 (the CUDA kernels index "
-                       "their grid in 32 bits)")
+    reasons += capabilities.limit_reasons(_OP, backend, "batch_tokens", batch * tokens,
+                                          f"batch {batch} x tokens {tokens}")
     # (row and key offsets past 2**31 take the Triton kernels' 64-bit variant)
     if backend == "triton" and any((t.shape[-1] - 1) * abs(t.stride(-1)) >= 2 ** 31
                                    for t in (q, k, v)):
@@ -38,7 +37,10 @@ def _reasons(backend, q, k, v, attn_bias):
     return reasons
 
 
-def _validate(q, k, v, attn_bias, scale, dropout_p):
+# --------------------------------------------------------------------------- validation
+
+
+def _check_args(q, k, v, attn_bias, scale, dropout_p):
     _checks.check_tensor("q", q, min_ndim=3)
     _checks.check_tensor("k", k, min_ndim=3)
     _checks.check_tensor("v", v, min_ndim=3)
@@ -79,92 +81,13 @@ def _validate(q, k, v, attn_bias, scale, dropout_p):
         raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
 
 
-def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout_p=0.0,
-                                 backend=None):
-    """``softmax(q @ k^T * scale + attn_bias) @ v`` over any leading batch dims.
-
-    q: ``(*batch, Nq, D)``; k, v: ``(*batch, Nk, D)``; ``scale`` defaults to
-    ``D ** -0.5``. ``attn_bias`` follows ``torch.nn.functional.scaled_dot_product_attention``'s
-    ``attn_mask``: a float tensor (float32 or q's dtype) broadcastable to
-    ``(*batch, Nq, Nk)`` is added to the logits, a bool one keeps the logits where it is
-    True. A query row with every key masked gives zeros (and zero gradients), as torch.
-    The gradient of a float bias comes back in the bias's own shape, reduced over its
-    broadcast dims inside the kernels. A bias constant along the keys gets an exactly
-    zero gradient (softmax is shift-invariant).
-
-    ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)). On
-    the Triton / CUDA backends the mask is a hash of a seed that each call draws from
-    the generator of q's device (``torch.manual_seed`` controls it) into a tensor the
-    kernels read on the device: no host sync, and a CUDA graph draws a new seed on
-    every replay. The backward recomputes the mask from the saved seed. The reference
-    backend uses torch's own attention dropout; the two draw different masks for the
-    same seed.
-
-    Returns ``(*batch, Nq, D)`` in q's dtype (q, k, v share one dtype: float32,
-    float16, bfloat16, or float64 on the reference). Gradients are deterministic on
-    every backend (no float atomics). backend: None (automatic), "reference",
-    "triton" or "cuda"; the kernels take head dims up to 128.
-
-    Under ``torch.autocast`` (any device type) q, k, v are cast to the autocast dtype
-    and the operator runs in it (float32 accumulation, output in that dtype); a
-    float32 ``attn_bias`` is read as is (an fp32 parameter keeps fp32 gradients).
-    """
-    return _attention((q, k, v), attn_bias, scale, dropout_p, backend)
+# --------------------------------------------------------------------------- folding
 
 
 def _unpack(qkv):
     """q, k, v ``(B, heads, N, D)``: views of a ``(B, N, 3, heads, D)`` projection."""
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-
-def scaled_dot_product_attention_qkvpacked(qkv, attn_bias=None, *, scale=None, dropout_p=0.0,
-                                           backend=None):
-    """``scaled_dot_product_attention(q, k, v, ...)`` of one packed projection
-    ``qkv: (B, N, 3, heads, D)`` (timm's ``qkv(x).reshape(B, N, 3, heads, D)``), q, k, v
-    being its ``(B, heads, N, D)`` slices; same keywords, returns ``(B, heads, N, D)``.
-    Its gradient comes back as one ``(B, N, 3, heads, D)`` tensor that the Triton and
-    CUDA kernels write in place; through the three slices autograd would stack their
-    gradients into it, a copy of the whole projection gradient (the reference backend
-    unbinds)."""
-    _checks.check_tensor("qkv", qkv, ndim=5)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected shape (B, N, 3, heads, D), got {tuple(qkv.shape)}")
-    return _attention((qkv,), attn_bias, scale, dropout_p, backend)
-
-
-def _attention(tokens, attn_bias, scale, dropout_p, backend):
-    """``tokens``: (q, k, v) or (qkv,)."""
-    low = _backend.autocast_dtype(tokens[0])
-    if low is not None:
-        with _backend.autocast_disabled(tokens[0]):
-            return _attention(tuple(_backend.autocast_cast(t, low) for t in tokens),
-                              _backend.autocast_cast(attn_bias, low, keep_float32=True),
-                              scale, dropout_p, backend)
-    q, k, v = tokens if len(tokens) == 3 else _unpack(tokens[0])
-    _validate(q, k, v, attn_bias, scale, dropout_p)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dropout_p = float(dropout_p)
-    backend = _backend.choose(OP, backend, lambda b: _reasons(b, q, k, v, attn_bias),
-                              device=q.device)
-    if backend == "reference":
-        return reference.scaled_dot_product_attention(q, k, v, attn_bias, scale=scale,
-                                                      dropout_p=dropout_p)
-    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
-    fwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_fwd if len(tokens) == 3 else
-           torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_fwd)
-    out, _ = fwd(*tokens, attn_bias, scale, dropout_p, seed, backend)
-    return out
-
-
-def dropout_seed(device):
-    """The dropout seed of one call: a one-element int64 tensor drawn on ``device`` by its
-    default generator, which the kernels read in device memory. On CUDA the draw is
-    graph-safe: each replay of a captured graph advances the generator's Philox offset,
-    so each replay draws a new seed."""
-    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
-
-
-# ----------------------------------------------------------------------------- folding
 
 def _merge_groups(batch, strides):
     """Runs of consecutive batch dims (size-1 dims dropped) that every stride list can
@@ -256,7 +179,8 @@ class _Fold:
         return dbias.reshape(self.bias_shape).contiguous()
 
 
-# ----------------------------------------------------------------------------- custom ops
+# --------------------------------------------------------------------------- custom ops
+
 
 def _launchers(backend, q):
     """The launchers of ``backend``: the Triton module, or the CUDA ops, which take the
@@ -372,6 +296,9 @@ def _qkvpacked_bwd_fake(dout, qkv, out, lse, bias, scale, dropout_p, seed, bias_
     return qkv.new_empty(qkv.shape), _dbias_fake(qkv, bias, bias_requires_grad)
 
 
+# --------------------------------------------------------------------------- autograd
+
+
 def _setup_context(ctx, inputs, output, tokens):
     """``tokens``: how many leading inputs are token tensors (q, k, v or qkv)."""
     bias, scale, dropout_p, seed, backend = inputs[tokens:]
@@ -400,3 +327,86 @@ def _backward(ctx, dout, _dlse):
 for _op, _tokens in ((_fwd_op, 3), (_qkvpacked_fwd_op, 1)):
     _op.register_autograd(_backward, setup_context=functools.partial(_setup_context,
                                                                      tokens=_tokens))
+
+
+# --------------------------------------------------------------------------- public
+
+
+def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout_p=0.0,
+                                 backend=None):
+    """``softmax(q @ k^T * scale + attn_bias) @ v`` over any leading batch dims.
+
+    q: ``(*batch, Nq, D)``; k, v: ``(*batch, Nk, D)``; ``scale`` defaults to
+    ``D ** -0.5``. ``attn_bias`` follows ``torch.nn.functional.scaled_dot_product_attention``'s
+    ``attn_mask``: a float tensor (float32 or q's dtype) broadcastable to
+    ``(*batch, Nq, Nk)`` is added to the logits, a bool one keeps the logits where it is
+    True. A query row with every key masked gives zeros (and zero gradients), as torch.
+    The gradient of a float bias comes back in the bias's own shape, reduced over its
+    broadcast dims inside the kernels. A bias constant along the keys gets an exactly
+    zero gradient (softmax is shift-invariant).
+
+    ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)). On
+    the Triton / CUDA backends the mask is a hash of a seed that each call draws from
+    the generator of q's device (``torch.manual_seed`` controls it) into a tensor the
+    kernels read on the device: no host sync, and a CUDA graph draws a new seed on
+    every replay. The backward recomputes the mask from the saved seed. The reference
+    backend uses torch's own attention dropout; the two draw different masks for the
+    same seed.
+
+    Returns ``(*batch, Nq, D)`` in q's dtype (q, k, v share one dtype: float32,
+    float16, bfloat16, or float64 on the reference). Gradients are deterministic on
+    every backend (no float atomics). backend: None (automatic), "reference",
+    "triton" or "cuda"; the kernels take head dims up to 128.
+
+    Under ``torch.autocast`` (any device type) q, k, v are cast to the autocast dtype
+    and the operator runs in it (float32 accumulation, output in that dtype); a
+    float32 ``attn_bias`` is read as is (an fp32 parameter keeps fp32 gradients).
+    """
+    return _attention((q, k, v), attn_bias, scale, dropout_p, backend)
+
+
+def scaled_dot_product_attention_qkvpacked(qkv, attn_bias=None, *, scale=None, dropout_p=0.0,
+                                           backend=None):
+    """``scaled_dot_product_attention(q, k, v, ...)`` of one packed projection
+    ``qkv: (B, N, 3, heads, D)`` (timm's ``qkv(x).reshape(B, N, 3, heads, D)``), q, k, v
+    being its ``(B, heads, N, D)`` slices; same keywords, returns ``(B, heads, N, D)``.
+    Its gradient comes back as one ``(B, N, 3, heads, D)`` tensor that the Triton and
+    CUDA kernels write in place; through the three slices autograd would stack their
+    gradients into it, a copy of the whole projection gradient (the reference backend
+    unbinds)."""
+    _checks.check_tensor("qkv", qkv, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape (B, N, 3, heads, D), got {tuple(qkv.shape)}")
+    return _attention((qkv,), attn_bias, scale, dropout_p, backend)
+
+
+def _attention(tokens, attn_bias, scale, dropout_p, backend):
+    """``tokens``: (q, k, v) or (qkv,)."""
+    low = _backend.autocast_dtype(tokens[0])
+    if low is not None:
+        with _backend.autocast_disabled(tokens[0]):
+            return _attention(tuple(_backend.autocast_cast(t, low) for t in tokens),
+                              _backend.autocast_cast(attn_bias, low, keep_float32=True),
+                              scale, dropout_p, backend)
+    q, k, v = tokens if len(tokens) == 3 else _unpack(tokens[0])
+    _check_args(q, k, v, attn_bias, scale, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    backend = _backend.choose(_OP, backend, lambda b: _reasons(b, q, k, v, attn_bias),
+                              device=q.device)
+    if backend == "reference":
+        return reference.scaled_dot_product_attention(q, k, v, attn_bias, scale=scale,
+                                                      dropout_p=dropout_p)
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
+    fwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_fwd if len(tokens) == 3 else
+           torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_fwd)
+    out, _ = fwd(*tokens, attn_bias, scale, dropout_p, seed, backend)
+    return out
+
+
+def dropout_seed(device):
+    """The dropout seed of one call: a one-element int64 tensor drawn on ``device`` by its
+    default generator, which the kernels read in device memory. On CUDA the draw is
+    graph-safe: each replay of a captured graph advances the generator's Philox offset,
+    so each replay draws a new seed."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
