@@ -15,10 +15,10 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import harness
 from benchmarks.harness import Flops, Inputs, Shape
+from pyvit_ops.testing import elsa_official
 
 OP = "elsa_attention"
 KERNEL = 7
@@ -94,30 +94,10 @@ def make_inputs(params, batch, device, dtype, requires_grad=True):
                   extra={"kernel": k, "dilation": params["dilation"]})
 
 
-def _elsa_op(features, mul, add, spatial_filter, k, dilation):
-    """The official ``elsa_op`` without its CUDA extension (the unfold formulation)."""
-    B, C, H, W = features.shape
-    cols = F.unfold(features, kernel_size=k, dilation=dilation, padding=k // 2 * dilation)
-    cols = cols.reshape(B, C, k * k, H * W)
-    filters = (mul.reshape(B, C, k * k, 1) * spatial_filter.reshape(B, 1, k * k, H * W)
-               + add.reshape(B, C, k * k, 1))
-    return (cols * filters).sum(2).reshape(B, C, H, W)
-
-
 def naive(inp):
     """The official ``ELSA.forward`` from the v slice on (heads folded into the batch)."""
-    v, attn, k = inp.v, inp.attn, inp.kernel
-    B, C, H, W = v.shape
-    G = attn.shape[1] // (k * k)
-    cg = C // G
-    v = v.reshape(B * G, cg, H, W)
-    attn = attn.reshape(B * G, -1, H, W).softmax(1)
-    add = inp.ghost_add.expand(B, C, k, k).reshape(B * G, cg, k, k)
-    if inp.ghost_mul is None:
-        mul = torch.ones(B * G, cg, k, k, device=v.device, dtype=v.dtype)
-    else:
-        mul = inp.ghost_mul.expand(B, C, k, k).reshape(B * G, cg, k, k)
-    return _elsa_op(v, mul, add, attn, k, inp.dilation).reshape(B, C, H, W)
+    return elsa_official.elsa_attention(inp.v, inp.attn, inp.ghost_mul, inp.ghost_add,
+                                        inp.kernel, inp.dilation)
 
 
 def _pyvit(inp, backend):

@@ -1,5 +1,6 @@
 """Tiny calls of every public operator and nn module, shared by the autocast,
-determinism and bad-input tests.
+determinism and bad-input tests, and the helpers of the bad-input tables in each
+operator's test file.
 
 An ``OpCase`` makes fresh leaf tensors (``inputs``: activations; ``params``: tensors
 that are parameters in a model: bias tables, pads, ghost filters, a learned bias)
@@ -8,6 +9,7 @@ interpreter and host emulation but still hit the edges: Nq != Nk, head dims that
 are not powers of two, broadcast biases, windows padded on both axes with a shift,
 image borders, strided pooling.
 """
+import pytest
 import torch
 
 import pyvit_ops
@@ -139,3 +141,89 @@ def run_backward(fn, leaves, seed=1):
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
     out.backward(cot)
     return out.detach(), [t.grad for t in leaves if t.requires_grad]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape).to(dtype=dtype, device=device)
+
+
+def meta(*shape):
+    """A tensor on the "meta" device, for a device mix with CPU tensors: the device check
+    runs before anything touches the data."""
+    return torch.empty(*shape, device="meta")
+
+
+class ValidCall:
+    """``call(**change)``: the operator ``op`` on valid arguments (fresh tensors from
+    ``make_args()``) with ``change`` replacing some of them; the arguments named in
+    ``positional`` are passed by position."""
+
+    def __init__(self, op, positional, make_args):
+        self.op, self.positional, self.make_args = op, positional, make_args
+        self.name = op.__name__
+
+    def __call__(self, **change):
+        args = {**self.make_args(), **change}
+        positional = [args.pop(n) for n in self.positional]
+        return self.op(*positional, **args)
+
+    def __repr__(self):
+        return self.name
+
+
+VALID_CALLS = {call.name: call for call in [
+    ValidCall(pyvit_ops.scaled_dot_product_attention, ("q", "k", "v"), lambda: dict(
+        q=randn(2, 3, 4), k=randn(2, 5, 4), v=randn(2, 5, 4), attn_bias=randn(3, 5), scale=None,
+        dropout_p=0.0, backend=None)),
+    # heads = 2, D = 4.
+    ValidCall(pyvit_ops.window_attention, ("q", "k", "v"), lambda: dict(
+        q=randn(1, 5, 3, 2, 4), k=randn(1, 5, 3, 2, 4), v=randn(1, 5, 3, 2, 4),
+        rel_pos_bias_table=randn(9, 2), window_size=2, shift_size=1, scale=None,
+        pad_kv=(randn(2, 4), randn(2, 4)), mask_value=-100.0, backend=None)),
+    ValidCall(pyvit_ops.elsa_attention, ("v", "attn"), lambda: dict(
+        v=randn(1, 4, 4, 5), attn=randn(1, 18, 4, 5), ghost_mul=randn(4, 3, 3),
+        ghost_add=randn(4, 3, 3), kernel_size=3, dilation=1, apply_softmax=True, backend=None)),
+    ValidCall(pyvit_ops.avg_pool2d, ("x",), lambda: dict(
+        x=randn(1, 2, 5, 4), kernel_size=3, stride=1, padding=None, subtract_input=False,
+        backend=None)),
+    ValidCall(pyvit_ops.poolformer_pool, ("x", "pool_size"), lambda: dict(
+        x=randn(1, 2, 5, 4), pool_size=3, backend=None)),
+]}
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        shape = "x".join(map(str, value.shape))
+        return f"{dtype}[{shape}]" + ("@meta" if value.is_meta else "")
+    if isinstance(value, tuple):
+        return "(" + ",".join(_describe(v) for v in value) + ")"
+    return repr(value)
+
+
+def bad_call(call, change, error, text):
+    """A row of a bad-input table: ``call(**change)`` (``call`` a ValidCall) raises
+    ``error`` with ``text`` in its message (the argument's name first, as every
+    pyvit_ops message starts). The row id starts with the operator's name."""
+    name = ",".join(f"{k}={_describe(v)}" for k, v in change.items())
+    return pytest.param(call, change, error, text, id=f"{call.name}-{name}"[:90])
+
+
+def bad_module_call(name, call, error, text):
+    """A row of a module bad-input table: ``call()`` raises ``error`` with ``text`` in
+    its message."""
+    return pytest.param(call, error, text, id=name)
+
+
+def module_forward(make, shape, dtype=torch.float32):
+    """A call of a fresh module ``make()`` on an input of ``shape``."""
+    return lambda: make()(randn(*shape, dtype=dtype))
+
+
+def assert_rejects(call, error, text):
+    with pytest.raises(error) as info:
+        call()
+    assert text in str(info.value)

@@ -7,6 +7,8 @@
 - ``pyvit_ops.nn.Pooling`` against timm's ``Pooling``, alone and inside a MetaFormer;
 - custom-op registration (opcheck, torch.compile, double backward) and input errors.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,7 +24,9 @@ from pyvit_ops.nn import Pooling
 from pyvit_ops.reference import avg_pool2d as reference
 from pyvit_ops.testing import traffic
 from pyvit_ops.testing.specs import avg_pool2d as pool_specs
-from op_cases import GridRecorder
+from op_cases import (GridRecorder, VALID_CALLS, assert_rejects, bad_call, bad_module_call, meta,
+                      module_forward, randn)
+from tolerance import assert_within
 
 # (kernel_size, stride, padding, subtract_input); padding None = kernel_size // 2.
 GEOMETRIES = [
@@ -37,13 +41,7 @@ GEOMETRIES = [
 ]
 GEOMETRY_IDS = ["k3-sub", "k3", "k5-sub", "k7-sub", "k3s2", "k2s2p0", "k3x5s2x1", "k4p2"]
 
-# (dtype, atol, rtol) against a float64 oracle: fp32 accumulation in the kernels, so
-# the error is the rounding of the result to the dtype (|values| up to ~4).
-TOLERANCES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 2e-3, 2e-3),
-    (torch.bfloat16, 1.6e-2, 1.6e-2),
-]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
@@ -52,31 +50,34 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _oracle(x, grad_out, kernel_size, stride, padding, subtract_input):
-    """Reference output and x-gradient, in float64."""
-    x64 = x.detach().double().requires_grad_()
-    out = reference.avg_pool2d(x64, kernel_size, stride, padding, subtract_input=subtract_input)
-    (grad,) = torch.autograd.grad(out, x64, grad_out.double())
-    return out, grad
+def _reference(x, grad_out, kernel_size, stride, padding, subtract_input):
+    """Reference output and x-gradient, in x's dtype."""
+    x = x.detach().requires_grad_()
+    out = reference.avg_pool2d(x, kernel_size, stride, padding, subtract_input=subtract_input)
+    (grad,) = torch.autograd.grad(out, x, grad_out.to(out.dtype))
+    return out.detach(), grad
 
 
-def _check(x, kernel_size, stride, padding, subtract_input, backend, atol, rtol,
+def _check(x, kernel_size, stride, padding, subtract_input, backend,
            grad_out_like=torch.randn_like):
     """``pyvit_ops.avg_pool2d`` on ``backend``: output, x-gradient and their memory
-    format against the float64 reference."""
+    format; the values under the tolerance rule (the reference in float64 and in x's
+    dtype)."""
     x = x.detach().requires_grad_()
     out = avg_pool2d(x, kernel_size, stride, padding, subtract_input=subtract_input,
                      backend=backend)
     grad_out = grad_out_like(out)
     (grad,) = torch.autograd.grad(out, x, grad_out)
-    ref_out, ref_grad = _oracle(x, grad_out, kernel_size, stride, padding, subtract_input)
+    geometry = (kernel_size, stride, padding, subtract_input)
+    ref_out, ref_grad = _reference(x.double(), grad_out, *geometry)
+    own_out, own_grad = _reference(x, grad_out, *geometry)
     assert out.dtype == grad.dtype == x.dtype
     assert out.shape == ref_out.shape and grad.shape == x.shape
     fmt = suggest_memory_format(x)
     assert out.is_contiguous(memory_format=fmt), (out.stride(), fmt)
     assert grad.is_contiguous(memory_format=fmt), (grad.stride(), fmt)
-    assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
-    assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol)
+    assert_within("out", out, ref_out, own_out, x.dtype)
+    assert_within("grad", grad, ref_grad, own_grad, x.dtype)
 
 
 # --------------------------------------------------------------------------- reference
@@ -139,15 +140,15 @@ def backend(request):
     return request.param
 
 
-@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
-def test_kernel_matches_reference(backend, geometry, channels_last, dtype, atol, rtol):
+def test_kernel_matches_reference(backend, geometry, channels_last, dtype):
     # 13 x 9 with 3 channels: no size is a multiple of any tile; borders on every side.
     x = torch.randn(2, 3, 13, 9).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    _check(x, *geometry, backend, atol, rtol)
+    _check(x, *geometry, backend)
 
 
 def _strided_like(t):
@@ -170,7 +171,7 @@ VIEWS = {
 def test_kernel_reads_views_in_place(backend, view, geometry):
     x = VIEWS[view]()
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    _check(x, *geometry, backend, 1e-5, 1e-5, grad_out_like=_strided_like)
+    _check(x, *geometry, backend, grad_out_like=_strided_like)
 
 
 # One shape per tile config the launchers pick (W for NCHW, C for channels_last).
@@ -183,7 +184,7 @@ def test_kernel_every_tile_config(backend, shape, channels_last):
     x = torch.randn(shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    _check(x, 3, 1, None, True, backend, 1e-5, 1e-5)
+    _check(x, 3, 1, None, True, backend)
 
 
 def test_kernel_empty_batch(backend):
@@ -254,10 +255,13 @@ def test_pooling_module_matches_timm(request, module_backend, pool_size, channel
     x.requires_grad_()
     out, expected = ours(x), theirs(x)
     assert out.is_contiguous(memory_format=suggest_memory_format(x))
-    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    x64 = x.detach().double().requires_grad_()
+    oracle = theirs(x64)
+    assert_within("out", out, oracle.detach(), expected, x.dtype)
     grad_out = torch.randn_like(out)
-    assert_close(torch.autograd.grad(out, x, grad_out)[0],
-                 torch.autograd.grad(expected, x, grad_out)[0], atol=1e-5, rtol=1e-5)
+    assert_within("grad", torch.autograd.grad(out, x, grad_out)[0],
+                  torch.autograd.grad(oracle, x64, grad_out.double())[0],
+                  torch.autograd.grad(expected, x, grad_out)[0], x.dtype)
 
 
 @pytest.mark.parametrize("module_backend", ["reference", "triton"])
@@ -273,7 +277,8 @@ def test_pooling_module_as_timm_metaformer_token_mixer(module_backend):
     ours = MetaFormer(token_mixers=Mixer, **kwargs).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 3, 40, 40)
-    assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    oracle = copy.deepcopy(theirs).double()(x.double())
+    assert_within("logits", ours(x), oracle, theirs(x), x.dtype)
 
 
 # --------------------------------------------------------------------------- registration
@@ -297,24 +302,87 @@ def test_triton_torch_compile_fullgraph():
                              fullgraph=True, backend="aot_eager")
     out = compiled(x)
     out.sum().backward()
-    expected = reference.poolformer_pool(x.detach(), 3)
-    assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert_close(x.grad, torch.autograd.grad(
-        reference.poolformer_pool(x, 3).sum(), x)[0], atol=1e-5, rtol=1e-5)
+    x64 = x.detach().double().requires_grad_()
+    oracle, own = reference.poolformer_pool(x64, 3), reference.poolformer_pool(x, 3)
+    assert_within("out", out.detach(), oracle.detach(), own.detach(), x.dtype)
+    assert_within("grad", x.grad, torch.autograd.grad(oracle.sum(), x64)[0],
+                  torch.autograd.grad(own.sum(), x)[0], x.dtype)
 
 
 def test_triton_double_backward():
-    x = torch.randn(1, 2, 7, 6, requires_grad=True)
-    grads = {}
-    for backend in ("reference", "triton"):
-        grad_out = torch.ones(1, 2, 4, 3, requires_grad=True)
+    def double_backward(backend, x):
+        x = x.detach().requires_grad_()
+        grad_out = torch.ones(1, 2, 4, 3, dtype=x.dtype, requires_grad=True)
         out = avg_pool2d(x, 3, 2, 1, backend=backend)
         (grad_x,) = torch.autograd.grad(out, x, grad_out, create_graph=True)
-        grads[backend] = torch.autograd.grad(grad_x, grad_out, torch.arange(84.0).view(x.shape))
-    assert_close(grads["triton"], grads["reference"], atol=1e-4, rtol=1e-5)
+        (grad,) = torch.autograd.grad(grad_x, grad_out,
+                                      torch.arange(84.0, dtype=x.dtype).view(x.shape))
+        return grad
+
+    x = torch.randn(1, 2, 7, 6)
+    assert_within("double backward", double_backward("triton", x),
+                  double_backward("reference", x.double()), double_backward("reference", x),
+                  x.dtype)
 
 
 # --------------------------------------------------------------------------- errors
+
+
+# One row per bad argument of a valid call: the error type and the argument's name
+# in the message.
+_valid_pool = VALID_CALLS["avg_pool2d"]
+_valid_poolformer = VALID_CALLS["poolformer_pool"]
+BAD_CALLS = [
+    bad_call(_valid_pool, dict(x=randn(2, 5, 4)), ValueError, "x: expected a 4-D tensor"),
+    bad_call(_valid_pool, dict(x=torch.ones(1, 2, 5, 4, dtype=torch.uint8)),
+             TypeError, "x: expected dtype"),
+    bad_call(_valid_pool, dict(x=randn(1, 0, 5, 4)),
+             ValueError, "x: expected at least one channel"),
+    bad_call(_valid_pool, dict(x=randn(1, 2, 2, 2), kernel_size=5, padding=1),
+             ValueError, "x: spatial size (2, 2) is too small"),
+    bad_call(_valid_pool, dict(kernel_size=0), ValueError, "kernel_size: expected sizes >= 1"),
+    bad_call(_valid_pool, dict(kernel_size="3"),
+             TypeError, "kernel_size: expected an int or a pair"),
+    bad_call(_valid_pool, dict(stride=0), ValueError, "stride: expected strides >= 1"),
+    bad_call(_valid_pool, dict(stride=(1, 2, 3)), TypeError, "stride: expected an int or a pair"),
+    bad_call(_valid_pool, dict(padding=2),
+             ValueError, "padding: expected 0 <= padding <= kernel_size // 2"),
+    bad_call(_valid_pool, dict(padding=-1), ValueError, "padding: expected 0 <= padding"),
+    bad_call(_valid_pool, dict(subtract_input="yes"), TypeError, "subtract_input: expected a bool"),
+    bad_call(_valid_pool, dict(subtract_input=True, stride=2),
+             ValueError, "subtract_input: needs stride"),
+    bad_call(_valid_pool, dict(subtract_input=True, kernel_size=4),
+             ValueError, "subtract_input: needs an output the size of x"),
+    bad_call(_valid_pool, dict(backend="Triton"), ValueError, "backend: expected one of"),
+    bad_call(_valid_pool, dict(x=meta(1, 2, 5, 4), backend="cuda"),
+             _backend.BackendUnavailableError, "the cuda backend does not run on meta tensors"),
+    bad_call(_valid_poolformer, dict(pool_size=4), ValueError, "pool_size: expected an odd"),
+    bad_call(_valid_poolformer, dict(pool_size=0), ValueError, "pool_size: expected an int >= 1"),
+    bad_call(_valid_poolformer, dict(pool_size=(3, 2)), ValueError, "pool_size: expected an odd"),
+    bad_call(_valid_poolformer, dict(pool_size=3.0),
+             TypeError, "pool_size: expected an int or a pair"),
+    bad_call(_valid_poolformer, dict(x=randn(1, 2, 5)), ValueError, "x: expected a 4-D tensor"),
+]
+
+
+@pytest.mark.parametrize("call, change, error, text", BAD_CALLS)
+def test_bad_argument(call, change, error, text):
+    assert_rejects(lambda: call(**change), error, text)
+
+
+BAD_MODULE_CALLS = [
+    bad_module_call("Pooling-pool_size", lambda: Pooling(2),
+                    ValueError, "pool_size: expected an odd"),
+    bad_module_call("Pooling-pool_size-type", lambda: Pooling("3"),
+                    TypeError, "pool_size: expected an int"),
+    bad_module_call("Pooling-x-rank", module_forward(lambda: Pooling(3), (2, 5, 4)),
+                    ValueError, "x: expected a 4-D"),
+]
+
+
+@pytest.mark.parametrize("call, error, text", BAD_MODULE_CALLS)
+def test_bad_module_argument(call, error, text):
+    assert_rejects(call, error, text)
 
 
 BAD_INPUTS = [
@@ -418,14 +486,17 @@ def test_huge_kernel_size_pools_the_image(backend, kernel_size, subtract):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out, grad = eval(result.stdout.strip().splitlines()[-1])
-    x = torch.arange(2 * 5 * 5, dtype=torch.float64).view(1, 2, 5, 5).requires_grad_()
     # The same taps as the window clamped to the image (what torch's pooling accepts).
     kh, kw = (min(k, 9) for k in kernel_size)
-    expected = reference.avg_pool2d(x, (kh, kw), 1, (kh // 2, kw // 2),
-                                    subtract_input=subtract)
-    expected.backward(torch.ones_like(expected))
-    assert_close(torch.tensor(out, dtype=torch.float64), expected.detach(), atol=1e-5, rtol=1e-5)
-    assert_close(torch.tensor(grad, dtype=torch.float64), x.grad, atol=1e-5, rtol=1e-5)
+
+    def clamped_reference(dtype):
+        x = torch.arange(2 * 5 * 5, dtype=dtype).view(1, 2, 5, 5)
+        return _reference(x, torch.ones(1, 2, 5, 5), (kh, kw), 1, (kh // 2, kw // 2), subtract)
+
+    (oracle, oracle_grad), (own, own_grad) = (clamped_reference(t)
+                                              for t in (torch.float64, torch.float32))
+    assert_within("out", torch.tensor(out), oracle, own, torch.float32)
+    assert_within("grad", torch.tensor(grad), oracle_grad, own_grad, torch.float32)
 
 
 @pytest.mark.parametrize("kernel_size", [(3, 5), (5, 3)], ids=["k3x5", "k5x3"])
@@ -436,7 +507,7 @@ def test_kernel_subtract_input_non_square(backend, kernel_size, channels_last):
     x = torch.randn(2, 3, 13, 9)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    _check(x, kernel_size, 1, None, True, backend, 1e-5, 1e-5)
+    _check(x, kernel_size, 1, None, True, backend)
 
 
 def test_cuda_int32_image_limit_is_a_backend_reason(host_ops):

@@ -4,7 +4,9 @@ backends vs the reference (forward and every gradient): "triton" in the interpre
 (pyvit_ops.testing.host); determinism, strided inputs, partial gradients, empty inputs,
 opcheck; nn.ELSA vs the official module math and checkpoints; bad input, in the public
 op and in the CUDA bindings."""
+import copy
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -13,49 +15,39 @@ import triton
 from torch import nn
 
 import pyvit_ops.ops.elsa_attention as ops
-from pyvit_ops import _backend
+from pyvit_ops import _backend, capabilities
 from pyvit_ops.kernels import elsa_attention as kernels
 from pyvit_ops.nn.elsa import ELSA
 from pyvit_ops.reference.elsa_attention import elsa_attention as reference
 from pyvit_ops.reference.elsa_attention import output_memory_format
+from pyvit_ops.testing import elsa_official
 from pyvit_ops.testing.specs import elsa_attention as static_specs
-from op_cases import GridRecorder
+from op_cases import (GridRecorder, VALID_CALLS, assert_rejects, bad_call, bad_module_call, meta,
+                      module_forward, randn)
+from tolerance import assert_within
 
 GHOSTS = ["none", "mul", "add", "both"]
 
 
-# --------------------------------------------------------------------------- official math
+# --------------------------------------------------------------------------- inputs
 
 
-def _official_elsa_op(features, channel_mul, channel_add, spatial_filter, kernel_size, dilation):
-    """The official ``elsa_op`` CPU path (unfold): features (N, C, H, W), per-sample
-    ghost tensors (N, C, K, K), probabilities (N, K*K, H, W)."""
-    N, C, H, W = features.shape
-    taps = kernel_size ** 2
-    cols = F.unfold(features, kernel_size, dilation=dilation, padding=kernel_size // 2 * dilation)
-    cols = cols.reshape(N, C, taps, H * W)
-    filters = (channel_mul.reshape(N, C, taps, 1) * spatial_filter.reshape(N, 1, taps, H * W)
-               + channel_add.reshape(N, C, taps, 1))
-    return (cols * filters).sum(2).reshape(N, C, H, W)
+class Geometry(NamedTuple):
+    """B samples of C channels in G heads on an H x W grid; a K x K window, dilated."""
+    B: int
+    C: int
+    G: int
+    H: int
+    W: int
+    K: int
+    dilation: int = 1
 
+    def __str__(self):
+        return f"B{self.B}C{self.C}G{self.G}-{self.H}x{self.W}-k{self.K}d{self.dilation}"
 
-def _official_aggregate(v, attn, ghost_mul, ghost_add, K, dilation, apply_softmax):
-    """Steps 4-6 as the official module runs them: heads folded into the batch,
-    softmax over dim 1, ghost tensors expanded per sample, ones / zeros when absent."""
-    B, C, H, W = v.shape
-    G = attn.shape[1] // (K * K)
-    a = attn.reshape(B * G, K * K, H, W)
-    if apply_softmax:
-        a = a.softmax(1)
-
-    def per_sample(ghost, fill):
-        if ghost is None:
-            return torch.full((B * G, C // G, K, K), fill, dtype=v.dtype)
-        return ghost.expand(B, C, K, K).reshape(B * G, C // G, K, K)
-
-    out = _official_elsa_op(v.reshape(B * G, C // G, H, W), per_sample(ghost_mul, 1.0),
-                            per_sample(ghost_add, 0.0), a, K, dilation)
-    return out.reshape(B, C, H, W)
+    def inputs(self, ghost, dtype=torch.float64, **kwargs):
+        """``_inputs`` of this geometry."""
+        return _inputs(self.B, self.C, self.G, self.H, self.W, self.K, ghost, dtype, **kwargs)
 
 
 def _inputs(B, C, G, H, W, K, ghost, dtype=torch.float64, probs=False, channels_last=False,
@@ -83,23 +75,24 @@ def _inputs(B, C, G, H, W, K, ghost, dtype=torch.float64, probs=False, channels_
 # --------------------------------------------------------------------------- reference
 
 
-# (B, C, G, H, W, K, dilation): grids smaller than the window, odd sizes, dilation.
+# Grids smaller than the window, odd sizes, dilation.
 REF_SHAPES = [
-    (2, 6, 2, 13, 9, 3, 1),
-    (1, 4, 1, 3, 5, 7, 1),     # 3x5 grid inside a 7x7 window: every tap set at the border
-    (2, 6, 3, 7, 6, 5, 2),
-    (1, 8, 2, 4, 9, 3, 2),
+    Geometry(B=2, C=6, G=2, H=13, W=9, K=3),
+    # 3x5 grid inside a 7x7 window: every tap set at the border.
+    Geometry(B=1, C=4, G=1, H=3, W=5, K=7),
+    Geometry(B=2, C=6, G=3, H=7, W=6, K=5, dilation=2),
+    Geometry(B=1, C=8, G=2, H=4, W=9, K=3, dilation=2),
 ]
 
 
-@pytest.mark.parametrize("shape", REF_SHAPES)
+@pytest.mark.parametrize("shape", REF_SHAPES, ids=str)
 @pytest.mark.parametrize("ghost", GHOSTS)
 @pytest.mark.parametrize("probs", [False, True])
 def test_reference_matches_official_unfold(shape, ghost, probs):
-    B, C, G, H, W, K, d = shape
-    v, attn, mul, add, _ = _inputs(B, C, G, H, W, K, ghost, probs=probs)
+    K, d = shape.K, shape.dilation
+    v, attn, mul, add, _ = shape.inputs(ghost, probs=probs)
     out = reference(v, attn, mul, add, kernel_size=K, dilation=d, apply_softmax=not probs)
-    expected = _official_aggregate(v, attn, mul, add, K, d, apply_softmax=not probs)
+    expected = elsa_official.elsa_attention(v, attn, mul, add, K, d, apply_softmax=not probs)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
@@ -108,7 +101,7 @@ def test_reference_half_inputs_computed_in_fp32(dtype):
     v, attn, mul, add, _ = _inputs(1, 6, 2, 5, 6, 3, "both", dtype=dtype)
     out = reference(v, attn, mul, add, kernel_size=3)
     assert out.dtype == dtype
-    exact = _official_aggregate(*(t.double() for t in (v, attn, mul, add)), 3, 1, True)
+    exact = elsa_official.elsa_attention(*(t.double() for t in (v, attn, mul, add)), 3)
     # One rounding of the result only: within an ulp of the output dtype.
     torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=torch.finfo(dtype).eps)
 
@@ -154,15 +147,6 @@ def _on_each_backend(cases):
     return [(name, case) for name, backend_cases in cases.items() for case in backend_cases]
 
 
-def _assert_close(actual, expected, atol, rtol, name):
-    """atol is relative to the largest expected magnitude, so one tolerance per
-    dtype fits outputs and gradients of any scale."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-    scale = max(expected.abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{name}: {m}")
-
-
 def _run(fn, v, attn, mul, add, dout, **kw):
     leaves = [t.detach().clone().requires_grad_() if t is not None else None
               for t in (v, attn, mul, add)]
@@ -181,88 +165,114 @@ def _bwd(backend, dout, v, attn, mul, add, K, dilation, apply_softmax, need):
                                                   apply_softmax, list(need), backend)
 
 
-def _check_against_reference(backend, v, attn, mul, add, dout, atol, rtol, **kw):
-    """Output (dtype, memory format, values) and every gradient of the public op on
-    ``backend`` against the reference."""
-    out, grads = _run(_op(backend), v, attn, mul, add, dout, **kw)
-    ref_out, ref_grads = _run(reference, v, attn, mul, add, dout, **kw)
-    assert out.is_contiguous(memory_format=output_memory_format(v))
-    _assert_close(out, ref_out, atol, rtol, "out")
-    for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), grads, ref_grads):
-        assert (g is None) == (r is None), name
+RESULTS = ("out", "dv", "dattn", "dghost_mul", "dghost_add")
+
+
+def _assert_rule(got, v, attn, mul, add, dout, **kw):
+    """``got``: {name in RESULTS: tensor or None} under the tolerance rule, the reference
+    on the same values in float64 the oracle and as given (dtype included) the yardstick."""
+    def reference_results(*tensors):
+        out, grads = _run(reference, *tensors, **kw)
+        return dict(zip(RESULTS, (out.detach(), *grads)))
+
+    oracle = reference_results(*(t if t is None else t.double()
+                                 for t in (v, attn, mul, add, dout)))
+    own = reference_results(v, attn, mul, add, dout)
+    for name, g in got.items():
+        assert (g is None) == (own[name] is None), name
         if g is not None:
-            _assert_close(g, r, atol, rtol, name)
+            assert g.dtype == own[name].dtype, (name, g.dtype, own[name].dtype)
+            assert_within(name, g, oracle[name], own[name], v.dtype)
 
 
-# (dtype, atol relative to max |expected|, rtol). Kernels and reference both compute in
-# fp32 and round once, so fp32 differs by summation order only and fp16 / bf16 by about
-# one rounding of the result (and of dattn's intermediate).
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+def _check_against_reference(backend, v, attn, mul, add, dout, **kw):
+    """Output (dtype, memory format, values) and every gradient of the public op on
+    ``backend`` under the tolerance rule."""
+    out, grads = _run(_op(backend), v, attn, mul, add, dout, **kw)
+    assert out.is_contiguous(memory_format=output_memory_format(v))
+    _assert_rule(dict(zip(RESULTS, (out.detach(), *grads))), v, attn, mul, add, dout, **kw)
 
-# Cases (dtype, B, C, G, H, W, K, dilation, ghost, channels_last, probs). The interpreter
-# is slow: a hand-picked list that still meets every edge once.
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+class KernelCase(NamedTuple):
+    """``ghost``: which ghost tensors (GHOSTS); ``probs``: attn holds probabilities."""
+    dtype: torch.dtype
+    geometry: Geometry
+    ghost: str
+    channels_last: bool = False
+    probs: bool = False
+
+    def __str__(self):
+        return (f"{str(self.dtype)[6:]}-{self.geometry}-{self.ghost}"
+                f"-{'cl' if self.channels_last else 'nchw'}{'-probs' if self.probs else ''}")
+
+
+fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+# The interpreter is slow: a hand-picked list that still meets every edge once.
 TRITON_CASES = [
-    (torch.float32, 1, 6, 2, 13, 9, 3, 1, "both", False, False),   # odd sizes, 3 channels / head
-    (torch.float32, 1, 8, 2, 3, 5, 7, 1, "mul", True, False),      # 3x5 grid, 7x7 window
-    (torch.float32, 1, 6, 3, 7, 6, 5, 2, "add", False, False),     # dilation 2
-    (torch.float32, 2, 4, 2, 5, 4, 3, 1, "both", True, True),      # probabilities
-    (torch.float16, 1, 8, 2, 6, 5, 7, 1, "both", False, False),
-    (torch.float16, 1, 6, 2, 9, 5, 3, 2, "none", True, False),
-    (torch.bfloat16, 1, 6, 2, 13, 9, 5, 1, "both", True, False),
-    (torch.bfloat16, 1, 4, 1, 4, 6, 3, 2, "add", False, True),
-    (torch.float32, 1, 64, 2, 4, 5, 3, 1, "both", False, False),   # 32-channel heads (ELSA-Swin)
-    (torch.float16, 1, 64, 2, 5, 4, 3, 1, "add", True, False),
-    (torch.float32, 1, 6, 2, 3, 5, 7, 2, "both", False, False),    # dilated window >> grid
-    (torch.float16, 2, 6, 2, 7, 9, 5, 2, "mul", True, False),
-    (torch.bfloat16, 1, 8, 2, 9, 6, 7, 2, "add", False, False),
-    (torch.float32, 1, 10, 2, 11, 7, 7, 1, "both", True, False),   # 5 channels / head, CL masks
-    (torch.float16, 1, 4, 2, 5, 6, 5, 1, "none", False, True),
+    KernelCase(fp32, Geometry(B=1, C=6, G=2, H=13, W=9, K=3), "both"),  # odd, 3 channels / head
+    KernelCase(fp32, Geometry(B=1, C=8, G=2, H=3, W=5, K=7), "mul",
+               channels_last=True),  # 3x5 grid, 7x7 window
+    KernelCase(fp32, Geometry(B=1, C=6, G=3, H=7, W=6, K=5, dilation=2), "add"),  # dilation 2
+    KernelCase(fp32, Geometry(B=2, C=4, G=2, H=5, W=4, K=3), "both", channels_last=True,
+               probs=True),  # probabilities
+    KernelCase(fp16, Geometry(B=1, C=8, G=2, H=6, W=5, K=7), "both"),
+    KernelCase(fp16, Geometry(B=1, C=6, G=2, H=9, W=5, K=3, dilation=2), "none",
+               channels_last=True),
+    KernelCase(bf16, Geometry(B=1, C=6, G=2, H=13, W=9, K=5), "both", channels_last=True),
+    KernelCase(bf16, Geometry(B=1, C=4, G=1, H=4, W=6, K=3, dilation=2), "add", probs=True),
+    KernelCase(fp32, Geometry(B=1, C=64, G=2, H=4, W=5, K=3), "both"),  # 32-channel heads
+    KernelCase(fp16, Geometry(B=1, C=64, G=2, H=5, W=4, K=3), "add", channels_last=True),
+    KernelCase(fp32, Geometry(B=1, C=6, G=2, H=3, W=5, K=7, dilation=2),
+               "both"),  # dilated window >> grid
+    KernelCase(fp16, Geometry(B=2, C=6, G=2, H=7, W=9, K=5, dilation=2), "mul",
+               channels_last=True),
+    KernelCase(bf16, Geometry(B=1, C=8, G=2, H=9, W=6, K=7, dilation=2), "add"),
+    KernelCase(fp32, Geometry(B=1, C=10, G=2, H=11, W=7, K=7), "both",
+               channels_last=True),  # 5 channels / head, channels_last masks
+    KernelCase(fp16, Geometry(B=1, C=4, G=2, H=5, W=6, K=5), "none", probs=True),
 ]
 
 # The host build runs fast enough for the full grid: every dtype x shape x ghost x layout
-# x logits / probabilities. (B, C, G, H, W, K, dilation): odd sizes, grids smaller than
-# the window, dilation, the ELSA-Swin head (32 channels), heads of 1 to 3 channels.
+# x logits / probabilities.
 CUDA_SHAPES = [
-    (2, 6, 2, 13, 9, 3, 1),     # odd sizes, 3 channels per head
-    (1, 4, 1, 3, 5, 7, 1),      # 3x5 grid inside a 7x7 window
-    (1, 6, 3, 7, 6, 5, 2),      # dilation 2, 2 channels per head
-    (2, 8, 2, 9, 5, 3, 2),      # dilation 2 over an odd grid
-    (1, 64, 2, 6, 5, 7, 1),     # 32-channel heads (ELSA-Swin)
+    Geometry(B=2, C=6, G=2, H=13, W=9, K=3),  # odd sizes, 3 channels per head
+    Geometry(B=1, C=4, G=1, H=3, W=5, K=7),  # 3x5 grid inside a 7x7 window
+    Geometry(B=1, C=6, G=3, H=7, W=6, K=5, dilation=2),  # dilation 2, 2 channels per head
+    Geometry(B=2, C=8, G=2, H=9, W=5, K=3, dilation=2),  # dilation 2 over an odd grid
+    Geometry(B=1, C=64, G=2, H=6, W=5, K=7),  # 32-channel heads (ELSA-Swin)
 ]
-CUDA_CASES = [(dtype, *shape, ghost, channels_last, probs)
-              for dtype in TOL for shape in CUDA_SHAPES for ghost in GHOSTS
+CUDA_CASES = [KernelCase(dtype, shape, ghost, channels_last, probs)
+              for dtype in DTYPES for shape in CUDA_SHAPES for ghost in GHOSTS
               for channels_last in (False, True) for probs in (False, True)]
-
-
-def _case_id(case):
-    if isinstance(case, str):
-        return case
-    dtype, B, C, G, H, W, K, d, ghost, channels_last, probs = case
-    return (f"{str(dtype)[6:]}-B{B}C{C}G{G}-{H}x{W}-k{K}d{d}-{ghost}"
-            f"-{'cl' if channels_last else 'nchw'}{'-probs' if probs else ''}")
 
 
 @pytest.mark.parametrize("backend, case",
                          _on_each_backend({"triton": TRITON_CASES, "cuda": CUDA_CASES}),
-                         indirect=["backend"], ids=_case_id)
+                         indirect=["backend"], ids=str)
 def test_kernel_matches_reference(backend, case):
-    dtype, B, C, G, H, W, K, d, ghost, channels_last, probs = case
-    tensors = _inputs(B, C, G, H, W, K, ghost, dtype, probs=probs, channels_last=channels_last)
-    _check_against_reference(backend, *tensors, *TOL[dtype], kernel_size=K, dilation=d,
-                             apply_softmax=not probs)
+    g = case.geometry
+    tensors = g.inputs(case.ghost, case.dtype, probs=case.probs,
+                       channels_last=case.channels_last)
+    _check_against_reference(backend, *tensors, kernel_size=g.K,
+                             dilation=g.dilation, apply_softmax=not case.probs)
 
 
-# (B, C, G, H, W, K, dilation, why), float32, both ghost tensors: the CUDA kernels'
-# staging and their compiled range of K.
+# (geometry, why), float32, both ghost tensors: the CUDA kernels' staging and their
+# compiled range of K.
 EDGE_SHAPES = [
-    (3, 48, 1, 5, 6, 7, 1, "48-channel head: two staged chunks, dM / dD summed in global memory"),
-    (1, 40, 1, 4, 3, 9, 1, "K = 9 over a grid smaller than the window"),
-    (1, 3, 1, 6, 7, 11, 1, "K = 11"),
-    (1, 2, 2, 9, 11, 13, 1, "K = 13, 1 channel per head"),
-    (2, 4, 2, 5, 4, 1, 1, "K = 1"),
-    (1, 4, 1, 13, 9, 3, 3, "dilation 3: nine sub-grids of unequal sizes"),
-    (1, 4, 2, 4, 4, 3, 5, "dilation larger than the grid: every tap outside but the centre"),
-    (5, 4, 1, 37, 70, 3, 1, "several tiles per row and column, five samples"),
+    (Geometry(B=3, C=48, G=1, H=5, W=6, K=7),
+     "48-channel head: two staged chunks, dM / dD summed in global memory"),
+    (Geometry(B=1, C=40, G=1, H=4, W=3, K=9), "K = 9 over a grid smaller than the window"),
+    (Geometry(B=1, C=3, G=1, H=6, W=7, K=11), "K = 11"),
+    (Geometry(B=1, C=2, G=2, H=9, W=11, K=13), "K = 13, 1 channel per head"),
+    (Geometry(B=2, C=4, G=2, H=5, W=4, K=1), "K = 1"),
+    (Geometry(B=1, C=4, G=1, H=13, W=9, K=3, dilation=3),
+     "dilation 3: nine sub-grids of unequal sizes"),
+    (Geometry(B=1, C=4, G=2, H=4, W=4, K=3, dilation=5),
+     "dilation larger than the grid: every tap outside but the centre"),
+    (Geometry(B=5, C=4, G=1, H=37, W=70, K=3), "several tiles per row and column, five samples"),
 ]
 
 
@@ -271,15 +281,17 @@ EDGE_SHAPES = [
                          c[-1].split(":")[0])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_kernel_edge_shapes(backend, case, channels_last):
-    B, C, G, H, W, K, d, _ = case
-    tensors = _inputs(B, C, G, H, W, K, "both", torch.float32, channels_last=channels_last)
-    _check_against_reference(backend, *tensors, *TOL[torch.float32], kernel_size=K, dilation=d)
+    g, _ = case
+    tensors = g.inputs("both", torch.float32, channels_last=channels_last)
+    _check_against_reference(backend, *tensors, kernel_size=g.K,
+                             dilation=g.dilation)
 
 
-# (B, C, G, H, W, K) per backend: samples spread over several attn-gradient programs.
-# Triton with one program per (tile, head), so that it loops over every sample (dM / dD
-# accumulated over the chunk); the CUDA test build puts two samples in a block.
-DETERMINISM_SHAPES = {"triton": (3, 4, 2, 5, 6, 3), "cuda": (5, 8, 2, 11, 7, 5)}
+# Per backend: samples spread over several attn-gradient programs. Triton with one
+# program per (tile, head), so that it loops over every sample (dM / dD accumulated over
+# the chunk); the CUDA test build puts two samples in a block.
+DETERMINISM_SHAPES = {"triton": Geometry(B=3, C=4, G=2, H=5, W=6, K=3),
+                      "cuda": Geometry(B=5, C=8, G=2, H=11, W=7, K=5)}
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
@@ -287,16 +299,14 @@ DETERMINISM_SHAPES = {"triton": (3, 4, 2, 5, 6, 3), "cuda": (5, 8, 2, 11, 7, 5)}
 def test_backward_deterministic(monkeypatch, backend, channels_last):
     """Two backward runs are bitwise equal, and match the reference."""
     monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 1)
-    B, C, G, H, W, K = DETERMINISM_SHAPES[backend]
-    v, attn, mul, add, dout = _inputs(B, C, G, H, W, K, "both", torch.float32,
-                                      channels_last=channels_last)
+    shape = DETERMINISM_SHAPES[backend]
+    K = shape.K
+    v, attn, mul, add, dout = shape.inputs("both", torch.float32, channels_last=channels_last)
     args = (backend, dout, v, attn, mul, add, K, 1, True, [True] * 4)
     first, second = _bwd(*args), _bwd(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    _, ref_grads = _run(reference, v, attn, mul, add, dout, kernel_size=K)
-    for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), first, ref_grads):
-        _assert_close(g, r, *TOL[torch.float32], name)
+    _assert_rule(dict(zip(RESULTS[1:], first)), v, attn, mul, add, dout, kernel_size=K)
 
 
 @pytest.mark.parametrize("target_programs, min_items", [(1, 8), (64, 1), (64, 3)],
@@ -310,9 +320,7 @@ def test_triton_attn_gradient_work_chunks(monkeypatch, target_programs, min_item
     assert kernels.tile_config(C // G, H * W, K, False).block_p_attn == 16
     v, attn, mul, add, dout = _inputs(B, C, G, H, W, K, "both", torch.float32)
     grads = _bwd("triton", dout, v, attn, mul, add, K, 1, True, [True] * 4)
-    _, ref_grads = _run(reference, v, attn, mul, add, dout, kernel_size=K)
-    for name, g, r in zip(("dv", "dattn", "dghost_mul", "dghost_add"), grads, ref_grads):
-        _assert_close(g, r, *TOL[torch.float32], name)
+    _assert_rule(dict(zip(RESULTS[1:], grads)), v, attn, mul, add, dout, kernel_size=K)
 
 
 def test_work_chunks_amortise_partial_rows():
@@ -355,8 +363,7 @@ def test_kernel_reads_views_fp32_ghost(backend):
     attn = torch.randn(B, 2 * G * K * K, H, W).to(torch.float16)[:, 1::2]  # no unit stride
     mul, add = torch.randn(C, K, K), torch.randn(C, K, K)
     dout = torch.randn(B, C, H, W).to(torch.float16)
-    _check_against_reference(backend, v, attn, mul, add, dout, *TOL[torch.float16],
-                             kernel_size=K)
+    _check_against_reference(backend, v, attn, mul, add, dout, kernel_size=K)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
@@ -371,9 +378,10 @@ def test_kernel_dattn_precise_when_taps_agree(backend):
     _, (dv, dattn, _, _) = _run(_op(backend), v, attn, None, None, dout, kernel_size=K)
     _, (_, exact, _, _) = _run(reference, v.double(), attn.double(), None, None, dout.double(),
                                kernel_size=K)
+    _, (_, own, _, _) = _run(reference, v, attn, None, None, dout, kernel_size=K)
     # Inside the border every tap is in the image and dl ~ 1e-3 |dp|.
     inner = (..., slice(K // 2, -(K // 2)), slice(K // 2, -(K // 2)))
-    _assert_close(dattn[inner].double(), exact[inner], *TOL[torch.float16], "dattn")
+    assert_within("dattn", dattn[inner], exact[inner], own[inner], v.dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
@@ -526,7 +534,7 @@ def _official_forward(m, x, attn_dropout=None):
     else:
         mul = torch.ones(B * G, C // G, K, K, dtype=x.dtype)
         add = torch.zeros(B * G, C // G, K, K, dtype=x.dtype)
-    y = _official_elsa_op(v.reshape(B * G, C // G, H, W), mul, add, attn, K, m.dilation)
+    y = elsa_official.elsa_op(v.reshape(B * G, C // G, H, W), mul, add, attn, K, m.dilation)
     y = y.reshape(B, C, H, W).permute(0, 2, 3, 1)
     return F.linear(y, m.post_proj.weight, m.post_proj.bias)
 
@@ -601,17 +609,84 @@ def test_module_triton_matches_reference_module():
     ref = ELSA(dim, heads, kernel_size=K, lam=0, gamma=1, qk_scale=1)
     tri = ELSA(dim, heads, kernel_size=K, lam=0, gamma=1, qk_scale=1, backend="triton")
     tri.load_state_dict(ref.state_dict())
+    ref64 = copy.deepcopy(ref).double()
     x = torch.randn(1, 5, 4, dim)
-    out_ref, out_tri = ref(x), tri(x)
-    _assert_close(out_tri, out_ref, 1e-5, 1e-5, "out")
+    out_ref, out_tri, out_64 = ref(x), tri(x), ref64(x.double())
+    assert_within("out", out_tri.detach(), out_64.detach(), out_ref.detach(), x.dtype)
     dout = torch.randn_like(out_ref)
     out_ref.backward(dout)
     out_tri.backward(dout)
-    for (name, p_ref), p_tri in zip(ref.named_parameters(), tri.parameters()):
-        _assert_close(p_tri.grad, p_ref.grad, 1e-5, 1e-4, name)
+    out_64.backward(dout.double())
+    for (name, p_ref), p_tri, p_64 in zip(ref.named_parameters(), tri.parameters(),
+                                          ref64.parameters()):
+        assert_within(name, p_tri.grad, p_64.grad, p_ref.grad, x.dtype)
 
 
 # --------------------------------------------------------------------------- errors
+
+
+# One row per bad argument of a valid call: the error type and the argument's name
+# in the message.
+_valid = VALID_CALLS["elsa_attention"]
+BAD_CALLS = [
+    bad_call(_valid, dict(v=randn(4, 4, 5)), ValueError, "v: expected a 4-D tensor"),
+    bad_call(_valid, dict(v=torch.ones(1, 4, 4, 5, dtype=torch.int64)),
+             TypeError, "v: expected dtype"),
+    bad_call(_valid, dict(v=randn(1, 3, 4, 5), ghost_mul=None, ghost_add=None),
+             ValueError, "v: expected a channel count divisible by the 2 heads"),
+    bad_call(_valid, dict(attn=randn(1, 18, 4)), ValueError, "attn: expected a 4-D tensor"),
+    bad_call(_valid, dict(attn=randn(1, 17, 4, 5)),
+             ValueError, "attn: expected G * kernel_size**2"),
+    bad_call(_valid, dict(attn=randn(1, 18, 5, 5)),
+             ValueError, "attn: expected shape (1, 18, 4, 5)"),
+    bad_call(_valid, dict(attn=randn(2, 18, 4, 5)),
+             ValueError, "attn: expected shape (1, 18, 4, 5)"),
+    bad_call(_valid, dict(attn=randn(1, 18, 4, 5, dtype=torch.float16)),
+             TypeError, "attn: expected dtype"),
+    bad_call(_valid, dict(attn=meta(1, 18, 4, 5)), ValueError, "attn: expected device cpu"),
+    bad_call(_valid, dict(kernel_size=4), ValueError, "kernel_size: expected an odd"),
+    bad_call(_valid, dict(kernel_size=0), ValueError, "kernel_size: expected an int >= 1"),
+    bad_call(_valid, dict(kernel_size=3.0), TypeError, "kernel_size: expected an int"),
+    bad_call(_valid, dict(dilation=0), ValueError, "dilation: expected an int >= 1"),
+    bad_call(_valid, dict(dilation=(1, 1)), TypeError, "dilation: expected an int"),
+    bad_call(_valid, dict(apply_softmax=1), TypeError, "apply_softmax: expected a bool"),
+    bad_call(_valid, dict(ghost_mul=randn(4, 3)), ValueError, "ghost_mul: expected a 3-D"),
+    bad_call(_valid, dict(ghost_mul=randn(4, 5, 5)),
+             ValueError, "ghost_mul: expected shape (4, 3, 3)"),
+    bad_call(_valid, dict(ghost_add=torch.ones(4, 3, 3, dtype=torch.int32)),
+             TypeError, "ghost_add: expected dtype"),
+    bad_call(_valid, dict(ghost_add=meta(4, 3, 3)), ValueError, "ghost_add: expected device cpu"),
+    bad_call(_valid, dict(ghost_add=[1.0]), TypeError, "ghost_add: expected a torch.Tensor"),
+    bad_call(_valid, dict(kernel_size=15, attn=randn(1, 450, 4, 5), ghost_mul=None, ghost_add=None,
+                          backend="cuda"),
+             _backend.BackendUnavailableError, "kernel_size 15 > 13"),
+]
+
+
+@pytest.mark.parametrize("call, change, error, text", BAD_CALLS)
+def test_bad_argument(call, change, error, text):
+    assert_rejects(lambda: call(**change), error, text)
+
+
+BAD_MODULE_CALLS = [
+    bad_module_call("ELSA-stride", lambda: ELSA(8, 2, stride=2),
+                    ValueError, "stride: the fused ELSA operator"),
+    bad_module_call("ELSA-num_heads", lambda: ELSA(8, 3),
+                    ValueError, "num_heads: expected a divisor of dim_v"),
+    bad_module_call("ELSA-kernel_size", lambda: ELSA(8, 2, kernel_size=4),
+                    ValueError, "kernel_size: expected an odd"),
+    bad_module_call("ELSA-dilation", lambda: ELSA(8, 2, dilation=0),
+                    ValueError, "dilation: expected an int >= 1"),
+    bad_module_call("ELSA-x-C", module_forward(lambda: ELSA(8, 2, kernel_size=3), (1, 4, 5, 6)),
+                    ValueError, "x: expected shape (B, H, W, C) with C = 8"),
+    bad_module_call("ELSA-x-rank", module_forward(lambda: ELSA(8, 2, kernel_size=3), (4, 5, 8)),
+                    ValueError, "x: expected a 4-D"),
+]
+
+
+@pytest.mark.parametrize("call, error, text", BAD_MODULE_CALLS)
+def test_bad_module_argument(call, error, text):
+    assert_rejects(call, error, text)
 
 
 def _good():
@@ -738,12 +813,17 @@ def test_huge_dilation_computes_the_centre_tap(backend, K, dilation):
     v = torch.randn(1, 2, 4, 4, generator=gen, dtype=torch.float64)
     attn = torch.randn(1, K * K, 4, 4, generator=gen, dtype=torch.float64)
     mul = torch.randn(2, K, K, generator=gen, dtype=torch.float64)
-    leaves = [t.float().double().requires_grad_() for t in (v, attn, mul)]
-    expected = _official_aggregate(*leaves[:2], leaves[2], None, K, 4, True)
-    expected.backward(torch.ones_like(expected))
-    _assert_close(torch.tensor(out, dtype=torch.float64), expected.detach(), 1e-5, 1e-5, "out")
-    for name, g, t in zip(("dv", "dattn", "dghost_mul"), grads, leaves):
-        _assert_close(torch.tensor(g, dtype=torch.float64), t.grad, 1e-5, 1e-5, name)
+
+    def official(dtype):
+        """The official math on the probe's float32 values, in ``dtype``."""
+        leaves = [t.float().to(dtype).requires_grad_() for t in (v, attn, mul)]
+        expected = elsa_official.elsa_attention(*leaves[:2], leaves[2], None, K, 4)
+        expected.backward(torch.ones_like(expected))
+        return [expected.detach()] + [t.grad for t in leaves]
+
+    for name, g, o, w in zip(RESULTS, [out, *grads], official(torch.float64),
+                             official(torch.float32)):
+        assert_within(name, torch.tensor(g), o, w, torch.float32)
 
 
 def test_cuda_plan_of_a_huge_dilation_is_bounded_by_the_image(host_ops):
@@ -763,8 +843,7 @@ def test_half_backward_with_scaled_gradient_stays_finite(backend):
     v = torch.randn(1, 32, 6, 6, generator=gen).half()
     attn = (torch.randn(1, 9, 6, 6, generator=gen) * 4).half()
     dout = (torch.randn(1, 32, 6, 6, generator=gen) * 4096).half()
-    _check_against_reference(backend, v, attn, None, None, dout, *TOL[torch.float16],
-                             kernel_size=3)
+    _check_against_reference(backend, v, attn, None, None, dout, kernel_size=3)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
@@ -779,8 +858,7 @@ def test_extreme_finite_logits_match_reference(backend):
     attn[0, 3, 0, 0], attn[0, 4, 0, 0] = big.max, big.min
     ref_out, ref_grads = _run(reference, v, attn, mul, add, dout, kernel_size=3)
     assert torch.isfinite(ref_out).all() and all(torch.isfinite(g).all() for g in ref_grads)
-    _check_against_reference(backend, v, attn, mul, add, dout, *TOL[torch.float32],
-                             kernel_size=3)
+    _check_against_reference(backend, v, attn, mul, add, dout, kernel_size=3)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"], indirect=True)
@@ -815,7 +893,7 @@ def _plans(host_ops, budget, Cg, samples_per_block=-1, B=1, G=1, H=56, W=56, gho
     return plans
 
 
-CUDA_MAX = ops.CUDA_MAX_KERNEL_SIZE
+CUDA_MAX = capabilities.capability("elsa_attention", "cuda").limit("kernel_size").value
 
 
 @pytest.mark.parametrize("gpu", SMEM_BUDGETS)

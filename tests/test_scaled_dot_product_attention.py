@@ -4,11 +4,12 @@ dropout, determinism and input errors. The ``backend`` parameter runs the Triton
 in the interpreter ("triton") and the CUDA C++ kernels under host emulation
 (pyvit_ops.testing.host, "cuda"), both on CPU tensors.
 
-Kernel tolerances follow flash-attention's rule: the kernel's error against the fp64
-oracle may be at most 2x PyTorch's own error at the same precision (the plain
-``softmax(q @ k^T * scale + bias) @ v`` composition in that dtype) plus a small floor.
+Kernel results obey the tolerance rule of tests/tolerance.py, flash-attention's: the
+error against the fp64 oracle at most 2x PyTorch's own at the same precision (the plain
+``softmax(q @ k^T * scale + bias) @ v`` composition in that dtype) plus a floor.
 """
 import itertools
+from typing import NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -21,12 +22,9 @@ from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attent
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention_qkvpacked
 from pyvit_ops.reference.scaled_dot_product_attention import scaled_dot_product_attention as ref
 from pyvit_ops.testing import host
+from op_cases import VALID_CALLS, assert_rejects, bad_call, meta, randn
+from tolerance import assert_within, sdpa_torch_own
 
-# (dtype, floor added to the 2x-PyTorch bound): kernel vs fp64 oracle.
-KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# (dtype, atol, rtol): reference vs torch's F.scaled_dot_product_attention (math path).
-REF_TOL = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3),
-           (torch.bfloat16, 1.6e-2, 1.6e-2)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -73,15 +71,6 @@ def _bias(kind, shape, dtype):
     return _randn(*shape, dtype=dtype)
 
 
-def _torch_lowp(q, k, v, bias, scale):
-    """PyTorch's own arithmetic at the input precision (the rule's yardstick)."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias
-    # A row with every key masked is 0, as torch's SDPA returns (softmax gives NaN).
-    return torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype), v)
-
-
 def _grads(fn, inputs, dout):
     inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
               for t in inputs]
@@ -91,62 +80,84 @@ def _grads(fn, inputs, dout):
     return [out] + list(grads)
 
 
-def _check_rule(names, got, oracle, lowp, floor):
-    for name, g, o, l in zip(names, got, oracle, lowp):
-        assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err = (g.double() - o).abs().max().item()
-        own = (l.double() - o).abs().max().item()
-        assert err <= 2 * own + floor, (
-            f"{name}: max |kernel - fp64| = {err:.3e} > 2 x PyTorch's own {own:.3e} + {floor:g}")
+def _caller(fn, mask):
+    """``fn(q, k, v, bias)``, the bool ``mask`` as the bias if given."""
+    def f(q_, k_, v_, b_=None):
+        return fn(q_, k_, v_, mask if b_ is None else b_)
+    return f
+
+
+def _assert_rule(got, inputs, dout, scale=None, mask=None, keep=None, p=0.0):
+    """``got`` (the output and the gradients of ``inputs``: q, k, v and a float bias)
+    under the tolerance rule: against the fp64 reference, PyTorch's own composition in
+    the inputs' dtype as the yardstick; ``keep``: the dropout mask of rate ``p``."""
+    scale = inputs[0].shape[-1] ** -0.5 if scale is None else scale
+    oracle = _grads(_caller(lambda *a: ref(*a, scale=scale, dropout_p=p, dropout_mask=keep),
+                            mask), [t.double() for t in inputs], dout)
+    own = _grads(_caller(lambda *a: sdpa_torch_own(*a, scale, keep, p), mask), inputs, dout)
+    for name, g, o, w in zip(["out", "dq", "dk", "dv", "dbias"], got, oracle, own):
+        assert_within(name, g, o, w, inputs[0].dtype)
 
 
 def _compare_kernel(q, k, v, bias, dtype, backend, scale=None):
-    """Forward and all gradients (a float bias's included) of ``backend`` vs the fp64
-    reference, under the 2x-PyTorch rule."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    """Forward and all gradients (a float bias's included) of ``backend`` under the
+    tolerance rule."""
     mask = bias if bias is not None and bias.dtype == torch.bool else None
     inputs = [q, k, v] if bias is None or mask is not None else [q, k, v, bias]
-    names = ["out", "dq", "dk", "dv", "dbias"][:len(inputs) + 1]
-
-    def call(fn, cast):
-        def f(q_, k_, v_, b_=None):
-            return fn(cast(q_), cast(k_), cast(v_), mask if b_ is None else cast(b_))
-        return f
-
     dout = _randn(*q.shape, dtype=torch.float64)
-    got = _grads(call(lambda *a: sdpa(*a, scale=scale, backend=backend), lambda t: t),
-                 inputs, dout)
-    oracle = _grads(call(lambda *a: ref(*a, scale=scale), lambda t: t.double()), inputs, dout)
-    lowp = _grads(call(lambda *a: _torch_lowp(*a, scale), lambda t: t), inputs, dout)
+    got = _grads(_caller(lambda *a: sdpa(*a, scale=scale, backend=backend), mask), inputs, dout)
     assert got[0].dtype == dtype
-    _check_rule(names, got, oracle, lowp, KERNEL_TOL[dtype])
+    _assert_rule(got, inputs, dout, scale, mask)
+
+
+class Shape(NamedTuple):
+    """q (*batch, nq, d), k and v (*batch, nk, d); a ``bias_kind`` ("float", "bool" or
+    None) bias of ``bias_shape``, broadcast to (*batch, nq, nk)."""
+    batch: Tuple[int, ...]
+    nq: int
+    nk: int
+    d: int = 16
+    bias_kind: Optional[str] = None
+    bias_shape: Optional[Tuple[int, ...]] = None
+
+    def __str__(self):
+        bias = f"-{self.bias_kind}{'x'.join(map(str, self.bias_shape))}" if self.bias_kind else ""
+        return f"{'x'.join(map(str, self.batch))}-{self.nq}x{self.nk}-D{self.d}{bias}"
 
 
 # ----------------------------------------------------------------------------- reference
 
 
-@pytest.mark.parametrize("dtype, atol, rtol", REF_TOL)
-@pytest.mark.parametrize("batch, nq, nk, bias_kind, bias_shape", [
-    ((2, 3), 7, 7, None, None),
-    ((2, 3), 7, 9, "float", (7, 9)),          # Nq != Nk, bias shared by every head
-    ((2, 3), 5, 11, "float", (3, 1, 11)),     # per-head key bias
-    ((2, 3), 6, 6, "float", (2, 1, 6, 6)),    # per-sample bias over heads
-    ((2, 3), 6, 8, "bool", (6, 8)),
-    ((2, 3), 6, 8, "bool", (2, 1, 1, 8)),     # key padding mask
-    ((2, 4, 3), 5, 5, "float", (4, 1, 5, 5)),  # 5-D (B, windows, heads): Swin-like mask
-])
-def test_reference_matches_torch(dtype, atol, rtol, batch, nq, nk, bias_kind, bias_shape):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [
+    Shape(batch=(2, 3), nq=7, nk=7),
+    # Nq != Nk, bias shared by every head.
+    Shape(batch=(2, 3), nq=7, nk=9, bias_kind="float", bias_shape=(7, 9)),
+    Shape(batch=(2, 3), nq=5, nk=11, bias_kind="float", bias_shape=(3, 1, 11)),  # per-head keys
+    # Per-sample bias over heads.
+    Shape(batch=(2, 3), nq=6, nk=6, bias_kind="float", bias_shape=(2, 1, 6, 6)),
+    Shape(batch=(2, 3), nq=6, nk=8, bias_kind="bool", bias_shape=(6, 8)),
+    Shape(batch=(2, 3), nq=6, nk=8, bias_kind="bool", bias_shape=(2, 1, 1, 8)),  # key padding
+    # 5-D (B, windows, heads): Swin-like mask.
+    Shape(batch=(2, 4, 3), nq=5, nk=5, bias_kind="float", bias_shape=(4, 1, 5, 5)),
+], ids=str)
+def test_reference_matches_torch(dtype, shape):
+    """Under the tolerance rule, torch's F.scaled_dot_product_attention (math path) in
+    float64 the oracle and in ``dtype`` the yardstick."""
+    batch, nq, nk, d, bias_kind, bias_shape = shape
     torch.manual_seed(0)
-    q, k, v = _randn(*batch, nq, 16, dtype=dtype), _randn(*batch, nk, 16, dtype=dtype), \
-        _randn(*batch, nk, 16, dtype=dtype)
+    q, k, v = _randn(*batch, nq, d, dtype=dtype), _randn(*batch, nk, d, dtype=dtype), \
+        _randn(*batch, nk, d, dtype=dtype)
     bias = None if bias_kind is None else _bias(bias_kind, bias_shape, dtype)
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    torch.testing.assert_close(ref(q, k, v, bias), expected, atol=atol, rtol=rtol)
+    torch_own = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    oracle = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(),
+        attn_mask=bias if bias is None or bias.dtype == torch.bool else bias.double())
+    assert_within("reference", ref(q, k, v, bias), oracle, torch_own, dtype)
     # The plain composition the reference uses when given a dropout mask (keep all).
     keep_all = torch.ones(nq, nk, dtype=torch.bool)
-    torch.testing.assert_close(ref(q, k, v, bias, dropout_mask=keep_all), expected,
-                               atol=atol, rtol=rtol)
+    assert_within("reference with a dropout mask", ref(q, k, v, bias, dropout_mask=keep_all),
+                  oracle, torch_own, dtype)
     # The public function's reference backend is this reference.
     torch.testing.assert_close(sdpa(q, k, v, bias, backend="reference"), ref(q, k, v, bias))
 
@@ -200,29 +211,52 @@ def test_reference_gradcheck_float64(bias_kind):
 # ----------------------------------------------------------------------------- kernels
 
 
-# (backends, batch, Nq, Nk, D, bias shape or None), each in every dtype: N not a multiple
-# of any tile, Nq = 1, head dims of each bucket (32, 64, 128) incl. padded 48 and 80.
-# The largest shape runs in the interpreter only: host emulation takes ~20 s per dtype.
+# (name, backends, shape), each in every dtype, float biases: N not a multiple of any
+# tile, Nq = 1, head dims of each bucket (32, 64, 128) incl. padded 48 and 80. The
+# largest shape runs in the interpreter only: host emulation takes ~20 s per dtype.
 SHAPES = [
-    ("N37-D48-bias-2d", ["triton"], (2, 3), 37, 37, 48, (37, 37)),
-    ("N37-D32-bias-per-head", BACKENDS, (1, 2), 37, 37, 32, (2, 37, 37)),
-    ("Nq1-D64-bias-per-batch", BACKENDS, (2, 1), 1, 33, 64, (2, 1, 1, 33)),
-    ("D80-bias-broadcast-all", BACKENDS, (1, 2), 20, 17, 80, (1, 1, 20, 17)),
-    ("bias-key-row-over-b-and-queries", BACKENDS, (2, 2), 9, 40, 32, (1, 2, 1, 40)),
-    ("D128-no-bias", BACKENDS, (1, 1), 17, 5, 128, None),
+    ("N37-D48-bias-2d", ["triton"],
+     Shape(batch=(2, 3), nq=37, nk=37, d=48, bias_kind="float", bias_shape=(37, 37))),
+    ("N37-D32-bias-per-head", BACKENDS,
+     Shape(batch=(1, 2), nq=37, nk=37, d=32, bias_kind="float", bias_shape=(2, 37, 37))),
+    ("Nq1-D64-bias-per-batch", BACKENDS,
+     Shape(batch=(2, 1), nq=1, nk=33, d=64, bias_kind="float", bias_shape=(2, 1, 1, 33))),
+    ("D80-bias-broadcast-all", BACKENDS,
+     Shape(batch=(1, 2), nq=20, nk=17, d=80, bias_kind="float", bias_shape=(1, 1, 20, 17))),
+    ("bias-key-row-over-b-and-queries", BACKENDS,
+     Shape(batch=(2, 2), nq=9, nk=40, d=32, bias_kind="float", bias_shape=(1, 2, 1, 40))),
+    ("D128-no-bias", BACKENDS, Shape(batch=(1, 1), nq=17, nk=5, d=128)),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend, batch, nq, nk, d, bias_shape", [
-    pytest.param(b, *case, id=f"{b}-{name}")
-    for name, backends, *case in SHAPES for b in backends], indirect=["backend"])
-def test_kernel_matches_reference(backend, dtype, batch, nq, nk, d, bias_shape):
+@pytest.mark.parametrize("backend, shape", [
+    pytest.param(b, shape, id=f"{b}-{name}")
+    for name, backends, shape in SHAPES for b in backends], indirect=["backend"])
+def test_kernel_matches_reference(backend, dtype, shape):
+    batch, nq, nk, d, _, bias_shape = shape
     torch.manual_seed(0)
     q = _randn(*batch, nq, d, dtype=dtype)
     k, v = _randn(*batch, nk, d, dtype=dtype), _randn(*batch, nk, d, dtype=dtype)
     bias = None if bias_shape is None else _randn(*bias_shape, dtype=dtype)
     _compare_kernel(q, k, v, bias, dtype, backend)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "delta = rowsum(dout * out) is formed from the output rounded to the input dtype, as "
+    "flash-attention does; when a row's probabilities are near one-hot, dS = P (dP - delta) "
+    "cancels and that rounding dominates dq (7.3e-3 here, PyTorch's own 1.3e-3). "
+    "Computing delta = rowsum(P * dP) in the dq pass removes it"))
+def test_kernel_near_one_hot_row_gradients(backend):
+    # The fuzz tests' shape of it: one query aligned with one key (probability 0.997).
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 33, 64, generator=gen)
+    q = (0.15 * k[:, :1] + 0.1 * torch.randn(1, 1, 64, generator=gen)).half()
+    k, v = k.half(), torch.randn(1, 33, 64, generator=gen).half()
+    dout = torch.randn(1, 1, 64, generator=gen, dtype=torch.float64)
+    inputs = [q, k, v]
+    got = _grads(_caller(lambda *a: sdpa(*a, scale=1.0, backend=backend), None), inputs, dout)
+    _assert_rule(got, inputs, dout, scale=1.0)
 
 
 @pytest.mark.parametrize("dtype, bias_kind, bias_shape", [
@@ -376,6 +410,20 @@ def test_kernel_no_keys_gives_zeros_like_torch(backend):
     assert (dq == 0).all()
 
 
+def test_kernel_nan_query_row_is_nan(backend):
+    """A NaN in a query makes its whole row NaN on the kernels; torch's math SDPA (and
+    so the reference, whose parity target it is) returns a zero row there instead.
+    Every other row matches the reference."""
+    q, k, v = randn(2, 3, 4), randn(2, 5, 4), randn(2, 5, 4)
+    q[1, 2, 0] = float("nan")
+    out = sdpa(q, k, v, backend=backend)
+    expected = sdpa(q, k, v, backend="reference")
+    assert torch.isnan(out[1, 2]).all()
+    rest = torch.ones(2, 3, dtype=torch.bool)
+    rest[1, 2] = False
+    torch.testing.assert_close(out[rest], expected[rest], atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_bool_mask_with_empty_rows(backend, dtype):
     """A query that attends to nothing: zeros and zero gradients, as torch."""
@@ -472,10 +520,7 @@ def test_kernel_dropout_matches_keep_mask(backend, kernel_seeds):
     assert torch.equal(bwd_seed, seed)
     keep = kernels.dropout_keep_mask(seed, (1, 2, 13, 35), p)
     assert 0 < keep.sum() < keep.numel()
-    expected = _grads(lambda *a: ref(*a, dropout_p=p, dropout_mask=keep),
-                      [t.double() for t in (q, k, v, bias)], dout.double())
-    for name, g, e in zip(["out", "dq", "dk", "dv", "dbias"], got, expected):
-        torch.testing.assert_close(g, e.float(), atol=1e-4, rtol=1e-4, msg=name)
+    _assert_rule(got, [q, k, v, bias], dout, keep=keep, p=p)
 
 
 @pytest.mark.parametrize("bias_shape, bias_kind", [((2, 1, 19, 21), "float"), ((19, 21), "bool")])
@@ -495,15 +540,9 @@ def test_triton_dropout_matches_reference_with_kernel_mask(bias_shape, bias_kind
     float_bias = bias.dtype != torch.bool
     dq, dk, dv, dbias = kernels.scaled_dot_product_attention_bwd(
         dout, q, k, v, out, lse, bias4, 32 ** -0.5, p, seed, float_bias)
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    b = bias.clone().requires_grad_() if float_bias else bias
-    expected = ref(*inputs, b, dropout_p=p, dropout_mask=keep)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    leaves = inputs + ([b] if float_bias else [])
-    expected_grads = torch.autograd.grad(expected, leaves, dout)
-    got = [dq, dk, dv] + ([dbias.reshape(bias.shape)] if float_bias else [])
-    for name, g, e in zip(["dq", "dk", "dv", "dbias"], got, expected_grads):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+    got = [out, dq, dk, dv] + ([dbias.reshape(bias.shape)] if float_bias else [])
+    _assert_rule(got, [q, k, v] + ([bias] if float_bias else []), dout,
+                 mask=None if float_bias else bias, keep=keep, p=p)
 
 
 def test_kernel_dropout_seed_from_torch_generator(backend, kernel_seeds):
@@ -521,8 +560,9 @@ def test_kernel_dropout_seed_from_torch_generator(backend, kernel_seeds):
     assert torch.equal(masks[0], masks[2])
     assert torch.equal(outs[0], outs[2])
     for out, keep in zip(outs, masks):
-        torch.testing.assert_close(out, ref(q, k, v, dropout_p=p, dropout_mask=keep),
-                                   atol=1e-5, rtol=1e-5)
+        assert_within("out", out, ref(*(t.double() for t in (q, k, v)), dropout_p=p,
+                                      dropout_mask=keep),
+                      sdpa_torch_own(q, k, v, None, q.shape[-1] ** -0.5, keep, p), q.dtype)
 
 
 def _assert_deterministic(backend, q, k, v, bias, dout):
@@ -530,9 +570,7 @@ def _assert_deterministic(backend, q, k, v, bias, dout):
             for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    expected = _grads(lambda *a: ref(*a), [q, k, v, bias], dout)
-    for name, g, e in zip(["out", "dq", "dk", "dv", "dbias"], runs[0], expected):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=name)
+    _assert_rule(runs[0], [q, k, v, bias], dout)
 
 
 def test_kernel_backward_is_deterministic(backend):
@@ -664,6 +702,57 @@ def test_torch_compile_fullgraph_with_dropout():
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+# One row per bad argument of a valid call: the error type and the argument's name
+# in the message.
+_valid = VALID_CALLS["scaled_dot_product_attention"]
+BAD_CALLS = [
+    bad_call(_valid, dict(q=[[1.0]]), TypeError, "q: expected a torch.Tensor"),
+    bad_call(_valid, dict(q=randn(3, 4)), ValueError, "q: expected at least 3 dims"),
+    bad_call(_valid, dict(q=torch.ones(2, 3, 4, dtype=torch.int64)),
+             TypeError, "q: expected dtype"),
+    bad_call(_valid, dict(q=randn(2, 3, 0), k=randn(2, 5, 0), v=randn(2, 5, 0)),
+             ValueError, "q: expected a head dim"),
+    bad_call(_valid, dict(k=randn(2, 5, 4, dtype=torch.float16)), TypeError, "k: expected dtype"),
+    bad_call(_valid, dict(k=randn(3, 5, 4)), ValueError, "k: expected shape"),
+    bad_call(_valid, dict(k=randn(2, 5, 8), v=randn(2, 5, 8)), ValueError, "k: expected shape"),
+    bad_call(_valid, dict(v=randn(2, 6, 4)), ValueError, "v: expected the shape of k"),
+    bad_call(_valid, dict(v=randn(2, 5, 4, dtype=torch.float64)), TypeError, "v: expected dtype"),
+    bad_call(_valid, dict(k=meta(2, 5, 4)), ValueError, "k: expected device cpu"),
+    bad_call(_valid, dict(attn_bias=meta(3, 5)), ValueError, "attn_bias: expected device cpu"),
+    bad_call(_valid, dict(attn_bias=[0.0]), TypeError, "attn_bias: expected a torch.Tensor"),
+    bad_call(_valid, dict(attn_bias=randn(4, 5)),
+             ValueError, "attn_bias: expected a shape broadcastable"),
+    bad_call(_valid, dict(attn_bias=randn(3, 3, 5)),
+             ValueError, "attn_bias: expected a shape broadcastable"),
+    bad_call(_valid, dict(attn_bias=torch.ones(3, 5, dtype=torch.int32)),
+             TypeError, "attn_bias: expected dtype bool, float32"),
+    bad_call(_valid, dict(attn_bias=randn(3, 5, dtype=torch.float16)),
+             TypeError, "attn_bias: expected dtype bool, float32"),
+    bad_call(_valid, dict(scale="0.5"), TypeError, "scale: expected a float"),
+    bad_call(_valid, dict(scale=float("nan")), ValueError, "scale: expected a finite float"),
+    bad_call(_valid, dict(scale=float("inf")), ValueError, "scale: expected a finite float"),
+    bad_call(_valid, dict(dropout_p=1.5), ValueError, "dropout_p: expected a float in [0, 1]"),
+    bad_call(_valid, dict(dropout_p=-0.1), ValueError, "dropout_p: expected a float in [0, 1]"),
+    bad_call(_valid, dict(dropout_p="0.1"), TypeError, "dropout_p: expected a float"),
+    bad_call(_valid, dict(backend="cudnn"), ValueError, "backend: expected one of"),
+    bad_call(_valid, dict(q=randn(2, 3, 4, dtype=torch.float64),
+                          k=randn(2, 5, 4, dtype=torch.float64),
+                          v=randn(2, 5, 4, dtype=torch.float64), attn_bias=None, backend="triton"),
+             _backend.BackendUnavailableError, "float64 runs only on the reference backend"),
+    bad_call(_valid, dict(q=randn(2, 3, 160), k=randn(2, 5, 160), v=randn(2, 5, 160),
+                          backend="triton"),
+             _backend.BackendUnavailableError, "head dim 160 > 128"),
+    bad_call(_valid, dict(q=meta(2, 3, 4), k=meta(2, 5, 4), v=meta(2, 5, 4), attn_bias=None,
+                          backend="triton"),
+             _backend.BackendUnavailableError, "tensors on ['meta']"),
+]
+
+
+@pytest.mark.parametrize("call, change, error, text", BAD_CALLS)
+def test_bad_argument(call, change, error, text):
+    assert_rejects(lambda: call(**change), error, text)
 
 
 def _qkv(*shape, dtype=torch.float32):

@@ -9,4 +9,6 @@
 - ``specs``: the static compile specs of each operator's Triton kernels.
 - ``traffic``, ``fuzz``, ``cuda_report``: the memory-traffic meter, the fuzz strategies,
   nvcc's register and spill report.
+- ``elsa_official``: the official ELSA module's unfold aggregation, the oracle of the
+  ELSA tests and the baseline of its benchmark.
 """
