@@ -12,6 +12,8 @@ What is swapped (and what is not):
   feature map (timm's ``always_partition``, or a smaller input than the model was
   built for) the block keeps timm's path, which calls the swapped module on the
   partitioned windows and timm's mask;
+- ``timm.models.swin_transformer_v2.SwinTransformerV2Block`` → the same, with
+  ``pyvit_ops.nn.WindowAttentionV2`` (cosine attention, continuous position bias);
 - ``timm.models.metaformer.Pooling`` (PoolFormer) → ``pyvit_ops.nn.Pooling``.
 Parameters are shared, not copied: the patched model trains the same tensors and
 its state_dict keys are unchanged (state dicts load both ways). The patched model
@@ -25,7 +27,7 @@ from torch import nn
 from pyvit_ops import _backend
 from pyvit_ops.nn.attention import Attention, ClassAttn
 from pyvit_ops.nn.pooling import Pooling
-from pyvit_ops.nn.window_attention import WindowAttention
+from pyvit_ops.nn.window_attention import WindowAttention, WindowAttentionV2
 
 
 def _swin_attn(block, x):
@@ -54,6 +56,10 @@ def patch_timm(model, backend=None):
     from timm.models.cait import ClassAttn as TimmClassAttn
     from timm.models.metaformer import Pooling as TimmPooling
     from timm.models.swin_transformer import SwinTransformerBlock
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+    swin_blocks = ((SwinTransformerBlock, WindowAttention),
+                   (SwinTransformerV2Block, WindowAttentionV2))
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a timm model), got "
@@ -61,8 +67,9 @@ def patch_timm(model, backend=None):
     _backend.requested_backend(backend)
     replacements = []
     for parent in model.modules():
-        if isinstance(parent, SwinTransformerBlock) and not isinstance(parent.attn, WindowAttention):
-            parent.attn = WindowAttention.from_timm(parent.attn, backend=backend)
+        fused = next((new for block, new in swin_blocks if isinstance(parent, block)), None)
+        if fused is not None and not isinstance(parent.attn, fused):
+            parent.attn = fused.from_timm(parent.attn, backend=backend)
             # A partial of a module-level function pickles; a bound method would pickle
             # as getattr(block, "_swin_attn"), which the block does not have.
             parent._attn = functools.partial(_swin_attn, parent)
@@ -76,10 +83,10 @@ def patch_timm(model, backend=None):
                 replacements.append((parent, name, Pooling(child.pool.kernel_size, backend=backend)))
     for parent, name, new in replacements:
         setattr(parent, name, new)
-    patched = (Attention, ClassAttn, WindowAttention, Pooling)
+    patched = (Attention, ClassAttn, WindowAttention, WindowAttentionV2, Pooling)
     if not any(isinstance(m, patched) for m in model.modules()):
         raise ValueError(f"model: no timm module to patch in {type(model).__name__} (expected "
-                         "Swin blocks, ViT/DeiT Attention, CaiT ClassAttn or MetaFormer "
+                         "Swin V1/V2 blocks, ViT/DeiT Attention, CaiT ClassAttn or MetaFormer "
                          "Pooling)")
     return model
 

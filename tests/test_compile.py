@@ -20,7 +20,7 @@ import torch._dynamo
 import torch._dynamo.testing
 
 import pyvit_ops
-from pyvit_ops import _ext
+from pyvit_ops import _ext, capabilities
 from pyvit_ops.testing import host
 
 OPS = torch.ops.pyvit_ops
@@ -64,16 +64,20 @@ def _window_fwd(backend):
     heads, D, (wh, ww) = 2, 4, (2, 2)
     q, k, v = (_r(1, 5, 3, heads, D) for _ in range(3))
     table = _r((2 * wh - 1) * (2 * ww - 1), heads)
-    return (q, k, v, table, _r(heads, D), _r(heads, D), wh, ww, 1, 1, D ** -0.5, -100.0,
-            backend)
+    # Swin V2's logit scale (cosine attention) where the backend runs it.
+    cosine = "cosine" in capabilities.capability("window_attention", backend).features
+    logit_scale = _r(heads, 1, 1) if cosine else None
+    return (q, k, v, table, _r(heads, D), _r(heads, D), logit_scale, wh, ww, 1, 1,
+            D ** -0.5, -100.0, backend)
 
 
 def _window_bwd(backend):
-    q, k, v, table, pad_k, pad_v, *params = _window_fwd(backend)
-    out, lse = OPS.window_attention_fwd(*(t.detach() for t in (q, k, v, table, pad_k, pad_v)),
+    q, k, v, table, pad_k, pad_v, logit_scale, *params = _window_fwd(backend)
+    leaves = (q, k, v, table, pad_k, pad_v, logit_scale)
+    out, lse = OPS.window_attention_fwd(*(t if t is None else t.detach() for t in leaves),
                                         *params)
-    return (_r(*out.shape), q, k, v, out, lse, table, pad_k, pad_v, *params[:-1], True, True,
-            params[-1])
+    return (_r(*out.shape), q, k, v, out, lse, table, pad_k, pad_v, logit_scale, *params[:-1],
+            True, True, logit_scale is not None, params[-1])
 
 
 def _window_qkvpacked_fwd(backend):
@@ -82,11 +86,12 @@ def _window_qkvpacked_fwd(backend):
 
 
 def _window_qkvpacked_bwd(backend):
-    qkv, table, pad_k, pad_v, *params = _window_qkvpacked_fwd(backend)
+    qkv, table, pad_k, pad_v, logit_scale, *params = _window_qkvpacked_fwd(backend)
+    leaves = (qkv, table, pad_k, pad_v, logit_scale)
     out, lse = OPS.window_attention_qkvpacked_fwd(
-        *(t.detach() for t in (qkv, table, pad_k, pad_v)), *params)
-    return (_r(*out.shape), qkv, out, lse, table, pad_k, pad_v, *params[:-1], True, True,
-            params[-1])
+        *(t if t is None else t.detach() for t in leaves), *params)
+    return (_r(*out.shape), qkv, out, lse, table, pad_k, pad_v, logit_scale, *params[:-1],
+            True, True, logit_scale is not None, params[-1])
 
 
 def _elsa_fwd(backend):
@@ -325,6 +330,8 @@ def _module_cases():
         "ClassAttn": (lambda: nn.ClassAttn(8, num_heads=2, qkv_bias=True), (2, 5, 8)),
         "WindowAttention": (lambda: nn.WindowAttention(8, 2, window_size=2, shift_size=1),
                             (1, 5, 3, 8)),
+        "WindowAttentionV2": (lambda: nn.WindowAttentionV2(8, 2, 2, shift_size=1),
+                              (1, 5, 3, 8)),
         "ELSA": (lambda: nn.ELSA(8, 2, kernel_size=3), (1, 4, 5, 8)),
         "Pooling": (lambda: nn.Pooling(3), (1, 2, 5, 4)),
     }
@@ -334,9 +341,12 @@ def test_every_module_is_covered():
     assert set(pyvit_ops.nn.__all__) == set(_module_cases())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["Attention", "ClassAttn", "WindowAttention", "ELSA",
-                                  "Pooling"])
+# WindowAttentionV2's cosine attention runs where the capability data says it does.
+@pytest.mark.parametrize("name,backend", [
+    (name, backend) for name in ["Attention", "ClassAttn", "WindowAttention",
+                                 "WindowAttentionV2", "ELSA", "Pooling"]
+    for backend in BACKENDS if name != "WindowAttentionV2" or
+    "cosine" in capabilities.capability("window_attention", backend).features])
 def test_compile_module(name, backend, request):
     _use(backend, request)
     torch.manual_seed(0)

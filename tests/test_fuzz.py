@@ -3,14 +3,15 @@ every operator within its supported space (strategies: pyvit_ops.testing.fuzz) a
 compares each kernel backend that runs here, "triton" (interpreter) and "cuda" (the
 CUDA source under host emulation), with the reference evaluated in float64 on the
 same values: the output and the gradient of every floating input (bias, table, pads,
-ghost matrices included).
+ghost matrices included), under the tolerance rule of tests/tolerance.py.
 
 Each test function takes the cases of one operator; the backends are a module-scoped
 parameter, so both see the same derandomized draws. Fixed edge cases run first on
 every backend (@example). A case a backend refuses (BackendUnavailableError) is
-counted as not runnable, not as passed; a failure of a known kernel bug (KNOWN_BUGS,
-each pinned by a strict-xfail regression test at the end) as known_bug. The conftest
-prints the tally of cases per operator and backend at the end of the session
+counted as not runnable, not as passed; any other failure fails the test. A case the
+fuzz test found becomes a regression test at the end of this file (a defect not fixed
+yet: ``pytest.mark.xfail(strict=True, reason=<its cause>)``). The conftest prints the
+tally of cases per operator and backend at the end of the session
 (PYVIT_OPS_FUZZ_REPORT=path: as JSON too); PYVIT_OPS_FUZZ_EXAMPLES raises the budget.
 
 SDPA dropout is fuzzed through the public function: the oracle applies the kernels'
@@ -22,7 +23,7 @@ elsa_attention has stride 1 only; avg_pool2d has no ceil_mode; SDPA is fuzzed wi
 at least one key per query row (fully masked rows and Nk = 0 have their own tests).
 """
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import pytest
 import torch
@@ -38,25 +39,10 @@ from pyvit_ops.reference.scaled_dot_product_attention import \
     scaled_dot_product_attention as sdpa_reference
 from pyvit_ops.testing import fuzz
 from pyvit_ops.testing.fuzz import ElsaCase, PoolCase, SdpaCase, WindowCase
+from tolerance import assert_all_within, sdpa_torch_own
 
 FUZZ = fuzz.fuzz_settings()
 fp32, fp16, bf16 = fuzz.DTYPES
-
-# Tolerances per dtype, the ones of the operators' own test files.
-# SDPA (test_scaled_dot_product_attention.py KERNEL_TOL), both backends: error vs the
-# fp64 oracle at most 2x PyTorch's own error at the input precision plus this floor.
-SDPA_FLOOR = {fp32: 1e-5, fp16: 1e-3, bf16: 1e-2}
-# window_attention (test_window_attention.py TOLERANCES): (atol, rtol); the atol of the
-# summed table / pad gradients scales with max |expected| / 4.
-WINDOW_TOL = {
-    "triton": {fp32: (5e-6, 2e-5), fp16: (3e-3, 3e-3), bf16: (4e-2, 2e-2)},
-    "cuda": {fp32: (5e-6, 2e-5), fp16: (1e-3, 1e-3), bf16: (8e-3, 8e-3)},
-}
-# elsa_attention (test_elsa_attention.py): (atol relative
-# to max |expected|, rtol), both backends.
-ELSA_TOL = {fp32: (1e-5, 1e-5), fp16: (2e-3, 2e-3), bf16: (1.6e-2, 1.6e-2)}
-# avg_pool2d (test_avg_pool2d.py): (atol, rtol), both backends.
-POOL_TOL = {fp32: (1e-5, 1e-5), fp16: (2e-3, 2e-3), bf16: (1.6e-2, 1.6e-2)}
 
 
 @pytest.fixture(scope="module", params=["triton", "cuda"])
@@ -94,6 +80,9 @@ class _Problem:
     # Values the oracle sees instead of the leaves (default: the leaves in float64).
     oracle_leaves: Optional[Dict[str, torch.Tensor]] = None
     out_format: Optional[torch.memory_format] = None
+    # The ``run`` backend of PyTorch's own computation at the input precision (the
+    # tolerance rule's yardstick), on the leaves as given.
+    torch_own: str = "reference"
 
 
 def _randn(gen, *shape, dtype):
@@ -116,34 +105,10 @@ def _forward_backward(run, leaves, dout):
     return out.detach(), dict(zip(leaves, grads))
 
 
-@dataclasses.dataclass(frozen=True)
-class _KnownBug:
-    """A kernel bug tracked by a strict-xfail regression test below: drawn cases that
-    match ``applies`` and fail first on one of ``tensors`` are counted as ``known_bug``
-    (shown in the tally) instead of failing the fuzz test; other failures still fail."""
-    op: str
-    backends: Tuple[str, ...]
-    tensors: Tuple[str, ...]
-    applies: Callable
-    test: str  # the regression test
-    reason: str
-
-
-KNOWN_BUGS = []
-
-
-def _known_bug(op, backend, case, error):
-    for bug in KNOWN_BUGS:
-        if bug.op == op and backend in bug.backends and bug.applies(case) and \
-                str(error).split(":")[0] in bug.tensors:
-            return bug
-    return None
-
-
-def _check_fuzz(op, backend, case, make_problem, compare, strict=False):
-    """Run ``case`` on ``backend`` and on the float64 reference; ``compare`` asserts
-    their agreement. Counted in fuzz.TALLY. A failure matching KNOWN_BUGS is
-    counted as such and raised only if ``strict`` (the regression tests)."""
+def _check_fuzz(op, backend, case, make_problem):
+    """Run ``case`` on ``backend``, on the float64 reference and as PyTorch's own
+    computation at the input precision; their errors obey the tolerance rule
+    (tests/tolerance.py). Counted in fuzz.TALLY."""
     with fuzz.TALLY.record(op, backend, case) as record:
         problem = make_problem(case)
         try:
@@ -163,21 +128,10 @@ def _check_fuzz(op, backend, case, make_problem, compare, strict=False):
             assert g.dtype == t.dtype and g.shape == t.shape, (name, g.dtype, g.shape)
             assert torch.isfinite(g).all(), f"grad of {name}: non-finite values"
         assert torch.isfinite(out).all(), "out: non-finite values"
-        try:
-            compare(case, backend, problem, {"out": out, **grads},
-                    {"out": want_out, **want_grads})
-        except AssertionError as exc:
-            bug = _known_bug(op, backend, case, exc)
-            if bug is None:
-                raise
-            record.known_bug(f"{fuzz.summary(exc)} (known bug: {bug.test})")
-            if strict:
-                raise
-
-
-def _assert_close(name, got, want, atol, rtol):
-    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
-                               msg=lambda m: f"{name}: {m}")
+        own_out, own_grads = _forward_backward(lambda t: problem.run(t, problem.torch_own),
+                                               problem.leaves, problem.dout)
+        assert_all_within({"out": out, **grads}, {"out": want_out, **want_grads},
+                          {"out": own_out, **own_grads}, case.dtype)
 
 
 # --------------------------------------------------------------------------- SDPA
@@ -239,36 +193,14 @@ def _sdpa_problem(case):
         if backend == "reference":
             return sdpa_reference(q, k, v, bias, scale=scale, dropout_p=case.dropout_p,
                                   dropout_mask=keep)
-        if backend == "lowp":
-            return _sdpa_torch_lowp(q, k, v, bias, scale, keep, case.dropout_p)
+        if backend == "torch_own":
+            return sdpa_torch_own(q, k, v, bias, scale, keep, case.dropout_p)
         torch.manual_seed(case.seed)  # the dropout seed that `keep` was made from
         return pyvit_ops.scaled_dot_product_attention(
             q, k, v, bias, scale=case.scale, dropout_p=case.dropout_p, backend=backend)
 
-    return _Problem(leaves, run, _dout(gen, (*b, nq, d), dt, case.strided_dout))
-
-
-def _sdpa_torch_lowp(q, k, v, bias, scale, keep, dropout_p):
-    """PyTorch's own arithmetic at the input precision (the rule's yardstick)."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias
-    p = torch.softmax(s, dim=-1)
-    if keep is not None:
-        p = p * keep / (1 - dropout_p)
-    return torch.matmul(p.to(v.dtype), v)
-
-
-def _sdpa_compare(case, backend, problem, got, want):
-    lowp_out, lowp_grads = _forward_backward(lambda t: problem.run(t, "lowp"), problem.leaves,
-                                             problem.dout)
-    lowp = {"out": lowp_out, **lowp_grads}
-    floor = SDPA_FLOOR[case.dtype]
-    for name in got:
-        err = (got[name].double() - want[name]).abs().max().item()
-        own = (lowp[name].double() - want[name]).abs().max().item()
-        assert err <= 2 * own + floor, (
-            f"{name}: max |kernel - fp64| = {err:.3e} > 2 x PyTorch's own {own:.3e} + {floor:g}")
+    return _Problem(leaves, run, _dout(gen, (*b, nq, d), dt, case.strided_dout),
+                    torch_own="torch_own")
 
 
 SDPA_EDGES = [
@@ -290,7 +222,7 @@ SDPA_EDGES = [
 @given(case=fuzz.sdpa_cases())
 @_examples(SDPA_EDGES)
 def test_scaled_dot_product_attention(backend, case):
-    _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem, _sdpa_compare)
+    _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem)
 
 
 # --------------------------------------------------------------------------- window
@@ -317,6 +249,10 @@ def _window_problem(case):
     if case.pad:
         for n in ("pad_k", "pad_v"):
             leaves[n] = _randn(gen, heads, d, dtype=param_dtype[case.pad])
+    if case.cosine:
+        # timm's (heads, 1, 1), around 3.5: gains of ~5 to 100, some held by the clamp.
+        leaves["logit_scale"] = (_randn(gen, heads, 1, 1, dtype=torch.float64) * 1.5 + 3.5).to(
+            param_dtype[case.cosine])
 
     def views(t):
         if case.layout == "packed":
@@ -331,28 +267,13 @@ def _window_problem(case):
         pad_kv = (t["pad_k"], t["pad_v"]) if case.pad else None
         return pyvit_ops.window_attention(
             *views(t), t.get("table"), window_size=case.window, shift_size=case.shift,
-            scale=case.scale, pad_kv=pad_kv, mask_value=case.mask_value, backend=backend)
+            scale=case.scale, pad_kv=pad_kv, mask_value=case.mask_value,
+            logit_scale=t.get("logit_scale"), backend=backend)
 
     # The kernels round the pads to q's dtype (the contract); so does the oracle.
     oracle = {n: (x.to(dt) if n.startswith("pad") else x).double() for n, x in leaves.items()}
     return _Problem(leaves, run, _dout(gen, (B, H, W, heads, d), dt, case.strided_dout), oracle,
                     torch.contiguous_format)
-
-
-# Triton's float32 products are 3xTF32 unless torch allows TF32: each operand keeps 22
-# of float32's 24 significand bits (hi + lo, pyvit_ops.testing.interpreter), so 4x the
-# float32 tolerance.
-FP32X3_FACTOR = 4
-
-
-def _window_compare(case, backend, problem, got, want):
-    atol, rtol = WINDOW_TOL[backend][case.dtype]
-    if backend == "triton" and case.dtype == fp32:
-        atol, rtol = atol * FP32X3_FACTOR, rtol * FP32X3_FACTOR
-    for name in got:
-        summed = name in ("table", "pad_k", "pad_v")  # reduced over windows and tokens
-        scale = max(1.0, want[name].abs().max().item() / 4) if summed else 1.0
-        _assert_close(name, got[name], want[name], atol * scale, rtol)
 
 
 WINDOW_EDGES = [
@@ -369,6 +290,9 @@ WINDOW_EDGES = [
     # Swin 384's 12x12 window (the tiled Triton kernels) on a grid padded on both axes.
     WindowCase(dtype=fp16, grid=(13, 14), heads=1, d=32, window=(12, 12), shift=(6, 5),
                table="input", pad="float32", seed=4),
+    # Swin V2's 8x8 window, cosine attention, padded on one axis.
+    WindowCase(dtype=bf16, grid=(8, 11), heads=2, d=32, window=(8, 8), shift=(4, 4),
+               table="float32", pad="input", cosine="float32", seed=5),
 ]
 
 
@@ -376,7 +300,7 @@ WINDOW_EDGES = [
 @given(case=fuzz.window_cases())
 @_examples(WINDOW_EDGES)
 def test_window_attention(backend, case):
-    _check_fuzz("window_attention", backend, case, _window_problem, _window_compare)
+    _check_fuzz("window_attention", backend, case, _window_problem)
 
 
 # --------------------------------------------------------------------------- ELSA
@@ -417,13 +341,6 @@ def _elsa_problem(case):
                     out_format=elsa_memory_format(views(leaves)[0]))
 
 
-def _elsa_compare(case, backend, problem, got, want):
-    atol, rtol = ELSA_TOL[case.dtype]
-    for name in got:
-        scale = max(want[name].abs().max().item(), 1e-6)  # atol relative to the magnitude
-        _assert_close(name, got[name], want[name], atol * scale, rtol)
-
-
 ELSA_EDGES = [
     ElsaCase(grid=(1, 1), kernel_size=3),  # one pixel
     # A 2x3 grid inside a dilated 7x7 window: every tap but the centre at the border.
@@ -441,7 +358,7 @@ ELSA_EDGES = [
 @given(case=fuzz.elsa_cases())
 @_examples(ELSA_EDGES)
 def test_elsa_attention(backend, case):
-    _check_fuzz("elsa_attention", backend, case, _elsa_problem, _elsa_compare)
+    _check_fuzz("elsa_attention", backend, case, _elsa_problem)
 
 
 # --------------------------------------------------------------------------- avg_pool2d
@@ -479,12 +396,6 @@ def _pool_problem(case):
                     out_format=pool_memory_format(view(x)))
 
 
-def _pool_compare(case, backend, problem, got, want):
-    atol, rtol = POOL_TOL[case.dtype]
-    for name in got:
-        _assert_close(name, got[name], want[name], atol, rtol)
-
-
 POOL_EDGES = [
     PoolCase(shape=(1, 1, 1, 1), kernel_size=(3, 3), subtract_input=True),  # one pixel
     # A 2x3 grid smaller than PoolFormer's 5x5 window, channels_last.
@@ -502,7 +413,7 @@ POOL_EDGES = [
 @given(case=fuzz.pool_cases())
 @_examples(POOL_EDGES)
 def test_avg_pool2d(backend, case):
-    _check_fuzz("avg_pool2d", backend, case, _pool_problem, _pool_compare)
+    _check_fuzz("avg_pool2d", backend, case, _pool_problem)
 
 
 # --------------------------------------------------------------------------- regressions
@@ -512,8 +423,7 @@ def test_regression_elsa_triton_fp32_dattn_at_border():
     """Found by the fuzz test: one pixel, K = 7, logits, no ghost. Every tap but the centre
     is outside the image and the centre's probability is small; dattn must not cancel two
     O(dp_centre) terms (the softmax backward's mean comes from its own fp32 pass)."""
-    _check_fuzz("elsa_attention", "triton", ElsaCase(grid=(1, 1), kernel_size=7), _elsa_problem,
-                _elsa_compare, strict=True)
+    _check_fuzz("elsa_attention", "triton", ElsaCase(grid=(1, 1), kernel_size=7), _elsa_problem)
 
 
 def test_regression_elsa_triton_fp32_dattn_single_tap():
@@ -524,7 +434,7 @@ def test_regression_elsa_triton_fp32_dattn_single_tap():
     case = ElsaCase(dtype=fp32, batch=2, heads=1, head_channels=32, grid=(3, 12), kernel_size=1,
                     dilation=1, ghost="both", ghost_dtype="input", channels_last=False,
                     probs=False, layout="plain", strided_dout=False, seed=17027)
-    _check_fuzz("elsa_attention", "triton", case, _elsa_problem, _elsa_compare, strict=True)
+    _check_fuzz("elsa_attention", "triton", case, _elsa_problem)
 
 
 def test_regression_sdpa_dropout_single_key(backend):
@@ -533,15 +443,14 @@ def test_regression_sdpa_dropout_single_key(backend):
     the output rounded to fp16."""
     case = SdpaCase(dtype=fp16, batch=(4,), nq=16, nk=1, d=16, bias="float", bias_shape=(1, 1),
                     dropout_p=0.3)
-    _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem, _sdpa_compare,
-                strict=True)
+    _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem)
 
 
 def test_regression_sdpa_triton_bf16_dv_single_key():
     """One key: p = exp(s - m) / l recomputes exactly 1, and its bf16 cast (round to
     nearest, as on the GPU and in the interpreter's model) keeps it 1: dv = sum of dO."""
     _check_fuzz("scaled_dot_product_attention", "triton", SdpaCase(dtype=bf16, nq=16, nk=1, d=16),
-                _sdpa_problem, _sdpa_compare, strict=True)
+                _sdpa_problem)
 
 
 def test_regression_window_triton_fp32_dq_under_3xtf32():
@@ -550,5 +459,4 @@ def test_regression_window_triton_fp32_dq_under_3xtf32():
     case = WindowCase(dtype=fp32, grid=(5, 9), heads=3, d=48, window=(2, 8), shift=(1, 7),
                       table="float32", pad="float32", scale=0.37, mask_value=float("-inf"),
                       layout="strided_d", seed=3)
-    _check_fuzz("window_attention", "triton", case, _window_problem, _window_compare,
-                strict=True)
+    _check_fuzz("window_attention", "triton", case, _window_problem)

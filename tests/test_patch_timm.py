@@ -1,7 +1,7 @@
 """pyvit_ops.patch_timm and the pyvit_ops.nn modules against the timm models they
 replace: outputs and gradients of small timm Swin / ViT / CaiT / PoolFormer models,
 patched vs unpatched, on the reference backend (CPU) and the Triton kernels
-(interpreter)."""
+(interpreter); the errors of their arguments."""
 import contextlib
 import copy
 import io
@@ -15,12 +15,34 @@ timm = pytest.importorskip("timm", reason="timm is the parity target of patch_ti
 
 import pyvit_ops  # noqa: E402
 from pyvit_ops import nn as pnn  # noqa: E402
+from op_cases import assert_rejects, bad_module_call, module_forward, randn  # noqa: E402
 
 
 def _swin():
     # 9x11 token grid with 7x7 windows: padding on both axes, and a shifted block.
     return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(36, 44),
                              embed_dim=32, depths=(2,), num_heads=(2,), num_classes=10), (2, 3, 36, 44)
+
+
+def _swinv2():
+    # Windows 4x4 on 9x11 and 4x5 grids (padding), shifted blocks, Swin V2's
+    # post-norm, cosine attention and continuous position bias; random biases and
+    # logit scales, some above the clamp at log(100).
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=(36, 44),
+                              window_size=4, embed_dim=24, depths=(2, 2), num_heads=(1, 2),
+                              num_classes=10)
+    _randomize_v2(model)
+    return model, (2, 3, 36, 44)
+
+
+def _randomize_v2(model):
+    from timm.models.swin_transformer_v2 import WindowAttention as TimmWindowAttentionV2
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, TimmWindowAttentionV2) and m.q_bias is not None:
+                m.q_bias.normal_()
+                m.v_bias.normal_()
+                m.logit_scale.normal_(3.5, 1.5)
 
 
 def _vit():
@@ -39,10 +61,12 @@ def _poolformer():
                       norm_layers=GroupNorm1, num_classes=10), (2, 3, 60, 52)
 
 
-MODELS = {"swin": _swin, "vit": _vit, "cait": _cait, "poolformer": _poolformer}
+MODELS = {"swin": _swin, "swinv2": _swinv2, "vit": _vit, "cait": _cait,
+          "poolformer": _poolformer}
 # What each model's patch must have swapped in (so the test cannot pass unpatched).
-EXPECTED = {"swin": pnn.WindowAttention, "vit": pnn.Attention, "cait": pnn.ClassAttn,
-            "poolformer": pnn.Pooling}
+EXPECTED = {"swin": pnn.WindowAttention, "swinv2": pnn.WindowAttentionV2, "vit": pnn.Attention,
+            "cait": pnn.ClassAttn, "poolformer": pnn.Pooling}
+WINDOW_MODULES = (pnn.WindowAttention, pnn.WindowAttentionV2)
 
 
 def _run(model, x):
@@ -71,8 +95,14 @@ def _assert_same_results(expected, actual, atol, rtol):
 CASES = [("reference", torch.float32, 2e-5, 1e-4), ("triton", torch.float32, 5e-4, 1e-3)]
 
 
-@pytest.mark.parametrize("backend,dtype,atol,rtol", CASES)
-@pytest.mark.parametrize("name", list(MODELS))
+def _cases(version):
+    """CASES of the backends that run the Swin ``version``'s attention: both run Swin V1
+    and V2 (cosine attention)."""
+    return CASES
+
+
+@pytest.mark.parametrize("name,backend,dtype,atol,rtol", [
+    (name, *case) for name in MODELS for case in _cases(2 if name == "swinv2" else 1)])
 def test_patched_model_matches_timm(name, backend, dtype, atol, rtol):
     torch.manual_seed(0)
     model, shape = MODELS[name]()
@@ -98,11 +128,16 @@ def test_window_attention_module_loads_timm_state_dict():
     assert not missing and set(unexpected) <= {"relative_position_index"}
 
 
-def _small_swin(**kwargs):
-    # timm's Swin layout with tiny dims; a shifted block in each stage.
+def _small_swin(version=1, **kwargs):
+    # timm's Swin (V1 or V2) layout with tiny dims; a shifted block in each stage.
     from timm.models.swin_transformer import SwinTransformer
-    return SwinTransformer(embed_dim=24, depths=(2, 2), num_heads=(1, 2), window_size=7,
-                           num_classes=10, **kwargs)
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    cls = SwinTransformer if version == 1 else SwinTransformerV2
+    model = cls(embed_dim=24, depths=(2, 2), num_heads=(1, 2), window_size=7, num_classes=10,
+                **kwargs)
+    if version == 2:
+        _randomize_v2(model)
+    return model
 
 
 @contextlib.contextmanager
@@ -115,7 +150,7 @@ def _window_calls(model):
         calls.append((args[0].dim(), kwargs.get("mask") is not None))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
-               if isinstance(m, pnn.WindowAttention)]
+               if isinstance(m, WINDOW_MODULES)]
     try:
         yield calls
     finally:
@@ -133,12 +168,13 @@ LARGE_WINDOW = {
 }
 
 
-@pytest.mark.parametrize("backend,dtype,atol,rtol", CASES)
+@pytest.mark.parametrize("version,backend,dtype,atol,rtol", [
+    (version, *case) for version in (1, 2) for case in _cases(version)])
 @pytest.mark.parametrize("config", list(LARGE_WINDOW))
-def test_patched_swin_window_larger_than_map(config, backend, dtype, atol, rtol):
+def test_patched_swin_window_larger_than_map(config, version, backend, dtype, atol, rtol):
     torch.manual_seed(0)
     kwargs, shape = LARGE_WINDOW[config]
-    model = _small_swin(**kwargs).eval()
+    model = _small_swin(version, **kwargs).eval()
     patched = pyvit_ops.patch_timm(copy.deepcopy(model), backend=backend)
     x = torch.randn(shape, dtype=dtype)
     with _window_calls(patched) as calls:
@@ -175,7 +211,7 @@ def test_patched_model_round_trip(name, how):
     assert restored.state_dict().keys() == model.state_dict().keys()
     with _window_calls(restored) as calls:
         _assert_matches(model, restored, torch.randn(shape))
-    if name == "swin":
+    if name in ("swin", "swinv2"):
         assert calls and all(call == (4, False) for call in calls)  # still fused
 
 
@@ -185,10 +221,11 @@ SET_INPUT_SIZE = [dict(img_size=(48, 40)), dict(img_size=(48, 40), window_size=5
                   dict(window_size=(3, 5), always_partition=True)]
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("kwargs", SET_INPUT_SIZE, ids=str)
-def test_patched_swin_set_input_size(kwargs):
+def test_patched_swin_set_input_size(kwargs, version):
     torch.manual_seed(0)
-    model = _small_swin(img_size=32).eval()
+    model = _small_swin(version, img_size=32).eval()
     patched = pyvit_ops.patch_timm(copy.deepcopy(model), backend="reference")
     model.set_input_size(**kwargs)
     patched.set_input_size(**kwargs)
@@ -222,17 +259,23 @@ def test_window_attention_module_on_windows_matches_timm(with_mask, backend, dty
     ours = pnn.WindowAttention.from_timm(copy.deepcopy(timm_mod), backend=backend)
     x = torch.randn(8, 6, 16, dtype=dtype)  # 2 images of 4 windows
     mask = torch.randn(4, 6, 6) * 3 if with_mask else None
-    results = []
-    for module in (timm_mod, ours):
-        xg = x.clone().requires_grad_()
-        out = module(xg, mask=mask)
-        out.square().sum().backward()
-        results.append((out, {"x": xg.grad, **{n: p.grad for n, p in module.named_parameters()}}))
-    _assert_same_results(*results, atol, rtol)
+    _assert_same_results(*(_windows_call(m, x, mask) for m in (timm_mod, ours)), atol, rtol)
 
 
-def test_window_attention_module_call_errors():
-    module = pnn.WindowAttention(8, 2, window_size=2)
+def _windows_call(module, x, mask):
+    """``(out, grads)`` of ``module`` on partitioned windows ``x`` with timm's ``mask``,
+    the input's gradient included."""
+    xg = x.clone().requires_grad_()
+    out = module(xg, mask=mask)
+    out.square().sum().backward()
+    return out, {"x": xg.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("make", [lambda: pnn.WindowAttention(8, 2, window_size=2),
+                                  lambda: pnn.WindowAttentionV2(8, 2, num_heads=2)],
+                         ids=["v1", "v2"])
+def test_window_attention_module_call_errors(make):
+    module = make()
     windows = torch.randn(4, 4, 8)
     cases = [
         (lambda: module(torch.randn(4, 5, 8)), "x: expected N = 4 tokens per 2x2 window"),
@@ -244,3 +287,159 @@ def test_window_attention_module_call_errors():
     for call, text in cases:
         with pytest.raises(ValueError, match=re.escape(text)):
             call()
+
+
+# ------------------------------------------------------------------ bad arguments
+
+# One row per bad argument of a module or of patch_timm: the error type and the
+# argument's name in the message.
+BAD_MODULE_CALLS = [
+    bad_module_call("Attention-num_heads", lambda: pnn.Attention(10, num_heads=3),
+                    ValueError, "num_heads: must divide"),
+    bad_module_call("Attention-x-C", module_forward(lambda: pnn.Attention(8, 2), (2, 5, 6)),
+                    ValueError, "x: expected shape (B, N, C) with C = 8"),
+    bad_module_call("Attention-x-rank", module_forward(lambda: pnn.Attention(8, 2), (5, 8)),
+                    ValueError, "x: expected a 3-D"),
+    bad_module_call("Attention-x-dtype",
+                    module_forward(lambda: pnn.Attention(8, 2), (2, 5, 8), torch.int64),
+                    TypeError, "x: expected dtype"),
+    bad_module_call("Attention-mask-causal",
+                    lambda: pnn.Attention(8, 2)(randn(2, 5, 8),
+                                                attn_mask=torch.ones(5, 5, dtype=torch.bool),
+                                                is_causal=True),
+                    ValueError, "attn_mask: must be None"),
+    bad_module_call("Attention-mask-shape",
+                    lambda: pnn.Attention(8, 2)(randn(2, 5, 8), attn_mask=randn(4, 4)),
+                    ValueError, "attn_bias: expected a shape broadcastable"),
+    bad_module_call("Attention-from_timm-Linear",
+                    lambda: pnn.Attention.from_timm(torch.nn.Linear(4, 4)),
+                    TypeError, "module: expected a timm Attention"),
+    bad_module_call("Attention-from_timm-tensor", lambda: pnn.Attention.from_timm(randn(3)),
+                    TypeError, "module: expected a timm Attention"),
+    bad_module_call("ClassAttn-num_heads", lambda: pnn.ClassAttn(10, num_heads=4),
+                    ValueError, "num_heads: must divide"),
+    bad_module_call("ClassAttn-x-C", module_forward(lambda: pnn.ClassAttn(8, 2), (2, 5, 4)),
+                    ValueError, "x: expected shape (B, N, C) with C = 8"),
+    bad_module_call("ClassAttn-from_timm-Linear",
+                    lambda: pnn.ClassAttn.from_timm(torch.nn.Linear(4, 4)),
+                    TypeError, "module: expected a timm ClassAttn"),
+    bad_module_call("WindowAttention-num_heads", lambda: pnn.WindowAttention(10, 3),
+                    ValueError, "num_heads: must divide"),
+    bad_module_call("WindowAttention-attn_drop", lambda: pnn.WindowAttention(8, 2, attn_drop=0.1),
+                    ValueError, "attn_drop: window attention has no dropout"),
+    bad_module_call("WindowAttention-window_size",
+                    lambda: pnn.WindowAttention(8, 2, window_size=(2, 2, 2)),
+                    TypeError, "window_size: expected an int or a pair"),
+    bad_module_call("WindowAttention-x-C",
+                    module_forward(lambda: pnn.WindowAttention(8, 2, window_size=2), (1, 4, 4, 6)),
+                    ValueError, "x: expected shape (B, H, W, C) with C = 8"),
+    bad_module_call("WindowAttention-x-rank",
+                    module_forward(lambda: pnn.WindowAttention(8, 2, window_size=2),
+                                   (1, 4, 4, 1, 8)),
+                    ValueError, "x: expected a 4-D"),
+    bad_module_call("WindowAttention-grid-smaller-than-window",
+                    module_forward(lambda: pnn.WindowAttention(8, 2, window_size=4), (1, 3, 5, 8)),
+                    ValueError, "window_size: expected at most the grid"),
+    bad_module_call("WindowAttention-shift",
+                    lambda: pnn.WindowAttention(8, 2, window_size=2)(randn(1, 4, 4, 8),
+                                                                     shift_size=2),
+                    ValueError, "shift_size: expected 0 <= shift"),
+    bad_module_call("WindowAttention-window-vs-table",
+                    lambda: pnn.WindowAttention(8, 2, window_size=2)(randn(1, 4, 4, 8),
+                                                                     window_size=3),
+                    ValueError, "rel_pos_bias_table: expected shape (25, 2)"),
+    bad_module_call("WindowAttention-from_timm-Linear",
+                    lambda: pnn.WindowAttention.from_timm(torch.nn.Linear(4, 4)),
+                    TypeError, "module: expected a timm WindowAttention"),
+    bad_module_call("patch_timm-not-a-module",
+                    lambda: pyvit_ops.patch_timm([torch.nn.Linear(2, 2)]),
+                    TypeError, "model: expected a torch.nn.Module"),
+    bad_module_call("patch_timm-nothing-to-patch",
+                    lambda: pyvit_ops.patch_timm(torch.nn.Sequential(torch.nn.Linear(2, 2))),
+                    ValueError, "model: no timm module to patch in Sequential"),
+    bad_module_call("patch_timm-backend",
+                    lambda: pyvit_ops.patch_timm(pnn.Pooling(3), backend="gpu"),
+                    ValueError, "backend: expected one of"),
+]
+
+
+@pytest.mark.parametrize("call, error, text", BAD_MODULE_CALLS)
+def test_bad_module_argument(call, error, text):
+    assert_rejects(call, error, text)
+
+
+def test_from_timm_rejects_unsupported_timm_modules():
+    from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
+
+    gated = timm.layers.Attention(8, num_heads=2)
+    gated.gate = torch.nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="module: gated timm Attention"):
+        pnn.Attention.from_timm(gated)
+    with pytest.raises(ValueError, match="module: attn_drop=0.1"):
+        pnn.WindowAttention.from_timm(TimmWindowAttention(8, 2, window_size=2, attn_drop=0.1))
+    # A timm module of another family: the attributes from_timm needs are not there.
+    with pytest.raises(TypeError, match="module: expected a timm WindowAttention"):
+        pnn.WindowAttention.from_timm(timm.layers.Attention(8, num_heads=2))
+
+
+V2_MODULE_CONFIGS = [dict(), dict(qkv_bias=False), dict(qkv_bias_separate=True),
+                     dict(pretrained_window_size=(2, 3))]
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("config", V2_MODULE_CONFIGS, ids=str)
+def test_window_attention_v2_module_on_windows_matches_timm(config, with_mask):
+    from timm.models.swin_transformer_v2 import WindowAttention as TimmWindowAttentionV2
+    torch.manual_seed(0)
+    timm_mod = TimmWindowAttentionV2(dim=16, window_size=(3, 2), num_heads=2, **config).double()
+    with torch.no_grad():
+        # One head above the clamp at log(100): its logit scale gets no gradient.
+        timm_mod.logit_scale.copy_(torch.tensor([1.0, 5.0]).view(2, 1, 1))
+    ours = pnn.WindowAttentionV2.from_timm(copy.deepcopy(timm_mod), backend="reference")
+    x = torch.randn(8, 6, 16, dtype=torch.float64)  # 2 images of 4 windows
+    mask = torch.randn(4, 6, 6, dtype=torch.float64) * 3 if with_mask else None
+    results = [_windows_call(m, x, mask) for m in (timm_mod, ours)]
+    _assert_same_results(*results, 1e-10, 1e-10)
+    assert results[1][1]["logit_scale"][1].item() == 0.0
+
+
+@pytest.mark.parametrize("config", V2_MODULE_CONFIGS, ids=str)
+def test_window_attention_v2_module_grid_matches_timm_block(config):
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+    torch.manual_seed(0)
+    config = dict(config)
+    separate = config.pop("qkv_bias_separate", False)  # an attention argument only
+    block = SwinTransformerV2Block(dim=16, input_resolution=(7, 9), num_heads=2, window_size=(3, 4),
+                                   shift_size=(1, 2), **config).double().eval()
+    block.attn.qkv_bias_separate = separate
+    if config.get("qkv_bias", True):
+        _randomize_v2(block)
+    patched = pyvit_ops.patch_timm(copy.deepcopy(block), backend="reference")
+    assert isinstance(patched.attn, pnn.WindowAttentionV2)
+    assert patched.attn.qkv_bias_separate == separate
+    x = torch.randn(2, 7, 9, 16, dtype=torch.float64)
+    with _window_calls(patched) as calls:
+        _assert_matches(block, patched, x, 1e-10, 1e-10)
+    assert calls and all(call == (4, False) for call in calls)
+
+
+def test_window_attention_v2_module_loads_timm_state_dict():
+    from timm.models.swin_transformer_v2 import WindowAttention as TimmWindowAttentionV2
+    timm_mod = TimmWindowAttentionV2(dim=32, window_size=(3, 5), num_heads=2,
+                                     pretrained_window_size=(2, 2))
+    ours = pnn.WindowAttentionV2(dim=32, window_size=(3, 5), num_heads=2,
+                                 pretrained_window_size=(2, 2))
+    assert ours.state_dict().keys() == timm_mod.state_dict().keys()
+    ours.load_state_dict(timm_mod.state_dict())
+    torch.testing.assert_close(ours.relative_coords_table, timm_mod.relative_coords_table,
+                               atol=0, rtol=0)
+    timm_mod.set_window_size((4, 4))
+    ours.set_window_size((4, 4))
+    torch.testing.assert_close(ours.relative_coords_table, timm_mod.relative_coords_table,
+                               atol=0, rtol=0)
+
+
+def test_window_attention_v2_module_constructor_errors():
+    for kwargs, text in ((dict(attn_drop=0.1), "attn_drop"), (dict(num_heads=3), "num_heads: must divide")):
+        with pytest.raises(ValueError, match=re.escape(text)):
+            pnn.WindowAttentionV2(8, 2, **{"num_heads": 2, **kwargs})

@@ -3,7 +3,10 @@
 csrc/window_attention.cu on CPU tensors under host emulation, pyvit_ops.testing.host);
 errors of the public function and of the CUDA bindings."""
 import contextlib
+import math
+import re
 import types
+from typing import NamedTuple, Optional, Tuple, Union
 
 import pytest
 import torch
@@ -11,22 +14,53 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import (SwinTransformerBlock, get_relative_position_index,
                                           window_partition, window_reverse)
 
+import pyvit_ops
 import pyvit_ops.ops.window_attention as ops
 from pyvit_ops import _backend
 from pyvit_ops.kernels import window_attention as kernels
+from pyvit_ops.kernels._common import DTYPE_NAMES
 from pyvit_ops.reference.window_attention import window_attention as reference
 from pyvit_ops.testing import host
-from op_cases import GridRecorder
+from pyvit_ops.testing.specs import window_attention as static_specs
+from op_cases import GridRecorder, VALID_CALLS, assert_rejects, bad_call, meta, randn
+from tolerance import assert_within
 
-# (B, H, W, heads, D, window, shift): borders, padding on one / both axes, non-square
-# windows and shifts, a shift on one axis only, N not a multiple of the tile.
+Size = Union[int, Tuple[int, int]]
+
+
+class Geometry(NamedTuple):
+    """B images of an H x W token grid, ``heads`` heads of D channels, windows of
+    ``window`` tokens shifted by ``shift`` (an int or an (h, w) pair each)."""
+    B: int
+    H: int
+    W: int
+    heads: int
+    D: int
+    window: Size
+    shift: Size
+
+    def __str__(self):
+        def pair(v):
+            return "x".join(map(str, _pair(v)))
+        return (f"B{self.B}-{self.H}x{self.W}-h{self.heads}-D{self.D}-w{pair(self.window)}"
+                f"-s{pair(self.shift)}")
+
+
+# Borders, padding on one / both axes, non-square windows and shifts, a shift on one axis
+# only, N not a multiple of the tile.
 GEOMETRIES = [
-    (1, 9, 10, 2, 8, (4, 5), (2, 1)),     # pad both axes, non-square window and shift
-    (2, 14, 14, 3, 4, 7, 3),              # Swin: 7x7 windows, shift 3, no padding
-    (1, 10, 7, 2, 6, (5, 3), (2, 0)),     # shift on H only, pad W
-    (1, 9, 10, 1, 5, (3, 4), (0, 2)),     # shift on W only, pad H and W
-    (1, 8, 8, 2, 4, 4, 0),                # W-MSA: no shift, no padding
-    (1, 7, 9, 2, 4, 7, (3, 4)),           # one window row covering the whole height
+    # Pad both axes, non-square window and shift.
+    Geometry(B=1, H=9, W=10, heads=2, D=8, window=(4, 5), shift=(2, 1)),
+    # Swin: 7x7 windows, shift 3, no padding.
+    Geometry(B=2, H=14, W=14, heads=3, D=4, window=7, shift=3),
+    # Shift on H only, pad W.
+    Geometry(B=1, H=10, W=7, heads=2, D=6, window=(5, 3), shift=(2, 0)),
+    # Shift on W only, pad H and W.
+    Geometry(B=1, H=9, W=10, heads=1, D=5, window=(3, 4), shift=(0, 2)),
+    # W-MSA: no shift, no padding.
+    Geometry(B=1, H=8, W=8, heads=2, D=4, window=4, shift=0),
+    # One window row covering the whole height.
+    Geometry(B=1, H=7, W=9, heads=2, D=4, window=7, shift=(3, 4)),
 ]
 
 
@@ -85,8 +119,9 @@ def _pair(v):
 # --------------------------------------------------------------------------- reference
 
 
-@pytest.mark.parametrize("B,H,W,heads,D,window,shift", GEOMETRIES)
-def test_reference_matches_timm_transcription(B, H, W, heads, D, window, shift):
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_reference_matches_timm_transcription(geometry):
+    B, H, W, heads, D, window, shift = geometry
     window, shift = _pair(window), _pair(shift)
     q, k, v = _packed_qkv(B, H, W, heads, D)
     table = _table(window, heads)
@@ -98,9 +133,10 @@ def test_reference_matches_timm_transcription(B, H, W, heads, D, window, shift):
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("B,H,W,heads,D,window,shift", GEOMETRIES)
-def test_reference_matches_timm_block(B, H, W, heads, D, window, shift):
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_reference_matches_timm_block(geometry):
     """Through a real timm SwinTransformerBlock._attn (qkv bias -> padded tokens)."""
+    B, H, W, heads, D, window, shift = geometry
     torch.manual_seed(0)
     C = heads * D
     block = SwinTransformerBlock(C, (H, W), num_heads=heads, window_size=window,
@@ -132,6 +168,93 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v), fast_mode=True)
 
 
+# --------------------------------------------------------------------------- Swin V2
+
+
+def _v2_block(geometry, qkv_bias=True):
+    """A timm SwinTransformerV2Block with random q / v biases and per-head logit scales,
+    one above the clamp at log(100)."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+    B, H, W, heads, D, window, shift = geometry
+    block = SwinTransformerV2Block(heads * D, (H, W), num_heads=heads, window_size=window,
+                                   shift_size=shift, always_partition=True, dynamic_mask=True,
+                                   qkv_bias=qkv_bias).double()
+    attn = block.attn
+    with torch.no_grad():
+        attn.logit_scale.copy_(torch.linspace(1.0, 5.0, heads).view(heads, 1, 1))
+        if qkv_bias:
+            attn.q_bias.normal_()
+            attn.v_bias.normal_()
+    return block
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_reference_cosine_matches_timm_v2_block(geometry, qkv_bias):
+    """Through a real timm SwinTransformerV2Block._attn: padded tokens are the projection
+    of zeros (key k_bias = 0, whose cosine is 0; value v_bias)."""
+    torch.manual_seed(0)
+    B, H, W, heads, D, window, shift = geometry
+    block = _v2_block(geometry, qkv_bias)
+    attn, C = block.attn, heads * D
+    x = torch.randn(B, H, W, C, dtype=torch.float64)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if qkv_bias else None
+    q, k, v = F.linear(x, attn.qkv.weight, bias).view(B, H, W, 3, heads, D).unbind(3)
+    pad_kv = tuple(b.view(heads, D) for b in (attn.k_bias, attn.v_bias)) if qkv_bias else None
+    table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, heads))
+    out = reference(q, k, v, table, window_size=window, shift_size=shift, pad_kv=pad_kv,
+                    logit_scale=attn.logit_scale)
+    torch.testing.assert_close(attn.proj(out.reshape(B, H, W, C)), block._attn(x),
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_reference_cosine_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 2, 3))
+    table = _table((3, 4), 2).requires_grad_()
+    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 3, dtype=torch.float64))
+    logit_scale = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, table, pad_k, pad_v, logit_scale):
+        return reference(q, k, v, table, window_size=(3, 4), shift_size=(1, 2),
+                         pad_kv=(pad_k, pad_v), logit_scale=logit_scale)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v, logit_scale),
+                                    fast_mode=True)
+
+
+def test_cosine_logit_scale_gradient_is_zero_above_the_clamp():
+    q, k, v = (t.detach() for t in _packed_qkv(1, 4, 4, 2, 4))
+    logit_scale = torch.tensor([[[1.0]], [[5.0]]], dtype=torch.float64, requires_grad=True)
+    out = pyvit_ops.window_attention(q, k, v, window_size=2, logit_scale=logit_scale)
+    out.square().sum().backward()
+    assert logit_scale.grad.shape == (2, 1, 1)
+    assert logit_scale.grad[0].item() != 0 and logit_scale.grad[1].item() == 0
+
+
+COSINE_ERRORS = [
+    (dict(logit_scale=torch.zeros(3)), ValueError, "logit_scale: expected shape (2,) or (2, 1, 1)"),
+    (dict(logit_scale=torch.zeros(2, 2)), ValueError, "logit_scale: expected shape"),
+    (dict(logit_scale=torch.zeros(2), scale=0.5), ValueError, "scale: expected None with logit_scale"),
+    (dict(logit_scale=torch.zeros(2, dtype=torch.int64)), TypeError, "logit_scale"),
+]
+
+
+@pytest.mark.parametrize("change, exc, message", COSINE_ERRORS)
+def test_cosine_bad_inputs(change, exc, message):
+    q, k, v = _packed_qkv(1, 4, 4, 2, 4, dtype=torch.float32)
+    with pytest.raises(exc, match=re.escape(message)):
+        pyvit_ops.window_attention(q, k, v, window_size=2, **change)
+
+
+def test_cosine_forced_cuda_backend_says_why():
+    q, k, v = _packed_qkv(1, 4, 4, 2, 4, dtype=torch.float32)
+    with pytest.raises(pyvit_ops.BackendUnavailableError,
+                       match="the cuda kernels have no Swin V2 cosine attention"):
+        pyvit_ops.window_attention(q, k, v, window_size=2, logit_scale=torch.zeros(2),
+                                   backend="cuda")
+
+
 # --------------------------------------------------------------------------- kernels
 
 BACKENDS = ["triton", "cuda"]
@@ -143,81 +266,79 @@ def _use(backend):
         host.load()
 
 
-# (backend, dtype) -> (atol, rtol). Triton: float32 products are 3xTF32, float32-grade
-# (the interpreter models tl.dot's input precision, pyvit_ops.testing.interpreter); half
-# kernels round P and dS to the input dtype before the second products, as every fused
-# attention does. CUDA: every product and the softmax run in fp32 (probabilities are
-# not rounded), so the error is about the rounding of the result.
-TOLERANCES = {
-    ("triton", torch.float32): (5e-6, 2e-5),
-    ("triton", torch.float16): (3e-3, 3e-3),
-    ("triton", torch.bfloat16): (4e-2, 2e-2),
-    ("cuda", torch.float32): (5e-6, 2e-5),
-    ("cuda", torch.float16): (1e-3, 1e-3),
-    ("cuda", torch.bfloat16): (8e-3, 8e-3),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+class KernelCase(NamedTuple):
+    """``table`` / ``pad``: the call passes a bias table / pads, in ``param_dtype``
+    ("input": q's dtype); ``layout`` "packed": q, k, v are slices of one projection,
+    "qkvpacked": that projection goes to window_attention_qkvpacked, "mixed": three
+    differently strided tensors. Runs on ``backends``; ``name`` is its test id."""
+    name: str
+    backends: Tuple[str, ...]
+    geometry: Geometry
+    table: bool = True
+    pad: bool = True
+    param_dtype: Optional[str] = "input"
+    layout: str = "packed"
+    scale: Optional[float] = None
+    mask_value: float = -100.0
 
-def _tol(backend, dtype, expected, summed=False):
-    """(atol, rtol) for one tensor: summed gradients (table, pads) add up many terms, so
-    their atol scales with max |expected|. The row is that of the products' operand
-    precision: Triton's float32 products round their operands to TF32 when torch allows
-    it, 10 mantissa bits as float16's."""
-    if backend == "triton" and kernels._precision(kernels._dtype_name(dtype)) == "tf32":
-        dtype = torch.float16 if dtype == torch.float32 else dtype
-    atol, rtol = TOLERANCES[backend, dtype]
-    peak = expected.abs().max().item() if expected.numel() else 0.0
-    return atol * (max(1.0, peak / 4) if summed else 1.0), rtol
 
-# (B, H, W, heads, D, window, shift, table, pad, param_dtype, layout, scale, mask_value,
-# backends); param_dtype is the table's and pads' dtype ("input": q's); layout "packed":
-# q, k, v are slices of one projection, "qkvpacked": that projection goes to
-# window_attention_qkvpacked, "mixed": three differently strided tensors. Windows per
-# backward program: the interpreter and the host build aim at 4 programs / blocks, so
-# most cases walk several windows in one program, some with a ragged last group
-# (10x13 / (4, 6): 9 windows, 2 groups of 5 and 4).
+# Windows per backward program: the interpreter and the host build aim at 4 programs /
+# blocks, so most cases walk several windows in one program, some with a ragged last
+# group (10x13 / (4, 6): 9 windows, 2 groups of 5 and 4).
 CASES = [
-    (1, 9, 10, 2, 32, (4, 5), (2, 1), True, True, "float32", "qkvpacked", None, -100.0,
-     ("triton",), "pad-hw-nonsquare-D32"),
-    (1, 9, 10, 2, 8, (4, 5), (2, 1), True, True, "float32", "qkvpacked", None, -100.0,
-     ("cuda",), "pad-hw-nonsquare-D8"),
-    (2, 7, 7, 3, 16, 7, 3, True, True, "input", "mixed", None, -100.0,
-     ("triton",), "swin7-shift3-D16"),
-    (1, 14, 14, 3, 32, 7, 3, True, True, "input", "mixed", None, -100.0,
-     ("cuda",), "swin7-shift3-D32"),
-    (1, 10, 13, 2, 48, (4, 6), (0, 3), True, True, "input", "packed", None, -100.0,
-     ("triton",), "shift-w-D48"),
-    (1, 10, 13, 2, 48, (4, 6), (0, 3), True, True, "input", "packed", 0.37, -2.5,
-     ("cuda",), "shift-w-D48-soft-mask"),
-    (1, 12, 8, 1, 64, 8, 0, False, False, None, "mixed", None, -100.0,
-     ("triton", "cuda"), "w8-N64-unshifted-notable"),
+    KernelCase("pad-hw-nonsquare-D32", ("triton",),
+               Geometry(B=1, H=9, W=10, heads=2, D=32, window=(4, 5), shift=(2, 1)),
+               param_dtype="float32", layout="qkvpacked"),
+    KernelCase("pad-hw-nonsquare-D8", ("cuda",),
+               Geometry(B=1, H=9, W=10, heads=2, D=8, window=(4, 5), shift=(2, 1)),
+               param_dtype="float32", layout="qkvpacked"),
+    KernelCase("swin7-shift3-D16", ("triton",),
+               Geometry(B=2, H=7, W=7, heads=3, D=16, window=7, shift=3), layout="mixed"),
+    KernelCase("swin7-shift3-D32", ("cuda",),
+               Geometry(B=1, H=14, W=14, heads=3, D=32, window=7, shift=3), layout="mixed"),
+    KernelCase("shift-w-D48", ("triton",),
+               Geometry(B=1, H=10, W=13, heads=2, D=48, window=(4, 6), shift=(0, 3))),
+    KernelCase("shift-w-D48-soft-mask", ("cuda",),
+               Geometry(B=1, H=10, W=13, heads=2, D=48, window=(4, 6), shift=(0, 3)),
+               scale=0.37, mask_value=-2.5),
+    KernelCase("w8-N64-unshifted-notable", ("triton", "cuda"),
+               Geometry(B=1, H=12, W=8, heads=1, D=64, window=8, shift=0),
+               table=False, pad=False, param_dtype=None, layout="mixed"),
     # 64-token tiles with wide head dims: the chunked pad and dbias passes (two and
     # four head-dim chunks); float32 must be refused.
-    (1, 7, 9, 1, 64, (5, 7), (2, 3), True, True, "input", "qkvpacked", None, -100.0,
-     ("triton",), "N35-D64-pad"),
-    (1, 7, 9, 1, 128, (5, 7), (2, 3), True, True, "float32", "mixed", None, -100.0,
-     ("triton",), "N35-D128-pad"),
+    KernelCase("N35-D64-pad", ("triton",),
+               Geometry(B=1, H=7, W=9, heads=1, D=64, window=(5, 7), shift=(2, 3)),
+               layout="qkvpacked"),
+    KernelCase("N35-D128-pad", ("triton",),
+               Geometry(B=1, H=7, W=9, heads=1, D=128, window=(5, 7), shift=(2, 3)),
+               param_dtype="float32", layout="mixed"),
     # Head dim 80: the 128 bucket, taken for half types; float32 must be refused.
-    (1, 5, 6, 1, 80, (3, 4), (1, 2), True, True, "input", "packed", None, -100.0,
-     ("triton",), "D80"),
-    (2, 5, 9, 2, 6, (3, 4), (1, 2), True, True, "float32", "mixed", None, -100.0,
-     ("cuda",), "N12-D6-unaligned"),
-    (1, 4, 7, 1, 130, (3, 5), (2, 0), True, True, "float32", "packed", None, float("-inf"),
-     ("cuda",), "D130-five-chunks-shift-h-inf-mask"),
+    KernelCase("D80", ("triton",),
+               Geometry(B=1, H=5, W=6, heads=1, D=80, window=(3, 4), shift=(1, 2))),
+    KernelCase("N12-D6-unaligned", ("cuda",),
+               Geometry(B=2, H=5, W=9, heads=2, D=6, window=(3, 4), shift=(1, 2)),
+               param_dtype="float32", layout="mixed"),
+    KernelCase("D130-five-chunks-shift-h-inf-mask", ("cuda",),
+               Geometry(B=1, H=4, W=7, heads=1, D=130, window=(3, 5), shift=(2, 0)),
+               param_dtype="float32", mask_value=float("-inf")),
     # Windows over 64 tokens: the tiled Triton kernels. Swin at 384 (12x12) on a padded
     # 2x2 window grid (all four window kinds, pad gradients); 9x10 with a -inf mask, where
     # a whole key block of a row can be masked; a 72-token window with head dim 64
     # (float32 must be refused).
-    (1, 14, 17, 2, 32, 12, (6, 5), True, True, "float32", "qkvpacked", None, -100.0,
-     ("triton",), "tiled-N144-pad-shift-D32"),
-    (1, 10, 11, 1, 16, (9, 10), (4, 3), True, True, "input", "mixed", 0.37, float("-inf"),
-     ("triton",), "tiled-N90-inf-mask-D16"),
-    (1, 8, 9, 1, 64, (8, 9), (3, 0), False, False, None, "packed", None, -100.0,
-     ("triton",), "tiled-N72-D64-notable"),
+    KernelCase("tiled-N144-pad-shift-D32", ("triton",),
+               Geometry(B=1, H=14, W=17, heads=2, D=32, window=12, shift=(6, 5)),
+               param_dtype="float32", layout="qkvpacked"),
+    KernelCase("tiled-N90-inf-mask-D16", ("triton",),
+               Geometry(B=1, H=10, W=11, heads=1, D=16, window=(9, 10), shift=(4, 3)),
+               layout="mixed", scale=0.37, mask_value=float("-inf")),
+    KernelCase("tiled-N72-D64-notable", ("triton",),
+               Geometry(B=1, H=8, W=9, heads=1, D=64, window=(8, 9), shift=(3, 0)),
+               table=False, pad=False, param_dtype=None),
 ]
-KERNEL_CASES = [pytest.param(backend, *case[:-2], id=f"{backend}-{case[-1]}")
-                for case in CASES for backend in case[-2]]
+KERNEL_CASES = [pytest.param(backend, case, id=f"{backend}-{case.name}")
+                for case in CASES for backend in case.backends]
 
 
 def _qkv_views(B, H, W, heads, D, dtype, layout):
@@ -232,25 +353,46 @@ def _qkv_views(B, H, W, heads, D, dtype, layout):
     return q, k, v
 
 
-def _run(backend, tensors, with_table, with_pad, grad, **kwargs):
-    """``tensors``: q, k, v (or one packed qkv), then the table and pads asked for."""
+def _run(backend, tensors, with_table, with_pad, grad, cosine=False, **kwargs):
+    """``tensors``: q, k, v (or one packed qkv), then the table, the logit scale
+    (``cosine``) and the pads asked for."""
     packed = tensors[0].dim() == 6
     tokens, rest = (tensors[:1], list(tensors[1:])) if packed else (tensors[:3], list(tensors[3:]))
     table = rest.pop(0) if with_table else None
+    logit_scale = rest.pop(0) if cosine else None
     pad_kv = tuple(rest) if with_pad else None
     fn = ops.window_attention_qkvpacked if packed else ops.window_attention
-    out = fn(*tokens, table, pad_kv=pad_kv, backend=backend, **kwargs)
+    out = fn(*tokens, table, pad_kv=pad_kv, logit_scale=logit_scale, backend=backend, **kwargs)
     # Without padding the pads do not reach the reference's graph: zero gradient.
     return out, torch.autograd.grad(out, tensors, grad.to(out.dtype), allow_unused=True,
                                     materialize_grads=True)
 
 
+def _assert_rule(names, got, tensors, with_table, with_pad, grad, precision=None, **kwargs):
+    """``got`` (the output, then the gradients of ``tensors`` as ``_run`` takes them) under
+    the tolerance rule: the reference in float64 on the same values, pads rounded to q's
+    dtype as the kernel's contract says (the rounding passes the gradient through
+    unchanged), and on ``tensors`` as given or, if given, rounded to ``precision``: the
+    precision the products run at (default: q's dtype), also the floor's dtype."""
+    oracle = [t.detach().double() for t in tensors]
+    if with_pad:
+        oracle[-2:] = [t.detach().to(tensors[0].dtype).double() for t in tensors[-2:]]
+    expected, expected_grads = _run("reference", [t.requires_grad_() for t in oracle],
+                                    with_table, with_pad, grad, **kwargs)
+    own, own_grads = _run("reference", [t.detach().to(precision or t.dtype).requires_grad_()
+                                        for t in tensors], with_table, with_pad, grad, **kwargs)
+    for name, g, e, o in zip(names, got, (expected, *expected_grads), (own, *own_grads)):
+        assert_within(name, g, e, o, precision or tensors[0].dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
-@pytest.mark.parametrize("backend,B,H,W,heads,D,window,shift,with_table,with_pad,param_dtype,"
-                         "layout,scale,mask_value", KERNEL_CASES)
-def test_kernel_matches_reference(backend, B, H, W, heads, D, window, shift, with_table,
-                                  with_pad, param_dtype, layout, scale, mask_value, dtype):
-    kwargs = dict(window_size=window, shift_size=shift, scale=scale, mask_value=mask_value)
+@pytest.mark.parametrize("backend, case", KERNEL_CASES)
+def test_kernel_matches_reference(backend, case, dtype):
+    B, H, W, heads, D, window, shift = case.geometry
+    with_table, with_pad, layout = case.table, case.pad, case.layout
+    param_dtype = case.param_dtype
+    kwargs = dict(window_size=window, shift_size=shift, scale=case.scale,
+                  mask_value=case.mask_value)
     area = _pair(window)[0] * _pair(window)[1]
     if backend == "triton" and dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
         # Not a skip: the Triton backend must refuse this call, with its reason.
@@ -271,23 +413,177 @@ def test_kernel_matches_reference(backend, B, H, W, heads, D, window, shift, wit
     grad = torch.randn(B, W, H, heads, D, dtype=dtype).transpose(1, 2)
 
     out, grads = _run(backend, inputs, with_table, with_pad, grad, **kwargs)
-    # Oracle: the reference in float64 on the same values, pads rounded to q's dtype as
-    # the kernel's contract says (the rounding passes the gradient through unchanged).
-    oracle = [t.detach().double() for t in inputs]
-    if with_pad:
-        oracle[-2:] = [t.detach().to(dtype).double() for t in inputs[-2:]]
-    expected, expected_grads = _run("reference", [t.requires_grad_() for t in oracle],
-                                    with_table, with_pad, grad, **kwargs)
     assert out.dtype == dtype and out.shape == (B, H, W, heads, D) and out.is_contiguous()
-    atol, rtol = _tol(backend, dtype, expected)
-    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
     names = (["qkv"] if layout == "qkvpacked" else ["q", "k", "v"]) + ["table"] * with_table \
         + ["pad_k", "pad_v"] * with_pad
-    for name, g, e, t in zip(names, grads, expected_grads, inputs):
+    for name, g, t in zip(names, grads, inputs):
         assert g.dtype == t.dtype and g.shape == t.shape, name
-        atol, rtol = _tol(backend, dtype, e, summed=name in ("table", "pad_k", "pad_v"))
-        torch.testing.assert_close(g.double(), e, atol=atol, rtol=rtol,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    _assert_rule(["out", *(f"grad of {name}" for name in names)], (out, *grads), inputs,
+                 with_table, with_pad, grad, **kwargs)
+
+
+class CosineCase(NamedTuple):
+    """A Swin V2 (cosine attention) case of the Triton kernels: per-head logit scales
+    (some above the clamp at log 100 = 4.605), table and pads in ``param_dtype``
+    ("input": q's dtype) or float32."""
+    name: str
+    geometry: Geometry
+    logit_scale: Tuple[float, ...]
+    param_dtype: str = "float32"
+    layout: str = "packed"
+    pad: bool = True
+    mask_value: float = -100.0
+
+
+# Single tile (up to 32 tokens): 20 tokens at head dim 64 (dbias and pads in their
+# chunked passes); tiled: Swin V2's 8x8 padded on one axis, 90 tokens (float32 too at
+# D = 32) with a -inf mask, Swin V2's 12x12 on a padded 2x2 window grid. Logit scales
+# below, at and above the clamp, timm's shape (heads, 1, 1) and (heads,).
+COSINE_CASES = [
+    CosineCase("N20-D64-pad", Geometry(B=1, H=9, W=10, heads=2, D=64, window=(4, 5),
+                                       shift=(2, 1)), (1.0, 5.0), layout="qkvpacked"),
+    CosineCase("w8-N64-D16", Geometry(B=1, H=8, W=11, heads=2, D=16, window=8, shift=(0, 4)),
+               (math.log(100.0), -1.0), param_dtype="input", layout="mixed"),
+    CosineCase("tiled-N90-D32-inf-mask", Geometry(B=1, H=10, W=11, heads=1, D=32,
+                                                  window=(9, 10), shift=(4, 3)),
+               (3.0,), layout="mixed", mask_value=float("-inf")),
+    CosineCase("tiled-w12-N144-D16-pad", Geometry(B=1, H=14, W=17, heads=2, D=16, window=12,
+                                                  shift=(6, 5)), (2.3, 6.0),
+               param_dtype="input"),
+]
+
+
+def _cosine_inputs(case, dtype, pad_values=None):
+    """q, k, v (or qkv), table, logit scale and pads of ``case`` as leaves, and the
+    upstream gradient."""
+    B, H, W, heads, D, window, shift = case.geometry
+    torch.manual_seed(0)
+    param_dtype = dtype if case.param_dtype == "input" else torch.float32
+    inputs = list(_qkv_views(B, H, W, heads, D, dtype, case.layout))
+    inputs.append(_table(window, heads, param_dtype))
+    shape = (heads,) if heads == 1 else (heads, 1, 1)
+    inputs.append(torch.tensor(case.logit_scale, dtype=param_dtype).view(shape))
+    if case.pad:
+        inputs += list(torch.randn(2, heads, D, dtype=param_dtype).unbind(0)
+                       if pad_values is None else pad_values.to(param_dtype).unbind(0))
+    grad = torch.randn(B, W, H, heads, D, dtype=dtype).transpose(1, 2)
+    return [t.detach().requires_grad_() for t in inputs], grad
+
+
+def _cosine_names(case):
+    return ((["qkv"] if case.layout == "qkvpacked" else ["q", "k", "v"]) + ["table", "logit_scale"]
+            + ["pad_k", "pad_v"] * case.pad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("case", COSINE_CASES, ids=lambda case: case.name)
+def test_cosine_kernel_matches_reference(case, dtype):
+    """Swin V2's cosine attention on the Triton kernels: the output and the gradients of
+    q, k, v, table, logit scale and pads under the tolerance rule."""
+    B, H, W, heads, D, window, shift = case.geometry
+    kwargs = dict(window_size=window, shift_size=shift, mask_value=case.mask_value,
+                  cosine=True)
+    area = _pair(window)[0] * _pair(window)[1]
+    if dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
+        with pytest.raises(_backend.BackendUnavailableError, match="float32 with head dim"):
+            ops.window_attention(*_packed_qkv(B, H, W, heads, D, dtype), backend="triton",
+                                 window_size=window, logit_scale=torch.zeros(heads))
+        return
+    inputs, grad = _cosine_inputs(case, dtype)
+    out, grads = _run("triton", inputs, True, case.pad, grad, **kwargs)
+    assert out.dtype == dtype and out.shape == (B, H, W, heads, D)
+    names = _cosine_names(case)
+    for name, g, t in zip(names, grads, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+    # The clamp holds a logit scale above log 100: no gradient.
+    dlogit_scale = grads[names.index("logit_scale")].flatten()
+    above = torch.tensor(case.logit_scale) > math.log(100.0)
+    assert torch.equal(dlogit_scale[above], torch.zeros_like(dlogit_scale[above]))
+    _assert_rule(["out", *(f"grad of {name}" for name in names)], (out, *grads), inputs, True,
+                 case.pad, grad, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [(4, 5), (9, 8)], ids=["single-tile", "tiled"])
+def test_cosine_rows_below_eps(window, dtype):
+    """A query row, a key row and the pad key (timm's k_bias = 0) of norm zero, below
+    F.normalize's eps: their cosines are 0 and their gradients dx_hat / eps (~1e12 times
+    the others; float16 cannot hold them: inf on every backend). The tolerance rule holds
+    on those rows and on the others separately."""
+    H, W = window[0] + 3, window[1] + 2
+    case = CosineCase("zero-rows", Geometry(B=1, H=H, W=W, heads=2, D=16, window=window,
+                                            shift=(1, 2)), (1.0, 4.0))
+    inputs, grad = _cosine_inputs(case, dtype, pad_values=torch.stack(
+        (torch.zeros(2, 16), torch.randn(2, 16))))
+    qkv = inputs[0].detach().clone()
+    qkv[0, 1, 2, 0] = 0.0   # a query row
+    qkv[0, 3, 1, 1, 1] = 0.0  # a key row of head 1
+    inputs[0] = qkv.requires_grad_()
+    kwargs = dict(window_size=window, shift_size=(1, 2), cosine=True)
+    out, grads = _run("triton", inputs, True, True, grad, **kwargs)
+    zero = torch.zeros_like(qkv, dtype=torch.bool)
+    zero[0, 1, 2, 0] = zero[0, 3, 1, 1, 1] = True
+    oracle = [t.detach().double() for t in inputs]
+    oracle[-2:] = [t.detach().to(dtype).double() for t in inputs[-2:]]
+    expected, expected_grads = _run("reference", [t.requires_grad_() for t in oracle], True,
+                                    True, grad, **kwargs)
+    own, own_grads = _run("reference", [t.detach().requires_grad_() for t in inputs], True, True,
+                          grad, **kwargs)
+    assert_within("out", out, expected, own, dtype)
+    assert expected_grads[0][zero].abs().max() > 1e9  # dx_hat / eps
+    for rows in (zero, ~zero):
+        assert_within("grad of qkv", grads[0][rows], expected_grads[0][rows], own_grads[0][rows],
+                      dtype)
+    for name, g, e, o in zip(("table", "logit_scale", "pad_k", "pad_v"), grads[1:],
+                             expected_grads[1:], own_grads[1:]):
+        assert_within(f"grad of {name}", g, e, o, dtype)
+
+
+def test_cosine_logit_scale_clamp_edge():
+    """The logit scale's gradient is torch.clamp's, which compares with log 100 in
+    float64: float32 log 100 lies above it (no gradient, as the next float32 up), the
+    float32 below passes; on the Triton kernels as in the reference."""
+    bound = torch.tensor(math.log(100.0), dtype=torch.float32)
+    assert bound.double() > math.log(100.0)
+    logit_scale = torch.stack((bound, torch.nextafter(bound, torch.tensor(10.0)),
+                               torch.nextafter(bound, torch.tensor(0.0)))).requires_grad_()
+    torch.manual_seed(0)
+    q, k, v = _packed_qkv(1, 5, 6, 3, 8, torch.float32)
+    grads = {}
+    for backend in ("triton", "reference"):
+        out = ops.window_attention(q, k, v, window_size=(5, 3), logit_scale=logit_scale,
+                                   backend=backend)
+        (grads[backend],) = torch.autograd.grad(out, logit_scale, torch.ones_like(out))
+    for g in grads.values():
+        assert g[0] == 0 and g[1] == 0 and g[2] != 0
+    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-4, atol=1e-5)
+
+
+def test_cosine_24x24_window():
+    """Swin V2's largest window (swinv2_base_window12to24_192to384): 576 tokens in the
+    tiled kernels, two windows (the second padded), shifted, with table and pads."""
+    case = CosineCase("w24", Geometry(B=1, H=24, W=26, heads=1, D=16, window=24,
+                                      shift=(12, 12)), (3.5,))
+    inputs, grad = _cosine_inputs(case, torch.float16)
+    kwargs = dict(window_size=24, shift_size=12, cosine=True)
+    out, grads = _run("triton", inputs, True, True, grad, **kwargs)
+    _assert_rule(["out", *(f"grad of {name}" for name in _cosine_names(case))], (out, *grads),
+                 inputs, True, True, grad, **kwargs)
+
+
+@pytest.mark.parametrize("window", [(4, 5), (9, 8)], ids=["single-tile", "tiled"])
+def test_cosine_backward_is_deterministic(window):
+    case = CosineCase("det", Geometry(B=1, H=window[0] + 2, W=window[1] + 3, heads=2, D=32,
+                                      window=window, shift=(2, 1)), (2.0, 5.0),
+                      param_dtype="input")
+    results = []
+    for _ in range(2):
+        inputs, grad = _cosine_inputs(case, torch.float16)
+        out, grads = _run("triton", inputs, True, True, grad, window_size=window,
+                          shift_size=(2, 1), cosine=True)
+        results.append((out, *grads))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -321,10 +617,15 @@ def test_gradients_only_where_asked(backend):
     out = ops.window_attention(q, k, v, table, backend=backend, **kwargs)
     out.sum().backward()
     assert q.grad is not None and table.grad is None and pad_kv[0].grad is None
-    expected = reference(q, k, v, table, **kwargs)
-    (expected_dq,) = torch.autograd.grad(expected, q, torch.ones_like(expected))
-    atol, rtol = _tol(backend, torch.float32, expected_dq)
-    torch.testing.assert_close(q.grad, expected_dq, atol=atol, rtol=rtol)
+
+    def reference_dq(q, k, v, table, pad_kv):
+        q = q.detach().requires_grad_()
+        out = reference(q, k, v, table, window_size=4, shift_size=2, pad_kv=pad_kv)
+        return torch.autograd.grad(out, q, torch.ones_like(out))[0]
+
+    oracle = reference_dq(*(t.double() for t in (q, k, v, table)),
+                          tuple(t.double() for t in pad_kv))
+    assert_within("dq", q.grad, oracle, reference_dq(q, k, v, table, pad_kv), q.dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -364,13 +665,8 @@ def test_negative_scale(backend, window):
     grad = torch.randn(1, H, W, 2, 16)
     kwargs = dict(window_size=window, shift_size=(1, 2), scale=-0.4)
     out, grads = _run(backend, inputs, True, False, grad, **kwargs)
-    expected, expected_grads = _run("reference", [t.detach().double().requires_grad_()
-                                                  for t in inputs], True, False, grad, **kwargs)
-    for name, g, e in zip(("out", "q", "k", "v", "table"), (out, *grads),
-                          (expected, *expected_grads)):
-        atol, rtol = _tol(backend, torch.float32, e, summed=name == "table")
-        torch.testing.assert_close(g.double(), e, atol=atol, rtol=rtol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    _assert_rule(("out", "q", "k", "v", "table"), (out, *grads), inputs, True, False, grad,
+                 **kwargs)
 
 
 @pytest.mark.parametrize("backend, window", [("triton", 3), ("triton", 9), ("cuda", 3)],
@@ -408,51 +704,84 @@ class _LaunchRecorder:
             # The config key: float32 inputs are "fp32x3" unless TF32 is allowed; the
             # dtable kernel's is its table's dtype.
             key = (kernels._dtype_name(named["q_ptr"].dtype) if "q_ptr" in named
-                   else kernels._DTYPE_NAMES[table.dtype])
+                   else DTYPE_NAMES[table.dtype])
             self.launches.append((self.kernel.__name__, tuple(sorted(constexprs.items())),
                                   num_warps, num_stages, key,
-                                  "*" + kernels._DTYPE_NAMES[table.dtype]))
+                                  "*" + DTYPE_NAMES[table.dtype]))
             return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,
                                      **constexprs)
         return launch
 
 
-# The dtable reduction reads the fp32 partials whatever the inputs' dtype.
-# (H, W, window, D, dtype, TF32 allowed, backward PASSes): padded grids, table and pads
-# needing gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone, pads (two
-# head-dim chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad pass;
-# float32 as TF32 and as 3xTF32 (dbias alone at D = 64, tiled past 32 tokens); windows
-# over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
-@pytest.mark.parametrize("H,W,window,D,dtype,table_dtype,tf32,passes", [
-    (7, 9, (5, 7), 64, torch.float16, torch.float16, False, {0, 1, 2}),
-    (9, 8, 7, 16, torch.bfloat16, torch.float32, False, {0, 1}),
-    (9, 10, (4, 5), 32, torch.float32, torch.float32, True, {0, 1}),
-    (9, 10, (4, 5), 32, torch.float32, torch.float32, False, {0, 1}),
-    (9, 10, (4, 5), 64, torch.float32, torch.float32, False, {0, 1, 2}),
-    (9, 8, 7, 32, torch.float32, torch.float32, False, {2, 3, 4}),
-    (13, 12, (12, 11), 32, torch.bfloat16, torch.bfloat16, False, {2, 3, 4}),
-], ids=["N35-D64-fp16", "N49-D16-bf16-fp32table", "N20-D32-tf32", "N20-D32-fp32x3",
-        "N20-D64-fp32x3", "tiled-N49-D32-fp32x3", "tiled-N132-D32-bf16"])
-def test_launches_are_static_compile_specs(monkeypatch, H, W, window, D, dtype, table_dtype,
-                                           tf32, passes):
+class LaunchCase(NamedTuple):
+    """One head on an H x W grid; ``tf32``: torch allows TF32; ``passes``: the backward
+    PASSes the launchers run; ``cosine``: Swin V2's cosine attention (a logit scale,
+    with its gradient)."""
+    name: str
+    H: int
+    W: int
+    window: Size
+    D: int
+    dtype: torch.dtype
+    table_dtype: torch.dtype
+    tf32: bool
+    passes: set
+    cosine: bool = False
+
+
+# The dtable reduction reads the fp32 partials whatever the inputs' dtype. Padded grids,
+# table and pads needing gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone,
+# pads (two head-dim chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad
+# pass; float32 as TF32 and as 3xTF32 (dbias alone at D = 64, tiled past 32 tokens);
+# windows over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
+LAUNCH_CASES = [
+    LaunchCase("N35-D64-fp16", H=7, W=9, window=(5, 7), D=64, dtype=torch.float16,
+               table_dtype=torch.float16, tf32=False, passes={0, 1, 2}),
+    LaunchCase("N49-D16-bf16-fp32table", H=9, W=8, window=7, D=16, dtype=torch.bfloat16,
+               table_dtype=torch.float32, tf32=False, passes={0, 1}),
+    LaunchCase("N20-D32-tf32", H=9, W=10, window=(4, 5), D=32, dtype=torch.float32,
+               table_dtype=torch.float32, tf32=True, passes={0, 1}),
+    LaunchCase("N20-D32-fp32x3", H=9, W=10, window=(4, 5), D=32, dtype=torch.float32,
+               table_dtype=torch.float32, tf32=False, passes={0, 1}),
+    LaunchCase("N20-D64-fp32x3", H=9, W=10, window=(4, 5), D=64, dtype=torch.float32,
+               table_dtype=torch.float32, tf32=False, passes={0, 1, 2}),
+    LaunchCase("tiled-N49-D32-fp32x3", H=9, W=8, window=7, D=32, dtype=torch.float32,
+               table_dtype=torch.float32, tf32=False, passes={2, 3, 4}),
+    LaunchCase("tiled-N132-D32-bf16", H=13, W=12, window=(12, 11), D=32, dtype=torch.bfloat16,
+               table_dtype=torch.bfloat16, tf32=False, passes={2, 3, 4}),
+    # Cosine attention: dbias always alone; past 32 tokens the tiled kernels, with the
+    # blocks of the cosine backward.
+    LaunchCase("cos-N20-D32-fp16", H=9, W=10, window=(4, 5), D=32, dtype=torch.float16,
+               table_dtype=torch.float32, tf32=False, passes={0, 1, 2}, cosine=True),
+    LaunchCase("cos-N20-D64-fp32x3", H=9, W=10, window=(4, 5), D=64, dtype=torch.float32,
+               table_dtype=torch.float32, tf32=False, passes={0, 1, 2}, cosine=True),
+    LaunchCase("cos-tiled-N35-D64-bf16", H=7, W=9, window=(5, 7), D=64, dtype=torch.bfloat16,
+               table_dtype=torch.bfloat16, tf32=False, passes={2, 3, 4}, cosine=True),
+]
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=lambda case: case.name)
+def test_launches_are_static_compile_specs(monkeypatch, case):
     """The static compile check (tests/test_static_compile.py) covers what the launchers
     pick: every launch is a spec of the sm_80 row (the interpreter's), table dtype
     included (fp32 parameters under autocast, or the model's dtype)."""
+    _, H, W, window, D, dtype, table_dtype, tf32, passes, cosine = case
     specs = {(s["fn"].__name__, tuple(sorted((k, v) for k, v in s["constexprs"].items()
                                              if not k.startswith("stride_"))),
               s["num_warps"], s["num_stages"], s["dtype"],
               next(s["signature"][a] for a in _TABLE_ARGS if a in s["signature"]))
-             for s in kernels.static_compile_specs() if 80 in s.get("archs", (80, 90))}
+             for s in static_specs.static_compile_specs() if 80 in s.get("archs", (80, 90))}
     launches = []
     for name in _KERNEL_NAMES:
         monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), launches))
     torch.manual_seed(0)
     tensors = [t.detach().requires_grad_() for t in (
         *_packed_qkv(1, H, W, 1, D, dtype), _table(window, 1, table_dtype),
-        *torch.randn(2, 1, D))]
+        *torch.randn(2, 1, D), *[torch.full((1,), 2.0)] * cosine)]
     with _tf32(tf32):
         out = ops.window_attention(*tensors[:4], window_size=window, shift_size=2,
-                                   pad_kv=tensors[4:], backend="triton")
+                                   pad_kv=tensors[4:6], logit_scale=(tensors[6:] or [None])[0],
+                                   backend="triton")
         torch.autograd.grad(out, tensors, torch.randn_like(out))
     assert {dict(c)["PASS"] for _, c, *_ in launches if "PASS" in dict(c)} == passes
     assert any(name == "_window_attention_dtable_kernel" for name, *_ in launches)
@@ -471,24 +800,90 @@ def test_triton_grids_keep_heads_off_axis_1(monkeypatch):
     geometry = ((2, 2), (0, 0), 1.0, -100.0)
     out, lse = kernels.window_attention_fwd(q, k, v, table, None, None, *geometry)
     kernels.window_attention_bwd(out, q, k, v, out, lse, table, None, None, *geometry,
-                                 (True,) * 6)
+                                 (True,) * 7)
     assert len(grids) > 2 and all(n <= 65535 for g in grids for n in g[1:]), grids
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_custom_op_opcheck(backend):
+@pytest.mark.parametrize("backend, cosine", [("triton", False), ("triton", True),
+                                             ("cuda", False)],
+                         ids=["triton", "triton-cosine", "cuda"])
+def test_custom_op_opcheck(backend, cosine):
     _use(backend)
     torch.manual_seed(0)
-    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 1, 16, torch.float32))
-    table = _table((4, 5), 1, torch.float32).requires_grad_()
-    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 1, 16))
-    args = (q, k, v, table, pad_k, pad_v, 4, 5, 1, 2, 0.25, -100.0, backend)
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 2, 16, torch.float32))
+    table = _table((4, 5), 2, torch.float32).requires_grad_()
+    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 16))
+    logit_scale = torch.tensor([[[1.0]], [[5.0]]], requires_grad=True) if cosine else None
+    args = (q, k, v, table, pad_k, pad_v, logit_scale, 4, 5, 1, 2, 0.25, -100.0, backend)
     torch.library.opcheck(torch.ops.pyvit_ops.window_attention_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+    out, lse = torch.ops.pyvit_ops.window_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, table, pad_k, pad_v, logit_scale, 4, 5,
+                1, 2, 0.25, -100.0, True, True, cosine, backend)
+    torch.library.opcheck(torch.ops.pyvit_ops.window_attention_bwd, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # --------------------------------------------------------------------------- errors
+
+
+# One row per bad argument of a valid call: the error type and the argument's name
+# in the message.
+_valid = VALID_CALLS["window_attention"]
+BAD_CALLS = [
+    bad_call(_valid, dict(q=randn(5, 3, 2, 4)), ValueError, "q: expected a 5-D tensor"),
+    bad_call(_valid, dict(q=torch.ones(1, 5, 3, 2, 4, dtype=torch.int32)),
+             TypeError, "q: expected dtype"),
+    bad_call(_valid, dict(q=randn(1, 5, 3, 2, 0), k=randn(1, 5, 3, 2, 0), v=randn(1, 5, 3, 2, 0),
+                          pad_kv=None),
+             ValueError, "q: expected a head dim"),
+    bad_call(_valid, dict(k=randn(1, 5, 4, 2, 4)), ValueError, "k: expected shape (1, 5, 3, 2, 4)"),
+    bad_call(_valid, dict(v=randn(1, 5, 3, 2, 4, dtype=torch.bfloat16)),
+             TypeError, "v: expected dtype"),
+    bad_call(_valid, dict(v=meta(1, 5, 3, 2, 4)), ValueError, "v: expected device cpu"),
+    bad_call(_valid, dict(window_size=0), ValueError, "window_size: expected positive sizes"),
+    bad_call(_valid, dict(window_size=(6, 2)),
+             ValueError, "window_size: expected at most the grid"),
+    bad_call(_valid, dict(window_size=2.0), TypeError, "window_size: expected an int or a pair"),
+    bad_call(_valid, dict(window_size=(2, 2, 2)),
+             TypeError, "window_size: expected an int or a pair"),
+    bad_call(_valid, dict(shift_size=2),
+             ValueError, "shift_size: expected 0 <= shift < window_size"),
+    bad_call(_valid, dict(shift_size=(-1, 0)), ValueError, "shift_size: expected 0 <= shift"),
+    bad_call(_valid, dict(shift_size=True), TypeError, "shift_size: expected an int or a pair"),
+    bad_call(_valid, dict(rel_pos_bias_table=randn(9)),
+             ValueError, "rel_pos_bias_table: expected a 2-D"),
+    bad_call(_valid, dict(rel_pos_bias_table=randn(9, 3)),
+             ValueError, "rel_pos_bias_table: expected shape (9, 2)"),
+    bad_call(_valid, dict(rel_pos_bias_table=randn(9, 2, dtype=torch.float16)),
+             TypeError, "rel_pos_bias_table: expected dtype"),
+    bad_call(_valid, dict(rel_pos_bias_table=meta(9, 2)),
+             ValueError, "rel_pos_bias_table: expected device cpu"),
+    bad_call(_valid, dict(pad_kv=randn(2, 4)), TypeError, "pad_kv: expected a pair"),
+    bad_call(_valid, dict(pad_kv=(randn(2, 4),)), TypeError, "pad_kv: expected a pair"),
+    bad_call(_valid, dict(pad_kv=(randn(2, 5), randn(2, 4))),
+             ValueError, "pad_kv[0]: expected shape (2, 4)"),
+    bad_call(_valid, dict(pad_kv=(randn(2, 4), randn(2, 4, dtype=torch.float64))),
+             TypeError, "pad_kv[1]: expected dtype"),
+    bad_call(_valid, dict(pad_kv=(randn(2, 4), meta(2, 4))),
+             ValueError, "pad_kv[1]: expected device"),
+    bad_call(_valid, dict(scale="x"), TypeError, "scale: expected a float"),
+    bad_call(_valid, dict(scale=float("nan")), ValueError, "scale: expected a nonzero finite"),
+    bad_call(_valid, dict(mask_value=None), TypeError, "mask_value: expected a float"),
+    bad_call(_valid, dict(mask_value=float("nan")),
+             ValueError, "mask_value: expected a number below"),
+    bad_call(_valid, dict(backend=1), ValueError, "backend: expected one of"),
+    bad_call(_valid, dict(window_size=9, shift_size=0, rel_pos_bias_table=randn(289, 2),
+                          q=randn(1, 9, 9, 2, 4), k=randn(1, 9, 9, 2, 4), v=randn(1, 9, 9, 2, 4),
+                          pad_kv=None, backend="cuda"),
+             _backend.BackendUnavailableError, "window area 9x9 = 81 > 64"),
+]
+
+
+@pytest.mark.parametrize("call, change, error, text", BAD_CALLS)
+def test_bad_argument(call, change, error, text):
+    assert_rejects(lambda: call(**change), error, text)
 
 
 def _valid_args():
@@ -542,7 +937,7 @@ def test_bad_inputs(name, make, exc, message):
     ("triton", dict(D=160), "head dim 160 > 128"),
     ("triton", dict(D=96), "float32 with head dim 96 > 64 (window area 20)"),
     ("triton", dict(D=48, window=(8, 5)), "float32 with head dim 48 > 32 (window area 40)"),
-    ("triton", dict(window=(17, 16), grid=(17, 16)), "window area 17x16 = 272 > 256"),
+    ("triton", dict(window=(25, 24), grid=(25, 24)), "window area 25x24 = 600 > 576"),
     ("triton", dict(dtype=torch.float64), "float64 runs only on the reference backend"),
     ("cuda", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
 ])
@@ -571,7 +966,7 @@ def test_int32_offset_limits_are_backend_reasons(shape, strides, packed, reason)
     else:
         q = torch.empty_strided(shape, strides, device="meta")
     why = ops._reasons("triton", q, q, q, None, None, (2, 2), packed=packed)
-    assert any(r.startswith(reason + "offsets within one image must fit in int32")
+    assert any(r.startswith(reason + "offsets within one sample must fit in int32")
                for r in why), why
     row = q[:, :1]  # one grid row fits
     assert not [r for r in ops._reasons("triton", row, row, row, None, None, (1, 2),
@@ -679,7 +1074,8 @@ PRECISION_WINDOWS = [((4, 5), "single tile"), ((6, 7), "3xTF32 tiled, TF32 singl
 @pytest.mark.parametrize("tf32", [False, True], ids=["no-tf32", "tf32"])
 def test_float32_precision_follows_torch(window, tf32):
     """Float32 inputs: float32-grade results unless torch allows TF32, then TF32's error
-    (visible, and within float16's tolerance: both keep 10 mantissa bits)."""
+    (visible, and within the tolerance rule at float16's floor: both keep 10 mantissa
+    bits)."""
     torch.manual_seed(0)
     H, W = 2 * window[0] - 1, window[1] + 2  # padded and shifted: every window kind
     inputs = [t.detach().requires_grad_() for t in
@@ -688,15 +1084,13 @@ def test_float32_precision_follows_torch(window, tf32):
     kwargs = dict(window_size=window, shift_size=(1, 2))
     expected, expected_grads = _run("reference", [t.detach().double().requires_grad_()
                                                   for t in inputs], True, False, grad, **kwargs)
-    errors = []
     with _tf32(tf32):
         out, grads = _run("triton", inputs, True, False, grad, **kwargs)
-        for name, g, e in zip(("out", "q", "k", "v", "table"), (out, *grads),
-                              (expected, *expected_grads)):
-            atol, rtol = _tol("triton", torch.float32, e, summed=name == "table")
-            torch.testing.assert_close(g.double(), e, atol=atol, rtol=rtol,
-                                       msg=lambda m, name=name: f"{name}: {m}")
-            errors.append(((g.double() - e).abs().max() / e.abs().max()).item())
+    # TF32 keeps float16's 10 explicit mantissa bits: PyTorch's own at float16 precision.
+    _assert_rule(("out", "q", "k", "v", "table"), (out, *grads), inputs, True, False, grad,
+                 precision=torch.float16 if tf32 else None, **kwargs)
+    errors = [((g.double() - e).abs().max() / e.abs().max()).item()
+              for g, e in zip((out, *grads), (expected, *expected_grads))]
     if tf32:
         assert max(errors) > 1e-5, errors
     else:

@@ -7,6 +7,8 @@ custom ops ``pyvit_ops::window_attention_fwd`` / ``_bwd``, which return / take t
 output and its fp32 base-2 log-sum-exp of shape ``(num_windows, heads, N)``,
 ``num_windows = B * ceil(H / wh) * ceil(W / ww)``, ``N = wh * ww``; their
 ``_qkvpacked`` twins take one ``(B, H, W, 3, heads, D)`` qkv and return its gradient.
+They take the logit scale as given (``(heads,)`` or ``(heads, 1, 1)``, None: no cosine
+attention) and return its gradient in its shape and dtype.
 """
 import functools
 import math
@@ -14,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from pyvit_ops import _backend, _checks, _ext
+from pyvit_ops import _backend, _checks, _ext, capabilities
 from pyvit_ops.reference import window_attention as reference
 
 _OP = "window_attention"
@@ -26,10 +28,6 @@ def _triton_module():
     return kernels
 
 
-# csrc/window_attention.cuh: one block holds a window's scores in a 64x64 tile.
-CUDA_MAX_WINDOW_AREA = 64
-
-
 def _reasons(backend, q, k, v, table, pad_kv, window_size, packed=False):
     """Why ``backend`` cannot run the call; ``packed``: q, k, v are slices of one qkv,
     whose gradient the kernels write as one packed tensor."""
@@ -37,37 +35,44 @@ def _reasons(backend, q, k, v, table, pad_kv, window_size, packed=False):
     reasons = _backend.common_reasons(backend, _OP, tensors=tensors)
     D = q.shape[-1]
     area = window_size[0] * window_size[1]
+    reasons += capabilities.limit_reasons(_OP, backend, "head_dim", D, f"head dim {D}")
+    reasons += capabilities.limit_reasons(_OP, backend, "float32_head_dim", D,
+                                          f"float32 with head dim {D}", dtype=q.dtype,
+                                          window_area=area)
+    reasons += capabilities.limit_reasons(
+        _OP, backend, "window_area", area,
+        f"window area {window_size[0]}x{window_size[1]} = {area}")
     if backend == "triton":
-        kernels = _triton_module()
-        if D > kernels.MAX_HEAD_DIM:
-            reasons.append(f"head dim {D} > {kernels.MAX_HEAD_DIM}: the Triton kernel keeps a "
-                           "window's q, k, v tiles in registers")
-        elif q.dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
-            reasons.append(f"float32 with head dim {D} > {kernels.max_head_dim_fp32(area)} "
-                           f"(window area {area}): the Triton kernel's fp32 tiles would "
-                           "spill registers")
-        if area > kernels.MAX_WINDOW_AREA:
-            reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
-                           f"{kernels.MAX_WINDOW_AREA}: the Triton kernels are built and checked "
-                           "for windows up to 16x16")
-        reasons += kernels.int32_reasons(q, k, v, packed)
-    if backend == "cuda" and area > CUDA_MAX_WINDOW_AREA:
-        reasons.append(f"window area {window_size[0]}x{window_size[1]} = {area} > "
-                       f"{CUDA_MAX_WINDOW_AREA}: the CUDA kernel holds a whole window in one "
-                       "64x64 score tile")
+        reasons += _triton_module().int32_reasons(q, k, v, packed)
     return reasons
 
 
 # --------------------------------------------------------------------------- custom ops
 
 
-def _fwd(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
-         backend):
+def _gain(logit_scale):
+    """Swin V2's gain of the cosine, ``exp(min(logit_scale, log 100))`` per head, float32
+    (None without a logit scale)."""
+    if logit_scale is None:
+        return None
+    return logit_scale.to(torch.float32).reshape(-1).clamp(max=reference.LOGIT_SCALE_MAX).exp()
+
+
+def _no_cosine(backend, logit_scale):
+    """The CUDA kernels have no cosine attention (the public functions choose another
+    backend; this guards direct calls of the custom ops)."""
+    if logit_scale is not None:
+        raise ValueError(f"backend {backend!r} has no cosine attention (logit_scale)")
+
+
+def _fwd(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
+         mask_value, backend):
     if backend == "triton":
         return _triton_module().window_attention_fwd(
             q, k, v, table, pad_k, pad_v, (window_h, window_w), (shift_h, shift_w), scale,
-            mask_value)
+            mask_value, gain=_gain(logit_scale))
     if backend == "cuda":
+        _no_cosine(backend, logit_scale)
         return tuple(_ext.lib(q).window_attention_fwd(
             q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
             mask_value))
@@ -77,23 +82,24 @@ def _fwd(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, sca
 @torch.library.custom_op("pyvit_ops::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
-        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor], window_h: int,
-        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
+        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor],
+        logit_scale: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
+        shift_w: int, scale: float, mask_value: float,
         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
-                mask_value, backend)
+    return _fwd(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w,
+                scale, mask_value, backend)
 
 
 @torch.library.custom_op("pyvit_ops::window_attention_qkvpacked_fwd", mutates_args=())
 def _window_attention_qkvpacked_fwd(
         qkv: torch.Tensor, table: Optional[torch.Tensor], pad_k: Optional[torch.Tensor],
-        pad_v: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
-        shift_w: int, scale: float, mask_value: float,
+        pad_v: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor], window_h: int,
+        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``window_attention_fwd`` of the three slices of qkv ``(B, H, W, 3, heads, D)``
     (the kernels read strided slices)."""
-    return _fwd(*qkv.unbind(3), table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
-                scale, mask_value, backend)
+    return _fwd(*qkv.unbind(3), table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
+                shift_w, scale, mask_value, backend)
 
 
 def _lse_shape(q, window_h, window_w):
@@ -102,42 +108,52 @@ def _lse_shape(q, window_h, window_w):
 
 
 @_window_attention_fwd.register_fake
-def _(q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
-      backend):
+def _(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
+      mask_value, backend):
     return (q.new_empty(q.shape),
             q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
 
 
 @_window_attention_qkvpacked_fwd.register_fake
-def _(qkv, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
-      backend):
+def _(qkv, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
+      mask_value, backend):
     q = qkv.select(3, 0)
     return (q.new_empty(q.shape),
             q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
 
 
-def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
-         scale, mask_value, table_grad, pad_grad, backend, qkv=None):
-    """(dq, dk, dv, dtable, dpad_k, dpad_v), or (dqkv, dtable, dpad_k, dpad_v) written in
-    place of a stack when q, k, v are the slices of the packed ``qkv``; dtable / dpads
-    are empty tensors unless ``table_grad`` / ``pad_grad`` (custom ops cannot return
-    None)."""
+def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
+         shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad, backend, qkv=None):
+    """(dq, dk, dv, dtable, dpad_k, dpad_v, dlogit_scale), or (dqkv, dtable, dpad_k, dpad_v,
+    dlogit_scale) written in place of a stack when q, k, v are the slices of the packed
+    ``qkv``; dtable / dpads / dlogit_scale are empty tensors unless ``table_grad`` /
+    ``pad_grad`` / ``logit_scale_grad`` (custom ops cannot return None)."""
     geometry = (window_h, window_w, shift_h, shift_w, scale, mask_value)
     if backend == "triton":
         dqkv = None if qkv is None else torch.empty(qkv.shape, dtype=qkv.dtype,
                                                    device=qkv.device)
-        grads = _triton_module().window_attention_bwd(
+        *grads, dlog_gain = _triton_module().window_attention_bwd(
             dout, q, k, v, out, lse, table, pad_k, pad_v, (window_h, window_w),
             (shift_h, shift_w), scale, mask_value,
-            (True, True, True, table_grad, pad_grad, pad_grad), dqkv=dqkv)
+            (True, True, True, table_grad, pad_grad, pad_grad, logit_scale_grad), dqkv=dqkv,
+            gain=_gain(logit_scale))
         if dqkv is not None:
             grads = (dqkv, *grads[3:])
+        dlogit_scale = None
+        if dlog_gain is not None:
+            # gain = exp(min(logit_scale, log 100)): torch.clamp's gradient, which passes
+            # at the bound, compared in float64 as torch does (float32 log 100 is above).
+            passes = logit_scale.to(torch.float64).reshape(-1) <= reference.LOGIT_SCALE_MAX
+            dlogit_scale = (dlog_gain * passes).reshape(logit_scale.shape).to(logit_scale.dtype)
+        grads = (*grads, dlogit_scale)
     elif backend == "cuda" and qkv is None:
-        grads = _ext.lib(q).window_attention_bwd(
-            dout, q, k, v, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad)
+        _no_cosine(backend, logit_scale)
+        grads = (*_ext.lib(q).window_attention_bwd(
+            dout, q, k, v, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad), None)
     elif backend == "cuda":
-        grads = _ext.lib(q).window_attention_qkvpacked_bwd(
-            dout, qkv, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad)
+        _no_cosine(backend, logit_scale)
+        grads = (*_ext.lib(q).window_attention_qkvpacked_bwd(
+            dout, qkv, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad), None)
     else:
         raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
     tokens = 3 if qkv is None else 1
@@ -150,54 +166,64 @@ def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift
 def _window_attention_bwd(
         dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
-        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor], window_h: int,
-        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
-        table_grad: bool, pad_grad: bool, backend: str
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dtable, dpad_k, dpad_v), see ``_bwd``."""
-    return _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h,
-                shift_w, scale, mask_value, table_grad, pad_grad, backend)
+        pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor],
+        logit_scale: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
+        shift_w: int, scale: float, mask_value: float, table_grad: bool, pad_grad: bool,
+        logit_scale_grad: bool, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(dq, dk, dv, dtable, dpad_k, dpad_v, dlogit_scale), see ``_bwd``."""
+    return _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w,
+                shift_h, shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad,
+                backend)
 
 
 @torch.library.custom_op("pyvit_ops::window_attention_qkvpacked_bwd", mutates_args=())
 def _window_attention_qkvpacked_bwd(
         dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         table: Optional[torch.Tensor], pad_k: Optional[torch.Tensor],
-        pad_v: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
-        shift_w: int, scale: float, mask_value: float, table_grad: bool, pad_grad: bool,
-        backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dqkv, dtable, dpad_k, dpad_v), see ``_bwd``."""
-    return _bwd(dout, *qkv.unbind(3), out, lse, table, pad_k, pad_v, window_h, window_w,
-                shift_h, shift_w, scale, mask_value, table_grad, pad_grad, backend, qkv=qkv)
+        pad_v: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor], window_h: int,
+        window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
+        table_grad: bool, pad_grad: bool, logit_scale_grad: bool, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dtable, dpad_k, dpad_v, dlogit_scale), see ``_bwd``."""
+    return _bwd(dout, *qkv.unbind(3), out, lse, table, pad_k, pad_v, logit_scale, window_h,
+                window_w, shift_h, shift_w, scale, mask_value, table_grad, pad_grad,
+                logit_scale_grad, backend, qkv=qkv)
 
 
-def _param_grads_fake(q, table, pad_k, pad_v, table_grad, pad_grad):
+def _param_grads_fake(q, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
+                      logit_scale_grad):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted and t is not None else q.new_empty(0)
 
-    return like(table, table_grad), like(pad_k, pad_grad), like(pad_v, pad_grad)
+    return (like(table, table_grad), like(pad_k, pad_grad), like(pad_v, pad_grad),
+            like(logit_scale, logit_scale_grad))
 
 
 @_window_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
-      mask_value, table_grad, pad_grad, backend):
+def _(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
+      shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad, backend):
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
-            *_param_grads_fake(q, table, pad_k, pad_v, table_grad, pad_grad))
+            *_param_grads_fake(q, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
+                               logit_scale_grad))
 
 
 @_window_attention_qkvpacked_bwd.register_fake
-def _(dout, qkv, out, lse, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
-      mask_value, table_grad, pad_grad, backend):
+def _(dout, qkv, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
+      shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad, backend):
     return (qkv.new_empty(qkv.shape),
-            *_param_grads_fake(qkv, table, pad_k, pad_v, table_grad, pad_grad))
+            *_param_grads_fake(qkv, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
+                               logit_scale_grad))
 
 
 def _setup_context(ctx, inputs, output, tokens):
-    """``tokens``: how many leading inputs are token tensors (q, k, v or qkv)."""
+    """``tokens``: how many leading inputs are token tensors (q, k, v or qkv), then come
+    the table, the pads and the logit scale."""
     out, lse = output
     ctx.tokens = tokens
-    ctx.save_for_backward(*inputs[:tokens + 3], out, lse)
-    ctx.params = inputs[tokens + 3:]
+    ctx.save_for_backward(*inputs[:tokens + 4], out, lse)
+    ctx.params = inputs[tokens + 4:]
     ctx.mark_non_differentiable(lse)
     # No zeros for lse's gradient: autograd passes None.
     ctx.set_materialize_grads(False)
@@ -212,7 +238,7 @@ def _backward(ctx, dout, _dlse):
            torch.ops.pyvit_ops.window_attention_qkvpacked_bwd)
     grads = bwd(dout, *inputs[:tokens], out, lse, *inputs[tokens:], *ctx.params[:-1],
                 table_grad=need[tokens], pad_grad=need[tokens + 1] or need[tokens + 2],
-                backend=ctx.params[-1])
+                logit_scale_grad=need[tokens + 3], backend=ctx.params[-1])
     grads = tuple(g if n else None for g, n in zip(grads, need))
     return grads + (None,) * (len(need) - len(grads))
 
@@ -225,7 +251,8 @@ for _op, _tokens in ((_window_attention_fwd, 3), (_window_attention_qkvpacked_fw
 # --------------------------------------------------------------------------- public
 
 
-def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value):
+def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value,
+                logit_scale):
     _checks.check_tensor("q", q, ndim=5)
     _checks.check_tensor("k", k, ndim=5)
     _checks.check_tensor("v", v, ndim=5)
@@ -260,8 +287,17 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
         for name, pad in (("pad_kv[0]", pad_k), ("pad_kv[1]", pad_v)):
             _checks.check_tensor(name, pad, ndim=2, dtypes=allowed)
             _checks.check_shape(name, pad, (heads, D))
-    _checks.check_same_device(q=q, k=k, v=v, rel_pos_bias_table=table, **{
-        "pad_kv[0]": pad_k, "pad_kv[1]": pad_v})
+    if logit_scale is not None:
+        _checks.check_tensor("logit_scale", logit_scale, dtypes=allowed)
+        if logit_scale.numel() != heads or logit_scale.dim() == 0 or \
+                any(n != 1 for n in logit_scale.shape[1:]):
+            raise ValueError(f"logit_scale: expected shape ({heads},) or ({heads}, 1, 1) (one "
+                             f"value per head), got {tuple(logit_scale.shape)}")
+        if scale is not None:
+            raise ValueError(f"scale: expected None with logit_scale (cosine attention scales "
+                             f"the cosine by exp(logit_scale)), got {scale!r}")
+    _checks.check_same_device(q=q, k=k, v=v, rel_pos_bias_table=table, logit_scale=logit_scale,
+                              **{"pad_kv[0]": pad_k, "pad_kv[1]": pad_v})
     if scale is None:
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -280,7 +316,7 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
 
 
 def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
-                     pad_kv=None, mask_value=-100.0, backend=None):
+                     pad_kv=None, mask_value=-100.0, logit_scale=None, backend=None):
     """Swin window attention of image-layout token grids, fused.
 
     q, k, v: ``(B, H, W, heads, D)``, not rolled, padded or partitioned (typically
@@ -301,7 +337,13 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     padded tokens, which attention sees as real tokens (in timm the projection of
     the zero padding, i.e. the qkv bias); zeros when None; rounded to q's dtype.
     mask_value: added between tokens of different shift regions (timm: -100.0).
-    Table and pads may be in q's dtype or float32. Gradients flow to q, k, v, the
+    logit_scale: None, or one value per head (``(heads,)`` or timm's ``(heads, 1, 1)``):
+    Swin V2's scaled cosine attention (timm ``swin_transformer_v2.WindowAttention``),
+    logits ``cos(q_i, k_j) * exp(min(logit_scale, log 100)) + bias + mask`` with
+    ``F.normalize``'s eps; ``scale`` must then be None, the table holds the final bias
+    (timm's ``16 * sigmoid(cpb_mlp(...))``) and the logit scale's gradient is 0 where
+    the clamp holds it. Cosine attention runs on the reference and Triton backends.
+    Table, pads and logit scale may be in q's dtype or float32. Gradients flow to q, k, v, the
     table and the pads, deterministically (no atomics) on every backend.
     backend: None (automatic: Triton first on CUDA tensors of every dtype), "reference",
     "triton" or "cuda". Float32 inputs get float32-grade products on every backend:
@@ -315,11 +357,12 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     a float32 table and pads are read as is: fp32 masters with fp32 gradients.
     """
     return _window_attention((q, k, v), rel_pos_bias_table, window_size, shift_size, scale,
-                             pad_kv, mask_value, backend)
+                             pad_kv, mask_value, logit_scale, backend)
 
 
 def window_attention_qkvpacked(qkv, rel_pos_bias_table=None, *, window_size, shift_size=0,
-                               scale=None, pad_kv=None, mask_value=-100.0, backend=None):
+                               scale=None, pad_kv=None, mask_value=-100.0, logit_scale=None,
+                               backend=None):
     """``window_attention(*qkv.unbind(3), ...)`` of one packed projection
     ``qkv: (B, H, W, 3, heads, D)`` (timm's ``qkv(x).view(B, H, W, 3, heads, D)``), with
     the same arguments and result. Its gradient comes back as one
@@ -331,11 +374,11 @@ def window_attention_qkvpacked(qkv, rel_pos_bias_table=None, *, window_size, shi
     if qkv.shape[3] != 3:
         raise ValueError(f"qkv: expected shape (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
     return _window_attention((qkv,), rel_pos_bias_table, window_size, shift_size, scale,
-                             pad_kv, mask_value, backend)
+                             pad_kv, mask_value, logit_scale, backend)
 
 
 def _window_attention(tokens, table, window_size, shift_size, scale, pad_kv, mask_value,
-                      backend):
+                      logit_scale, backend):
     """``tokens``: (q, k, v) or (qkv,)."""
     low = _backend.autocast_dtype(tokens[0])
     if low is not None:
@@ -345,20 +388,22 @@ def _window_attention(tokens, table, window_size, shift_size, scale, pad_kv, mas
             return _window_attention(
                 tuple(_backend.autocast_cast(t, low) for t in tokens),
                 _backend.autocast_cast(table, low, keep_float32=True), window_size, shift_size,
-                scale, pad_kv, mask_value, backend)
+                scale, pad_kv, mask_value,
+                _backend.autocast_cast(logit_scale, low, keep_float32=True), backend)
     q, k, v = tokens if len(tokens) == 3 else tokens[0].unbind(3)
     window_size, shift_size, pad_k, pad_v, scale, mask_value = _check_args(
-        q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value)
+        q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value, logit_scale)
     backend = _backend.choose(
         _OP, backend,
-        lambda b: _reasons(b, q, k, v, table, pad_kv, window_size, packed=len(tokens) == 1),
+        lambda b: (_reasons(b, q, k, v, table, pad_kv, window_size, packed=len(tokens) == 1)
+                   + capabilities.feature_reasons(_OP, b, "cosine", logit_scale is not None)),
         device=q.device)
     if backend == "reference":
         return reference.window_attention(
             q, k, v, table, window_size=window_size, shift_size=shift_size, scale=scale,
-            pad_kv=pad_kv, mask_value=mask_value)
+            pad_kv=pad_kv, mask_value=mask_value, logit_scale=logit_scale)
     fwd = (torch.ops.pyvit_ops.window_attention_fwd if len(tokens) == 3 else
            torch.ops.pyvit_ops.window_attention_qkvpacked_fwd)
-    out, _ = fwd(*tokens, table, pad_k, pad_v, *window_size, *shift_size, scale, mask_value,
-                 backend)
+    out, _ = fwd(*tokens, table, pad_k, pad_v, logit_scale, *window_size, *shift_size, scale,
+                 mask_value, backend)
     return out

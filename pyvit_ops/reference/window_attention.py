@@ -14,10 +14,22 @@ The official microsoft/Swin-Transformer pads *before* it rolls, so for grids tha
 are not multiples of the window its padded tokens sit at other positions and
 its results differ from timm's; this operator matches timm.
 
+With ``logit_scale`` it is Swin V2's scaled cosine attention (timm's
+``swin_transformer_v2.WindowAttention``): the logits are
+``cos(q_i, k_j) * exp(min(logit_scale, log 100))`` (``F.normalize``'s eps 1e-12, padded
+keys normalised like any other) plus the table bias and the shift mask; the table then
+holds the final bias (timm's ``16 * sigmoid(cpb_mlp(...))``).
+
 Half-precision inputs are computed in float32 (scores, softmax, products) and the
 result is cast back; float64 stays float64 (for gradcheck).
 """
+import math
+
 import torch
+import torch.nn.functional as F
+
+# Swin V2 clamps the logit scale at log(1 / 0.01): at most 100x the cosine.
+LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def _compute_dtype(dtype):
@@ -97,14 +109,16 @@ def shift_mask(H, W, window_size, shift_size, mask_value=-100.0, *, dtype=torch.
 
 
 def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
-                     pad_kv=None, mask_value=-100.0):
+                     pad_kv=None, mask_value=-100.0, logit_scale=None):
     """Swin W-MSA / SW-MSA of q, k, v (B, H, W, heads, D) -> (B, H, W, heads, D).
 
     window_size, shift_size: (h, w) pairs or ints. rel_pos_bias_table:
     ((2 wh - 1)(2 ww - 1), heads) or None. pad_kv: (k_pad, v_pad), each (heads, D), the
     key / value of padded tokens (zeros when None); they are rounded to q's dtype, as
-    the projection that produces them in timm would. Inputs are assumed valid
-    (``pyvit_ops.window_attention`` checks them).
+    the projection that produces them in timm would. logit_scale: None, or ``heads``
+    values (timm's ``(heads, 1, 1)`` parameter) for Swin V2's cosine attention, which
+    takes no ``scale``. Inputs are assumed valid (``pyvit_ops.window_attention`` checks
+    them).
     """
     wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
     sh, sw = (shift_size, shift_size) if isinstance(shift_size, int) else shift_size
@@ -123,7 +137,11 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     q, k, v = _pad(q, Hp, Wp), _pad(k, Hp, Wp, pad_k), _pad(v, Hp, Wp, pad_v)
     q, k, v = (_partition(t, (wh, ww)) for t in (q, k, v))  # (B, nW, heads, N, D)
 
-    attn = (q * scale) @ k.transpose(-2, -1)  # (B, nW, heads, N, N)
+    if logit_scale is None:
+        attn = (q * scale) @ k.transpose(-2, -1)  # (B, nW, heads, N, N)
+    else:
+        gain = logit_scale.to(dtype).reshape(heads, 1, 1).clamp(max=LOGIT_SCALE_MAX).exp()
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * gain
     if rel_pos_bias_table is not None:
         index = relative_position_index((wh, ww), device=q.device)
         bias = rel_pos_bias_table.to(dtype)[index.reshape(-1)].view(N, N, heads).permute(2, 0, 1)

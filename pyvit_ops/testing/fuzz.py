@@ -32,8 +32,8 @@ PROFILE = "pyvit_ops-fuzz"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Real ViT head dims; 48, 80 and 96 are padded inside the kernels.
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
-OUTCOMES = ("passed", "failed", "known_bug", "not_runnable")
-_WORST_FIRST = ("failed", "known_bug", "not_runnable", "passed")
+OUTCOMES = ("passed", "failed", "not_runnable")
+_WORST_FIRST = ("failed", "not_runnable", "passed")
 
 
 def examples_budget():
@@ -83,35 +83,29 @@ class _Record:
     def not_runnable(self, reason):
         self.outcome, self.detail = "not_runnable", reason
 
-    def known_bug(self, reason):
-        """The case failed the way a known (xfail-tracked) kernel bug does."""
-        self.outcome, self.detail = "known_bug", reason
-
 
 class Tally:
     """Every execution of a case, per (operator, backend).
 
     Hypothesis runs some cases more than once (replaying and shrinking a failure), so
     both are kept: ``executions`` counts every run, and each distinct case counts once
-    under its worst outcome (failed, known bug, not runnable, passed).
+    under its worst outcome (failed, not runnable, passed).
     """
 
     def __init__(self):
         self.executions = collections.Counter()
         self.cases = collections.defaultdict(dict)  # (op, backend) -> {case repr: outcome}
-        self.failures = {}  # (op, backend, case repr) -> (outcome, first line of the error)
+        self.failures = {}  # (op, backend, case repr) -> first line of the error
 
     @contextlib.contextmanager
     def record(self, op, backend, case):
         """Counts the body as one run of ``case``: passed, failed (an exception,
-        re-raised), a known bug or not runnable (``record.known_bug(reason)``,
-        ``record.not_runnable(reason)``)."""
+        re-raised) or not runnable (``record.not_runnable(reason)``)."""
         rec = _Record()
         try:
             yield rec
         except Exception as exc:
-            if rec.outcome != "known_bug":
-                rec.outcome, rec.detail = "failed", f"{type(exc).__name__}: {summary(exc)}"
+            rec.outcome, rec.detail = "failed", f"{type(exc).__name__}: {summary(exc)}"
             raise
         finally:
             self._add(op, backend, repr(case), rec)
@@ -122,8 +116,8 @@ class Tally:
         if key in seen and _WORST_FIRST.index(seen[key]) <= _WORST_FIRST.index(rec.outcome):
             return  # as bad an outcome of this case is already recorded
         seen[key] = rec.outcome
-        if rec.outcome in ("failed", "known_bug"):
-            self.failures[op, backend, key] = (rec.outcome, rec.detail)
+        if rec.outcome == "failed":
+            self.failures[op, backend, key] = rec.detail
 
     def rows(self):
         rows = []
@@ -141,14 +135,14 @@ class Tally:
         widths = [max(len(c) for c in col) for col in zip(header, *body)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        for (op, backend, key), (outcome, detail) in sorted(self.failures.items()):
-            lines.append(f"{outcome.upper()} {op} [{backend}] {key}: {detail}")
+        for (op, backend, key), detail in sorted(self.failures.items()):
+            lines.append(f"FAILED {op} [{backend}] {key}: {detail}")
         return lines
 
     def to_json(self):
         return dict(max_examples=examples_budget(), rows=self.rows(),
-                    failures=[dict(op=op, backend=b, case=key, outcome=outcome, error=detail)
-                              for (op, b, key), (outcome, detail) in sorted(self.failures.items())])
+                    failures=[dict(op=op, backend=b, case=key, error=detail)
+                              for (op, b, key), detail in sorted(self.failures.items())])
 
     def write_json(self, path):
         with open(path, "w") as f:
@@ -184,7 +178,9 @@ class SdpaCase:
 
 @dataclasses.dataclass(frozen=True)
 class WindowCase:
-    """``table`` / ``pad``: None, "input" (q's dtype) or "float32"."""
+    """``table`` / ``pad`` / ``cosine``: None, "input" (q's dtype) or "float32";
+    ``cosine``: Swin V2's cosine attention, the logit scale in that dtype (``scale``
+    then None)."""
     dtype: torch.dtype = torch.float32
     batch: int = 1
     grid: Tuple[int, int] = (1, 1)
@@ -194,6 +190,7 @@ class WindowCase:
     shift: Tuple[int, int] = (0, 0)
     table: Optional[str] = None
     pad: Optional[str] = None
+    cosine: Optional[str] = None
     scale: Optional[float] = None
     mask_value: float = -100.0
     layout: str = "packed"
@@ -291,7 +288,8 @@ def window_cases(draw):
     """Windows 1x1 to 8x8 (area <= 64, non-square) and, one case in four, 6x11 to 12x12
     (area 65..144: the tiled Triton kernels), one to three windows per axis with a
     ragged last one (padding), shifts 0..window - 1, tables and pads in q's dtype or
-    float32, soft and -inf masks, q / k / v as strided views."""
+    float32, Swin V2's cosine attention (logit scale in q's dtype or float32), soft and
+    -inf masks, q / k / v as strided views."""
     tiled = draw(st.integers(0, 3)) == 0
     if tiled:
         wh = draw(_edge_int(6, 12, 12))
@@ -310,15 +308,17 @@ def window_cases(draw):
                   for w in (wh, ww))
     params = st.sampled_from((None, "input", "float32"))
     d = draw(st.sampled_from(HEAD_DIMS))
+    cosine = draw(params)
     return WindowCase(
         dtype=draw(st.sampled_from(DTYPES)), batch=batch, grid=grid, heads=heads,
         d=d, window=(wh, ww),
-        shift=shift, table=draw(params), pad=draw(params),
+        shift=shift, table=draw(params), pad=draw(params), cosine=cosine,
         # The window tests' fixed fp32 atol holds for logits up to ~2x timm's scale
         # D ** -0.5: scale 1 at D = 32 gives |dq| ~ 10 and errors of 2e-5 (PyTorch's own:
         # 4e-6), 0.37 at D = 96 errors of 1.6e-5 on the cuda backend.
         # Negative scales flip every score: padded key slots must stay -inf.
-        scale=draw(st.sampled_from((None, 2 * d ** -0.5, -(d ** -0.5)))),
+        # Cosine attention takes no scale.
+        scale=None if cosine else draw(st.sampled_from((None, 2 * d ** -0.5, -(d ** -0.5)))),
         mask_value=draw(st.sampled_from((-100.0, -2.5, float("-inf")))),
         layout=draw(st.sampled_from(WINDOW_LAYOUTS)), strided_dout=draw(st.booleans()),
         seed=draw(_seeds))
