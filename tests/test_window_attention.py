@@ -154,18 +154,21 @@ def test_reference_matches_timm_block(geometry):
                                atol=1e-12, rtol=1e-12)
 
 
-def test_reference_gradcheck():
+@pytest.mark.parametrize("cosine", [False, True], ids=["v1", "cosine"])
+def test_reference_gradcheck(cosine):
     torch.manual_seed(0)
-    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 2, 2))
+    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 2, 3))
     table = _table((3, 4), 2).requires_grad_()
-    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 2, dtype=torch.float64))
+    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 3, dtype=torch.float64))
+    # Swin V2: logit scales below the clamp, so that they get a gradient.
+    extra = (torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True),) if cosine else ()
 
-    def fn(q, k, v, table, pad_k, pad_v):
+    def fn(q, k, v, table, pad_k, pad_v, *logit_scale):
         return reference(q, k, v, table, window_size=(3, 4), shift_size=(1, 2),
-                         pad_kv=(pad_k, pad_v))
+                         pad_kv=(pad_k, pad_v), logit_scale=(logit_scale or (None,))[0])
 
     # fast_mode: random projections of the Jacobian instead of all of its entries.
-    assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v), fast_mode=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v, *extra), fast_mode=True)
 
 
 # --------------------------------------------------------------------------- Swin V2
@@ -206,21 +209,6 @@ def test_reference_cosine_matches_timm_v2_block(geometry, qkv_bias):
                     logit_scale=attn.logit_scale)
     torch.testing.assert_close(attn.proj(out.reshape(B, H, W, C)), block._attn(x),
                                atol=1e-12, rtol=1e-12)
-
-
-def test_reference_cosine_gradcheck():
-    torch.manual_seed(0)
-    q, k, v = (t.detach().requires_grad_() for t in _packed_qkv(1, 4, 5, 2, 3))
-    table = _table((3, 4), 2).requires_grad_()
-    pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 3, dtype=torch.float64))
-    logit_scale = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
-
-    def fn(q, k, v, table, pad_k, pad_v, logit_scale):
-        return reference(q, k, v, table, window_size=(3, 4), shift_size=(1, 2),
-                         pad_kv=(pad_k, pad_v), logit_scale=logit_scale)
-
-    assert torch.autograd.gradcheck(fn, (q, k, v, table, pad_k, pad_v, logit_scale),
-                                    fast_mode=True)
 
 
 def test_cosine_logit_scale_gradient_is_zero_above_the_clamp():
