@@ -89,6 +89,8 @@ def test_triton_kernel_constants_equal_the_declared_limits():
     fp32 = declared("window_attention", "float32_head_dim")
     assert [window_kernels.max_head_dim_fp32(a) for a in range(1, area + 1)] == \
         [fp32.bound(a) for a in range(1, area + 1)]
+    # The float32 step sits at the kernels' first window-area bucket.
+    assert fp32.steps[0][0] == window_kernels._BLOCK_NS[0]
     assert elsa_kernels.MAX_HEAD_CHANNELS == declared("elsa_attention", "head_channels").value
 
 

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from pyvit_ops.capabilities import capability
 from pyvit_ops.kernels._common import (DTYPE_NAMES, check_int32, int32_reasons as _int32_reasons,
                                        on_tensor_device, sm_count)
 
@@ -17,15 +18,17 @@ from ._helpers import _BIAS, _DKV, _DQ, _PAD, _QKV
 from ._single_tile import _window_attention_bwd_kernel, _window_attention_fwd_kernel
 from ._tiled import _window_attention_bwd_tiled_kernel, _window_attention_fwd_tiled_kernel
 
-MAX_WINDOW_AREA = 576  # 24 x 24 (Swin V2 at 384); windows over 64 tokens take the tiled kernels
-MAX_HEAD_DIM = 128
-MAX_HEAD_DIM_FP32 = 64  # fp32 tiles are twice the size: D = 128 spills
-MAX_HEAD_DIM_FP32_WIDE = 32  # ... and with windows over 32 tokens, D = 64 spills
+_LIMITS = capability("window_attention", "triton")
+# Windows over 64 tokens take the tiled kernels.
+MAX_WINDOW_AREA = _LIMITS.limit("window_area").value
+MAX_HEAD_DIM = _LIMITS.limit("head_dim").value
 
 
 def max_head_dim_fp32(window_area):
-    """Largest float32 head dim the kernels take for windows of ``window_area`` tokens."""
-    return MAX_HEAD_DIM_FP32 if window_area <= _BLOCK_NS[0] else MAX_HEAD_DIM_FP32_WIDE
+    """Largest float32 head dim the kernels take for windows of ``window_area`` tokens
+    (fp32 tiles are twice the size: D = 128 spills, and past the first window-area
+    bucket D = 64 does too)."""
+    return _LIMITS.limit("float32_head_dim").bound(window_area)
 
 
 _FP32 = ("fp32", "fp32x3")  # float32 config keys (see _dtype_name)
