@@ -5,13 +5,13 @@ The kernels take 4-D ``(Z1, Z2, N, D)`` tensors; the user's batch dims are folde
 into Z1, Z2 as strided views (no copy) wherever the strides of q, k, v and of the
 broadcast bias allow it (see ``_Fold``).
 """
-import functools
 import math
 from typing import Optional, Tuple
 
 import torch
 
 from pyvit_ops import _backend, _checks, _ext, capabilities
+from pyvit_ops.ops import _attention_autograd
 from pyvit_ops.reference import scaled_dot_product_attention as reference
 
 _OP = "scaled_dot_product_attention"
@@ -299,34 +299,16 @@ def _qkvpacked_bwd_fake(dout, qkv, out, lse, bias, scale, dropout_p, seed, bias_
 # --------------------------------------------------------------------------- autograd
 
 
-def _setup_context(ctx, inputs, output, tokens):
-    """``tokens``: how many leading inputs are token tensors (q, k, v or qkv)."""
+def _gradients(dout, inputs, out, lse, tokens, need):
     bias, scale, dropout_p, seed, backend = inputs[tokens:]
-    out, lse = output
-    ctx.tokens = tokens
-    ctx.save_for_backward(*inputs[:tokens], bias, out, lse, seed)
-    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
-    ctx.mark_non_differentiable(lse)
-    # No zeros for lse's gradient: autograd passes None.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dout, _dlse):
-    tokens, need = ctx.tokens, ctx.needs_input_grad
-    if dout is None:  # out got no gradient: none reaches the inputs
-        return (None,) * len(need)
-    *inputs, bias, out, lse, seed = ctx.saved_tensors
     bias_grad = bias is not None and bias.dtype != torch.bool and need[tokens]
     bwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_bwd if tokens == 3 else
            torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_bwd)
-    *grads, dbias = bwd(dout, *inputs, out, lse, bias, ctx.scale, ctx.dropout_p, seed,
-                        bias_grad, ctx.backend)
-    return (*grads, dbias if bias_grad else None, None, None, None, None)
+    return bwd(dout, *inputs[:tokens], out, lse, bias, scale, dropout_p, seed, bias_grad,
+               backend)
 
 
-for _op, _tokens in ((_fwd_op, 3), (_qkvpacked_fwd_op, 1)):
-    _op.register_autograd(_backward, setup_context=functools.partial(_setup_context,
-                                                                     tokens=_tokens))
+_attention_autograd.register(((_fwd_op, 3), (_qkvpacked_fwd_op, 1)), _gradients)
 
 
 # --------------------------------------------------------------------------- public

@@ -10,13 +10,13 @@ output and its fp32 base-2 log-sum-exp of shape ``(num_windows, heads, N)``,
 They take the logit scale as given (``(heads,)`` or ``(heads, 1, 1)``, None: no cosine
 attention) and return its gradient in its shape and dtype.
 """
-import functools
 import math
 from typing import Optional, Tuple
 
 import torch
 
 from pyvit_ops import _backend, _checks, _ext, capabilities
+from pyvit_ops.ops import _attention_autograd
 from pyvit_ops.reference import window_attention as reference
 
 _OP = "window_attention"
@@ -217,35 +217,17 @@ def _(dout, qkv, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w,
                                logit_scale_grad))
 
 
-def _setup_context(ctx, inputs, output, tokens):
-    """``tokens``: how many leading inputs are token tensors (q, k, v or qkv), then come
-    the table, the pads and the logit scale."""
-    out, lse = output
-    ctx.tokens = tokens
-    ctx.save_for_backward(*inputs[:tokens + 4], out, lse)
-    ctx.params = inputs[tokens + 4:]
-    ctx.mark_non_differentiable(lse)
-    # No zeros for lse's gradient: autograd passes None.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dout, _dlse):
-    tokens, need = ctx.tokens, ctx.needs_input_grad
-    if dout is None:  # out got no gradient: none reaches the inputs
-        return (None,) * len(need)
-    *inputs, out, lse = ctx.saved_tensors
+def _gradients(dout, inputs, out, lse, tokens, need):
+    # After the tokens: table, pad_k, pad_v, logit_scale, the geometry and scalars, backend.
     bwd = (torch.ops.pyvit_ops.window_attention_bwd if tokens == 3 else
            torch.ops.pyvit_ops.window_attention_qkvpacked_bwd)
-    grads = bwd(dout, *inputs[:tokens], out, lse, *inputs[tokens:], *ctx.params[:-1],
-                table_grad=need[tokens], pad_grad=need[tokens + 1] or need[tokens + 2],
-                logit_scale_grad=need[tokens + 3], backend=ctx.params[-1])
-    grads = tuple(g if n else None for g, n in zip(grads, need))
-    return grads + (None,) * (len(need) - len(grads))
+    return bwd(dout, *inputs[:tokens], out, lse, *inputs[tokens:-1],
+               table_grad=need[tokens], pad_grad=need[tokens + 1] or need[tokens + 2],
+               logit_scale_grad=need[tokens + 3], backend=inputs[-1])
 
 
-for _op, _tokens in ((_window_attention_fwd, 3), (_window_attention_qkvpacked_fwd, 1)):
-    _op.register_autograd(_backward, setup_context=functools.partial(_setup_context,
-                                                                     tokens=_tokens))
+_attention_autograd.register(((_window_attention_fwd, 3), (_window_attention_qkvpacked_fwd, 1)),
+                             _gradients)
 
 
 # --------------------------------------------------------------------------- public
