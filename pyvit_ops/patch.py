@@ -14,7 +14,19 @@ What is swapped (and what is not):
   partitioned windows and timm's mask;
 - ``timm.models.swin_transformer_v2.SwinTransformerV2Block`` → the same, with
   ``pyvit_ops.nn.WindowAttentionV2`` (cosine attention, continuous position bias);
-- ``timm.models.metaformer.Pooling`` (PoolFormer) → ``pyvit_ops.nn.Pooling``.
+- ``timm.models.metaformer.Pooling`` (PoolFormer) → ``pyvit_ops.nn.Pooling``;
+- ``timm.models.pvt_v2.Attention`` (PVT v2, both ``linear_attn`` settings) and
+  ``timm.models.twins.GlobalSubSampleAttn`` → ``pyvit_ops.nn.SpatialReductionAttention``
+  (Nq ≠ Nk attention; the reduction convolution / pooling and LayerNorm stay in PyTorch);
+- ``timm.models.twins.LocallyGroupedAttn`` → ``pyvit_ops.nn.LocallyGroupedAttention``
+  (windows without bias, timm's zero padding as the operator's ``pad_kv``);
+- ``timm.models.eva.EvaAttention`` (EVA, EVA02) → ``pyvit_ops.nn.EvaAttention`` (rotary
+  embedding in PyTorch, then the fused attention);
+- ``timm.models.maxxvit.PartitionAttentionCl`` with block partitioning (MaxViT / MaxxViT
+  window attention) → its ``_partition_attn`` (partition, attention with the relative
+  position bias, reverse) becomes one call of ``pyvit_ops.nn.BlockAttention``. Grid
+  partitioning (tokens strided across the map), the NCHW ``PartitionAttention2d`` and
+  CoAtNet's whole-map ``Attention2d`` keep timm's modules.
 Parameters are shared, not copied: the patched model trains the same tensors and
 its state_dict keys are unchanged (state dicts load both ways). The patched model
 pickles (``torch.save`` of the whole model), deep-copies, and takes timm's
@@ -26,8 +38,16 @@ from torch import nn
 
 from pyvit_ops import _backend
 from pyvit_ops.nn.attention import Attention, ClassAttn
+from pyvit_ops.nn.eva import EvaAttention
+from pyvit_ops.nn.maxvit import BlockAttention
 from pyvit_ops.nn.pooling import Pooling
+from pyvit_ops.nn.spatial_reduction import SpatialReductionAttention
+from pyvit_ops.nn.twins import LocallyGroupedAttention
 from pyvit_ops.nn.window_attention import WindowAttention, WindowAttentionV2
+
+# Every module patch_timm swaps in (a model holding one is patched).
+PATCHED = (Attention, ClassAttn, WindowAttention, WindowAttentionV2, Pooling,
+           SpatialReductionAttention, LocallyGroupedAttention, EvaAttention, BlockAttention)
 
 
 def _swin_attn(block, x):
@@ -35,6 +55,44 @@ def _swin_attn(block, x):
     if block.window_size[0] > H or block.window_size[1] > W:
         return type(block)._attn(block, x)
     return block.attn(x, window_size=tuple(block.window_size), shift_size=tuple(block.shift_size))
+
+
+def _maxvit_block_attn(block, x):
+    return block.attn(x, window_size=block.partition_size)
+
+
+def _module_swaps():
+    """{timm class: maker of its replacement} of the modules swapped one for one."""
+    from timm.layers import Attention as TimmAttention
+    from timm.models import eva, pvt_v2, twins
+    from timm.models.cait import ClassAttn as TimmClassAttn
+    from timm.models.metaformer import Pooling as TimmPooling
+
+    return {
+        TimmAttention: Attention.from_timm,
+        TimmClassAttn: ClassAttn.from_timm,
+        TimmPooling: lambda m, backend: Pooling(m.pool.kernel_size, backend=backend),
+        pvt_v2.Attention: SpatialReductionAttention.from_timm,
+        twins.GlobalSubSampleAttn: SpatialReductionAttention.from_timm,
+        twins.LocallyGroupedAttn: LocallyGroupedAttention.from_timm,
+        eva.EvaAttention: EvaAttention.from_timm,
+    }
+
+
+def _block_swap(block):
+    """The patch of a block whose attention call fuses partitioning with attention:
+    ``(fused module, the block's method it replaces, its replacement)``, or None."""
+    from timm.models.maxxvit import PartitionAttentionCl
+    from timm.models.swin_transformer import SwinTransformerBlock
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+    if isinstance(block, SwinTransformerBlock):
+        return WindowAttention, "_attn", _swin_attn
+    if isinstance(block, SwinTransformerV2Block):
+        return WindowAttentionV2, "_attn", _swin_attn
+    if isinstance(block, PartitionAttentionCl) and block.partition_block:
+        return BlockAttention, "_partition_attn", _maxvit_block_attn
+    return None
 
 
 def patch_timm(model, backend=None):
@@ -46,49 +104,40 @@ def patch_timm(model, backend=None):
     ``.cuda()`` / ``.to(dtype)`` / loading weights, since parameters are shared.
     ``backend``: None (automatic per call), "reference", "triton" or "cuda"; the
     ``PYVIT_OPS_BACKEND`` environment variable applies when it is None.
-    Raises ValueError for what the fused modules cannot express: a Swin
-    ``WindowAttention`` with attention dropout, a gated timm ``Attention``; and when
-    ``model`` holds none of those modules (nor already patched ones): a model that is
-    not one of these timm families would otherwise run unchanged, silently.
+    Raises ValueError for what the fused modules cannot express: attention dropout in
+    a window module (Swin, Twins' ``LocallyGroupedAttn``, MaxViT block attention), a
+    gated timm ``Attention``, a MaxViT relative position module other than timm's three;
+    and when ``model`` holds none of those modules (nor already patched ones): a model
+    that is not one of these timm families would otherwise run unchanged, silently.
     Needs timm >= 1.0.
     """
-    from timm.layers import Attention as TimmAttention
-    from timm.models.cait import ClassAttn as TimmClassAttn
-    from timm.models.metaformer import Pooling as TimmPooling
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
-
-    swin_blocks = ((SwinTransformerBlock, WindowAttention),
-                   (SwinTransformerV2Block, WindowAttentionV2))
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a timm model), got "
                         f"{type(model).__name__}")
     _backend.requested_backend(backend)
+    swaps = _module_swaps()
     replacements = []
     for parent in model.modules():
-        fused = next((new for block, new in swin_blocks if isinstance(parent, block)), None)
-        if fused is not None and not isinstance(parent.attn, fused):
-            parent.attn = fused.from_timm(parent.attn, backend=backend)
-            # A partial of a module-level function pickles; a bound method would pickle
-            # as getattr(block, "_swin_attn"), which the block does not have.
-            parent._attn = functools.partial(_swin_attn, parent)
+        block_swap = _block_swap(parent)
+        if block_swap is not None:
+            fused, method, call = block_swap
+            if not isinstance(parent.attn, fused):
+                parent.attn = fused.from_timm(parent.attn, backend=backend)
+                # A partial of a module-level function pickles; a bound method would pickle
+                # as getattr(block, name), which the block does not have.
+                setattr(parent, method, functools.partial(call, parent))
             continue
         for name, child in parent.named_children():
-            if type(child) is TimmAttention:
-                replacements.append((parent, name, Attention.from_timm(child, backend=backend)))
-            elif type(child) is TimmClassAttn:
-                replacements.append((parent, name, ClassAttn.from_timm(child, backend=backend)))
-            elif type(child) is TimmPooling:
-                replacements.append((parent, name, Pooling(child.pool.kernel_size, backend=backend)))
+            make = swaps.get(type(child))
+            if make is not None:
+                replacements.append((parent, name, make(child, backend=backend)))
     for parent, name, new in replacements:
         setattr(parent, name, new)
-    patched = (Attention, ClassAttn, WindowAttention, WindowAttentionV2, Pooling)
-    if not any(isinstance(m, patched) for m in model.modules()):
+    if not any(isinstance(m, PATCHED) for m in model.modules()):
         raise ValueError(f"model: no timm module to patch in {type(model).__name__} (expected "
-                         "Swin V1/V2 blocks, ViT/DeiT Attention, CaiT ClassAttn or MetaFormer "
-                         "Pooling)")
+                         "Swin V1/V2 blocks, ViT/DeiT Attention, CaiT ClassAttn, MetaFormer "
+                         "Pooling, PVT v2 / Twins / EVA attention or MaxViT block attention)")
     return model
 
 
-__all__ = ["patch_timm"]
+__all__ = ["PATCHED", "patch_timm"]

@@ -10,6 +10,7 @@
    tie the cases to ``pyvit_ops.__all__`` and ``pyvit_ops.nn.__all__``.
 Shapes are tiny: the interpreter and host emulation are slow on CPU.
 """
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -324,16 +325,29 @@ def test_compile_window_attention_dynamic(name, backend, request):
 
 
 def _module_cases():
+    """name -> (module maker, input shape, the forward's other arguments)."""
+    from timm.models import eva, maxxvit, pvt_v2, twins
     nn = pyvit_ops.nn
+    rel_mlp = functools.partial(maxxvit.RelPosMlp, window_size=(2, 2))
     return {
-        "Attention": (lambda: nn.Attention(8, num_heads=2, qkv_bias=True), (2, 5, 8)),
-        "ClassAttn": (lambda: nn.ClassAttn(8, num_heads=2, qkv_bias=True), (2, 5, 8)),
+        "Attention": (lambda: nn.Attention(8, num_heads=2, qkv_bias=True), (2, 5, 8), {}),
+        "ClassAttn": (lambda: nn.ClassAttn(8, num_heads=2, qkv_bias=True), (2, 5, 8), {}),
         "WindowAttention": (lambda: nn.WindowAttention(8, 2, window_size=2, shift_size=1),
-                            (1, 5, 3, 8)),
+                            (1, 5, 3, 8), {}),
         "WindowAttentionV2": (lambda: nn.WindowAttentionV2(8, 2, 2, shift_size=1),
-                              (1, 5, 3, 8)),
-        "ELSA": (lambda: nn.ELSA(8, 2, kernel_size=3), (1, 4, 5, 8)),
-        "Pooling": (lambda: nn.Pooling(3), (1, 2, 5, 4)),
+                              (1, 5, 3, 8), {}),
+        "ELSA": (lambda: nn.ELSA(8, 2, kernel_size=3), (1, 4, 5, 8), {}),
+        "Pooling": (lambda: nn.Pooling(3), (1, 2, 5, 4), {}),
+        "SpatialReductionAttention": (lambda: nn.SpatialReductionAttention.from_timm(
+            pvt_v2.Attention(8, 2, sr_ratio=2)), (1, 20, 8), dict(feat_size=(4, 5))),
+        "LocallyGroupedAttention": (lambda: nn.LocallyGroupedAttention.from_timm(
+            twins.LocallyGroupedAttn(8, 2, ws=2)), (1, 15, 8), dict(size=(5, 3))),
+        "EvaAttention": (lambda: nn.EvaAttention.from_timm(
+            eva.EvaAttention(8, 2, norm_layer=torch.nn.LayerNorm)), (2, 5, 8), {}),
+        # eval(): RelPosMlp's dropout.
+        "BlockAttention": (lambda: nn.BlockAttention.from_timm(maxxvit.AttentionCl(
+            8, 8, dim_head=4, rel_pos_cls=rel_mlp)).eval(), (1, 4, 2, 8),
+            dict(window_size=2)),
     }
 
 
@@ -343,20 +357,19 @@ def test_every_module_is_covered():
 
 # WindowAttentionV2's cosine attention runs where the capability data says it does.
 @pytest.mark.parametrize("name,backend", [
-    (name, backend) for name in ["Attention", "ClassAttn", "WindowAttention",
-                                 "WindowAttentionV2", "ELSA", "Pooling"]
+    (name, backend) for name in pyvit_ops.nn.__all__
     for backend in BACKENDS if name != "WindowAttentionV2" or
     "cosine" in capabilities.capability("window_attention", backend).features])
 def test_compile_module(name, backend, request):
     _use(backend, request)
     torch.manual_seed(0)
-    make, shape = _module_cases()[name]
+    make, shape, kwargs = _module_cases()[name]
     module = make()
     module.backend = backend
     params = dict(module.named_parameters())
 
     def fn(x, *values):
-        return torch.func.functional_call(module, dict(zip(params, values)), (x,))
+        return torch.func.functional_call(module, dict(zip(params, values)), (x,), kwargs)
 
     # Parameters are inputs so their gradients are compared too.
     _compiled_matches_eager(fn, [_r(*shape), *params.values()])

@@ -11,4 +11,6 @@
   nvcc's register and spill report.
 - ``elsa_official``: the official ELSA module's unfold aggregation, the oracle of the
   ELSA tests and the baseline of its benchmark.
+- ``coverage``: the share of each timm family's attention / token-mixer modules that
+  ``patch_timm`` swaps, and its parity; writes ``docs/coverage.md``.
 """
