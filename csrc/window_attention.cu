@@ -22,10 +22,21 @@
 // exact in one pass (row max / sum across the 8 threads of a row group, in a fixed
 // order). Probabilities go to shared memory, and a thread then owns a 4-query x
 // 4-column tile of the output. q, k, v are read once and the output is written once;
-// the lse (fp32, base 2, one per score row) is written for the backward.
+// each score row's max m and log2 of its sum l are written for the backward, apart: the
+// backward recomputes the same scores bit for bit, so s - m is exact even where scores
+// near 1e5 would round m + log2(l) by a visible fraction of a probability.
+//
+// Cosine attention (Swin V2; template flag kCosine) takes the row norms from the staged
+// tiles while the products accumulate (each thread sums the squares of the q rows and
+// k columns it reads anyway) and scales the products by gain / (|q_i| |k_j|) (norms
+// clamped at eps) before the bias. Its backward stages q and k normalised for the
+// gradient products, so dq_hat = gain dS k_hat and dk_hat = gain dS^T q_hat, and finishes
+// them through the normalisation: dx = (dx_hat - x_hat (x_hat . dx_hat)) / |x|, where
+// x_hat . dx_hat is the row (column) sum of dS * (gain cos) and the sum of all of them
+// is the gradient of log(gain), written per block and added in block order.
 //
 // Backward: one block per (group of consecutive windows, head). Each window recomputes
-// the scores from q, k and the lse, and dP = dO v^T in the same tile layout; the row
+// the scores from q, k and the row statistics, and dP = dO v^T in the same tile layout; the row
 // term delta_i = sum_j P_ij dP_ij comes from these fp32 tiles, so the saved output is
 // not read (nor its rounding to the input dtype felt). dq, dk, dv of a window's real
 // tokens belong to that window alone and are written directly. The two reductions are
@@ -54,6 +65,7 @@ constexpr int kMaxTableRows = 256;     // (2wh - 1)(2ww - 1) <= 225 when wh * ww
 constexpr int kSlotInts = 3 * kTile;   // source row, source column, bias / region code
 constexpr int kRowPartials = kThreads * 4;  // one per (thread, score row)
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNormEps = 1e-12f;  // F.normalize's: x / max(|x|, eps)
 // Backward blocks to aim at: enough waves for any GPU, while the per-block partials stay
 // ~1% of the backward's traffic. The grouping depends on the shape only, so results are
 // bitwise the same on every GPU. The host-emulation build aims at 4 blocks unless told
@@ -108,7 +120,7 @@ struct View {
 
 struct Geometry {
   int H, W, heads, D, wh, ww, sh, sw, n_wh, n_ww, N, R, num_windows;
-  float scale, scale_log2, mask_log2;
+  float scale, mask_value;
   int grad_token;  // elements between tokens of dq / dk / dv
   bool out_vec4;  // outputs take 4-element stores (D % 4 == 0, aligned outputs)
 };
@@ -116,7 +128,7 @@ struct Geometry {
 struct FwdArgs {
   Geometry g;
   View q, k, v;
-  const float *table, *pad_k, *pad_v;
+  const float *table, *pad_k, *pad_v, *gain;
   void* out;
   float* lse;
 };
@@ -124,11 +136,12 @@ struct FwdArgs {
 struct BwdArgs {
   Geometry g;
   View q, k, v, dout;
-  const float *table, *pad_k, *pad_v;
+  const float *table, *pad_k, *pad_v, *gain;
   const float* lse;
   void *dq, *dk, *dv;
   float* table_partial;  // (groups, R, heads) or null
   float* pad_partial;    // (groups, 2, heads, D) or null
+  float* gain_partial;   // (groups, heads) or null
   int windows_per_block;
 };
 
@@ -167,9 +180,9 @@ PV_DEVICE Window setup_window(const Geometry& g, int w, int* sy, int* sx, int* c
   return {b, (wy == g.n_wh - 1 && g.H % g.wh != 0) || (wx == g.n_ww - 1 && g.W % g.ww != 0)};
 }
 
-// The head's column of the table, times log2(e) (scores are kept in base 2).
+// The head's column of the table.
 PV_DEVICE void stage_table(const Geometry& g, const float* table, int h, float* table_s) {
-  for (int r = threadIdx.x; r < g.R; r += kThreads) table_s[r] = table[r * g.heads + h] * kLog2e;
+  for (int r = threadIdx.x; r < g.R; r += kThreads) table_s[r] = table[r * g.heads + h];
 }
 
 // The front of both kernels' shared memory: per token slot its source row, column and
@@ -220,17 +233,22 @@ PV_DEVICE Quad load_token(const Geometry& g, const View& view, const float* pad,
 
 // Columns c0..c0+31 of all 64 slots into a transposed tile tile[d][swizzled column]; a
 // warp handles one unit per step: 4 tokens x 8 quads, each token's 32 columns read by
-// 8 adjacent lanes.
+// 8 adjacent lanes. With `norm` (one per slot), rows are divided by their norm.
 template <typename T>
 PV_DEVICE void stage_transposed(const Geometry& g, const View& view, const float* pad, int b,
-                                int h, int c0, const int* sy, const int* sx, float* tile) {
+                                int h, int c0, const int* sy, const int* sx, float* tile,
+                                const float* norm = nullptr) {
   const int lane = threadIdx.x & 31, c = lane & 3, dq = lane >> 2;
   // A fixed trip count: unrolled, so a thread's loads are all in flight at once.
 #pragma unroll
   for (int step = 0; step < (kTile / 4) / (kThreads / 32); ++step) {
     const int u = (threadIdx.x >> 5) + step * (kThreads / 32);
     const int t = token_of(u, c);
-    const Quad x = load_token<T>(g, view, pad, b, h, t, c0 + 4 * dq, sy, sx);
+    Quad x = load_token<T>(g, view, pad, b, h, t, c0 + 4 * dq, sy, sx);
+    if (norm != nullptr) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x.v[e] /= norm[t];
+    }
     const int column = swizzled((u << 2) | c, 4 * dq);
 #pragma unroll
     for (int e = 0; e < 4; ++e) tile[(4 * dq + e) * kTile + column] = x.v[e];
@@ -274,20 +292,36 @@ PV_DEVICE T* output_at(const Geometry& g, void* base, int token, int b, int y, i
 }
 
 // ---- products ------------------------------------------------------------------------
+// Sums of squares of a thread's 4 score rows (its a columns) and 8 keys (its b columns):
+// cosine attention's norms, from the values the products read anyway.
+struct SquareSums {
+  float row[4] = {0.f, 0.f, 0.f, 0.f};
+  float key[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+};
+
 // acc[r][c] += sum_d at[d][row r of unit it] * bt[d][key c of lane jt] over dc columns
-// of two transposed tiles. kHalves == 1 skips the keys past 32 (windows of <= 32 slots).
-template <int kHalves>
+// of two transposed tiles (and, kSquares, sq += their squares). kHalves == 1 skips the
+// keys past 32 (windows of <= 32 slots).
+template <int kHalves, bool kSquares>
 PV_DEVICE void accumulate_pairs(const float* at, const float* bt, int dc, int it, int jt,
-                                float (&acc)[4][8]) {
+                                float (&acc)[4][8], SquareSums& sq) {
   for (int dq = 0; dq < (dc + 3) / 4; ++dq) {
     const int x = dq & 7;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int d = 4 * dq + e;
       const Quad a = load_quad(at + d * kTile + ((it ^ x) << 2));
+      if constexpr (kSquares) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sq.row[r] += a.v[r] * a.v[r];
+      }
 #pragma unroll
       for (int half = 0; half < kHalves; ++half) {
         const Quad k = load_quad(bt + d * kTile + (((8 * half + jt) ^ x) << 2));
+        if constexpr (kSquares) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) sq.key[4 * half + c] += k.v[c] * k.v[c];
+        }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
 #pragma unroll
@@ -298,34 +332,56 @@ PV_DEVICE void accumulate_pairs(const float* at, const float* bt, int dc, int it
   }
 }
 
+template <bool kSquares = false>
 PV_DEVICE void accumulate_scores(const Geometry& g, const float* at, const float* bt, int dc,
-                                 int it, int jt, float (&acc)[4][8]) {
+                                 int it, int jt, float (&acc)[4][8], SquareSums& sq) {
   if (g.N > kTile / 2) {
-    accumulate_pairs<2>(at, bt, dc, it, jt, acc);
+    accumulate_pairs<2, kSquares>(at, bt, dc, it, jt, acc, sq);
   } else {
-    accumulate_pairs<1>(at, bt, dc, it, jt, acc);
+    accumulate_pairs<1, kSquares>(at, bt, dc, it, jt, acc, sq);
   }
 }
 
-// q k^T products -> base-2 scores: * scale, + bias, + mask between regions; -inf for keys
-// past N (so they get probability 0).
-PV_DEVICE void finish_scores(const Geometry& g, const float* table_s, const int* code, int it,
-                             int jt, float (&s)[4][8]) {
-  const int center = (g.wh - 1) * (2 * g.ww - 1) + g.ww - 1;
-  int key_code[8];
+// max(|x|, eps) from the sum of squares of x.
+PV_DEVICE float clamped_norm(float sum_sq) { return fmaxf(sqrtf(sum_sq), kNormEps); }
+
+// q k^T products -> scores without bias and mask, in place: times scale, or for cosine
+// attention the cosine (q_i k_j / max(|q_i|, eps) / max(|k_j|, eps)) times the gain, last:
+// one rounding at the scores' magnitude (gain up to 100), as the reference's.
+template <bool kCosine>
+PV_DEVICE void scale_scores(const Geometry& g, const float* gain, int h, const SquareSums& sq,
+                            float (&s)[4][8]) {
+  if constexpr (kCosine) {
+    float key[8];
 #pragma unroll
-  for (int c = 0; c < 8; ++c) key_code[c] = code[key_of(jt, c)];
+    for (int c = 0; c < 8; ++c) key[c] = 1.f / clamped_norm(sq.key[c]);
+    const float head_gain = gain[h];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int row_code = code[token_of(it, r)];
+    for (int r = 0; r < 4; ++r) {
+      const float row = 1.f / clamped_norm(sq.row[r]);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      float x = s[r][c] * g.scale_log2;
-      if (table_s != nullptr) x += table_s[(row_code >> 2) - (key_code[c] >> 2) + center];
-      if ((row_code ^ key_code[c]) & 3) x += g.mask_log2;
-      s[r][c] = key_of(jt, c) < g.N ? x : -INFINITY;
+      for (int c = 0; c < 8; ++c) s[r][c] = s[r][c] * row * key[c] * head_gain;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) s[r][c] *= g.scale;
     }
   }
+}
+
+// The score of row r, key c of the thread's tile from its scaled product x: + bias,
+// + mask between regions; -inf for keys past N (so they get probability 0).
+PV_DEVICE float biased_score(const Geometry& g, const float* table_s, const int* code, int it,
+                             int jt, int r, int c, float x) {
+  const int row_code = code[token_of(it, r)], key_code = code[key_of(jt, c)];
+  if (table_s != nullptr) {
+    const int center = (g.wh - 1) * (2 * g.ww - 1) + g.ww - 1;
+    x += table_s[(row_code >> 2) - (key_code >> 2) + center];
+  }
+  if ((row_code ^ key_code) & 3) x += g.mask_value;
+  return key_of(jt, c) < g.N ? x : -INFINITY;
 }
 
 // acc[r][e] = sum_{n < N} a[n][4 it + r] * B(n)[e]: rows of unit it, 4 columns.
@@ -394,9 +450,11 @@ PV_DEVICE Quad reduce_rows(const Quad& part, float* partials, int it, const Comb
 
 PV_DEVICE float add(float a, float b) { return a + b; }
 
-// Softmax of the score rows in place (probabilities) and their base-2 log-sum-exp;
-// `partials`: two kRowPartials buffers (one barrier each).
-PV_DEVICE void softmax_rows(float (&s)[4][8], float* partials, int it, float (&lse)[4]) {
+// Softmax of the score rows in place (probabilities), their max m and log2 of their sum
+// of exp(s - m); `partials`: two kRowPartials buffers (one barrier each). Scores stay in
+// natural units (a score near 1e5 is rounded as the reference rounds it); only the
+// differences s - m <= 0 are scaled to base 2 for exp2.
+PV_DEVICE void softmax_rows(float (&s)[4][8], float* partials, int it, Quad& m, Quad& log2_l) {
   Quad part;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -405,13 +463,13 @@ PV_DEVICE void softmax_rows(float (&s)[4][8], float* partials, int it, float (&l
     for (int c = 0; c < 8; ++c) part.v[r] = fmaxf(part.v[r], s[r][c]);
   }
   // Finite: every row has the key of its own slot.
-  const Quad m = reduce_rows(part, partials, it, [](float a, float b) { return fmaxf(a, b); });
+  m = reduce_rows(part, partials, it, [](float a, float b) { return fmaxf(a, b); });
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     part.v[r] = 0.f;
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      s[r][c] = exp2f(s[r][c] - m.v[r]);
+      s[r][c] = exp2f((s[r][c] - m.v[r]) * kLog2e);
       part.v[r] += s[r][c];
     }
   }
@@ -421,7 +479,7 @@ PV_DEVICE void softmax_rows(float (&s)[4][8], float* partials, int it, float (&l
     const float inv = 1.f / l.v[r];
 #pragma unroll
     for (int c = 0; c < 8; ++c) s[r][c] *= inv;
-    lse[r] = m.v[r] + log2f(l.v[r]);
+    log2_l.v[r] = log2f(l.v[r]);
   }
 }
 
@@ -436,11 +494,12 @@ constexpr PV_HOST_DEVICE int fwd_smem_floats(int N) {
   return kSlotInts + kMaxTableRows + probability_floats(N) + N * kVStride + 2 * kRowPartials;
 }
 
-// Backward: slots | table | lse | q^T | k^T | dout^T | v^T (then P / dS) | pad sums
-// (before the products: row partials).
+// Backward: slots | table | cosine statistics | q^T | k^T | dout^T | v^T (then P / dS) |
+// pad sums (before the products: row partials).
+constexpr int kCosineStats = 4;  // per slot: |q| and |k| clamped at eps, x_hat . dx_hat of q, k
 constexpr PV_HOST_DEVICE int bwd_x_floats(int N) { return larger(kChunk * kTile, N * kPStride); }
 constexpr PV_HOST_DEVICE int bwd_smem_floats(int N) {
-  return kSlotInts + kMaxTableRows + kTile + 3 * kChunk * kTile + bwd_x_floats(N) +
+  return kSlotInts + kMaxTableRows + kCosineStats * kTile + 3 * kChunk * kTile + bwd_x_floats(N) +
          2 * (kTile / 4) * kChunk;
 }
 // Launches stay within the 48 KB every GPU grants without an opt-in attribute.
@@ -448,7 +507,7 @@ static_assert(4 * fwd_smem_floats(kTile) <= 48 * 1024 && 4 * bwd_smem_floats(kTi
               "a block's shared memory must fit the default 48 KB");
 
 // ---- kernels -----------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool kCosine>
 __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(const FwdArgs a) {
   const Geometry& g = a.g;
   PV_DYNAMIC_SHARED(float, smem);
@@ -463,6 +522,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(const Fw
   __syncthreads();
 
   float s[4][8] = {};
+  SquareSums sq;
   for (int c0 = 0; c0 < g.D; c0 += kChunk) {
     if (c0 > 0) __syncthreads();  // the previous chunk's products are done
     stage_transposed<T>(g, a.q, nullptr, win.b, h, c0, sy, sx, qt);
@@ -470,18 +530,28 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(const Fw
     // The first v chunk is loaded together with q and k: one round trip for all three.
     if (c0 == 0) stage_rows<T>(g, a.v, a.pad_v, win.b, h, 0, sy, sx, vs);
     __syncthreads();
-    accumulate_scores(g, qt, kt, min(kChunk, g.D - c0), it, jt, s);
+    accumulate_scores<kCosine>(g, qt, kt, min(kChunk, g.D - c0), it, jt, s, sq);
   }
-  finish_scores(g, a.table != nullptr ? table_s : nullptr, code, it, jt, s);
+  scale_scores<kCosine>(g, a.gain, h, sq, s);
+  const float* bias = a.table != nullptr ? table_s : nullptr;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) s[r][c] = biased_score(g, bias, code, it, jt, r, c, s[r][c]);
+  }
 
-  float lse[4];
-  softmax_rows(s, partials, it, lse);  // its barriers also end the reads of q^T, k^T
+  Quad m, log2_l;
+  softmax_rows(s, partials, it, m, log2_l);  // its barriers also end the reads of q^T, k^T
   store_key_major(g, s, it, jt, pt);
   if (jt == 0) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = token_of(it, r);
-      if (i < g.N) a.lse[static_cast<std::int64_t>(blockIdx.x) * g.N + i] = lse[r];
+      if (i < g.N) {
+        float* stats = a.lse + (static_cast<std::int64_t>(blockIdx.x) * g.N + i) * 2;
+        stats[0] = m.v[r];
+        stats[1] = log2_l.v[r];
+      }
     }
   }
   __syncthreads();
@@ -508,29 +578,52 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(const Fw
   }
 }
 
+// A dq / dk chunk (rows of unit it, columns 4 dt..4 dt+3) from acc = dS times the other
+// side's staged rows. V1: times the scale (`factor`). Cosine, the staged rows normalised:
+// dx_hat = gain acc, and the gradient of x = n x_hat (n = max(|x|, eps), in `norm`) is
+// (dx_hat - x_hat (x_hat . dx_hat)) / n with x_hat from this side's tile `hat` and
+// x_hat . dx_hat from `proj`; where |x| <= eps, n is the constant eps: no projection.
+// Padded slots (sy < 0) keep dx_hat: the pad row's gradient goes through the
+// normalisation once, from the sum over every padded slot (window_attention_bwd).
+template <bool kCosine>
+PV_DEVICE void finish_gradient(float (&acc)[4][4], float factor, const float* hat,
+                               const float* norm, const float* proj, const int* sy, int it,
+                               int dt) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = token_of(it, r);
+    if (kCosine && sy[i] >= 0) {
+      const float n = norm[i], x_dot = n > kNormEps ? proj[i] : 0.f;
+      const Quad x = transposed_column(hat, i, dt);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][e] = (factor * acc[r][e] - x.v[e] * x_dot) / n;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][e] *= factor;
+    }
+  }
+}
+
 // Writes rows of unit it (real tokens only) of a dq / dk / dv chunk and, for padded
 // slots, their column sums into pad_sum[it][...] (when pad_sum is not null).
 template <typename T>
-PV_DEVICE void store_gradient_rows(const Geometry& g, void* base, const float (&v)[4][4],
-                                   float factor, int b, int h, int c0, int it, int dt,
-                                   const int* sy, const int* sx, float* pad_sum) {
+PV_DEVICE void store_gradient_rows(const Geometry& g, void* base, const float (&v)[4][4], int b,
+                                   int h, int c0, int it, int dt, const int* sy, const int* sx,
+                                   float* pad_sum) {
   const int count = min(4, g.D - c0 - 4 * dt);
   float pad[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = token_of(it, r);
-    float row[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) row[e] = v[r][e] * factor;
     if (i >= g.N) continue;
     if (sy[i] >= 0) {
       if (count > 0) {
         T* dst = output_at<T>(g, base, g.grad_token, b, sy[i], sx[i], h, c0 + 4 * dt);
-        store_token(dst, row, count, g.out_vec4);
+        store_token(dst, v[r], count, g.out_vec4);
       }
     } else {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pad[e] += row[e];
+      for (int e = 0; e < 4; ++e) pad[e] += v[r][e];
     }
   }
   if (pad_sum != nullptr) {
@@ -538,21 +631,30 @@ PV_DEVICE void store_gradient_rows(const Geometry& g, void* base, const float (&
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const BwdArgs a) {
+// Two blocks per SM: ptxas may use up to 255 registers; with the thread count alone its
+// occupancy heuristic holds the cosine backward at 168 and spills.
+template <typename T, bool kCosine>
+__global__ void __launch_bounds__(kThreads, 2) window_attention_bwd_kernel(const BwdArgs a) {
   const Geometry& g = a.g;
   PV_DYNAMIC_SHARED(float, smem);
   const int tid = threadIdx.x, it = tid >> 3, jt = tid & 7, dt = jt;
   const int h = blockIdx.x % g.heads, group = blockIdx.x / g.heads;
-  const auto [sy, sx, code, table_s, lse_s] = shared_front(smem, g, a.table, h);
-  float* qt = lse_s + kTile;
+  const auto [sy, sx, code, table_s, stats] = shared_front(smem, g, a.table, h);
+  // Cosine attention, per slot: |q| and |k| clamped at eps, and x_hat . dx_hat of q and k.
+  float* q_norm = stats;
+  float* k_norm = q_norm + kTile;
+  float* q_proj = k_norm + kTile;
+  float* k_proj = q_proj + kTile;
+  float* qt = stats + kCosineStats * kTile;
   float* kt = qt + kChunk * kTile;
   float* dot = kt + kChunk * kTile;
   float* x = dot + kChunk * kTile;  // v^T, then P / dS in the layout each product needs
   float* pad_sum = x + bwd_x_floats(g.N);  // [k / v][unit][column]
   const int w_begin = group * a.windows_per_block;
   const int w_end = min(w_begin + a.windows_per_block, g.num_windows);
-  const bool has_table = a.table != nullptr;
+  const float* bias = a.table != nullptr ? table_s : nullptr;
+  // dq and dk are dS times the other side's rows, times this (V1: the scale).
+  const float factor = kCosine ? a.gain[h] : g.scale;
 
   // Table rows tid and tid + 128 of this head: this thread sums their gradient.
   float dtable[2] = {0.f, 0.f};
@@ -575,18 +677,25 @@ __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const Bw
       }
     }
   }
+  float dlog_gain = 0.f;  // thread 0's sum over the block's windows, in window order
 
   const int chunks = (g.D + kChunk - 1) / kChunk;
   for (int w = w_begin; w < w_end; ++w) {
     __syncthreads();  // the previous window's shared-memory reads are done
     const Window win = setup_window(g, w, sy, sx, code);
-    if (tid < kTile) {
-      lse_s[tid] = tid < g.N ? a.lse[(static_cast<std::int64_t>(w) * g.heads + h) * g.N + tid]
-                             : INFINITY;  // p = 0 on rows past N
+    // The forward's row statistics; m = +inf on rows past N: p = 0 there.
+    float row_m[4], row_log2_l[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int i = token_of(it, r);
+      const float* row = a.lse + ((static_cast<std::int64_t>(w) * g.heads + h) * g.N + i) * 2;
+      row_m[r] = i < g.N ? row[0] : INFINITY;
+      row_log2_l[r] = i < g.N ? row[1] : 0.f;
     }
     __syncthreads();
 
     float p[4][8] = {}, ds[4][8] = {};
+    SquareSums sq;
     for (int c0 = 0; c0 < g.D; c0 += kChunk) {
       if (c0 > 0) __syncthreads();
       stage_transposed<T>(g, a.q, nullptr, win.b, h, c0, sy, sx, qt);
@@ -595,39 +704,87 @@ __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const Bw
       stage_transposed<T>(g, a.v, a.pad_v, win.b, h, c0, sy, sx, x);
       __syncthreads();
       const int dc = min(kChunk, g.D - c0);
-      accumulate_scores(g, qt, kt, dc, it, jt, p);
-      accumulate_scores(g, dot, x, dc, it, jt, ds);  // dP = dout v^T
+      accumulate_scores<kCosine>(g, qt, kt, dc, it, jt, p, sq);
+      accumulate_scores(g, dot, x, dc, it, jt, ds, sq);  // dP = dout v^T
     }
-    finish_scores(g, has_table ? table_s : nullptr, code, it, jt, p);
+    // p: the scores without bias and mask, as in the forward (bit for bit, so s - m is
+    // exact); P = exp2((s - m) log2(e) - log2(l)) is computed twice, for delta and then
+    // for dS.
+    scale_scores<kCosine>(g, a.gain, h, sq, p);
+    if constexpr (kCosine) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        if (jt == 0) q_norm[token_of(it, r)] = clamped_norm(sq.row[r]);
+      }
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        if (it == 0) k_norm[key_of(jt, c)] = clamped_norm(sq.key[c]);
+      }
+    }
     Quad part;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const float lse_i = lse_s[token_of(it, r)];
       part.v[r] = 0.f;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        p[r][c] = exp2f(p[r][c] - lse_i);
-        part.v[r] += p[r][c] * ds[r][c];
+        const float s = biased_score(g, bias, code, it, jt, r, c, p[r][c]);
+        part.v[r] += exp2f((s - row_m[r]) * kLog2e - row_log2_l[r]) * ds[r][c];
       }
     }
     // delta_i = sum_j P_ij dP_ij: equal to the usual rowsum(dout * out) since out = P v,
     // but from the fp32 P and dP of this block instead of the output rounded to the
     // input dtype, and without reading out.
     const Quad delta = reduce_rows(part, pad_sum, it, add);
+    // Cosine: x_hat . dx_hat, the row and column sums of dS * gain cos (p before the bias).
+    Quad row_proj = {{0.f, 0.f, 0.f, 0.f}};
+    float col_proj[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
-      for (int c = 0; c < 8; ++c) ds[r][c] = p[r][c] * (ds[r][c] - delta.v[r]);
+      for (int c = 0; c < 8; ++c) {
+        const float s = biased_score(g, bias, code, it, jt, r, c, p[r][c]);
+        const float prob = exp2f((s - row_m[r]) * kLog2e - row_log2_l[r]);
+        const float d = prob * (ds[r][c] - delta.v[r]);
+        if constexpr (kCosine) {
+          row_proj.v[r] += d * p[r][c];
+          col_proj[c] += d * p[r][c];
+        }
+        p[r][c] = prob;
+        ds[r][c] = d;
+      }
+    }
+    if constexpr (kCosine) {
+      row_proj = reduce_rows(row_proj, pad_sum + kRowPartials, it, add);
+      if (jt == 0) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) q_proj[token_of(it, r)] = row_proj.v[r];
+      }
+      // Column partials of the 16 row units: x is free until the products below.
+#pragma unroll
+      for (int c = 0; c < 8; ++c) x[8 * tid + c] = col_proj[c];
+      __syncthreads();
+      if (tid < kTile) {
+        // Key tid is key c of lane jt: column_of(tid) = 4 unit + c % 4, unit = jt + 8 (c / 4).
+        const int column = column_of(tid), unit = column >> 2;
+        const int c = ((unit >> 3) << 2) | (column & 3), lane = unit & 7;
+        float sum = 0.f;
+        for (int u = 0; u < kTile / 4; ++u) sum += x[8 * (8 * u + lane) + c];
+        k_proj[tid] = sum;
+      }
+      if (tid == 0) {
+        for (int i = 0; i < g.N; ++i) dlog_gain += q_proj[i];
+      }
     }
 
     const bool pad_grad = pad_partial != nullptr && win.has_padding;
     for (int c0 = 0; c0 < g.D; c0 += kChunk) {
-      if (chunks > 1) {
-        // The score loop left the last chunk staged: stage this one again.
+      if (chunks > 1 || kCosine) {
+        // The score loop left the last chunk staged, as read: stage this one again (for
+        // cosine attention q and k normalised).
         __syncthreads();
-        stage_transposed<T>(g, a.q, nullptr, win.b, h, c0, sy, sx, qt);
-        stage_transposed<T>(g, a.k, a.pad_k, win.b, h, c0, sy, sx, kt);
-        stage_transposed<T>(g, a.dout, nullptr, win.b, h, c0, sy, sx, dot);
+        stage_transposed<T>(g, a.q, nullptr, win.b, h, c0, sy, sx, qt, kCosine ? q_norm : nullptr);
+        stage_transposed<T>(g, a.k, a.pad_k, win.b, h, c0, sy, sx, kt, kCosine ? k_norm : nullptr);
+        if (chunks > 1) stage_transposed<T>(g, a.dout, nullptr, win.b, h, c0, sy, sx, dot);
       }
       __syncthreads();  // x (v^T or the previous chunk's dS^T) is no longer read
       store_query_major(g, p, it, jt, x);
@@ -635,12 +792,12 @@ __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const Bw
       float acc[4][4] = {};
       // dv = P^T dout
       accumulate_rows(x, g.N, it, [&](int n) { return transposed_column(dot, n, dt); }, acc);
-      store_gradient_rows<T>(g, a.dv, acc, 1.f, win.b, h, c0, it, dt, sy, sx,
+      store_gradient_rows<T>(g, a.dv, acc, win.b, h, c0, it, dt, sy, sx,
                              pad_grad ? pad_sum + (kTile / 4) * kChunk : nullptr);
       __syncthreads();
       store_query_major(g, ds, it, jt, x);
       __syncthreads();
-      if (c0 == 0 && has_table && a.table_partial != nullptr) {
+      if (c0 == 0 && bias != nullptr && a.table_partial != nullptr) {
         // Table row (dy, dx) collects dS of the pairs i - j = (dy, dx), in row-major i order.
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
@@ -654,18 +811,20 @@ __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const Bw
           }
         }
       }
-      // dk = scale dS^T q
+      // dk = dS^T q (times the scale, or through the normalisation)
       for (auto& row : acc) row[0] = row[1] = row[2] = row[3] = 0.f;
       accumulate_rows(x, g.N, it, [&](int n) { return transposed_column(qt, n, dt); }, acc);
-      store_gradient_rows<T>(g, a.dk, acc, g.scale, win.b, h, c0, it, dt, sy, sx,
+      finish_gradient<kCosine>(acc, factor, kt, k_norm, k_proj, sy, it, dt);
+      store_gradient_rows<T>(g, a.dk, acc, win.b, h, c0, it, dt, sy, sx,
                              pad_grad ? pad_sum : nullptr);
       __syncthreads();
       store_key_major(g, ds, it, jt, x);
       __syncthreads();
-      // dq = scale dS k
+      // dq = dS k (times the scale, or through the normalisation)
       for (auto& row : acc) row[0] = row[1] = row[2] = row[3] = 0.f;
       accumulate_rows(x, g.N, it, [&](int n) { return transposed_column(kt, n, dt); }, acc);
-      store_gradient_rows<T>(g, a.dq, acc, g.scale, win.b, h, c0, it, dt, sy, sx, nullptr);
+      finish_gradient<kCosine>(acc, factor, qt, q_norm, q_proj, sy, it, dt);
+      store_gradient_rows<T>(g, a.dq, acc, win.b, h, c0, it, dt, sy, sx, nullptr);
       if (pad_grad && tid < 32 && c0 + tid < g.D) {
 #pragma unroll
         for (int kv = 0; kv < 2; ++kv) {
@@ -684,6 +843,9 @@ __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const Bw
         a.table_partial[(static_cast<std::int64_t>(group) * g.R + r) * g.heads + h] = dtable[k];
       }
     }
+  }
+  if (a.gain_partial != nullptr && tid == 0) {
+    a.gain_partial[static_cast<std::int64_t>(group) * g.heads + h] = dlog_gain;
   }
 }
 
@@ -737,8 +899,7 @@ inline Geometry make_geometry(const WindowAttentionParams& p) {
   g.R = (2 * p.wh - 1) * (2 * p.ww - 1);
   g.num_windows = p.B * g.n_wh * g.n_ww;
   g.scale = p.scale;
-  g.scale_log2 = p.scale * kLog2e;
-  g.mask_log2 = p.mask_value * kLog2e;
+  g.mask_value = p.mask_value;
   g.grad_token = p.grad_token_stride;
   g.out_vec4 = p.D % 4 == 0 && quad_aligned(p.out, p) && quad_aligned(p.dq, p) &&
                quad_aligned(p.dk, p) && quad_aligned(p.dv, p);
@@ -776,40 +937,55 @@ cudaError_t window_attention_fwd(const WindowAttentionParams& p, cudaStream_t st
   const std::int64_t blocks = std::int64_t{g.num_windows} * g.heads;
   if (blocks == 0) return cudaSuccess;
   const FwdArgs args{g, make_view(p.q, p), make_view(p.k, p), make_view(p.v, p), p.table,
-                     p.pad_k, p.pad_v, p.out, p.lse};
+                     p.pad_k, p.pad_v, p.gain, p.out, p.lse};
   return PV_DTYPE_SWITCH(p.dtype, T, [&] {
-    PV_LAUNCH(window_attention_fwd_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
-              window_attention_shared_bytes(g.N, false), stream, args);
-    return cudaGetLastError();
+    return PV_BOOL_SWITCH(p.gain != nullptr, kCosine, [&] {
+      PV_LAUNCH((window_attention_fwd_kernel<T, kCosine>), dim3(static_cast<unsigned>(blocks)),
+                dim3(kThreads), window_attention_shared_bytes(g.N, false), stream, args);
+      return cudaGetLastError();
+    });
   });
 }
 
-std::int64_t window_attention_bwd_workspace_floats(const WindowAttentionParams& p) {
+// The backward's workspace: per-block partials of the table, pad and log-gain gradients,
+// in that order, each present when wanted.
+struct BwdWorkspace {
+  std::int64_t table, pad, gain;  // floats of each part
+};
+
+inline BwdWorkspace bwd_workspace(const WindowAttentionParams& p) {
   using namespace window_attention_detail;
   const Geometry g = make_geometry(p);
   const std::int64_t groups = backward_groups(g);
-  return (p.table_grad ? groups * g.R * g.heads : 0) +
-         (p.pad_grad ? groups * 2 * g.heads * g.D : 0);
+  return {p.table_grad ? groups * g.R * g.heads : 0, p.pad_grad ? groups * 2 * g.heads * g.D : 0,
+          p.gain_grad && p.gain != nullptr ? groups * g.heads : 0};
+}
+
+std::int64_t window_attention_bwd_workspace_floats(const WindowAttentionParams& p) {
+  const BwdWorkspace parts = bwd_workspace(p);
+  return parts.table + parts.pad + parts.gain;
 }
 
 cudaError_t window_attention_bwd(const WindowAttentionParams& p, cudaStream_t stream) {
   using namespace window_attention_detail;
   const Geometry g = make_geometry(p);
   const int groups = backward_groups(g);
-  float* table_partial = p.table_grad ? p.workspace : nullptr;
-  float* pad_partial =
-      p.pad_grad ? p.workspace + (p.table_grad ? std::int64_t{groups} * g.R * g.heads : 0)
-                 : nullptr;
+  const BwdWorkspace parts = bwd_workspace(p);
+  float* table_partial = parts.table > 0 ? p.workspace : nullptr;
+  float* pad_partial = parts.pad > 0 ? p.workspace + parts.table : nullptr;
+  float* gain_partial = parts.gain > 0 ? p.workspace + parts.table + parts.pad : nullptr;
   const std::int64_t blocks = std::int64_t{groups} * g.heads;
   if (blocks > 0) {
     const BwdArgs args{g, make_view(p.q, p), make_view(p.k, p), make_view(p.v, p),
-                       make_view(p.dout, p), p.table, p.pad_k, p.pad_v,
-                       p.lse_in, p.dq, p.dk, p.dv, table_partial, pad_partial,
+                       make_view(p.dout, p), p.table, p.pad_k, p.pad_v, p.gain,
+                       p.lse_in, p.dq, p.dk, p.dv, table_partial, pad_partial, gain_partial,
                        windows_per_block(g)};
     const cudaError_t error = PV_DTYPE_SWITCH(p.dtype, T, [&] {
-      PV_LAUNCH(window_attention_bwd_kernel<T>, dim3(static_cast<unsigned>(blocks)),
-                dim3(kThreads), window_attention_shared_bytes(g.N, true), stream, args);
-      return cudaGetLastError();
+      return PV_BOOL_SWITCH(p.gain != nullptr, kCosine, [&] {
+        PV_LAUNCH((window_attention_bwd_kernel<T, kCosine>), dim3(static_cast<unsigned>(blocks)),
+                  dim3(kThreads), window_attention_shared_bytes(g.N, true), stream, args);
+        return cudaGetLastError();
+      });
     });
     if (error != cudaSuccess) return error;
   }
@@ -819,7 +995,14 @@ cudaError_t window_attention_bwd(const WindowAttentionParams& p, cudaStream_t st
         ordered_column_sum(table_partial, p.dtable, groups, g.R * g.heads, stream);
     if (error != cudaSuccess) return error;
   }
-  if (p.pad_grad) return ordered_column_sum(pad_partial, p.dpad, groups, 2 * g.heads * g.D, stream);
+  if (p.pad_grad) {
+    const cudaError_t error =
+        ordered_column_sum(pad_partial, p.dpad, groups, 2 * g.heads * g.D, stream);
+    if (error != cudaSuccess) return error;
+  }
+  if (p.gain_grad && p.gain != nullptr) {
+    return ordered_column_sum(gain_partial, p.dlog_gain, groups, g.heads, stream);
+  }
   return cudaSuccess;
 }
 

@@ -18,7 +18,9 @@ struct WindowAttentionTokens {
 // Semantics of timm's SwinTransformerBlock._attn (pyvit_ops.reference.window_attention):
 // roll by (-sh, -sw), pad bottom / right to window multiples, attend inside each
 // wh x ww window with the relative position bias and, where shifted, mask_value between
-// shift regions; un-partition, crop, roll back. Window w of num_windows =
+// shift regions; un-partition, crop, roll back. With a gain (Swin V2's cosine attention)
+// the scores are gain * q k^T / (max(|q|, eps) max(|k|, eps)), eps = 1e-12, and `scale` is
+// not used. Window w of num_windows =
 // B * ceil(H / wh) * ceil(W / ww) is (b, wy, wx) in row-major order.
 //
 // The caller guarantees: 1 <= wh <= H, 1 <= ww <= W, wh * ww <= kWindowAttentionMaxArea,
@@ -31,6 +33,8 @@ struct WindowAttentionParams {
   int wh = 1, ww = 1, sh = 0, sw = 0;
   float scale = 1.f;         // applied to q k^T
   float mask_value = -100.f;  // added between tokens of different shift regions
+  // Cosine attention: (heads,) fp32, exp(min(logit_scale, log 100)); null: scaled q k^T.
+  const float* gain = nullptr;
   WindowAttentionTokens q, k, v;
   // ((2wh - 1)(2ww - 1), heads) fp32 contiguous, or null (no bias).
   const float* table = nullptr;
@@ -38,8 +42,9 @@ struct WindowAttentionParams {
   // dtype), or null for zeros.
   const float* pad_k = nullptr;
   const float* pad_v = nullptr;
-  // Forward outputs: out (contiguous (B, H, W, heads, D)) and lse, the base-2
-  // log-sum-exp of every score row, fp32 contiguous (num_windows, heads, wh * ww).
+  // Forward outputs: out (contiguous (B, H, W, heads, D)) and lse, per score row its
+  // max m and log2 of its sum of exp(score - m), apart (one float m log2(e) + log2(l)
+  // would round log2(l) next to a large m): fp32 contiguous (num_windows, heads, wh * ww, 2).
   void* out = nullptr;
   float* lse = nullptr;
   // Backward inputs: the output gradient and the forward's lse (the backward does not
@@ -50,13 +55,17 @@ struct WindowAttentionParams {
   // grad_token_stride elements apart: heads * D (contiguous) or 3 * heads * D (the
   // slices of one packed (B, H, W, 3, heads, D) gradient); when table_grad,
   // dtable ((2wh - 1)(2ww - 1), heads) fp32; when pad_grad, dpad (2, heads, D) fp32
-  // (dpad_k then dpad_v). workspace: window_attention_bwd_workspace_floats(params)
+  // (dpad_k then dpad_v; with a gain, dpad_k is the gradient of the normalised pad key
+  // pad_k / max(|pad_k|, eps), summed over all padded slots, and the caller takes it
+  // through the normalisation once); when gain_grad (with a gain), dlog_gain (heads,) fp32, the
+  // gradient of log(gain). workspace: window_attention_bwd_workspace_floats(params)
   // floats, no initial value needed.
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
   int grad_token_stride = 0;
-  bool table_grad = false, pad_grad = false;
+  bool table_grad = false, pad_grad = false, gain_grad = false;
   float* dtable = nullptr;
   float* dpad = nullptr;
+  float* dlog_gain = nullptr;
   float* workspace = nullptr;
 };
 
@@ -64,7 +73,7 @@ cudaError_t window_attention_fwd(const WindowAttentionParams& params, cudaStream
 cudaError_t window_attention_bwd(const WindowAttentionParams& params, cudaStream_t stream);
 
 // Scratch floats the backward needs for its deterministic reductions (per-block
-// partial sums of the table and pad gradients), given the geometry and the two flags.
+// partial sums of the table, pad and log-gain gradients), given the geometry and the flags.
 std::int64_t window_attention_bwd_workspace_floats(const WindowAttentionParams& params);
 
 // Dynamic shared memory per block of the forward / backward kernel, in bytes.

@@ -48,14 +48,15 @@ at::Tensor small_fp32(const char* op, const char* name, const at::Tensor& t, con
 // Checked geometry and small parameters of one call, shared by the forward and backward.
 struct Call {
   pyvit::WindowAttentionParams p;
-  at::Tensor table, pad_k, pad_v;  // fp32 copies (a few KB) the params point into
+  at::Tensor table, pad_k, pad_v, gain;  // fp32 copies (a few KB) the params point into
   int64_t num_windows = 0;
 };
 
 Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
-               const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w,
-               int64_t shift_h, int64_t shift_w, double scale, double mask_value) {
+               const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& gain,
+               int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w,
+               double scale, double mask_value) {
   Call call;
   pyvit::WindowAttentionParams& p = call.p;
   p.dtype = check_float_tensor(op, "q", q, 5);
@@ -109,6 +110,10 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
     p.pad_k = call.pad_k.const_data_ptr<float>();
     p.pad_v = call.pad_v.const_data_ptr<float>();
   }
+  if (gain.has_value()) {
+    call.gain = small_fp32(op, "gain", *gain, q, {s[3]});
+    p.gain = call.gain.const_data_ptr<float>();
+  }
   p.q = tokens(q);
   p.k = tokens(k);
   p.v = tokens(v);
@@ -118,15 +123,17 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
-    const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w, int64_t shift_h,
-    int64_t shift_w, double scale, double mask_value) {
+    const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& gain,
+    int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w, double scale,
+    double mask_value) {
   constexpr const char* op = "window_attention_fwd";
-  Call call = make_call(op, q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
-                        scale, mask_value);
+  Call call = make_call(op, q, k, v, table, pad_k, pad_v, gain, window_h, window_w, shift_h,
+                        shift_w, scale, mask_value);
   pyvit::WindowAttentionParams& p = call.p;
   at::Tensor out = at::empty(q.sizes(), q.options());
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({call.num_windows, p.heads, p.wh * p.ww}, fp32);
+  // Per score row: its max and log2 of its sum (window_attention.cuh).
+  at::Tensor lse = at::empty({call.num_windows, p.heads, p.wh * p.ww, 2}, fp32);
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const DeviceContext context(q);
   p.out = out.mutable_data_ptr();
@@ -135,9 +142,21 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   return {out, lse};
 }
 
-// The parameter gradients (dtable, dpad_k, dpad_v) of one backward; empty tensors for
-// those not wanted.
-using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// Cosine attention: the gradient of the rows x from that of x_hat = x / n, n = max(|x|, eps)
+// (F.normalize): (dx_hat - x_hat (x_hat . dx_hat)) / n, without the projection where
+// |x| <= eps (n is then constant). In float64: a few (heads, D) rows.
+at::Tensor through_normalisation(const at::Tensor& dx_hat, const at::Tensor& x) {
+  constexpr double eps = 1e-12;
+  const at::Tensor x64 = x.to(at::kDouble), dx_hat64 = dx_hat.to(at::kDouble);
+  const at::Tensor norm = x64.norm(2, {-1}, /*keepdim=*/true);
+  const at::Tensor n = norm.clamp_min(eps), x_hat = x64.div(n);
+  const at::Tensor proj = x_hat.mul(dx_hat64).sum(-1, /*keepdim=*/true).mul(norm.gt(eps));
+  return dx_hat64.sub(x_hat.mul(proj)).div(n);
+}
+
+// The parameter gradients (dtable, dpad_k, dpad_v, dlog_gain) of one backward; empty
+// tensors for those not wanted.
+using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The backward into dq, dk, dv: (B, H, W, heads, D) with dense rows, tokens
 // dq.stride(2) apart (fresh tensors, or the slices of one packed gradient).
@@ -145,12 +164,13 @@ ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                     const at::Tensor& lse, const std::optional<at::Tensor>& table,
                     const std::optional<at::Tensor>& pad_k,
-                    const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w,
+                    const std::optional<at::Tensor>& pad_v,
+                    const std::optional<at::Tensor>& gain, int64_t window_h, int64_t window_w,
                     int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-                    bool table_grad, bool pad_grad, const at::Tensor& dq, const at::Tensor& dk,
-                    const at::Tensor& dv) {
-  Call call = make_call(op, q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w,
-                        scale, mask_value);
+                    bool table_grad, bool pad_grad, bool gain_grad, const at::Tensor& dq,
+                    const at::Tensor& dk, const at::Tensor& dv) {
+  Call call = make_call(op, q, k, v, table, pad_k, pad_v, gain, window_h, window_w, shift_h,
+                        shift_w, scale, mask_value);
   pyvit::WindowAttentionParams& p = call.p;
   check_tokens(op, "dout", dout, q);
   // Part of the op's contract (the Triton backward reads it); these kernels need only lse.
@@ -158,7 +178,7 @@ ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ",
                    lse.scalar_type());
   check_same_device(op, "lse", lse, "q", q);
-  const std::array<int64_t, 3> lse_shape = {call.num_windows, p.heads, p.wh * p.ww};
+  const std::array<int64_t, 4> lse_shape = {call.num_windows, p.heads, p.wh * p.ww, 2};
   TORCH_CHECK_VALUE(lse.sizes() == c10::IntArrayRef(lse_shape), op, ": lse must have shape ",
                     c10::IntArrayRef(lse_shape), ", got ", lse.sizes());
   TORCH_CHECK_VALUE(dq.size(1) * dq.size(2) * dq.stride(2) <= INT_MAX, op,
@@ -169,10 +189,12 @@ ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
   p.lse_in = lse_c.const_data_ptr<float>();
   p.table_grad = table_grad && table.has_value();
   p.pad_grad = pad_grad && pad_k.has_value();
+  p.gain_grad = gain_grad && gain.has_value();
 
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
   at::Tensor dtable = at::empty({p.table_grad ? call.table.numel() : 0}, fp32);
   at::Tensor dpad = at::empty({p.pad_grad ? 2 * q.size(3) * q.size(4) : 0}, fp32);
+  at::Tensor dlog_gain = at::empty({p.gain_grad ? q.size(3) : 0}, fp32);
   at::Tensor workspace = at::empty({pyvit::window_attention_bwd_workspace_floats(p)}, fp32);
   const DeviceContext context(q);
   p.dq = dq.mutable_data_ptr();
@@ -181,6 +203,7 @@ ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
   p.grad_token_stride = static_cast<int>(dq.stride(2));
   p.dtable = dtable.mutable_data_ptr<float>();
   p.dpad = dpad.mutable_data_ptr<float>();
+  p.dlog_gain = dlog_gain.mutable_data_ptr<float>();
   p.workspace = workspace.mutable_data_ptr<float>();
   check_launch(pyvit::window_attention_bwd(p, context.stream()), op);
 
@@ -189,45 +212,54 @@ ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
   at::Tensor dpad_k = none(), dpad_v = none();
   if (p.pad_grad) {
     dpad = dpad.view({2, q.size(3), q.size(4)});
+    if (p.gain != nullptr) dpad[0].copy_(through_normalisation(dpad[0], call.pad_k));
     dpad_k = dpad[0].to(pad_k->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     dpad_v = dpad[1].to(pad_v->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   }
   return {p.table_grad ? dtable.view(call.table.sizes()).to(table->scalar_type()) : none(),
-          dpad_k, dpad_v};
+          dpad_k, dpad_v, p.gain_grad ? dlog_gain : none()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
-                     const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w,
-                     int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-                     bool table_grad, bool pad_grad) {
+                     const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& gain,
+                     int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w,
+                     double scale, double mask_value, bool table_grad, bool pad_grad,
+                     bool gain_grad) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
-  auto [dtable, dpad_k, dpad_v] =
-      backward("window_attention_bwd", dout, q, k, v, out, lse, table, pad_k, pad_v, window_h,
-               window_w, shift_h, shift_w, scale, mask_value, table_grad, pad_grad, dq, dk, dv);
-  return {dq, dk, dv, dtable, dpad_k, dpad_v};
+  auto [dtable, dpad_k, dpad_v, dlog_gain] =
+      backward("window_attention_bwd", dout, q, k, v, out, lse, table, pad_k, pad_v, gain,
+               window_h, window_w, shift_h, shift_w, scale, mask_value, table_grad, pad_grad,
+               gain_grad, dq, dk, dv);
+  return {dq, dk, dv, dtable, dpad_k, dpad_v, dlog_gain};
 }
 
 // The backward of the three slices of qkv (B, H, W, 3, heads, D): one packed gradient,
 // written in place, where autograd would otherwise stack dq, dk, dv.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_qkvpacked_bwd(
-    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
-    const std::optional<at::Tensor>& pad_v, int64_t window_h, int64_t window_w, int64_t shift_h,
-    int64_t shift_w, double scale, double mask_value, bool table_grad, bool pad_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+window_attention_qkvpacked_bwd(const at::Tensor& dout, const at::Tensor& qkv,
+                               const at::Tensor& out, const at::Tensor& lse,
+                               const std::optional<at::Tensor>& table,
+                               const std::optional<at::Tensor>& pad_k,
+                               const std::optional<at::Tensor>& pad_v,
+                               const std::optional<at::Tensor>& gain, int64_t window_h,
+                               int64_t window_w, int64_t shift_h, int64_t shift_w, double scale,
+                               double mask_value, bool table_grad, bool pad_grad,
+                               bool gain_grad) {
   constexpr const char* op = "window_attention_qkvpacked_bwd";
   TORCH_CHECK_VALUE(qkv.dim() == 6 && qkv.size(3) == 3, op,
                     ": qkv must have shape (B, H, W, 3, heads, D), got ", qkv.sizes());
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
-  auto [dtable, dpad_k, dpad_v] =
+  auto [dtable, dpad_k, dpad_v, dlog_gain] =
       backward(op, dout, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, table,
-               pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale, mask_value,
-               table_grad, pad_grad, dqkv.select(3, 0), dqkv.select(3, 1), dqkv.select(3, 2));
-  return {dqkv, dtable, dpad_k, dpad_v};
+               pad_k, pad_v, gain, window_h, window_w, shift_h, shift_w, scale, mask_value,
+               table_grad, pad_grad, gain_grad, dqkv.select(3, 0), dqkv.select(3, 1),
+               dqkv.select(3, 2));
+  return {dqkv, dtable, dpad_k, dpad_v, dlog_gain};
 }
 
 // The largest window make_call takes, for the Python layer to ask before launching.
@@ -238,18 +270,18 @@ int64_t window_area_limit() { return pyvit::kWindowAttentionMaxArea; }
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
   m.def(
       "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? pad_k, "
-      "Tensor? pad_v, int window_h, int window_w, int shift_h, int shift_w, float scale, "
-      "float mask_value) -> (Tensor, Tensor)");
+      "Tensor? pad_v, Tensor? gain, int window_h, int window_w, int shift_h, int shift_w, "
+      "float scale, float mask_value) -> (Tensor, Tensor)");
   m.def(
       "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? table, Tensor? pad_k, Tensor? pad_v, int window_h, int window_w, int shift_h, "
-      "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? table, Tensor? pad_k, Tensor? pad_v, Tensor? gain, int window_h, int window_w, "
+      "int shift_h, int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad, "
+      "bool gain_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "window_attention_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, "
-      "Tensor? table, Tensor? pad_k, Tensor? pad_v, int window_h, int window_w, int shift_h, "
-      "int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? table, Tensor? pad_k, Tensor? pad_v, Tensor? gain, int window_h, int window_w, "
+      "int shift_h, int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad, "
+      "bool gain_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("window_attention_window_area_limit() -> int",
         &window_attention_bind::window_area_limit);
 }

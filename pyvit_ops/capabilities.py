@@ -182,9 +182,9 @@ def _triton(op, float32=_IEEE, limits=(), conditions=(), features=()):
                       features=features)
 
 
-def _cuda(op, limits=(), conditions=()):
+def _cuda(op, limits=(), conditions=(), features=()):
     return Capability(op, "cuda", KERNEL_DTYPES, _IEEE, _CUDA_ARCHS, limits=limits,
-                      conditions=conditions)
+                      conditions=conditions, features=features)
 
 
 CAPABILITIES = {(c.op, c.backend): c for c in (
@@ -213,7 +213,8 @@ CAPABILITIES = {(c.op, c.backend): c for c in (
             conditions=("offsets inside one image < 2³¹",), features=("cosine",)),
     _cuda("window_attention",
           limits=(Limit("window_area", "window area (wh × ww)", "the CUDA kernel holds a whole "
-                        "window in one score tile", 64),)),
+                        "window in one score tile", 64),),
+          features=("cosine",)),
     _reference("elsa_attention"),
     _triton("elsa_attention",
             limits=(Limit("head_channels", "channels per head", "a Triton program holds one "

@@ -537,24 +537,28 @@ def host_ops():
     return host.load()
 
 
-def test_window_backward_at_gpu_constants(host_ops):
+@pytest.mark.parametrize("cosine", [False, True], ids=["v1", "cosine"])
+def test_window_backward_at_gpu_constants(host_ops, cosine):
     """The backward's grouping of windows into blocks at the GPU build's constant (one
-    window per block here) as well as the test build's (five): both match the reference,
-    and the table gradient's summation order, hence its bits, differ."""
+    window per block here) as well as the test build's (five): both match the reference
+    (cosine attention: with the logit scale's gradient, also summed over blocks), and the
+    table gradient's summation order, hence its bits, differ."""
     torch.manual_seed(0)
     shape, window, shift = (1, 9, 10, 2, 32), (4, 5), (2, 1)
     q, k, v = torch.randn(*shape[:3], 3, *shape[3:]).unbind(3)
     table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), shape[3])
     pad_kv = tuple(torch.randn(2, shape[3], shape[4]).unbind(0))
+    logit_scale = [torch.tensor([1.0, 2.0])] if cosine else []
     grad = torch.randn(shape)
 
     def gradients(backend, tensors):
         tensors = [t.detach().requires_grad_() for t in tensors]
         out = window_attention(*tensors[:4], window_size=window, shift_size=shift,
-                               pad_kv=tuple(tensors[4:]), backend=backend)
+                               pad_kv=tuple(tensors[4:6]), logit_scale=(tensors[6:] or [None])[0],
+                               backend=backend)
         return torch.autograd.grad(out, tensors, grad.to(out.dtype))
 
-    inputs = [q, k, v, table, *pad_kv]
+    inputs = [q, k, v, table, *pad_kv, *logit_scale]
     expected = gradients("reference", [t.double() for t in inputs])
     emulated = gradients("cuda", inputs)
     with host.gpu_constants():

@@ -235,14 +235,6 @@ def test_cosine_bad_inputs(change, exc, message):
         pyvit_ops.window_attention(q, k, v, window_size=2, **change)
 
 
-def test_cosine_forced_cuda_backend_says_why():
-    q, k, v = _packed_qkv(1, 4, 4, 2, 4, dtype=torch.float32)
-    with pytest.raises(pyvit_ops.BackendUnavailableError,
-                       match="the cuda kernels have no Swin V2 cosine attention"):
-        pyvit_ops.window_attention(q, k, v, window_size=2, logit_scale=torch.zeros(2),
-                                   backend="cuda")
-
-
 # --------------------------------------------------------------------------- kernels
 
 BACKENDS = ["triton", "cuda"]
@@ -411,9 +403,9 @@ def test_kernel_matches_reference(backend, case, dtype):
 
 
 class CosineCase(NamedTuple):
-    """A Swin V2 (cosine attention) case of the Triton kernels: per-head logit scales
-    (some above the clamp at log 100 = 4.605), table and pads in ``param_dtype``
-    ("input": q's dtype) or float32."""
+    """A Swin V2 (cosine attention) case: per-head logit scales (some above the clamp at
+    log 100 = 4.605), table and pads in ``param_dtype`` ("input": q's dtype) or float32;
+    runs on ``backends``."""
     name: str
     geometry: Geometry
     logit_scale: Tuple[float, ...]
@@ -421,17 +413,24 @@ class CosineCase(NamedTuple):
     layout: str = "packed"
     pad: bool = True
     mask_value: float = -100.0
+    backends: Tuple[str, ...] = ("triton",)
 
 
 # Single tile (up to 32 tokens): 20 tokens at head dim 64 (dbias and pads in their
 # chunked passes); tiled: Swin V2's 8x8 padded on one axis, 90 tokens (float32 too at
 # D = 32) with a -inf mask, Swin V2's 12x12 on a padded 2x2 window grid. Logit scales
-# below, at and above the clamp, timm's shape (heads, 1, 1) and (heads,).
+# below, at and above the clamp, timm's shape (heads, 1, 1) and (heads,). The CUDA
+# kernels (one 64-slot tile): 4x4 shifted and padded on both axes with a head dim in one
+# chunk, 20 tokens in two chunks, 8x8 in one.
 COSINE_CASES = [
+    CosineCase("w4-pad-shift-D8", Geometry(B=1, H=6, W=7, heads=2, D=8, window=4, shift=2),
+               (0.5, 5.0), layout="mixed", backends=("cuda",)),
     CosineCase("N20-D64-pad", Geometry(B=1, H=9, W=10, heads=2, D=64, window=(4, 5),
-                                       shift=(2, 1)), (1.0, 5.0), layout="qkvpacked"),
+                                       shift=(2, 1)), (1.0, 5.0), layout="qkvpacked",
+               backends=("triton", "cuda")),
     CosineCase("w8-N64-D16", Geometry(B=1, H=8, W=11, heads=2, D=16, window=8, shift=(0, 4)),
-               (math.log(100.0), -1.0), param_dtype="input", layout="mixed"),
+               (math.log(100.0), -1.0), param_dtype="input", layout="mixed",
+               backends=("triton", "cuda")),
     CosineCase("tiled-N90-D32-inf-mask", Geometry(B=1, H=10, W=11, heads=1, D=32,
                                                   window=(9, 10), shift=(4, 3)),
                (3.0,), layout="mixed", mask_value=float("-inf")),
@@ -463,22 +462,27 @@ def _cosine_names(case):
             + ["pad_k", "pad_v"] * case.pad)
 
 
+COSINE_KERNEL_CASES = [pytest.param(backend, case, id=f"{backend}-{case.name}")
+                       for case in COSINE_CASES for backend in case.backends]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
-@pytest.mark.parametrize("case", COSINE_CASES, ids=lambda case: case.name)
-def test_cosine_kernel_matches_reference(case, dtype):
-    """Swin V2's cosine attention on the Triton kernels: the output and the gradients of
-    q, k, v, table, logit scale and pads under the tolerance rule."""
+@pytest.mark.parametrize("backend, case", COSINE_KERNEL_CASES)
+def test_cosine_kernel_matches_reference(backend, case, dtype):
+    """Swin V2's cosine attention on the kernels: the output and the gradients of q, k, v,
+    table, logit scale and pads under the tolerance rule."""
     B, H, W, heads, D, window, shift = case.geometry
     kwargs = dict(window_size=window, shift_size=shift, mask_value=case.mask_value,
                   cosine=True)
     area = _pair(window)[0] * _pair(window)[1]
-    if dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
+    if backend == "triton" and dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
         with pytest.raises(_backend.BackendUnavailableError, match="float32 with head dim"):
             ops.window_attention(*_packed_qkv(B, H, W, heads, D, dtype), backend="triton",
                                  window_size=window, logit_scale=torch.zeros(heads))
         return
+    _use(backend)
     inputs, grad = _cosine_inputs(case, dtype)
-    out, grads = _run("triton", inputs, True, case.pad, grad, **kwargs)
+    out, grads = _run(backend, inputs, True, case.pad, grad, **kwargs)
     assert out.dtype == dtype and out.shape == (B, H, W, heads, D)
     names = _cosine_names(case)
     for name, g, t in zip(names, grads, inputs):
@@ -492,8 +496,10 @@ def test_cosine_kernel_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("window", [(4, 5), (9, 8)], ids=["single-tile", "tiled"])
-def test_cosine_rows_below_eps(window, dtype):
+@pytest.mark.parametrize("backend, window", [("triton", (4, 5)), ("triton", (9, 8)),
+                                             ("cuda", (4, 5))],
+                         ids=["triton", "triton-tiled", "cuda"])
+def test_cosine_rows_below_eps(backend, window, dtype):
     """A query row, a key row and the pad key (timm's k_bias = 0) of norm zero, below
     F.normalize's eps: their cosines are 0 and their gradients dx_hat / eps (~1e12 times
     the others; float16 cannot hold them: inf on every backend). The tolerance rule holds
@@ -508,7 +514,8 @@ def test_cosine_rows_below_eps(window, dtype):
     qkv[0, 3, 1, 1, 1] = 0.0  # a key row of head 1
     inputs[0] = qkv.requires_grad_()
     kwargs = dict(window_size=window, shift_size=(1, 2), cosine=True)
-    out, grads = _run("triton", inputs, True, True, grad, **kwargs)
+    _use(backend)
+    out, grads = _run(backend, inputs, True, True, grad, **kwargs)
     zero = torch.zeros_like(qkv, dtype=torch.bool)
     zero[0, 1, 2, 0] = zero[0, 3, 1, 1, 1] = True
     oracle = [t.detach().double() for t in inputs]
@@ -530,7 +537,7 @@ def test_cosine_rows_below_eps(window, dtype):
 def test_cosine_logit_scale_clamp_edge():
     """The logit scale's gradient is torch.clamp's, which compares with log 100 in
     float64: float32 log 100 lies above it (no gradient, as the next float32 up), the
-    float32 below passes; on the Triton kernels as in the reference."""
+    float32 below passes; on the kernels as in the reference."""
     bound = torch.tensor(math.log(100.0), dtype=torch.float32)
     assert bound.double() > math.log(100.0)
     logit_scale = torch.stack((bound, torch.nextafter(bound, torch.tensor(10.0)),
@@ -538,13 +545,15 @@ def test_cosine_logit_scale_clamp_edge():
     torch.manual_seed(0)
     q, k, v = _packed_qkv(1, 5, 6, 3, 8, torch.float32)
     grads = {}
-    for backend in ("triton", "reference"):
+    _use("cuda")
+    for backend in ("triton", "cuda", "reference"):
         out = ops.window_attention(q, k, v, window_size=(5, 3), logit_scale=logit_scale,
                                    backend=backend)
         (grads[backend],) = torch.autograd.grad(out, logit_scale, torch.ones_like(out))
     for g in grads.values():
         assert g[0] == 0 and g[1] == 0 and g[2] != 0
-    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-4, atol=1e-5)
+    for backend in ("triton", "cuda"):
+        torch.testing.assert_close(grads[backend], grads["reference"], rtol=1e-4, atol=1e-5)
 
 
 def test_cosine_24x24_window():
@@ -559,15 +568,18 @@ def test_cosine_24x24_window():
                  inputs, True, True, grad, **kwargs)
 
 
-@pytest.mark.parametrize("window", [(4, 5), (9, 8)], ids=["single-tile", "tiled"])
-def test_cosine_backward_is_deterministic(window):
+@pytest.mark.parametrize("backend, window", [("triton", (4, 5)), ("triton", (9, 8)),
+                                             ("cuda", (4, 5))],
+                         ids=["triton", "triton-tiled", "cuda"])
+def test_cosine_backward_is_deterministic(backend, window):
     case = CosineCase("det", Geometry(B=1, H=window[0] + 2, W=window[1] + 3, heads=2, D=32,
                                       window=window, shift=(2, 1)), (2.0, 5.0),
                       param_dtype="input")
+    _use(backend)
     results = []
     for _ in range(2):
         inputs, grad = _cosine_inputs(case, torch.float16)
-        out, grads = _run("triton", inputs, True, True, grad, window_size=window,
+        out, grads = _run(backend, inputs, True, True, grad, window_size=window,
                           shift_size=(2, 1), cosine=True)
         results.append((out, *grads))
     for first, second in zip(*results):
@@ -793,8 +805,8 @@ def test_triton_grids_keep_heads_off_axis_1(monkeypatch):
 
 
 @pytest.mark.parametrize("backend, cosine", [("triton", False), ("triton", True),
-                                             ("cuda", False)],
-                         ids=["triton", "triton-cosine", "cuda"])
+                                             ("cuda", False), ("cuda", True)],
+                         ids=["triton", "triton-cosine", "cuda", "cuda-cosine"])
 def test_custom_op_opcheck(backend, cosine):
     _use(backend)
     torch.manual_seed(0)
@@ -975,14 +987,14 @@ def test_cpu_default_is_reference():
 
 
 # The CUDA bindings validate what they are given, whoever calls them.
-FWD_ARG_NAMES = ("q", "k", "v", "table", "pad_k", "pad_v", "window_h", "window_w", "shift_h",
-                 "shift_w", "scale", "mask_value")
+FWD_ARG_NAMES = ("q", "k", "v", "table", "pad_k", "pad_v", "gain", "window_h", "window_w",
+                 "shift_h", "shift_w", "scale", "mask_value")
 
 
 def _fwd_args(**changes):
     q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
     args = dict(q=q, k=k, v=v, table=_table((4, 5), 2, torch.float32), pad_k=torch.zeros(2, 8),
-                pad_v=torch.zeros(2, 8), window_h=4, window_w=5, shift_h=2, shift_w=1, scale=0.35,
+                pad_v=torch.zeros(2, 8), gain=None, window_h=4, window_w=5, shift_h=2, shift_w=1, scale=0.35,
                 mask_value=-100.0)
     args.update({name: change(args) if callable(change) else change
                  for name, change in changes.items()})
@@ -997,6 +1009,7 @@ BAD_BINDING_INPUTS = [
     (dict(v=lambda a: a["v"][:, :8]), ValueError, "v must have the shape of q"),
     (dict(table=torch.zeros(49, 2)), ValueError, "table must have shape [63, 2]"),
     (dict(pad_v=None), ValueError, "pad_k and pad_v must both be given"),
+    (dict(gain=torch.ones(3)), ValueError, "gain must have shape [2], got [3]"),
     (dict(q=lambda a: a["q"].double()), TypeError, "q must be float32, float16 or bfloat16"),
 ]
 
@@ -1011,12 +1024,12 @@ def test_binding_rejects_bad_input(changes, error, match):
 
 def test_binding_rejects_bad_lse():
     host_ops = host.load()
-    q, k, v, table, pad_k, pad_v, *geometry = _fwd_args()
-    out, lse = host_ops.window_attention_fwd(q, k, v, table, pad_k, pad_v, *geometry)
+    q, k, v, table, pad_k, pad_v, gain, *geometry = _fwd_args()
+    out, lse = host_ops.window_attention_fwd(q, k, v, table, pad_k, pad_v, gain, *geometry)
     with pytest.raises(ValueError) as info:
-        host_ops.window_attention_bwd(out, q, k, v, out, lse[:, :1], table, pad_k, pad_v,
-                                      *geometry, True, True)
-    assert "lse must have shape [6, 2, 20], got [6, 1, 20]" in str(info.value)
+        host_ops.window_attention_bwd(out, q, k, v, out, lse[:, :1], table, pad_k, pad_v, gain,
+                                      *geometry, True, True, False)
+    assert "lse must have shape [6, 2, 20, 2], got [6, 1, 20, 2]" in str(info.value)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,10 @@ Backends: "reference" (``pyvit_ops.reference.window_attention``, differentiable
 PyTorch), "triton" (``pyvit_ops.kernels.window_attention``) and "cuda" (the C++
 extension's ``window_attention_fwd`` / ``_bwd``). The kernel backends go through the
 custom ops ``pyvit_ops::window_attention_fwd`` / ``_bwd``, which return / take the
-output and its fp32 base-2 log-sum-exp of shape ``(num_windows, heads, N)``,
-``num_windows = B * ceil(H / wh) * ceil(W / ww)``, ``N = wh * ww``; their
+output and its fp32 row statistics: the base-2 log-sum-exp of shape
+``(num_windows, heads, N)`` (Triton), or the base-2 row max and log2 of the row sum apart,
+``(num_windows, heads, N, 2)`` (CUDA), ``num_windows = B * ceil(H / wh) * ceil(W / ww)``,
+``N = wh * ww``; their
 ``_qkvpacked`` twins take one ``(B, H, W, 3, heads, D)`` qkv and return its gradient.
 They take the logit scale as given (``(heads,)`` or ``(heads, 1, 1)``, None: no cosine
 attention) and return its gradient in its shape and dtype.
@@ -58,13 +60,6 @@ def _gain(logit_scale):
     return logit_scale.to(torch.float32).reshape(-1).clamp(max=reference.LOGIT_SCALE_MAX).exp()
 
 
-def _no_cosine(backend, logit_scale):
-    """The CUDA kernels have no cosine attention (the public functions choose another
-    backend; this guards direct calls of the custom ops)."""
-    if logit_scale is not None:
-        raise ValueError(f"backend {backend!r} has no cosine attention (logit_scale)")
-
-
 def _fwd(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
          mask_value, backend):
     if backend == "triton":
@@ -72,10 +67,9 @@ def _fwd(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
             q, k, v, table, pad_k, pad_v, (window_h, window_w), (shift_h, shift_w), scale,
             mask_value, gain=_gain(logit_scale))
     if backend == "cuda":
-        _no_cosine(backend, logit_scale)
         return tuple(_ext.lib(q).window_attention_fwd(
-            q, k, v, table, pad_k, pad_v, window_h, window_w, shift_h, shift_w, scale,
-            mask_value))
+            q, k, v, table, pad_k, pad_v, _gain(logit_scale), window_h, window_w, shift_h,
+            shift_w, scale, mask_value))
     raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
 
 
@@ -102,16 +96,17 @@ def _window_attention_qkvpacked_fwd(
                 shift_w, scale, mask_value, backend)
 
 
-def _lse_shape(q, window_h, window_w):
+def _lse_shape(q, window_h, window_w, backend):
     B, H, W, heads, _ = q.shape
-    return (B * math.ceil(H / window_h) * math.ceil(W / window_w), heads, window_h * window_w)
+    rows = (B * math.ceil(H / window_h) * math.ceil(W / window_w), heads, window_h * window_w)
+    return rows + (2,) if backend == "cuda" else rows
 
 
 @_window_attention_fwd.register_fake
 def _(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
       mask_value, backend):
     return (q.new_empty(q.shape),
-            q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, window_h, window_w, backend), dtype=torch.float32))
 
 
 @_window_attention_qkvpacked_fwd.register_fake
@@ -119,7 +114,7 @@ def _(qkv, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_
       mask_value, backend):
     q = qkv.select(3, 0)
     return (q.new_empty(q.shape),
-            q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, window_h, window_w, backend), dtype=torch.float32))
 
 
 def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
@@ -129,6 +124,7 @@ def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, wi
     ``qkv``; dtable / dpads / dlogit_scale are empty tensors unless ``table_grad`` /
     ``pad_grad`` / ``logit_scale_grad`` (custom ops cannot return None)."""
     geometry = (window_h, window_w, shift_h, shift_w, scale, mask_value)
+    gain = _gain(logit_scale)
     if backend == "triton":
         dqkv = None if qkv is None else torch.empty(qkv.shape, dtype=qkv.dtype,
                                                    device=qkv.device)
@@ -136,26 +132,27 @@ def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, wi
             dout, q, k, v, out, lse, table, pad_k, pad_v, (window_h, window_w),
             (shift_h, shift_w), scale, mask_value,
             (True, True, True, table_grad, pad_grad, pad_grad, logit_scale_grad), dqkv=dqkv,
-            gain=_gain(logit_scale))
+            gain=gain)
         if dqkv is not None:
             grads = (dqkv, *grads[3:])
-        dlogit_scale = None
-        if dlog_gain is not None:
-            # gain = exp(min(logit_scale, log 100)): torch.clamp's gradient, which passes
-            # at the bound, compared in float64 as torch does (float32 log 100 is above).
-            passes = logit_scale.to(torch.float64).reshape(-1) <= reference.LOGIT_SCALE_MAX
-            dlogit_scale = (dlog_gain * passes).reshape(logit_scale.shape).to(logit_scale.dtype)
-        grads = (*grads, dlogit_scale)
-    elif backend == "cuda" and qkv is None:
-        _no_cosine(backend, logit_scale)
-        grads = (*_ext.lib(q).window_attention_bwd(
-            dout, q, k, v, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad), None)
     elif backend == "cuda":
-        _no_cosine(backend, logit_scale)
-        grads = (*_ext.lib(q).window_attention_qkvpacked_bwd(
-            dout, qkv, out, lse, table, pad_k, pad_v, *geometry, table_grad, pad_grad), None)
+        flags = (table_grad, pad_grad, logit_scale_grad)
+        if qkv is None:
+            *grads, dlog_gain = _ext.lib(q).window_attention_bwd(
+                dout, q, k, v, out, lse, table, pad_k, pad_v, gain, *geometry, *flags)
+        else:
+            *grads, dlog_gain = _ext.lib(q).window_attention_qkvpacked_bwd(
+                dout, qkv, out, lse, table, pad_k, pad_v, gain, *geometry, *flags)
+        dlog_gain = dlog_gain if logit_scale_grad and gain is not None else None
     else:
         raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+    dlogit_scale = None
+    if dlog_gain is not None:
+        # gain = exp(min(logit_scale, log 100)): torch.clamp's gradient, which passes
+        # at the bound, compared in float64 as torch does (float32 log 100 is above).
+        passes = logit_scale.to(torch.float64).reshape(-1) <= reference.LOGIT_SCALE_MAX
+        dlogit_scale = (dlog_gain * passes).reshape(logit_scale.shape).to(logit_scale.dtype)
+    grads = (*grads, dlogit_scale)
     tokens = 3 if qkv is None else 1
     # The parameter gradients are tiny; contiguous is what register_fake promises.
     grads = [g if i < tokens or g is None else g.contiguous() for i, g in enumerate(grads)]
