@@ -1,10 +1,12 @@
 """pyvit_ops.patch_timm and the pyvit_ops.nn modules against the timm models they
 replace: outputs and gradients of small timm Swin / ViT / CaiT / PoolFormer models,
 patched vs unpatched, on the reference backend (CPU) and the Triton kernels
-(interpreter); the errors of their arguments."""
+(interpreter), timm Swin V2 at 4x4, 12x12 and 24x24 windows also on the CUDA kernels
+(host emulation); the errors of their arguments."""
 import contextlib
 import copy
 import io
+import os
 import pickle
 import re
 
@@ -14,8 +16,10 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is the parity target of patch_timm")
 
 import pyvit_ops  # noqa: E402
+from pyvit_ops import capabilities  # noqa: E402
 from pyvit_ops import nn as pnn  # noqa: E402
 from op_cases import assert_rejects, bad_module_call, module_forward, randn  # noqa: E402
+from pyvit_ops.testing import host  # noqa: E402
 
 
 def _swin():
@@ -70,10 +74,13 @@ WINDOW_MODULES = (pnn.WindowAttention, pnn.WindowAttentionV2)
 
 
 def _run(model, x):
+    """``(out, grads)``: the gradients of the input and of every parameter."""
     model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
     out = model(x)
     out.square().sum().backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, {"input": x.grad, **{n: p.grad.clone() for n, p in model.named_parameters()
+                                     if p.grad is not None}}
 
 
 def _assert_matches(model, patched, x, atol=2e-5, rtol=1e-4):
@@ -133,8 +140,8 @@ def _small_swin(version=1, **kwargs):
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.swin_transformer_v2 import SwinTransformerV2
     cls = SwinTransformer if version == 1 else SwinTransformerV2
-    model = cls(embed_dim=24, depths=(2, 2), num_heads=(1, 2), window_size=7, num_classes=10,
-                **kwargs)
+    model = cls(**dict(dict(embed_dim=24, depths=(2, 2), num_heads=(1, 2), window_size=7,
+                            num_classes=10), **kwargs))
     if version == 2:
         _randomize_v2(model)
     return model
@@ -156,6 +163,78 @@ def _window_calls(model):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _fused_ops():
+    """Records ``(op, backend)`` of every pyvit_ops custom op that runs: the Triton and
+    CUDA backends' forward and backward kernels run inside them (the reference backend
+    is plain PyTorch and runs none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "pyvit_ops":
+                named = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
+                calls.append((func.overloadpacket.__name__, named.get("backend")))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        yield calls
+
+
+# timm Swin V2 at window sizes of its checkpoints, one stage of an unshifted and a shifted
+# block, D = 16: (constructor arguments, input shape, window, shift).
+V2_WINDOWS = {
+    # 9x11 grid, 4x4 windows: padded to 12x12, shifted by 2; two heads.
+    "4x4": (dict(img_size=(36, 44), window_size=4, embed_dim=32, depths=(2,), num_heads=(2,)),
+            (1, 3, 36, 44), (4, 4), (2, 2)),
+    # 12x12 and 24x24 windows (the tiled kernels) on grids of one window, shifted by half a
+    # window with timm's always_partition: on 2 cores each further window costs the
+    # interpreter about 30 s (12x12) or 3 minutes (24x24, the float32 cosine backward).
+    "12x12": (dict(img_size=48, window_size=12, embed_dim=16, depths=(2,), num_heads=(1,),
+                   always_partition=True), (1, 3, 48, 48), (12, 12), (6, 6)),
+    "24x24": (dict(img_size=48, patch_size=2, window_size=24, embed_dim=16, depths=(2,),
+                   num_heads=(1,), always_partition=True), (1, 3, 48, 48), (24, 24), (12, 12)),
+}
+# Runs the kernel backends' cases of windows above 64 tokens (the tiled kernels, which
+# tests/test_window_attention.py also runs at 24x24 on one small window).
+SLOW = "PYVIT_OPS_SLOW_TESTS"
+# float64 on the reference (the same math as timm); float32 on the Triton kernels
+# (interpreter) and the CUDA kernels (host emulation), with CASES' float32 tolerances.
+V2_WINDOW_CASES = [("reference", torch.float64, 1e-10, 1e-10),
+                   *[case for case in CASES if case[0] == "triton"],
+                   ("cuda", *next(case[1:] for case in CASES if case[0] == "triton"))]
+
+
+@pytest.mark.parametrize("backend,dtype,atol,rtol", V2_WINDOW_CASES,
+                         ids=[case[0] for case in V2_WINDOW_CASES])
+@pytest.mark.parametrize("window", list(V2_WINDOWS))
+def test_patched_swinv2_windows_match_timm(window, backend, dtype, atol, rtol):
+    kwargs, shape, size, shift = V2_WINDOWS[window]
+    unsupported = capabilities.limit_reasons("window_attention", backend, "window_area",
+                                             size[0] * size[1], f"window {window}")
+    if unsupported:
+        pytest.skip(f"backend {backend}: {unsupported[0]}")
+    if backend != "reference" and size[0] * size[1] > 64 and not os.environ.get(SLOW):
+        pytest.skip(f"minutes in the interpreter / host emulation on 2 cores; {SLOW}=1 runs it")
+    if backend == "cuda":
+        host.load()
+    torch.manual_seed(0)
+    model = _small_swin(2, **kwargs).to(dtype).eval()
+    assert [(blk.window_size, blk.shift_size) for blk in model.layers[0].blocks] == [
+        (size, (0, 0)), (size, shift)]
+    patched = pyvit_ops.patch_timm(copy.deepcopy(model), backend=backend)
+    with _window_calls(patched) as calls, _fused_ops() as ops:
+        _assert_matches(model, patched, torch.randn(shape, dtype=dtype), atol, rtol)
+    assert calls == [(4, False), (4, False)]  # both blocks on the fused grid path
+    if backend == "reference":
+        assert not ops
+    else:  # the backend's own forward and backward kernels, no fallback
+        assert sorted(ops) == [("window_attention_qkvpacked_bwd", backend)] * 2 + [
+            ("window_attention_qkvpacked_fwd", backend)] * 2
 
 
 # Windows larger than the feature map, where the block keeps timm's path and calls the

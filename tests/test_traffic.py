@@ -198,15 +198,19 @@ def test_fused_meter_sees_inside_pyvit_ops_custom_ops(batch):
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["qkvpacked", "three-slices"])
-@pytest.mark.parametrize("op", ["window_attention", "scaled_dot_product_attention"])
+@pytest.mark.parametrize("op", ["window_attention", "window_attention_v2",
+                                "scaled_dot_product_attention"])
 def test_packed_entry_points_write_the_qkv_gradient_in_place(op, packed):
     # Through the three slices of one projection, autograd stacks dq, dk, dv into the
     # projection's gradient (a copy of all of it); the packed entry points' kernels write
-    # it in place, so their backward has no glue of that size.
+    # it in place, so their backward has no glue of that size (Swin V2's cosine attention
+    # too).
     heads, D = 2, 16
-    if op == "window_attention":
+    if op.startswith("window_attention"):
         qkv = torch.randn(1, 7, 7, 3, heads, D, dtype=torch.float16, requires_grad=True)
         kwargs = dict(window_size=7, backend="triton")
+        if op == "window_attention_v2":
+            kwargs["logit_scale"] = torch.full((heads,), 2.3, requires_grad=True)
         fn = pyvit_ops.window_attention_qkvpacked if packed else \
             (lambda t, **kw: pyvit_ops.window_attention(*t.unbind(3), **kw))
     else:
