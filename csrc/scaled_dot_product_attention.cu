@@ -11,8 +11,8 @@
 // only differences (logit - m <= 0) are scaled to log2 units for exp2, so finite logits
 // near the float32 limit do not overflow.
 // Backward, deterministic (no atomics; every output element has one owner that sums in
-// a fixed order): delta = rowsum(dout * out); a key-major kernel for dk/dv looping over
-// the query tiles; a query-major kernel for dq looping over the key tiles; and, for a
+// a fixed order): a query-major kernel for delta = rowsum(P * dP) and dq, looping over the
+// key tiles twice; a key-major kernel for dk/dv looping over the query tiles; and, for a
 // float bias that needs a gradient, a kernel per (bias group, tile) that recomputes dS
 // for each broadcast batch index in order (and every query tile when the bias is
 // broadcast over the queries) and sums it, so no (*batch, Nq, Nk) gradient is formed.
@@ -332,26 +332,6 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const SdpaParams p) {
   }
 }
 
-// delta[z, i] = sum_d dout * out: a warp per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) delta_kernel(const SdpaParams p) {
-  const std::int64_t r = std::int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
-  if (r >= std::int64_t{p.Z1} * p.Z2 * p.Nq) return;
-  const std::int64_t z = r / p.Nq;
-  const int i = static_cast<int>(r % p.Nq);
-  const int z1 = static_cast<int>(z / p.Z2), z2 = static_cast<int>(z % p.Z2);
-  const T* o = static_cast<const T*>(p.out) + z1 * p.o_stride[0] + z2 * p.o_stride[1] +
-               i * p.o_stride[2];
-  const T* g = static_cast<const T*>(p.dout) + z1 * p.do_stride[0] + z2 * p.do_stride[1] +
-               i * p.do_stride[2];
-  float s = 0.f;
-  for (int d = threadIdx.x % 32; d < p.D; d += 32) {
-    s += to_float(o[d * p.o_stride[3]]) * to_float(g[d * p.do_stride[3]]);
-  }
-  s = warp_sum(s);
-  if (threadIdx.x % 32 == 0) p.delta[r] = s;
-}
-
 // The backward's shared-memory tiles of one (query tile, key tile) pair.
 template <int DP, int BM, int BN>
 struct BwdTiles {
@@ -360,9 +340,11 @@ struct BwdTiles {
   float m[BM], log2_l[BM], delta[BM];  // the forward's row max and log2 of the row sum
 };
 
+// q, dout and the row statistics of the tile's rows; with_delta: also the dq kernel's
+// delta (dkdv_kernel and dbias_kernel run after it).
 template <int DP, int BM, int BN, typename T>
 PV_DEVICE void load_queries(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::int64_t z,
-                            int z1, int z2, int row0) {
+                            int z1, int z2, int row0, bool with_delta) {
   load_tile<BM, DP, DP>(t.qs, static_cast<const T*>(p.q) + z1 * p.q_stride[0] + z2 * p.q_stride[1],
                         p.q_stride[2], p.q_stride[3], row0, p.Nq, p.D);
   load_tile<BM, DP, DP>(t.dos,
@@ -372,7 +354,7 @@ PV_DEVICE void load_queries(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::i
     const bool valid = row0 + i < p.Nq;
     t.m[i] = valid ? p.lse[(z * p.Nq + row0 + i) * 2] : INFINITY;
     t.log2_l[i] = valid ? p.lse[(z * p.Nq + row0 + i) * 2 + 1] : 0.f;
-    t.delta[i] = valid ? p.delta[z * p.Nq + row0 + i] : 0.f;
+    if (with_delta) t.delta[i] = valid ? p.delta[z * p.Nq + row0 + i] : 0.f;
   }
 }
 
@@ -386,8 +368,25 @@ PV_DEVICE void load_keys(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, int z1, i
                             p.v_stride[2], p.v_stride[3], col0, p.Nk, p.D);
 }
 
-// ps = the kept, rescaled probabilities (what multiplies v) and dss = dS = P * (dP - delta)
-// of the tile, 0 outside the matrix. Element e = tid + kThreads * r is the thread's r-th.
+// Element (i, j) of the tile, inside the matrix: its probability, the kept, rescaled
+// probability (what multiplies v) and dP = dout . v_j through the dropout mask.
+struct ProbTerms {
+  float prob, kept, dp;
+};
+template <int DP, int BM, int BN, typename T>
+PV_DEVICE ProbTerms prob_terms(const BwdTiles<DP, BM, BN>& t, const SdpaParams& p,
+                               std::int64_t z, int z1, int z2, int i, int j, int row, int col) {
+  float s = dot_row<DP>(t.qs + i * DP, t.ks + j * (DP + 1)) * p.scale;
+  if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col);
+  const float prob = exp2f((s - t.m[i]) * kLog2e - t.log2_l[i]);
+  const float dp = dot_row<DP>(t.dos + i * DP, t.vs + j * (DP + 1));
+  if (!p.dropout) return {prob, prob, dp};
+  const bool keep = dropout_keep(p, z, row, col);
+  return {prob, keep ? prob * p.dropout_scale : 0.f, keep ? dp * p.dropout_scale : 0.f};
+}
+
+// ps = the kept, rescaled probabilities and dss = dS = P * (dP - delta) of the tile, 0
+// outside the matrix. Element e = tid + kThreads * r is the thread's r-th.
 template <int DP, int BM, int BN, typename T>
 PV_DEVICE void probs_and_dscores(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::int64_t z,
                                  int z1, int z2, int row0, int col0) {
@@ -395,17 +394,9 @@ PV_DEVICE void probs_and_dscores(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, s
     const int i = e / BN, j = e % BN, row = row0 + i, col = col0 + j;
     float pv = 0.f, ds = 0.f;
     if (row < p.Nq && col < p.Nk) {
-      float s = dot_row<DP>(t.qs + i * DP, t.ks + j * (DP + 1)) * p.scale;
-      if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col);
-      const float prob = exp2f((s - t.m[i]) * kLog2e - t.log2_l[i]);
-      float dp = dot_row<DP>(t.dos + i * DP, t.vs + j * (DP + 1));
-      pv = prob;
-      if (p.dropout) {
-        const bool keep = dropout_keep(p, z, row, col);
-        pv = keep ? prob * p.dropout_scale : 0.f;
-        dp = keep ? dp * p.dropout_scale : 0.f;
-      }
-      ds = prob * (dp - t.delta[i]);
+      const ProbTerms terms = prob_terms<DP, BM, BN, T>(t, p, z, z1, z2, i, j, row, col);
+      pv = terms.kept;
+      ds = terms.prob * (terms.dp - t.delta[i]);
     }
     t.ps[i * (BN + 1) + j] = pv;
     t.dss[i * (BN + 1) + j] = ds;
@@ -423,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
   float dk[DP / 4] = {}, dv[DP / 4] = {};
   for (int row0 = 0; row0 < p.Nq; row0 += BM) {
     __syncthreads();
-    load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0);
+    load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0, true);
     __syncthreads();
     probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, row0, col0);
     __syncthreads();
@@ -458,7 +449,42 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
   static_assert(kThreads == 8 * BM, "eight threads per query");
   __shared__ BwdTiles<DP, BM, BN> t;
   const auto [row0, z, z1, z2] = block_tile(p, p.Nq, BM);
-  load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0);
+  load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0, false);
+  // delta = rowsum(P * dP) / rowsum(P) (= dout . out, out unrounded) takes a first pass
+  // over the keys: formed from the output rounded to T, it would dominate
+  // dS = P * (dP - delta) where that cancels (near-one-hot rows). The division makes each
+  // row of dS sum to 0 with the P rebuilt here, whose logits can differ from the
+  // forward's in their last bits (fp16 / bf16: the forward multiplies on the tensor
+  // cores). Thread r < BM sums row r in key order, in double: rounding the sum of Nk
+  // terms would grow with Nk (BM threads, one addition per element: cheap).
+  double delta = 0.0, p_sum = 0.0;
+  for (int col0 = 0; col0 < p.Nk; col0 += BN) {
+    __syncthreads();
+    load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int r = e / BN, c = e % BN, row = row0 + r, col = col0 + c;
+      ProbTerms terms{0.f, 0.f, 0.f};
+      if (row < p.Nq && col < p.Nk) {
+        terms = prob_terms<DP, BM, BN, T>(t, p, z, z1, z2, r, c, row, col);
+      }
+      t.ps[r * (BN + 1) + c] = terms.prob;
+      t.dss[r * (BN + 1) + c] = terms.prob * terms.dp;
+    }
+    __syncthreads();
+    if (threadIdx.x < BM) {
+      for (int c = 0; c < BN; ++c) {
+        p_sum += t.ps[threadIdx.x * (BN + 1) + c];
+        delta += t.dss[threadIdx.x * (BN + 1) + c];
+      }
+    }
+  }
+  if (threadIdx.x < BM) {
+    // (a row with every key masked has P = 0: delta 0)
+    const float d = p_sum > 0.0 ? static_cast<float>(delta / p_sum) : 0.f;
+    t.delta[threadIdx.x] = d;
+    if (row0 + threadIdx.x < p.Nq) p.delta[z * p.Nq + row0 + threadIdx.x] = d;
+  }
   const int i = threadIdx.x / 8, dph = threadIdx.x % 8;
   float dq[DP / 8] = {};
   for (int col0 = 0; col0 < p.Nk; col0 += BN) {
@@ -521,7 +547,7 @@ __global__ void __launch_bounds__(kThreads) dbias_kernel(const SdpaParams p, con
     const std::int64_t z = std::int64_t{z1} * p.Z2 + z2;
     for (int m = m_begin; m < m_end; ++m) {
       __syncthreads();
-      load_queries<DP, BM, BN, T>(t, p, z, z1, z2, m * BM);
+      load_queries<DP, BM, BN, T>(t, p, z, z1, z2, m * BM, true);
       load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
       __syncthreads();
       probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, m * BM, col0);
@@ -606,16 +632,13 @@ cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& p, cudaStream_t s
     constexpr int DP = decltype(dp)::value;
     using Tiles = sdpa::Tiles<DP>;
     const dim3 block(sdpa::kThreads);
-    PV_LAUNCH((sdpa::delta_kernel<T>), dim3(static_cast<unsigned>(ceil_div(z * p.Nq, sdpa::kWarps))),
-              block, 0, stream, p);
+    const std::int64_t num_m = ceil_div(p.Nq, Tiles::kQM), num_n = ceil_div(p.Nk, Tiles::kQN);
+    // dq first: it forms delta, which the other two read.
+    PV_LAUNCH((sdpa::dq_kernel<T, DP>), dim3(static_cast<unsigned>(num_m * z)), block, 0, stream, p);
     cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
     PV_LAUNCH((sdpa::dkdv_kernel<T, DP>), dim3(static_cast<unsigned>(ceil_div(p.Nk, Tiles::kKvN) * z)),
               block, 0, stream, p);
-    // (one key: the logits' gradient is zero, the caller writes dq)
-    if ((error = cudaGetLastError()) != cudaSuccess || p.Nk == 1) return error;
-    const std::int64_t num_m = ceil_div(p.Nq, Tiles::kQM), num_n = ceil_div(p.Nk, Tiles::kQN);
-    PV_LAUNCH((sdpa::dq_kernel<T, DP>), dim3(static_cast<unsigned>(num_m * z)), block, 0, stream, p);
     if ((error = cudaGetLastError()) != cudaSuccess || p.dbias == nullptr) return error;
     const std::int64_t blocks = plan.ng * (plan.row_bcast ? 1 : num_m) * num_n;
     PV_LAUNCH((sdpa::dbias_kernel<T, DP>), dim3(static_cast<unsigned>(blocks)), block, 0, stream, p,

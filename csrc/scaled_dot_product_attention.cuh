@@ -13,8 +13,8 @@ enum class SdpaBias : std::uint8_t { kNone, kBool, kFloat32, kSameAsQ };
 // Tensors are (Z1, Z2, N, D) (bias (Z1, Z2, Nq, Nk)), read through strides in elements
 // (z1, z2, row, col order); broadcast bias dims have stride 0. Output out is contiguous,
 // dq, dk, dv are written through dq_stride / dk_stride / dv_stride; delta is contiguous
-// fp32 (Z1, Z2, Nq), lse contiguous fp32 (Z1, Z2, Nq, 2): each row's max logit and log2
-// of its sum of exponentials. dbias (float32 or q's dtype, per dbias_f32) is written
+// fp32 (Z1, Z2, Nq) scratch (the backward's rowsum(P * dP)), lse contiguous fp32
+// (Z1, Z2, Nq, 2): each row's max logit and log2 of its sum of exponentials. dbias (float32 or q's dtype, per dbias_f32) is written
 // through db_stride, 0 on the dims it is reduced over.
 // Dropout keeps element (z, i, j) when the first Philox-4x32-10 output for counter
 // (i * Nk + j, z, seed low, seed high) and key (0, 0) is >= dropout_threshold. The
@@ -48,7 +48,8 @@ cudaError_t scaled_dot_product_attention_fwd(const SdpaParams& params, cudaStrea
 // Writes delta (scratch), dq, dk, dv and, if dbias is set, dbias (its reduced shape;
 // the caller handles a bias broadcast along the keys, whose gradient is zero). With
 // one key (Nk == 1) softmax is constant: dq, dk and dbias are exactly zero, which the
-// caller writes over dk (dq and dbias are not computed).
+// caller writes over dq and dk (dbias is not computed); the kernels' dS = P (dP - P dP)
+// is zero only if they rebuild P = 1 bit for bit.
 cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& params, cudaStream_t stream);
 
 }  // namespace pyvit

@@ -439,10 +439,19 @@ def test_regression_elsa_triton_fp32_dattn_single_tap():
 
 def test_regression_sdpa_dropout_single_key(backend):
     """With one key softmax is constant: dq, dk and dbias are exactly zero (PyTorch's own
-    error is 0), not the rounding noise of dS = p * (dp - delta) with delta taken from
-    the output rounded to fp16."""
+    error is 0), not the rounding noise of the kernels' dS = p * (dp - p dp), whose
+    rebuilt p need not be exactly 1."""
     case = SdpaCase(dtype=fp16, batch=(4,), nq=16, nk=1, d=16, bias="float", bias_shape=(1, 1),
                     dropout_p=0.3)
+    _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem)
+
+
+def test_regression_sdpa_fp32_near_one_hot_delta(backend):
+    """Near-one-hot float32 rows (scale 1, head dim 48): the backward's logits differ from
+    the forward's in their last bits, so its rebuilt p sums to 1 + rho; delta =
+    rowsum(p dp) / rowsum(p) keeps each row of dS summing to 0 (undivided, dq is off by
+    |dp| rho)."""
+    case = SdpaCase(dtype=fp32, batch=(3,), nq=1, nk=33, d=48, layout="kv_expanded", scale=1.0)
     _check_fuzz("scaled_dot_product_attention", backend, case, _sdpa_problem)
 
 

@@ -1,6 +1,6 @@
 """Triton scaled dot-product attention (flash-style), forward and backward: the launchers
 and their tile configurations. The kernels are in ``_forward`` (forward), ``_backward``
-(preprocess, dk/dv, dq), ``_dropout`` (the keep mask and its kernel) and ``_tiles`` (the
+(dq with delta, dk/dv), ``_dropout`` (the keep mask and its kernel) and ``_tiles`` (the
 tile math they share); docs/design/scaled_dot_product_attention.md explains the design.
 
 Layout contract of the launchers: q ``(Z1, Z2, Nq, D)``, k/v ``(Z1, Z2, Nk, D)``, any
@@ -16,8 +16,7 @@ from pyvit_ops.capabilities import capability
 from pyvit_ops.kernels._common import on_tensor_device, sample_span, sm_count
 
 from ._backward import (_scaled_dot_product_attention_bwd_dkdv_kernel,
-                        _scaled_dot_product_attention_bwd_dq_kernel,
-                        _scaled_dot_product_attention_bwd_preprocess_kernel)
+                        _scaled_dot_product_attention_bwd_dq_kernel)
 from ._dropout import _scaled_dot_product_attention_dropout_mask_kernel
 from ._forward import _scaled_dot_product_attention_fwd_kernel
 
@@ -32,7 +31,6 @@ BIAS_NONE, BIAS_FLOAT, BIAS_BOOL = 0, 1, 2
 _MAXNREG = 255
 # Offsets within one batch element from this on need the kernels' OFFS64 variant.
 _INT32_OFFSETS = 2 ** 31
-_PREPROCESS_BLOCK_M, _PREPROCESS_WARPS = 64, 4
 _MASK_BLOCK = 1024
 
 
@@ -79,8 +77,9 @@ def _dq_config(Nq, block_d, dtype, direct=False):
     """The dq kernel's tiles (queries per program, keys per step); ``direct``: the
     variant storing dbias into the user-shaped (unaligned) rows."""
     if dtype == torch.float32:
-        # (8 warps on a 16 x 16 tile: the only fp32 head-dim-128 point without spills)
-        return TileConfig(16, 16, 8, 1) if block_d == 128 else TileConfig(16, 32, 4, 1)
+        # (8 warps at head dim 128: 16 x 32 is the point measured without spills; 16 x 16
+        # spills on sm_80 with delta's pass, 4 or 16 warps on sm_90a)
+        return TileConfig(16, 32, 8, 1) if block_d == 128 else TileConfig(16, 32, 4, 1)
     if Nq <= 16 or block_d == 128:
         return TileConfig(16, 64, 4, 1)
     # (the unaligned dbias store spills at 64 x 32 on sm_80; 16 keys per step fit)
@@ -189,8 +188,7 @@ def scaled_dot_product_attention_fwd(q, k, v, bias, scale, dropout_p=0.0, seed=N
     grid = (triton.cdiv(sz.Nq, cfg.block_m) * sz.Z1 * sz.Z2,)
     _scaled_dot_product_attention_fwd_kernel[grid](
         q, k, v, b.tensor, out, lse, drop.seed, float(scale), drop.p, drop.scale,
-        *q.stride(), *k.stride(), *v.stride(), *b.strides, *out.stride(),
-        sz.Z2, sz.Nq, sz.Nk, sz.D,
+        q.stride(), k.stride(), v.stride(), b.strides, out.stride(), sz.Z2, sz.Nq, sz.Nk, sz.D,
         BIAS=b.kind, DROPOUT=drop.enabled, PRECISION=_precision(q.dtype), OFFS64=offs64,
         BLOCK_D=block_d, **launch_options(cfg))
     return out, lse
@@ -226,11 +224,12 @@ class _BatchPlan:
 class _DBias(NamedTuple):
     """Where the backward reduces dbias: ``column`` (the dk/dv kernel, a bias broadcast
     over the queries), ``tile`` (the dq kernel), ``direct`` (the dq kernel stores the
-    gradient itself); the DBias argument and its (split, z1, z2, m, n) strides."""
+    gradient itself); the DBias argument, its split stride and (z1, z2, m, n) strides."""
     column: bool
     tile: bool
     direct: bool
     buf: torch.Tensor
+    split_stride: int
     strides: tuple
 
 
@@ -251,7 +250,7 @@ def _backward_plan(q, bias, bs, sz, block_d, red_shape):
     kv_plan = _BatchPlan(sz.Z1, sz.Z2, blocks=num_n)
     if red_shape is None:
         return _BackwardPlan(dq_cfg, kv_cfg, dq_plan, kv_plan,
-                             _DBias(False, False, False, q, (0, 0, 0, 0, 0)))
+                             _DBias(False, False, False, q, 0, (0, 0, 0, 0)))
     bcast = dict(bcast1=bs[0] == 0 and sz.Z1 > 1, bcast2=bs[1] == 0 and sz.Z2 > 1,
                  device=q.device)
     column = bs[2] == 0 and sz.Nq > 1
@@ -266,15 +265,15 @@ def _backward_plan(q, bias, bs, sz, block_d, red_shape):
         buf = torch.empty(red_shape, device=q.device, dtype=bias.dtype)
         return _BackwardPlan(_dq_config(sz.Nq, block_d, q.dtype, direct=True), kv_cfg,
                              dq_plan, kv_plan,
-                             _DBias(False, True, True, buf, (0,) + _reduced_strides(buf)))
+                             _DBias(False, True, True, buf, 0, _reduced_strides(buf)))
     # fp32 partial sums, one per split, padded to whole dq tiles (unmasked read-add-write).
     rows = 1 if column else num_m * dq_cfg.block_m
     cols = sz.Nk if column else triton.cdiv(sz.Nk, dq_cfg.block_n) * dq_cfg.block_n
     buf = torch.empty((plan.splits,) + red_shape[:2] + (rows, cols), device=q.device,
                       dtype=torch.float32)
     return _BackwardPlan(dq_cfg, kv_cfg, dq_plan, kv_plan,
-                         _DBias(column, not column, False, buf,
-                                (buf.stride(0),) + _reduced_strides(buf)))
+                         _DBias(column, not column, False, buf, buf.stride(0),
+                                _reduced_strides(buf)))
 
 
 def _check_backward(sz, dout, out, lse, bias, bias_requires_grad):
@@ -316,12 +315,8 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     block_d = _block_d(sz.D)
     b = _bias_args(bias, q)
     drop = _dropout_args(dropout_p, seed, q, sz.Nk)
+    # rowsum(P * dP): the dq kernel forms it, the dk/dv kernel reads it.
     delta = torch.empty(lse.shape[:-1], device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(sz.Nq, _PREPROCESS_BLOCK_M) * sz.Z1 * sz.Z2,)
-    _scaled_dot_product_attention_bwd_preprocess_kernel[grid](
-        out, dout, delta, *out.stride(), *dout.stride(), sz.Z2, sz.Nq, sz.D,
-        OFFS64=_offs64(out, dout), BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
-        num_warps=_PREPROCESS_WARPS)
 
     # A bias constant along the keys (stride 0 on Nk, or a single key) has an exactly
     # zero gradient (softmax is shift-invariant): zeros, without a kernel.
@@ -333,22 +328,22 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
                                  db.buf if db.column or db.tile else None),
                   BLOCK_D=block_d)
     inputs = (q, k, v, b.tensor, dout, lse, delta)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *b.strides, *dout.stride())
+    strides = (q.stride(), k.stride(), v.stride(), b.strides, dout.stride())
     scalars = (drop.seed, float(scale), drop.p, drop.scale)
-    _scaled_dot_product_attention_bwd_dkdv_kernel[plan.kv_plan.grid](
-        *inputs, dk, dv, db.buf, *scalars, *strides, *dk.stride(), *dv.stride(),
-        *db.strides[:3], db.strides[4], sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.kv_plan.args(),
-        DBIAS=db.column, **plan.kv_plan.flags(), **common, **launch_options(plan.dkdv))
-    if sz.Nk == 1:
-        # One key: softmax is the constant 1 (0 on a masked row), so the logits get an
-        # exactly zero gradient, and so do q and k (the kernels' dS would be rounding
-        # noise: delta comes from the output rounded to q's dtype).
-        dq.zero_(), dk.zero_()
-        return dq, dk, dv, _zero_dbias(red_shape, bias)
     _scaled_dot_product_attention_bwd_dq_kernel[plan.dq_plan.grid](
-        *inputs, dq, db.buf, *scalars, *strides, *dq.stride(), *db.strides,
+        *inputs, dq, db.buf, *scalars, *strides, dq.stride(), db.split_stride, db.strides,
         sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.dq_plan.args(), DBIAS=db.tile,
         DBIAS_DIRECT=db.direct, **plan.dq_plan.flags(), **common, **launch_options(plan.dq))
+    _scaled_dot_product_attention_bwd_dkdv_kernel[plan.kv_plan.grid](
+        *inputs, dk, dv, db.buf, *scalars, *strides, dk.stride(), dv.stride(),
+        db.split_stride, db.strides, sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.kv_plan.args(),
+        DBIAS=db.column, **plan.kv_plan.flags(), **common, **launch_options(plan.dkdv))
+    if sz.Nk == 1:
+        # One key: softmax is the constant 1 (0 on a masked row), so the logits, q and k
+        # get an exactly zero gradient; the kernels' dS is P (dP - P dP), exactly zero
+        # only if they rebuild P = 1 bit for bit, which their logits (other tile shapes
+        # and operand orders than the forward's) do not promise.
+        dq.zero_(), dk.zero_()
     return dq, dk, dv, _dbias(db, red_shape, bias, sz)
 
 

@@ -12,21 +12,15 @@ from ._tiles import (_LOG2E, _add_bias, _batch_ptr, _head_tile, _load_rows, _log
 def _scaled_dot_product_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
         seed_ptr, sm_scale, dropout_p, dropout_scale,
-        stride_q_z1, stride_q_z2, stride_q_m, stride_q_d,
-        stride_k_z1, stride_k_z2, stride_k_n, stride_k_d,
-        stride_v_z1, stride_v_z2, stride_v_n, stride_v_d,
-        stride_bias_z1, stride_bias_z2, stride_bias_m, stride_bias_n,
-        stride_out_z1, stride_out_z2, stride_out_m, stride_out_d,
-        Z2, Nq, Nk, D,
+        stride_q, stride_k, stride_v, stride_bias, stride_out, Z2, Nq, Nk, D,
         BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, z, z1, z2 = _query_program(Nq, Z2, BLOCK_M)
     offs_d, mask_m, qo_mask = _head_tile(rows, Nq, D, BLOCK_D)
-    q = _load_rows(_batch_ptr(q_ptr, z1, z2, stride_q_z1, stride_q_z2), rows, stride_q_m,
-                   offs_d, stride_q_d, qo_mask, OFFS64)
-    k_base = _batch_ptr(k_ptr, z1, z2, stride_k_z1, stride_k_z2)
-    v_base = _batch_ptr(v_ptr, z1, z2, stride_v_z1, stride_v_z2)
-    b_base = _batch_ptr(bias_ptr, z1, z2, stride_bias_z1, stride_bias_z2)
+    q = _load_rows(_batch_ptr(q_ptr, z1, z2, stride_q), rows, offs_d, stride_q, qo_mask, OFFS64)
+    k_base = _batch_ptr(k_ptr, z1, z2, stride_k)
+    v_base = _batch_ptr(v_ptr, z1, z2, stride_v)
+    b_base = _batch_ptr(bias_ptr, z1, z2, stride_bias)
     drop_rows = rows[:, None] * Nk
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -36,12 +30,11 @@ def _scaled_dot_product_attention_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         _, mask_n, kv_mask = _head_tile(cols, Nk, D, BLOCK_D)
         # K read transposed (head dims x keys): q k^T needs no layout change.
-        kt = tl.load(k_base + cols[None, :] * _wide(stride_k_n, OFFS64)
-                     + offs_d[:, None] * stride_k_d,
+        kt = tl.load(k_base + cols[None, :] * _wide(stride_k[2], OFFS64)
+                     + offs_d[:, None] * stride_k[3],
                      mask=(offs_d < D)[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
-        s = _add_bias(s, _logit_ptrs(b_base, rows[:, None], stride_bias_m, cols[None, :],
-                                     stride_bias_n, OFFS64),
+        s = _add_bias(s, _logit_ptrs(b_base, rows[:, None], cols[None, :], stride_bias, OFFS64),
                       mask_m[:, None] & mask_n[None, :], BIAS)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -52,14 +45,14 @@ def _scaled_dot_product_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed_ptr, z, drop_rows + cols[None, :], dropout_p), p, 0.0)
-        v = _load_rows(v_base, cols, stride_v_n, offs_d, stride_v_d, kv_mask, OFFS64)
+        v = _load_rows(v_base, cols, offs_d, stride_v, kv_mask, OFFS64)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     l_ref = tl.where(empty, 1.0, l_i)
-    _store_rows(_batch_ptr(out_ptr, z1, z2, stride_out_z1, stride_out_z2), rows, stride_out_m,
-                offs_d, stride_out_d, acc * (dropout_scale / l_ref)[:, None], qo_mask, OFFS64)
+    _store_rows(_batch_ptr(out_ptr, z1, z2, stride_out), rows, offs_d, stride_out,
+                acc * (dropout_scale / l_ref)[:, None], qo_mask, OFFS64)
     stats = lse_ptr + (z * Nq + rows) * 2
     tl.store(stats, tl.where(empty, float("inf"), m_i), mask=mask_m)
     tl.store(stats + 1, tl.log2(l_ref), mask=mask_m)

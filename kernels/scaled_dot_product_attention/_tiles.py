@@ -18,9 +18,10 @@ def _wide(stride, OFFS64: tl.constexpr):
 
 
 @triton.jit
-def _batch_ptr(ptr, z1, z2, stride_z1, stride_z2):
-    """``ptr`` advanced to batch element (z1, z2) (int64 offsets)."""
-    return ptr + z1 * stride_z1 + z2 * stride_z2
+def _batch_ptr(ptr, z1, z2, stride):
+    """``ptr`` advanced to batch element (z1, z2) of a tensor of (z1, z2, ...) strides
+    ``stride`` (int64 offsets)."""
+    return ptr + z1 * stride[0] + z2 * stride[1]
 
 
 @triton.jit
@@ -32,31 +33,32 @@ def _head_tile(idx, n, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _rows_ptrs(base, idx, stride_idx, offs_d, stride_d, OFFS64: tl.constexpr):
-    """Pointers of the (rows ``idx``, head dims ``offs_d``) tile of a (N, D) matrix; head-dim
-    offsets stay 32-bit in every variant (the ops layer refuses larger ones)."""
-    return base + idx[:, None] * _wide(stride_idx, OFFS64) + offs_d[None, :] * stride_d
+def _rows_ptrs(base, idx, offs_d, stride, OFFS64: tl.constexpr):
+    """Pointers of the (rows ``idx``, head dims ``offs_d``) tile of a (N, D) matrix of
+    (z1, z2, row, head dim) strides ``stride``; head-dim offsets stay 32-bit in every
+    variant (the ops layer refuses larger ones)."""
+    return base + idx[:, None] * _wide(stride[2], OFFS64) + offs_d[None, :] * stride[3]
 
 
 @triton.jit
-def _load_rows(base, idx, stride_idx, offs_d, stride_d, mask, OFFS64: tl.constexpr):
+def _load_rows(base, idx, offs_d, stride, mask, OFFS64: tl.constexpr):
     """The (rows ``idx``, head dims ``offs_d``) tile of a (N, D) matrix, 0 where masked."""
-    return tl.load(_rows_ptrs(base, idx, stride_idx, offs_d, stride_d, OFFS64), mask=mask,
-                   other=0.0)
+    return tl.load(_rows_ptrs(base, idx, offs_d, stride, OFFS64), mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_rows(base, idx, stride_idx, offs_d, stride_d, value, mask, OFFS64: tl.constexpr):
+def _store_rows(base, idx, offs_d, stride, value, mask, OFFS64: tl.constexpr):
     """Store ``value`` (fp32) into the (rows ``idx``, head dims ``offs_d``) tile."""
-    tl.store(_rows_ptrs(base, idx, stride_idx, offs_d, stride_d, OFFS64),
-             value.to(base.dtype.element_ty), mask=mask)
+    tl.store(_rows_ptrs(base, idx, offs_d, stride, OFFS64), value.to(base.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
-def _logit_ptrs(base, rows, stride_m, cols, stride_n, OFFS64: tl.constexpr):
-    """Pointers of a tile of an (Nq, Nk) matrix (the bias, dbias) at query indices
-    ``rows`` and key indices ``cols``, shaped to broadcast to the tile."""
-    return base + rows * _wide(stride_m, OFFS64) + cols * _wide(stride_n, OFFS64)
+def _logit_ptrs(base, rows, cols, stride, OFFS64: tl.constexpr):
+    """Pointers of a tile of an (Nq, Nk) matrix of (z1, z2, query, key) strides ``stride``
+    (the bias, dbias) at query indices ``rows`` and key indices ``cols``, shaped to
+    broadcast to the tile."""
+    return base + rows * _wide(stride[2], OFFS64) + cols * _wide(stride[3], OFFS64)
 
 
 @triton.jit
@@ -86,9 +88,8 @@ def _probs(s, m, log2_l):
 
 @triton.jit
 def _query_program(Nq, Z2, BLOCK_M: tl.constexpr):
-    """(rows, flat batch z, z1, z2) of a program of the query-block-major launches (forward,
-    preprocess). Query blocks of one batch are neighbours in launch order: they share
-    K/V in L2."""
+    """(rows, flat batch z, z1, z2) of a forward program. Query blocks of one batch are
+    neighbours in launch order: they share K/V in L2."""
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid = tl.program_id(0)
     z = (pid // num_m).to(tl.int64)

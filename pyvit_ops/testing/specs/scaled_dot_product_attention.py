@@ -19,10 +19,13 @@ _NQS = (1, 64, 197)
 
 
 class _Tensor(NamedTuple):
-    """A pointer argument ``<name>_ptr`` and its stride arguments ``stride_<name>_<axis>``."""
+    """A pointer argument ``<name>_ptr`` and its strides: one tuple argument
+    ``stride_<name>`` of ``axes`` (none without axes), after a scalar
+    ``stride_<name>_split`` with ``split``."""
     name: str
     element: str        # "data" (the inputs' dtype), "bias", "dbias", "seed", "fp32", "u8"
-    axes: tuple = ()    # stride axes, in argument order
+    axes: tuple = ()    # the stride tuple's axes, in order
+    split: bool = False
 
 
 def _rows(name, axis="m"):
@@ -30,6 +33,7 @@ def _rows(name, axis="m"):
 
 
 _BIAS = _Tensor("bias", "bias", ("z1", "z2", "m", "n"))
+_DBIAS = _Tensor("dbias", "dbias", ("z1", "z2", "m", "n"), split=True)
 # Unit strides of dense layouts, which the JIT specialises to the constexpr 1: the head
 # dim of every (N, D) tensor, the keys of a dense bias and of the dbias buffer.
 _UNIT_AXES = {"data": ("d",), "bias": ("n",), "dbias": ("n",)}
@@ -54,16 +58,11 @@ _KERNELS = {
     "fwd": _Kernel(kernels._scaled_dot_product_attention_fwd_kernel,
                    (_rows("q"), _rows("k", "n"), _rows("v", "n"), _BIAS, _rows("out"),
                     _Tensor("lse", "fp32"), _SEED), _SCALARS, _ATTENTION_SIZES, True),
-    "preprocess": _Kernel(kernels._scaled_dot_product_attention_bwd_preprocess_kernel,
-                          (_rows("out"), _rows("dout"), _Tensor("delta", "fp32")),
-                          (), ("Z2", "Nq", "D"), False),
     "dkdv": _Kernel(kernels._scaled_dot_product_attention_bwd_dkdv_kernel,
-                    _INPUTS + (_rows("dk", "n"), _rows("dv", "n"),
-                               _Tensor("dbias", "dbias", ("s", "z1", "z2", "n")), _SEED),
+                    _INPUTS + (_rows("dk", "n"), _rows("dv", "n"), _DBIAS, _SEED),
                     _SCALARS, _BACKWARD_SIZES, True),
     "dq": _Kernel(kernels._scaled_dot_product_attention_bwd_dq_kernel,
-                  _INPUTS + (_rows("dq"), _Tensor("dbias", "dbias", ("s", "z1", "z2", "m", "n")),
-                             _SEED),
+                  _INPUTS + (_rows("dq"), _DBIAS, _SEED),
                   _SCALARS, _BACKWARD_SIZES, True),
     "dropout_mask": _Kernel(kernels._scaled_dot_product_attention_dropout_mask_kernel,
                             (_Tensor("keep", "u8"), _SEED), ("dropout_p",), ("numel", "nq_nk"),
@@ -83,20 +82,28 @@ def _elements(dtype, flags):
 
 
 def _arguments(kernel, elements, aligned_dbias):
-    """``{argument: (type, divisible by 16)}`` of every runtime argument. Head dims are
-    multiples of 16 in practice (16 ... 128), and so are the row and batch strides of
-    q / k / v / out and of the padded fp32 dbias buffer; not the user's bias, nor the
-    dbias stored directly in its shape (``aligned_dbias`` False)."""
-    args = {}
+    """The signature entry of every runtime argument, and the arguments and stride-tuple
+    elements (as paths) divisible by 16. A unit stride is the constexpr 1 in its tuple,
+    as the JIT specialises it. Head dims are multiples of 16 in practice (16 ... 128),
+    and so are the row and batch strides of q / k / v / out and of the padded fp32 dbias
+    buffer; not the user's bias, nor the dbias stored directly in its shape
+    (``aligned_dbias`` False)."""
+    signature, divisible = {}, [name for name in kernel.sizes if name == "D"]
     for t in kernel.tensors:
-        args[f"{t.name}_ptr"] = ("*" + elements[t.element], False)
-        unit = _UNIT_AXES.get(t.element, ())
-        divisible = t.element == "data" or (t.element == "dbias" and aligned_dbias)
-        for axis in t.axes:
-            args[f"stride_{t.name}_{axis}"] = ("constexpr" if axis in unit else "i32", divisible)
-    args.update({name: ("fp32", False) for name in kernel.scalars})
-    args.update({name: ("i32", name == "D") for name in kernel.sizes})
-    return args
+        signature[f"{t.name}_ptr"] = "*" + elements[t.element]
+        aligned = t.element == "data" or (t.element == "dbias" and aligned_dbias)
+        if t.split:
+            signature[f"stride_{t.name}_split"] = "i32"
+            divisible += [f"stride_{t.name}_split"] if aligned else []
+        if t.axes:
+            unit = _UNIT_AXES.get(t.element, ())
+            name = f"stride_{t.name}"
+            signature[name] = tuple(1 if axis in unit else "i32" for axis in t.axes)
+            divisible += [(name, i) for i, axis in enumerate(t.axes)
+                          if aligned and axis not in unit]
+    signature.update({name: "fp32" for name in kernel.scalars})
+    signature.update({name: "i32" for name in kernel.sizes})
+    return signature, divisible
 
 
 def _spec(name, key, dtype, flags, options):
@@ -104,22 +111,18 @@ def _spec(name, key, dtype, flags, options):
     ``options``: its launch options (the BLOCK_M / BLOCK_N constexprs among them)."""
     kernel = _KERNELS[key]
     fn = kernel.fn
-    args = _arguments(kernel, _elements(dtype, flags),
-                      aligned_dbias=not flags.get("DBIAS_DIRECT", False))
+    signature, divisible = _arguments(kernel, _elements(dtype, flags),
+                                      aligned_dbias=not flags.get("DBIAS_DIRECT", False))
     options = dict(options)
     constexprs = dict(flags, **{k: options.pop(k) for k in ("BLOCK_M", "BLOCK_N") if k in options})
-    args.update({arg: ("constexpr", False) for arg in constexprs})
-    if set(args) != set(fn.arg_names):
+    signature.update({arg: "constexpr" for arg in constexprs})
+    if set(signature) != set(fn.arg_names):
         raise ValueError(f"{fn.__name__}: arguments not described "
-                         f"{sorted(set(fn.arg_names) - set(args))}, described but absent "
-                         f"{sorted(set(args) - set(fn.arg_names))}")
-    constexprs.update({arg: 1 for arg, (kind, _) in args.items()
-                       if kind == "constexpr" and arg not in constexprs})
-    signature = {arg: args[arg][0] for arg in fn.arg_names}
-    divisible = [arg for arg in fn.arg_names if args[arg] == ("i32", True)]
-    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
-            "divisible_by_16": divisible, "dtype": dtype, "uses_dot": kernel.uses_dot,
-            **options}
+                         f"{sorted(set(fn.arg_names) - set(signature))}, described but absent "
+                         f"{sorted(set(signature) - set(fn.arg_names))}")
+    return {"name": name, "fn": fn, "signature": {arg: signature[arg] for arg in fn.arg_names},
+            "constexprs": constexprs, "divisible_by_16": divisible, "dtype": dtype,
+            "uses_dot": kernel.uses_dot, **options}
 
 
 def static_compile_specs():
@@ -138,12 +141,6 @@ def static_compile_specs():
         dtype = DTYPE_NAMES[torch_dtype]
         precision = kernels._precision(torch_dtype)
         for block_d in _BLOCK_DS:
-            for offs64 in (False, True):
-                specs.append(_spec(
-                    f"sdpa_bwd_preprocess_d{block_d}{'_offs64' if offs64 else ''}_{dtype}",
-                    "preprocess", dtype,
-                    dict(OFFS64=offs64, BLOCK_M=kernels._PREPROCESS_BLOCK_M, BLOCK_D=block_d),
-                    dict(num_warps=kernels._PREPROCESS_WARPS, num_stages=1)))
             for variant in ("light", "heavy", "heavy64"):
                 heavy, offs64 = variant != "light", variant == "heavy64"
                 tag = f"d{block_d}_{variant}_{dtype}"
