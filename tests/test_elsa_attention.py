@@ -425,9 +425,9 @@ def test_static_compile_specs_cover_every_tile():
     assert len(names) == len(specs)
     for channels_last, cfg in static_specs._spec_tiles():
         for key, kernel in static_specs._KERNELS.items():
-            kernel = kernel.fn
+            direction = {None: "", False: "_fwd", True: "_dv"}[kernel.transposed]
             block_p = cfg.block_p_attn if key == "bwd_attn" else cfg.block_p
-            stem = (f"{kernel.__name__}_{'cl' if channels_last else 'nchw'}"
+            stem = (f"{kernel.fn.__name__}{direction}_{'cl' if channels_last else 'nchw'}"
                     f"_c{cfg.block_c}p{block_p}_k7_")
             assert {f"{stem}{dt}" for dt in ("fp16", "bf16", "fp32")} <= names
     ghost = kernels._elsa_attention_bwd_ghost_kernel.__name__
@@ -474,7 +474,8 @@ class _ArgRecorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append({**dict(zip(self.kernel.arg_names, args)), **kwargs})
+            self.calls.append({**dict(zip(self.kernel.arg_names, args)), **kwargs,
+                               "kernel": self.kernel})
         return launch
 
 
@@ -484,9 +485,10 @@ def test_static_specs_assume_the_divisibility_of_elsa_swin(monkeypatch, channels
     finds to be at ELSA-Swin's shapes (C = 96, 3 heads, 56², K = 7, fp32 ghost tensors):
     the launches themselves are recorded, not run."""
     recorders = {}
-    for key, kernel in static_specs._KERNELS.items():
-        recorders[key] = _ArgRecorder(kernel.fn)
-        monkeypatch.setattr(kernels, kernel.fn.__name__, recorders[key])
+    for kernel in static_specs._KERNELS.values():
+        if kernel.fn not in recorders:
+            recorders[kernel.fn] = _ArgRecorder(kernel.fn)
+            monkeypatch.setattr(kernels, kernel.fn.__name__, recorders[kernel.fn])
     monkeypatch.setattr(kernels, "_ghost_grad", lambda parts, ghost: torch.zeros_like(ghost))
     B, C, G, K, H = 2, 96, 3, 7, 56
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -496,13 +498,23 @@ def test_static_specs_assume_the_divisibility_of_elsa_swin(monkeypatch, channels
     kernels.elsa_attention_fwd(v, attn, ghost, ghost, K, 1, True)
     kernels.elsa_attention_bwd(v, v, attn, ghost, ghost, K, 1, True, [True] * 4)
     specs = {s["name"]: s for s in static_specs.static_compile_specs()}
-    for key, recorder in recorders.items():
-        (call,) = recorder.calls
-        name = (f"{recorder.kernel.__name__}_{'cl' if channels_last else 'nchw'}_c32"
-                f"p{call['BLOCK_P']}_k7_div16_ghostfp32_fp16")
+    # The aggregation kernel runs twice (forward, then dv), told apart by TRANSPOSED.
+    calls = [call for recorder in recorders.values() for call in recorder.calls]
+    assert len(calls) == len(static_specs._KERNELS)
+    for call in calls:
+        direction = {None: "", False: "_fwd", True: "_dv"}[call.get("TRANSPOSED")]
+        name = (f"{call['kernel'].__name__}{direction}_{'cl' if channels_last else 'nchw'}"
+                f"_c32p{call['BLOCK_P']}_k7_div16_ghostfp32_fp16")
         spec = specs[name]
-        ints = [a for a, t in spec["signature"].items() if t == "i32" and call[a] != 1]
-        assert sorted(spec["divisible_by_16"]) == sorted(a for a in ints if call[a] % 16 == 0)
+        # Runtime integers (not specialised to 1), by path: (arg,) or (stride tuple, axis).
+        ints = {}
+        for arg, t in spec["signature"].items():
+            if t == "i32":
+                ints[(arg,)] = call[arg]
+            elif isinstance(t, tuple):
+                ints.update({(arg, i): call[arg][i] for i, e in enumerate(t) if e == "i32"})
+        divisible = {(a,) if isinstance(a, str) else a for a in spec["divisible_by_16"]}
+        assert divisible == {a for a, value in ints.items() if value != 1 and value % 16 == 0}
 
 
 # --------------------------------------------------------------------------- nn.ELSA
@@ -988,8 +1000,8 @@ def test_int32_offset_limits_are_backend_reasons():
 def test_triton_grids_keep_the_batch_off_axes_1_and_2(monkeypatch, ghost):
     """Grid axes 1 and 2 stop at 65535: a batch of 70000 folds into axis 0."""
     recorders = {name: GridRecorder() for name in (
-        "_elsa_attention_fwd_kernel", "_elsa_attention_bwd_attn_kernel",
-        "_elsa_attention_bwd_v_kernel", "_elsa_attention_bwd_ghost_kernel")}
+        "_elsa_attention_aggregate_kernel", "_elsa_attention_bwd_attn_kernel",
+        "_elsa_attention_bwd_ghost_kernel")}
     for name, recorder in recorders.items():
         monkeypatch.setattr(kernels, name, recorder)
     B, C, G, K = 70000, 4, 2, 3
@@ -1000,10 +1012,11 @@ def test_triton_grids_keep_the_batch_off_axes_1_and_2(monkeypatch, ghost):
     cfg = kernels.tile_config(C // G, 2, K, False)
     n_tiles = triton.cdiv(2, cfg.block_p_attn)
     chunk, tile_chunk = kernels.work_chunks(B, n_tiles, G)
-    expected = {"_elsa_attention_fwd_kernel": B * G, "_elsa_attention_bwd_v_kernel": B * G,
-                "_elsa_attention_bwd_attn_kernel": triton.cdiv(B, chunk) * G}
+    # The aggregation kernel runs twice: forward, then dv.
+    expected = {"_elsa_attention_aggregate_kernel": [B * G, B * G],
+                "_elsa_attention_bwd_attn_kernel": [triton.cdiv(B, chunk) * G]}
     for name, recorder in recorders.items():
         for grid in recorder.grids:
             assert all(extent <= 65535 for extent in grid[1:]), (name, grid)
         if name in expected:
-            assert [math.prod(g) for g in recorder.grids] == [expected[name]], name
+            assert [math.prod(g) for g in recorder.grids] == expected[name], name

@@ -9,6 +9,7 @@ from pyvit_ops.kernels._common import (check_int32, on_tensor_device, pool_memor
 
 from ._backward import _avg_pool2d_bwd_kernel
 from ._forward import _avg_pool2d_fwd_kernel
+from ._tiles import Pool
 
 _NUM_STAGES = 1  # nothing to pipeline: each loop iteration issues its taps' loads at once
 
@@ -53,9 +54,8 @@ def _launch(kernel, src, dst, in_hw, out_hw, kernel_size, stride, padding, subtr
     # One program per tile, the batch included: grid axis 0 takes 2**31 - 1 programs.
     grid = (B * triton.cdiv(C, block_c) * triton.cdiv(H, block_h) * triton.cdiv(W, block_w),)
     kernel[grid](
-        src, dst, C, *in_hw, *out_hw, *src.stride(), *dst.stride(),
-        KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=ph, PW=pw,
-        SUBTRACT=subtract_input, CHANNELS_LAST=channels_last,
+        src, dst, C, *in_hw, *out_hw, src.stride(), dst.stride(),
+        POOL=Pool(kh, kw, *stride, ph, pw), SUBTRACT=subtract_input, CHANNELS_LAST=channels_last,
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
         num_warps=_NUM_WARPS[kernel], num_stages=_NUM_STAGES)
     return dst

@@ -1,7 +1,20 @@
-"""``@triton.jit`` helpers both pooling kernels use: the program's tile and the
-in-image tap count of a window."""
+"""What both pooling kernels use: the window geometry ``Pool`` and the ``@triton.jit``
+helpers for the program's tile and the in-image tap count of a window."""
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
+
+
+class Pool(NamedTuple):
+    """The pooling window, a constexpr of the kernels: kernel (KH, KW), stride (SH, SW)
+    and padding (PH, PW)."""
+    KH: int
+    KW: int
+    SH: int
+    SW: int
+    PH: int
+    PW: int
 
 
 @triton.jit

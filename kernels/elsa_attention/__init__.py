@@ -1,5 +1,5 @@
 """Triton ELSA local aggregation, forward and backward: the launchers and their tile
-configurations. The kernels are in ``_aggregate`` (forward and dv: gather form),
+configurations. The kernels are in ``_aggregate`` (forward and dv: one gather),
 ``_attn_grad`` (dattn, dM / dD partial rows and their sum) and ``_softmax`` (the fused
 softmax they share); docs/design/elsa_attention.md explains the design."""
 from typing import NamedTuple
@@ -12,13 +12,12 @@ from pyvit_ops.kernels._common import (check_int32, effective_dilation, elsa_mem
                                        on_tensor_device)
 # The ops layer asks the kernels module why it cannot index a call.
 from pyvit_ops.kernels._common import int32_reasons  # noqa: F401
-from pyvit_ops.kernels.elsa_attention._aggregate import (_elsa_attention_bwd_v_kernel,
-                                                         _elsa_attention_fwd_kernel)
+from pyvit_ops.kernels.elsa_attention._aggregate import _elsa_attention_aggregate_kernel
 from pyvit_ops.kernels.elsa_attention._attn_grad import (_elsa_attention_bwd_attn_kernel,
                                                          _elsa_attention_bwd_ghost_kernel)
 
 _NUM_STAGES = 1  # nothing to software-pipeline: no tl.dot, loads are gathers
-_MAX_TILE_CL = 1024  # BLOCK_C * BLOCK_P of the channels_last forward / dv kernels
+_MAX_TILE_CL = 1024  # BLOCK_C * BLOCK_P of the channels_last aggregation kernel
 _CL_PIXELS = (64, 32, 16, 8)  # their BLOCK_P candidates, largest first
 _MAX_TILE_ATTN = 4096  # K_PAD * BLOCK_C * BLOCK_P of the attn-gradient kernel
 # BLOCK_C = next_pow2(C / G) must hold one head.
@@ -31,7 +30,7 @@ _GHOST_WARPS = 4
 
 class TileConfig(NamedTuple):
     block_c: int
-    block_p: int          # forward and dv kernels
+    block_p: int          # aggregation kernel (forward and dv)
     num_warps: int
     block_p_attn: int     # attn-gradient kernel, whose tile also spans a row of taps
     num_warps_attn: int
@@ -103,8 +102,8 @@ def _ghost_args(ghost, channels_last, placeholder):
 
 
 def head_grid(B, G, HW, block_p):
-    """Grid of the forward and dv kernels: every (sample, head, pixel tile) on axis 0,
-    whose limit is 2**31 - 1 programs (axes 1 and 2 stop at 65535)."""
+    """Grid of the aggregation kernel (forward and dv): every (sample, head, pixel
+    tile) on axis 0, whose limit is 2**31 - 1 programs (axes 1 and 2 stop at 65535)."""
     return (B * G * triton.cdiv(HW, block_p),)
 
 
@@ -129,12 +128,13 @@ def elsa_attention_fwd(v, attn, ghost_mul, ghost_add, kernel_size, dilation, app
     check_int32(v=v, attn=attn)
     mul, mul_strides = _ghost_args(ghost_mul, pb.channels_last, v)
     add, add_strides = _ghost_args(ghost_add, pb.channels_last, v)
-    _elsa_attention_fwd_kernel[head_grid(pb.B, pb.G, pb.H * pb.W, pb.tile.block_p)](
-        v, attn, mul, add, out, pb.G, pb.C // pb.G, pb.H, pb.W,
-        *v.stride(), *attn.stride(), *mul_strides, *add_strides, *out.stride(),
+    # No lse: the forward computes its normalisers (attn stands in for the pointer).
+    _elsa_attention_aggregate_kernel[head_grid(pb.B, pb.G, pb.H * pb.W, pb.tile.block_p)](
+        v, attn, mul, add, attn, out, pb.G, pb.C // pb.G, pb.H, pb.W,
+        v.stride(), attn.stride(), mul_strides, add_strides, out.stride(),
         effective_dilation(dilation, pb.H, pb.W),
         K=kernel_size, HAS_MUL=ghost_mul is not None, HAS_ADD=ghost_add is not None,
-        APPLY_SOFTMAX=apply_softmax, CHANNELS_LAST=pb.channels_last,
+        APPLY_SOFTMAX=apply_softmax, TRANSPOSED=False, CHANNELS_LAST=pb.channels_last,
         BLOCK_C=pb.tile.block_c, BLOCK_P=pb.tile.block_p, **launch_options(pb.tile.num_warps))
     return out
 
@@ -179,7 +179,7 @@ def _launch_attn_grad(pb, dout, v, attn, mul, mul_strides, lse, dattn, need_dmul
     _elsa_attention_bwd_attn_kernel[attn_grid(pb.B, pb.G, n_tiles, chunk, tile_chunk)](
         dout, v, attn, mul, da, lse, dp_mean, part_mul, part_add,
         pb.B, pb.G, pb.C, pb.C // pb.G, pb.H, pb.W, chunk, tile_chunk,
-        *dout.stride(), *v.stride(), *attn.stride(), *mul_strides, *da.stride(), dilation,
+        dout.stride(), v.stride(), attn.stride(), mul_strides, da.stride(), dilation,
         NEED_DATTN=dattn is not None, NEED_DMUL=need_dmul, NEED_DADD=need_dadd,
         K_PAD=triton.next_power_of_2(K), BLOCK_P=pb.tile.block_p_attn,
         **launch_options(pb.tile.num_warps_attn), **common)
@@ -220,9 +220,9 @@ def elsa_attention_bwd(dout, v, attn, ghost_mul, ghost_add, kernel_size, dilatio
         dadd = _ghost_grad(part_add, ghost_add) if need_dadd else None
     if need_dv:
         add, add_strides = _ghost_args(ghost_add, pb.channels_last, v)
-        _elsa_attention_bwd_v_kernel[head_grid(pb.B, pb.G, pb.H * pb.W, pb.tile.block_p)](
+        _elsa_attention_aggregate_kernel[head_grid(pb.B, pb.G, pb.H * pb.W, pb.tile.block_p)](
             dout, attn, mul, add, lse, dv, pb.G, pb.C // pb.G, pb.H, pb.W,
-            *dout.stride(), *attn.stride(), *mul_strides, *add_strides, *dv.stride(), dilation,
-            HAS_ADD=ghost_add is not None, BLOCK_P=pb.tile.block_p,
+            dout.stride(), attn.stride(), mul_strides, add_strides, dv.stride(), dilation,
+            HAS_ADD=ghost_add is not None, TRANSPOSED=True, BLOCK_P=pb.tile.block_p,
             **launch_options(pb.tile.num_warps), **common)
     return dv, dattn, dmul, dadd

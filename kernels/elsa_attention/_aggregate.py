@@ -1,5 +1,5 @@
-"""The ELSA aggregation in gather form: the forward kernel and the dv kernel (its
-transpose), one program per (sample, head, pixel tile), sharing the tap loop."""
+"""The ELSA aggregation in gather form: one kernel for the forward and, transposed, for
+dv, one program per (sample, head, pixel tile)."""
 import triton
 import triton.language as tl
 
@@ -45,59 +45,61 @@ def _head_program(G, CG, H, W, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 
 
 @triton.jit
-def _ghost_filter(p, mul_ptr, add_ptr, ch, c_ok, ty, tx,
-                  stride_mul_c, stride_mul_h, stride_mul_w,
-                  stride_add_c, stride_add_h, stride_add_w,
+def _ghost_filter(p, mul_ptr, add_ptr, ch, c_ok, ty, tx, stride_mul, stride_add,
                   HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr):
-    """``M[ch, ty, tx] * p + D[ch, ty, tx]`` in fp32, from the unexpanded ghost tensors."""
+    """``M[ch, ty, tx] * p + D[ch, ty, tx]`` in fp32, from the unexpanded ghost tensors
+    of (c, h, w) strides ``stride_mul`` / ``stride_add``."""
     f = p
     if HAS_MUL:
-        f = f * tl.load(mul_ptr + (ch * stride_mul_c + ty * stride_mul_h + tx * stride_mul_w),
+        f = f * tl.load(mul_ptr + (ch * stride_mul[0] + ty * stride_mul[1] + tx * stride_mul[2]),
                         mask=c_ok, other=0.0).to(tl.float32)
     if HAS_ADD:
-        f = f + tl.load(add_ptr + (ch * stride_add_c + ty * stride_add_h + tx * stride_add_w),
+        f = f + tl.load(add_ptr + (ch * stride_add[0] + ty * stride_add[1] + tx * stride_add[2]),
                         mask=c_ok, other=0.0).to(tl.float32)
     return f
 
 
 @triton.jit
-def _gather_taps(x_base, x_off, stride_x_h, stride_x_w,
-                 attn_base, stride_attn_c, stride_attn_h, stride_attn_w, lse_base,
-                 mul_ptr, add_ptr, stride_mul_c, stride_mul_h, stride_mul_w,
-                 stride_add_c, stride_add_h, stride_add_w,
-                 ch, c_ok, h, w, ok, H, W, DIL,
-                 K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
-                 APPLY_SOFTMAX: tl.constexpr, TRANSPOSED: tl.constexpr,
-                 CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """``sum_t (M[:, t] * p_t + D[:, t]) * x[o + s * delta_t]`` over the K*K taps of the
-    tile's pixels o, in fp32. Forward (s = 1): p_t is pixel o's, its softmax normaliser
-    computed here. TRANSPOSED (s = -1, the dv gather): pixel o - delta_t saw o through
-    tap t, so p_t is that pixel's, its normaliser (m, log_s) read from ``lse_base``
-    ((2, H*W) fp32). Out-of-image taps are masked (zero padding, no renormalisation).
+def _elsa_attention_aggregate_kernel(
+        x_ptr, attn_ptr, mul_ptr, add_ptr, lse_ptr, y_ptr, G, CG, H, W,
+        stride_x, stride_attn, stride_mul, stride_add, stride_y, DIL,
+        K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
+        APPLY_SOFTMAX: tl.constexpr, TRANSPOSED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``y[o] = sum_t (M[:, t] * p_t + D[:, t]) * x[o + S * delta_t]`` over the K*K taps
+    of the program's pixels o, accumulated in fp32; (b, c, h, w) strides for x, y and
+    the logits, (c, h, w) for the ghosts.
+
+    Forward (x = v, y = out, S = 1): p_t is pixel o's, its softmax normaliser computed
+    here; ``lse_ptr`` is unread. TRANSPOSED, the dv gather (x = dout, y = dv, S = -1):
+    pixel o - delta_t saw o through tap t, so p_t is that pixel's, rebuilt from the
+    logits and its normaliser (m, log_s), which the attn-gradient kernel stores at
+    ``lse_ptr`` ((B, G, 2, H*W) fp32). Out-of-image taps are masked (zero padding, no
+    renormalisation).
 
     Scalar base pointers plus int32 offset tiles: 64-bit pointer tiles kept live across
     the tap loop would cost two registers per element."""
+    b, g, h, w, ok, ch, c_ok = _head_program(G, CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
     R: tl.constexpr = K // 2
-    attn_off = h * stride_attn_h + w * stride_attn_w
+    x_base = x_ptr + b * stride_x[0]
+    x_off = ch * stride_x[1]
+    attn_base = attn_ptr + b * stride_attn[0] + (g * K * K) * stride_attn[1]
+    lse_base = lse_ptr + (b * G + g) * 2 * H * W
+    attn_off = h * stride_attn[2] + w * stride_attn[3]
     if APPLY_SOFTMAX and not TRANSPOSED:
-        m, log_s = _log_normaliser(attn_base, attn_off, ok, stride_attn_c, K)
+        m, log_s = _log_normaliser(attn_base, attn_off, ok, stride_attn[1], K)
     acc = tl.zeros((BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P), dtype=tl.float32)
+    S: tl.constexpr = -1 if TRANSPOSED else 1
     for ty in range(K):
-        if TRANSPOSED:
-            hh = h - (ty - R) * DIL
-        else:
-            hh = h + (ty - R) * DIL
+        hh = h + S * (ty - R) * DIL
         row_ok = ok & (hh >= 0) & (hh < H)
         for tx in range(K):
-            if TRANSPOSED:
-                ww = w - (tx - R) * DIL
-            else:
-                ww = w + (tx - R) * DIL
+            ww = w + S * (tx - R) * DIL
             tap_ok = row_ok & (ww >= 0) & (ww < W)
             if TRANSPOSED:
-                p_off = (ty * K + tx) * stride_attn_c + hh * stride_attn_h + ww * stride_attn_w
+                p_off = (ty * K + tx) * stride_attn[1] + hh * stride_attn[2] + ww * stride_attn[3]
             else:
-                p_off = attn_off + (ty * K + tx) * stride_attn_c
+                p_off = attn_off + (ty * K + tx) * stride_attn[1]
             # Out-of-image taps meet x = 0: their logit is not loaded, and their p is 0
             # (exp(0 - m - log_s) would overflow to inf, inf * 0 = NaN, when m < -88).
             p = tl.load(attn_base + p_off, mask=tap_ok, other=0.0).to(tl.float32)
@@ -108,64 +110,10 @@ def _gather_taps(x_base, x_off, stride_x_h, stride_x_w,
                     p = tl.where(tap_ok, _softmax_prob(p, m_t, log_s_t), 0.0)
                 else:
                     p = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
-            f = _ghost_filter(p, mul_ptr, add_ptr, ch, c_ok, ty, tx,
-                              stride_mul_c, stride_mul_h, stride_mul_w,
-                              stride_add_c, stride_add_h, stride_add_w, HAS_MUL, HAS_ADD)
-            x = tl.load(x_base + (x_off + hh * stride_x_h + ww * stride_x_w), mask=c_ok & tap_ok,
-                        other=0.0).to(tl.float32)
+            f = _ghost_filter(p, mul_ptr, add_ptr, ch, c_ok, ty, tx, stride_mul, stride_add,
+                              HAS_MUL, HAS_ADD)
+            x = tl.load(x_base + (x_off + hh * stride_x[2] + ww * stride_x[3]),
+                        mask=c_ok & tap_ok, other=0.0).to(tl.float32)
             acc += f * x
-    return acc
-
-
-@triton.jit
-def _elsa_attention_fwd_kernel(
-        v_ptr, attn_ptr, mul_ptr, add_ptr, out_ptr,
-        G, CG, H, W,
-        stride_v_b, stride_v_c, stride_v_h, stride_v_w,
-        stride_attn_b, stride_attn_c, stride_attn_h, stride_attn_w,
-        stride_mul_c, stride_mul_h, stride_mul_w,
-        stride_add_c, stride_add_h, stride_add_w,
-        stride_out_b, stride_out_c, stride_out_h, stride_out_w,
-        DIL,
-        K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
-        APPLY_SOFTMAX: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # out[o] = sum_t (M[:, t] * p_t(o) + D[:, t]) * v[o + delta_t]
-    b, g, h, w, ok, ch, c_ok = _head_program(G, CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
-    acc = _gather_taps(
-        v_ptr + b * stride_v_b, ch * stride_v_c, stride_v_h, stride_v_w,
-        attn_ptr + b * stride_attn_b + (g * K * K) * stride_attn_c,
-        stride_attn_c, stride_attn_h, stride_attn_w, attn_ptr,
-        mul_ptr, add_ptr, stride_mul_c, stride_mul_h, stride_mul_w,
-        stride_add_c, stride_add_h, stride_add_w, ch, c_ok, h, w, ok, H, W, DIL,
-        K, HAS_MUL, HAS_ADD, APPLY_SOFTMAX, False, CHANNELS_LAST, BLOCK_C, BLOCK_P)
-    out_off = ch * stride_out_c + h * stride_out_h + w * stride_out_w
-    tl.store(out_ptr + b * stride_out_b + out_off, acc.to(out_ptr.dtype.element_ty),
-             mask=c_ok & ok)
-
-
-@triton.jit
-def _elsa_attention_bwd_v_kernel(
-        dout_ptr, attn_ptr, mul_ptr, add_ptr, lse_ptr, dv_ptr,
-        G, CG, H, W,
-        stride_dout_b, stride_dout_c, stride_dout_h, stride_dout_w,
-        stride_attn_b, stride_attn_c, stride_attn_h, stride_attn_w,
-        stride_mul_c, stride_mul_h, stride_mul_w,
-        stride_add_c, stride_add_h, stride_add_w,
-        stride_dv_b, stride_dv_c, stride_dv_h, stride_dv_w,
-        DIL,
-        K: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
-        APPLY_SOFTMAX: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # dv[o] = sum_t (M[:, t] * p_t(o - delta_t) + D[:, t]) * dout[o - delta_t], the
-    # probabilities rebuilt from the logits and the attn-gradient kernel's normaliser.
-    b, g, h, w, ok, ch, c_ok = _head_program(G, CG, H, W, BLOCK_C, BLOCK_P, CHANNELS_LAST)
-    acc = _gather_taps(
-        dout_ptr + b * stride_dout_b, ch * stride_dout_c, stride_dout_h, stride_dout_w,
-        attn_ptr + b * stride_attn_b + (g * K * K) * stride_attn_c,
-        stride_attn_c, stride_attn_h, stride_attn_w, lse_ptr + (b * G + g) * 2 * H * W,
-        mul_ptr, add_ptr, stride_mul_c, stride_mul_h, stride_mul_w,
-        stride_add_c, stride_add_h, stride_add_w, ch, c_ok, h, w, ok, H, W, DIL,
-        K, HAS_MUL, HAS_ADD, APPLY_SOFTMAX, True, CHANNELS_LAST, BLOCK_C, BLOCK_P)
-    dv_off = ch * stride_dv_c + h * stride_dv_h + w * stride_dv_w
-    tl.store(dv_ptr + b * stride_dv_b + dv_off, acc.to(dv_ptr.dtype.element_ty), mask=c_ok & ok)
+    y_off = ch * stride_y[1] + h * stride_y[2] + w * stride_y[3]
+    tl.store(y_ptr + b * stride_y[0] + y_off, acc.to(y_ptr.dtype.element_ty), mask=c_ok & ok)

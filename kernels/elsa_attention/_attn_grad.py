@@ -1,5 +1,6 @@
 """The ELSA attn-gradient kernel (dattn and the partial rows of dM / dD, plus the
-softmax normaliser the dv kernel reads) and the kernel that sums those partial rows."""
+softmax normaliser the dv aggregation reads) and the kernel that sums those partial
+rows."""
 import triton
 import triton.language as tl
 
@@ -17,11 +18,13 @@ def _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P: tl.constexpr, P_AXIS: tl
 
 @triton.jit
 def _row_prod(dout_ptr, v_ptr, b, dout_off, v_off, h, w, hh, ww, c_ok, ok, tap_ok,
-              stride_dout_b, stride_dout_h, stride_dout_w, stride_v_b, stride_v_h, stride_v_w):
-    """prod = dy[c, o] * v[c, o + delta_t] in fp32 for a row of taps (zero where masked)."""
-    prod = tl.load(dout_ptr + b * stride_dout_b + (dout_off + h * stride_dout_h + w * stride_dout_w),
+              stride_dout, stride_v):
+    """prod = dy[c, o] * v[c, o + delta_t] in fp32 for a row of taps (zero where masked);
+    (b, c, h, w) strides."""
+    prod = tl.load(dout_ptr + b * stride_dout[0] + (dout_off + h * stride_dout[2]
+                                                    + w * stride_dout[3]),
                    mask=c_ok & ok, other=0.0).to(tl.float32)
-    prod *= tl.load(v_ptr + b * stride_v_b + (v_off + hh * stride_v_h + ww * stride_v_w),
+    prod *= tl.load(v_ptr + b * stride_v[0] + (v_off + hh * stride_v[2] + ww * stride_v[3]),
                     mask=c_ok & tap_ok, other=0.0).to(tl.float32)
     return prod
 
@@ -44,12 +47,7 @@ def _elsa_attention_bwd_attn_kernel(
         dout_ptr, v_ptr, attn_ptr, mul_ptr, dattn_ptr, lse_ptr, mean_ptr,
         part_mul_ptr, part_add_ptr,
         B, G, C, CG, H, W, B_CHUNK, T_CHUNK,
-        stride_dout_b, stride_dout_c, stride_dout_h, stride_dout_w,
-        stride_v_b, stride_v_c, stride_v_h, stride_v_w,
-        stride_attn_b, stride_attn_c, stride_attn_h, stride_attn_w,
-        stride_mul_c, stride_mul_h, stride_mul_w,
-        stride_dattn_b, stride_dattn_c, stride_dattn_h, stride_dattn_w,
-        DIL,
+        stride_dout, stride_v, stride_attn, stride_mul, stride_dattn, DIL,
         K: tl.constexpr, HAS_MUL: tl.constexpr, APPLY_SOFTMAX: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, NEED_DATTN: tl.constexpr, NEED_DMUL: tl.constexpr,
         NEED_DADD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -74,24 +72,24 @@ def _elsa_attention_bwd_attn_kernel(
     c_ok = c < CG
     ch = g * CG + c
     tx = tl.expand_dims(tl.expand_dims(tl.arange(0, K_PAD), 1), 2)
-    v_off = ch * stride_v_c
-    dout_off = ch * stride_dout_c
+    v_off = ch * stride_v[1]
+    dout_off = ch * stride_dout[1]
     b_start = sample_chunk * B_CHUNK
     t_start = tile_chunk * T_CHUNK
     n_t = tl.minimum(T_CHUNK, n_tiles - t_start)
     n_items = tl.minimum(B_CHUNK, B - b_start) * n_t
 
     # Per-sample pixel statistics, kept in fp32 scratch for the tap loop: the normaliser
-    # (B, G, 2, H*W), (m, log_s) per pixel, also for the dv kernel, and the mean below
-    # (B, G, H*W).
+    # (B, G, 2, H*W), (m, log_s) per pixel, also for the dv aggregation, and the mean
+    # below (B, G, H*W).
     if APPLY_SOFTMAX:
         for i in range(n_items):
             b, pix, h, w, ok = _attn_item(i, n_t, b_start, t_start, H, W, BLOCK_P, P_AXIS)
             stat_ptrs = (b * G + g) * H * W + pix
             lse_ptrs = lse_ptr + ((b * G + g) * 2 * H * W + pix)
-            attn_base = attn_ptr + b * stride_attn_b + (g * KK) * stride_attn_c
-            attn_off = h * stride_attn_h + w * stride_attn_w
-            m, log_s = _log_normaliser(attn_base, attn_off, ok, stride_attn_c, K)
+            attn_base = attn_ptr + b * stride_attn[0] + (g * KK) * stride_attn[1]
+            attn_off = h * stride_attn[2] + w * stride_attn[3]
+            m, log_s = _log_normaliser(attn_base, attn_off, ok, stride_attn[1], K)
             tl.store(lse_ptrs, m, mask=ok)
             tl.store(lse_ptrs + H * W, log_s, mask=ok)
             if SOFTMAX_GRAD:
@@ -105,16 +103,15 @@ def _elsa_attention_bwd_attn_kernel(
                     ww = w + (tx - R) * DIL
                     tap_ok = (tx < K) & ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
                     if HAS_MUL:
-                        mt = tl.load(mul_ptr + (ch * stride_mul_c + ty * stride_mul_h
-                                                + tx * stride_mul_w),
+                        mt = tl.load(mul_ptr + (ch * stride_mul[0] + ty * stride_mul[1]
+                                                + tx * stride_mul[2]),
                                      mask=c_ok & (tx < K), other=0.0).to(tl.float32)
                     else:
                         mt = 1.0
                     prod = _row_prod(dout_ptr, v_ptr, b, dout_off, v_off, h, w, hh, ww, c_ok,
-                                     ok, tap_ok, stride_dout_b, stride_dout_h, stride_dout_w,
-                                     stride_v_b, stride_v_h, stride_v_w)
+                                     ok, tap_ok, stride_dout, stride_v)
                     dp = _row_dp(prod, mt, HAS_MUL, C_AXIS)
-                    p = tl.load(attn_base + (attn_off + (ty * K + tx) * stride_attn_c),
+                    p = tl.load(attn_base + (attn_off + (ty * K + tx) * stride_attn[1]),
                                 mask=tap_ok, other=0.0).to(tl.float32)
                     # Masked taps: p = 0, not exp(0 - m - log_s) (inf when m < -88).
                     p = tl.where(tap_ok, _softmax_prob(p, m, log_s), 0.0)
@@ -130,7 +127,7 @@ def _elsa_attention_bwd_attn_kernel(
     for ty in range(K):
         t = ty * K + tx
         if HAS_MUL and NEED_DATTN:
-            mt = tl.load(mul_ptr + (ch * stride_mul_c + ty * stride_mul_h + tx * stride_mul_w),
+            mt = tl.load(mul_ptr + (ch * stride_mul[0] + ty * stride_mul[1] + tx * stride_mul[2]),
                          mask=c_ok & (tx < K), other=0.0).to(tl.float32)
         else:
             mt = 1.0  # unread: _row_dp multiplies by M only with HAS_MUL
@@ -144,12 +141,11 @@ def _elsa_attention_bwd_attn_kernel(
             ww = w + (tx - R) * DIL
             tap_ok = (tx < K) & ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
             prod = _row_prod(dout_ptr, v_ptr, b, dout_off, v_off, h, w, hh, ww, c_ok, ok, tap_ok,
-                             stride_dout_b, stride_dout_h, stride_dout_w,
-                             stride_v_b, stride_v_h, stride_v_w)
+                             stride_dout, stride_v)
             if NEED_DMUL or SOFTMAX_GRAD:
-                p = tl.load(attn_ptr + b * stride_attn_b
-                            + ((g * KK + t) * stride_attn_c + h * stride_attn_h
-                               + w * stride_attn_w),
+                p = tl.load(attn_ptr + b * stride_attn[0]
+                            + ((g * KK + t) * stride_attn[1] + h * stride_attn[2]
+                               + w * stride_attn[3]),
                             mask=(tx < K) & ok, other=0.0).to(tl.float32)
                 if APPLY_SOFTMAX:
                     lse_ptrs = lse_ptr + ((b * G + g) * 2 * H * W + pix)
@@ -160,9 +156,9 @@ def _elsa_attention_bwd_attn_kernel(
                 if SOFTMAX_GRAD:
                     dp = p * (dp - tl.load(mean_ptr + (b * G + g) * H * W + pix, mask=ok,
                                            other=0.0))
-                dattn_ptrs = dattn_ptr + b * stride_dattn_b + ((g * KK + t) * stride_dattn_c
-                                                               + h * stride_dattn_h
-                                                               + w * stride_dattn_w)
+                dattn_ptrs = dattn_ptr + b * stride_dattn[0] + ((g * KK + t) * stride_dattn[1]
+                                                                + h * stride_dattn[2]
+                                                                + w * stride_dattn[3])
                 tl.store(dattn_ptrs, dp.to(dattn_ptr.dtype.element_ty), mask=(tx < K) & ok)
             if NEED_DMUL:
                 acc_m += prod * p

@@ -11,6 +11,14 @@ its launchers can pick in ``static_compile_specs()``; each spec is a dict::
      "divisible_by_16": [arg],    # integer args the launcher guarantees to be multiples of 16
      "archs": [80, 90]}           # only these targets (default: every arch of the report)
 
+A tuple argument (e.g. a tensor's strides, launched as ``x.stride()``) has a tuple of
+element types as its signature entry, nested for nested tuples. An element the JIT
+specialises to a constant (a unit stride becomes the constexpr 1) is given as that value
+instead of a type; ``divisible_by_16`` names an element by its path::
+
+    "signature": {"stride_x": ("i32", "i32", "i32", 1), ...},
+    "divisible_by_16": [("stride_x", 0), ("stride_x", 1)]
+
 ``compile_triton(spec, arch)`` compiles one spec for sm_80 (A100) or sm_90a (H100) and
 reads the cubin with the CUDA tools shipped beside Triton: registers, shared memory,
 stack, spills (``STL``/``LDL`` in the SASS), tensor-core instructions (``HMMA``, and
@@ -131,7 +139,9 @@ def _jit_function(fn, name):
 
 
 def _source(spec):
-    """ASTSource arguments for a spec, with the specialisation the JIT would apply."""
+    """ASTSource arguments for a spec, with the specialisation the JIT would apply; also
+    ``{path: type}`` of every argument and tuple element (path ``(arg, index, ...)``) and
+    the constexprs by readable name (``stride_x[3]`` for a tuple element)."""
     from triton.compiler import ASTSource
 
     name = spec.get("name", "?")
@@ -156,35 +166,65 @@ def _source(spec):
     if unset:
         raise ValueError(f"spec {name!r}: constexpr arguments {unset} have no value "
                          "in 'constexprs'")
+    types = {(arg, *path): leaf for arg, entry in signature.items()
+             for path, leaf in _elements(entry)}
+    # Tuple elements given as values: constexprs, which Triton keys by their index path.
+    constants = {path: value for path, value in types.items() if not isinstance(value, str)}
+    types.update({path: "constexpr" for path in constants})
+    signature = {arg: _with_constexprs(entry) for arg, entry in signature.items()}
     # Torch allocations are 16-byte aligned and the JIT specialises on that; without the
     # hint the compiler cannot vectorise loads and the figures would not be the real ones.
-    aligned = [a for a, t in signature.items() if t.startswith("*")]
-    divisible = list(spec.get("divisible_by_16", ()))
-    wrong = [a for a in divisible if signature.get(a) not in ("i32", "i64")]
+    aligned = [path for path, t in types.items() if t.startswith("*")]
+    divisible = [(a,) if isinstance(a, str) else tuple(a)
+                 for a in spec.get("divisible_by_16", ())]
+    wrong = [a for a in divisible if types.get(a) not in ("i32", "i64")]
     if wrong:
         raise ValueError(f"spec {name!r}: divisible_by_16 must name i32/i64 arguments, got {wrong}")
     aligned += divisible
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return src, signature, constexprs
+    attrs = {_triton_path(fn, p): [["tt.divisibility", 16]] for p in aligned}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs, constexprs={
+        **constexprs, **{_triton_path(fn, p): v for p, v in constants.items()}})
+    constexprs.update({p[0] + "".join(f"[{i}]" for i in p[1:]): v for p, v in constants.items()})
+    return src, types, constexprs
 
 
-def _dtype_label(spec, signature):
+def _elements(entry, path=()):
+    """(index path, type or constant) of each element of a signature entry, nested
+    tuples flattened; ``((), entry)`` for a plain argument."""
+    if not isinstance(entry, tuple):
+        return [(path, entry)]
+    return [e for i, item in enumerate(entry) for e in _elements(item, path + (i,))]
+
+
+def _with_constexprs(entry):
+    """A signature entry as Triton takes it: tuple elements given as values are
+    "constexpr"."""
+    if isinstance(entry, tuple):
+        return tuple(_with_constexprs(item) for item in entry)
+    return entry if isinstance(entry, str) else "constexpr"
+
+
+def _triton_path(fn, path):
+    """``(arg, index, ...)`` as Triton keys an argument or tuple element."""
+    return (fn.arg_names.index(path[0]), *path[1:])
+
+
+def _dtype_label(spec, types):
     if "dtype" in spec:
         return str(spec["dtype"])
-    return "+".join(sorted({t[1:] for t in signature.values() if t.startswith("*")})) or "none"
+    return "+".join(sorted({t[1:] for t in types.values() if t.startswith("*")})) or "none"
 
 
 def config_string(spec):
     """Human-readable configuration: constexprs, num_warps, num_stages, dtype."""
-    _, signature, constexprs = _source(spec)
-    return _config(spec, signature, constexprs)
+    _, types, constexprs = _source(spec)
+    return _config(spec, types, constexprs)
 
 
-def _config(spec, signature, constexprs):
+def _config(spec, types, constexprs):
     parts = [f"{k}={v}" for k, v in constexprs.items()]
     parts += [f"num_warps={spec['num_warps']}", f"num_stages={spec['num_stages']}",
-              f"dtype={_dtype_label(spec, signature)}"]
+              f"dtype={_dtype_label(spec, types)}"]
     return ",".join(parts)
 
 
@@ -263,7 +303,7 @@ def compile_triton(spec, arch):
     from triton.backends.compiler import GPUTarget
 
     sm = _limits(arch)
-    src, signature, constexprs = _source(spec)
+    src, types, constexprs = _source(spec)
     options = {"num_warps": int(spec["num_warps"]), "num_stages": int(spec["num_stages"])}
     if "maxnreg" in spec:  # a launcher's register cap changes what ptxas allocates
         options["maxnreg"] = int(spec["maxnreg"])
@@ -278,8 +318,8 @@ def compile_triton(spec, arch):
         "arch": arch,
         "target": binary["sass_target"],
         "gpu": sm.gpu,
-        "config": _config(spec, signature, constexprs),
-        "dtype": _dtype_label(spec, signature),
+        "config": _config(spec, types, constexprs),
+        "dtype": _dtype_label(spec, types),
         "num_warps": options["num_warps"],
         "num_stages": options["num_stages"],
         "uses_dot": bool(spec.get("uses_dot", False)),

@@ -11,18 +11,16 @@ class _Args(NamedTuple):
 
     pointers: tuple   # data tensors, all of the pooled dtype
     sizes: tuple      # int32 sizes
-    strides: tuple    # per data tensor, its (b, c, h, w) strides
+    strides: tuple    # the data tensors' (b, c, h, w) stride tuples
 
 
 _ARGS = {
     kernels._avg_pool2d_fwd_kernel: _Args(
         pointers=("x_ptr", "out_ptr"), sizes=("C", "H", "W", "OH", "OW"),
-        strides=(("stride_x_b", "stride_x_c", "stride_x_h", "stride_x_w"),
-                 ("stride_out_b", "stride_out_c", "stride_out_h", "stride_out_w"))),
+        strides=("stride_x", "stride_out")),
     kernels._avg_pool2d_bwd_kernel: _Args(
         pointers=("dout_ptr", "dx_ptr"), sizes=("C", "H", "W", "OH", "OW"),
-        strides=(("stride_dout_b", "stride_dout_c", "stride_dout_h", "stride_dout_w"),
-                 ("stride_dx_b", "stride_dx_c", "stride_dx_h", "stride_dx_w"))),
+        strides=("stride_dout", "stride_dx")),
 }
 # Position in (b, c, h, w) of the contiguous axis, whose strides are 1: Triton turns them
 # into the constexpr 1 at run time for dense tensors.
@@ -44,12 +42,14 @@ def _layouts():
 def _spec(kernel, channels_last, tile, pool, dtype):
     args = _ARGS[kernel]
     (block_c, block_h, block_w), (k, s, p, sub) = tile, pool
-    constexprs = {strides[_UNIT_AXIS[channels_last]]: 1 for strides in args.strides}
-    constexprs.update(KH=k, KW=k, SH=s, SW=s, PH=p, PW=p, SUBTRACT=sub,
+    constexprs = dict(POOL=kernels.Pool(k, k, s, s, p, p), SUBTRACT=sub,
                       CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_H=block_h,
                       BLOCK_W=block_w)
+    unit = _UNIT_AXIS[channels_last]
     types = {name: f"*{dtype}" for name in args.pointers}
-    types.update({name: "i32" for name in args.sizes + sum(args.strides, ())})
+    types.update({name: "i32" for name in args.sizes})
+    types.update({name: tuple(1 if axis == unit else "i32" for axis in range(4))
+                  for name in args.strides})
     types.update({name: "constexpr" for name in constexprs})
     return {
         "name": (f"{kernel.__name__}_{'cl' if channels_last else 'nchw'}"

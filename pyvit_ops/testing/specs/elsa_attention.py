@@ -14,12 +14,12 @@ _TRITON_DTYPES = ("fp16", "bf16", "fp32")
 
 
 class _Tensor(NamedTuple):
-    """A pointer argument ``<name>_ptr`` and, for a strided tensor, its stride arguments
-    ``stride_<name>_<axis>``."""
+    """A pointer argument ``<name>_ptr`` and, for a strided tensor, its tuple of strides
+    ``stride_<name>``."""
     name: str
     element: str        # "data" (the inputs' dtype), "ghost" (the ghost dtype), "fp32" (scratch)
     kind: str = ""      # "pixels" (C channels), "taps" (G*K*K channels), "ghost" (C, K, K)
-    axes: str = ""      # stride axes, in argument order
+    axes: str = ""      # the axes of the stride tuple, in order
 
 
 # Stride axes whose values are multiples of 16 at ELSA-Swin's shapes (C = 96, 32 channels
@@ -36,6 +36,7 @@ class _Kernel(NamedTuple):
     tensors: tuple      # of _Tensor
     sizes: tuple        # i32 size arguments
     divisible: tuple    # the sizes that are multiples of 16 at ELSA-Swin's shapes
+    transposed: bool = None   # the aggregation kernel's TRANSPOSED: False forward, True dv
 
 
 def _pixels(name):
@@ -46,20 +47,23 @@ _ATTN = _Tensor("attn", "data", "taps", "bchw")
 _MUL = _Tensor("mul", "ghost", "ghost", "chw")
 _ADD = _Tensor("add", "ghost", "ghost", "chw")
 
+
+def _aggregate(lse, transposed):
+    """The aggregation kernel; ``lse``: the element type of its lse pointer."""
+    return _Kernel(kernels._elsa_attention_aggregate_kernel,
+                   (_pixels("x"), _ATTN, _MUL, _ADD, _Tensor("lse", lse), _pixels("y")),
+                   ("G", "CG", "H", "W"), ("CG",), transposed)
+
+
 _KERNELS = {
-    "fwd": _Kernel(kernels._elsa_attention_fwd_kernel,
-                   (_pixels("v"), _ATTN, _MUL, _ADD, _pixels("out")),
-                   ("G", "CG", "H", "W"), ("CG",)),
+    "fwd": _aggregate("data", False),   # attn stands in for the unread lse
     "bwd_attn": _Kernel(kernels._elsa_attention_bwd_attn_kernel,
                         (_pixels("dout"), _pixels("v"), _ATTN, _MUL,
                          _Tensor("dattn", "data", "taps", "bchw"),
                          _Tensor("lse", "fp32"), _Tensor("mean", "fp32"),
                          _Tensor("part_mul", "fp32"), _Tensor("part_add", "fp32")),
                         ("B", "G", "C", "CG", "H", "W", "B_CHUNK", "T_CHUNK"), ("C", "CG")),
-    "bwd_v": _Kernel(kernels._elsa_attention_bwd_v_kernel,
-                     (_pixels("dout"), _ATTN, _MUL, _ADD, _Tensor("lse", "fp32"),
-                      _pixels("dv")),
-                     ("G", "CG", "H", "W"), ("CG",)),
+    "bwd_v": _aggregate("fp32", True),
 }
 
 
@@ -74,20 +78,20 @@ def _spec_tiles(K=7):
 
 
 def _arguments(kernel, channels_last, dtype, ghost_dtype, dilation, div16):
-    """``{argument: (type, divisible by 16)}`` of every runtime argument; type
-    "constexpr" for the strides and the dilation the JIT specialises to 1."""
+    """``{argument: (type, [what of it is divisible by 16])}`` of every runtime argument;
+    the unit strides and a dilation of 1 are the constant 1 the JIT specialises them to."""
     element = {"data": dtype, "ghost": ghost_dtype or dtype, "fp32": "fp32"}
     args = {}
     for t in kernel.tensors:
-        args[f"{t.name}_ptr"] = (f"*{element[t.element]}", False)
-        unit = "c" if channels_last else t.axes[-1:]
-        divisible = _DIVISIBLE_AXES.get((t.kind, channels_last), "")
-        for axis in t.axes:
-            kind = "constexpr" if axis == unit else "i32"
-            args[f"stride_{t.name}_{axis}"] = (kind, div16 and axis in divisible)
+        args[f"{t.name}_ptr"] = (f"*{element[t.element]}", [])
+        if t.axes:
+            name, unit = f"stride_{t.name}", "c" if channels_last else t.axes[-1]
+            divisible = _DIVISIBLE_AXES[(t.kind, channels_last)] if div16 else ""
+            args[name] = (tuple(1 if axis == unit else "i32" for axis in t.axes),
+                          [(name, i) for i, axis in enumerate(t.axes) if axis in divisible])
     for size in kernel.sizes:
-        args[size] = ("i32", div16 and size in kernel.divisible)
-    args["DIL"] = ("constexpr" if dilation == 1 else "i32", False)
+        args[size] = ("i32", [size] if div16 and size in kernel.divisible else [])
+    args["DIL"] = (1 if dilation == 1 else "i32", [])
     return args
 
 
@@ -101,24 +105,26 @@ def _spec(key, channels_last, cfg, dtype, K=7, dilation=1, div16=False, ghost_dt
     values = dict(K=K, K_PAD=triton.next_power_of_2(K), HAS_MUL=True, HAS_ADD=True,
                   APPLY_SOFTMAX=True, CHANNELS_LAST=channels_last, NEED_DATTN=True,
                   NEED_DMUL=True, NEED_DADD=True, BLOCK_C=cfg.block_c, BLOCK_P=block_p)
+    if kernel.transposed is not None:
+        values["TRANSPOSED"] = kernel.transposed
     values.update(flags or {})
     signature, constexprs, divisible = {}, {}, []
     for arg in fn.arg_names:
         if arg in values:
             continue  # a constexpr option, set below
         kind, div = args.pop(arg)  # KeyError: an argument the tables do not describe
-        if kind == "constexpr":
+        if kind == 1:
             constexprs[arg] = 1
         else:
             signature[arg] = kind
-            if div:
-                divisible.append(arg)
+            divisible += div
     if args:
         raise ValueError(f"{fn.__name__} has no arguments {sorted(args)}")
     constexprs.update({k: v for k, v in values.items() if k in fn.arg_names})
     signature.update({k: "constexpr" for k in constexprs})
     layout = "cl" if channels_last else "nchw"
-    name = (f"{fn.__name__}_{layout}_c{cfg.block_c}p{block_p}_k{K}"
+    direction = "" if kernel.transposed is None else ("_dv" if kernel.transposed else "_fwd")
+    name = (f"{fn.__name__}{direction}_{layout}_c{cfg.block_c}p{block_p}_k{K}"
             f"{'_dil' if dilation != 1 else ''}{'_div16' if div16 else ''}"
             f"{f'_ghost{ghost_dtype}' if ghost_dtype else ''}"
             + "".join(f"_{k.lower()}{int(v)}" for k, v in (flags or {}).items()) + f"_{dtype}")
