@@ -24,13 +24,13 @@ struct SdpaParams {
   DType dtype = DType::kFloat32;
   SdpaBias bias_kind = SdpaBias::kNone;
   const void *q = nullptr, *k = nullptr, *v = nullptr, *bias = nullptr;
-  const void *out = nullptr, *dout = nullptr;
+  const void* dout = nullptr;
   void* out_w = nullptr;
   float* lse = nullptr;
   float* delta = nullptr;
   void *dq = nullptr, *dk = nullptr, *dv = nullptr, *dbias = nullptr;
   std::int64_t q_stride[4] = {}, k_stride[4] = {}, v_stride[4] = {}, b_stride[4] = {};
-  std::int64_t o_stride[4] = {}, do_stride[4] = {}, db_stride[4] = {};
+  std::int64_t do_stride[4] = {}, db_stride[4] = {};
   std::int64_t dq_stride[4] = {}, dk_stride[4] = {}, dv_stride[4] = {};
   int Z1 = 0, Z2 = 0, Nq = 0, Nk = 0, D = 0;
   float scale = 1.f, dropout_scale = 1.f;

@@ -113,17 +113,14 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
 // The backward into dq, dk, dv (the shapes of q, k, v, any strides: fresh tensors, or
 // the slices of one packed qkv gradient); returns dbias.
 at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
-                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                    const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
-                    double dropout_p, const std::optional<at::Tensor>& seed,
-                    bool bias_requires_grad, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                    const std::optional<at::Tensor>& bias, double scale, double dropout_p,
+                    const std::optional<at::Tensor>& seed, bool bias_requires_grad,
+                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout},
-                                std::pair<const char*, const at::Tensor&>{"out", out}}) {
-    check_like(op, name, t, 4, "q", q);
-    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ",
-                      q.sizes(), ", got ", t.sizes());
-  }
+  check_like(op, "dout", dout, 4, "q", q);
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), op, ": dout must have the shape of q ",
+                    q.sizes(), ", got ", dout.sizes());
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                         lse.sizes() == c10::IntArrayRef({p.Z1, p.Z2, p.Nq, 2}) &&
                         lse.device() == q.device(),
@@ -164,8 +161,8 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
   }
   at::Tensor delta = at::empty({p.Z1, p.Z2, p.Nq}, lse.options());
   const DeviceContext context(q);
-  p.out = out.const_data_ptr(), p.dout = dout.const_data_ptr();
-  copy_strides(p.o_stride, out), copy_strides(p.do_stride, dout);
+  p.dout = dout.const_data_ptr();
+  copy_strides(p.do_stride, dout);
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.delta = delta.mutable_data_ptr<float>();
   p.dq = dq.mutable_data_ptr(), p.dk = dk.mutable_data_ptr(), p.dv = dv.mutable_data_ptr();
@@ -181,24 +178,23 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
-    double scale, double dropout_p, const std::optional<at::Tensor>& seed,
-    bool bias_requires_grad) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
+    double dropout_p, const std::optional<at::Tensor>& seed, bool bias_requires_grad) {
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), contiguous);
   at::Tensor dk = at::empty(k.sizes(), contiguous);
   at::Tensor dv = at::empty(v.sizes(), contiguous);
-  at::Tensor dbias = backward("scaled_dot_product_attention_bwd", dout, q, k, v, out, lse, bias,
+  at::Tensor dbias = backward("scaled_dot_product_attention_bwd", dout, q, k, v, lse, bias,
                               scale, dropout_p, seed, bias_requires_grad, dq, dk, dv);
   return {dq, dk, dv, dbias};
 }
 
 at::Tensor sdpa_bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                         const at::Tensor& v, const at::Tensor& lse,
                          const std::optional<at::Tensor>& bias, double scale, double dropout_p,
                          const std::optional<at::Tensor>& seed, bool bias_requires_grad,
                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  return backward("scaled_dot_product_attention_bwd_into", dout, q, k, v, out, lse, bias, scale,
+  return backward("scaled_dot_product_attention_bwd_into", dout, q, k, v, lse, bias, scale,
                   dropout_p, seed, bias_requires_grad, dq, dk, dv);
 }
 
@@ -213,12 +209,12 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
       "scaled_dot_product_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, "
       "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def(
-      "scaled_dot_product_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
+      "scaled_dot_product_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, "
+      "Tensor? bias, float scale, float dropout_p, Tensor? seed, "
       "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "scaled_dot_product_attention_bwd_into(Tensor dout, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
+      "Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
       "bool bias_requires_grad, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor");
   m.def("scaled_dot_product_attention_head_dim_limit() -> int", &sdpa_bind::head_dim_limit);
   m.def("scaled_dot_product_attention_batch_tokens_limit() -> int",

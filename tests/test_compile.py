@@ -45,7 +45,7 @@ def _sdpa_bwd(backend):
     q, k, v, bias, scale, p, seed, _ = _sdpa_fwd(backend)
     out, lse = OPS.scaled_dot_product_attention_fwd(q.detach(), k.detach(), v.detach(),
                                                     bias.detach(), scale, p, seed, backend)
-    return (_r(*out.shape), q, k, v, out, lse, bias, scale, p, seed, True, backend)
+    return (_r(*out.shape), q, k, v, lse, bias, scale, p, seed, True, backend)
 
 
 def _sdpa_qkvpacked_fwd(backend):
@@ -57,7 +57,7 @@ def _sdpa_qkvpacked_bwd(backend):
     qkv, bias, *params = _sdpa_qkvpacked_fwd(backend)
     out, lse = OPS.scaled_dot_product_attention_qkvpacked_fwd(qkv.detach(), bias.detach(),
                                                               *params)
-    return (_r(*out.shape), qkv, out, lse, bias, *params[:-1], True, params[-1])
+    return (_r(*out.shape), qkv, lse, bias, *params[:-1], True, params[-1])
 
 
 def _window_fwd(backend):

@@ -438,8 +438,8 @@ class _SeedSpy:
 
     # Positions of q and of the seed in the launchers' arguments.
     _ARGS = {"scaled_dot_product_attention_fwd": (0, 6),
-             "scaled_dot_product_attention_bwd": (1, 9),
-             "scaled_dot_product_attention_bwd_into": (1, 9)}
+             "scaled_dot_product_attention_bwd": (1, 8),
+             "scaled_dot_product_attention_bwd_into": (1, 8)}
 
     def __init__(self, launchers, calls):
         self._launchers, self._calls = launchers, calls
@@ -535,7 +535,7 @@ def test_triton_dropout_matches_reference_with_kernel_mask(bias_shape, bias_kind
     dout = _randn(*out.shape)
     float_bias = bias.dtype != torch.bool
     dq, dk, dv, dbias = kernels.scaled_dot_product_attention_bwd(
-        dout, q, k, v, out, lse, bias4, 32 ** -0.5, p, seed, float_bias)
+        dout, q, k, v, lse, bias4, 32 ** -0.5, p, seed, float_bias)
     got = [out, dq, dk, dv] + ([dbias.reshape(bias.shape)] if float_bias else [])
     _assert_rule(got, [q, k, v] + ([bias] if float_bias else []), dout,
                  mask=None if float_bias else bias, keep=keep, p=p)
@@ -605,8 +605,8 @@ def triton_launches(monkeypatch):
 
 def _launch_forward_backward(q, k, v, bias):
     out, lse = kernels.scaled_dot_product_attention_fwd(q, k, v, bias, 0.125)
-    kernels.scaled_dot_product_attention_bwd(torch.empty_like(out), q, k, v, out, lse, bias,
-                                             0.125, bias_requires_grad=bias is not None)
+    kernels.scaled_dot_product_attention_bwd(torch.empty_like(out), q, k, v, lse, bias, 0.125,
+                                             bias_requires_grad=bias is not None)
 
 
 def test_triton_offsets_past_int32_take_the_64_bit_variant(triton_launches):

@@ -181,13 +181,13 @@ def test_fused_meter_sees_inside_pyvit_ops_custom_ops(batch):
     # partials and casts the sum to the bias dtype inside the custom op
     # pyvit_ops::scaled_dot_product_attention_bwd: a plain dispatch mode sees only the
     # opaque op; the fused meter counts the cast. At batch 1 the kernel stores dbias
-    # in the bias dtype and shape itself: no glue touches it.
+    # in the bias dtype and shape itself: no glue touches it. Two launches: dq, then dk / dv.
     q, k, v = (torch.randn(batch, 2, 20, 16, dtype=torch.float16, requires_grad=True)
                for _ in range(3))
     bias = torch.randn(1, 2, 20, 20, dtype=torch.float16, requires_grad=True)
     out = pyvit_ops.scaled_dot_product_attention(q, k, v, attn_bias=bias, backend="triton")
     _, report = count_fused_traffic(out.backward, torch.randn_like(out))
-    assert report["launches"] >= 3 and bias.grad is not None
+    assert report["launches"] == 2 and bias.grad is not None
     ops = report["glue"]["ops"]
     if batch == 1:
         assert "aten.to.dtype" not in ops and "aten.sum.dim_IntList" not in ops

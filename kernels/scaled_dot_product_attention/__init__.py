@@ -276,11 +276,10 @@ def _backward_plan(q, bias, bs, sz, block_d, red_shape):
                                 _reduced_strides(buf)))
 
 
-def _check_backward(sz, dout, out, lse, bias, bias_requires_grad):
+def _check_backward(sz, dout, lse, bias, bias_requires_grad):
     shape = (sz.Z1, sz.Z2, sz.Nq, sz.D)
-    if tuple(dout.shape) != shape or tuple(out.shape) != shape:
-        raise ValueError(f"dout, out: expected shape {shape}, got "
-                         f"{tuple(dout.shape)}, {tuple(out.shape)}")
+    if tuple(dout.shape) != shape:
+        raise ValueError(f"dout: expected shape {shape}, got {tuple(dout.shape)}")
     if lse.dtype != torch.float32 or tuple(lse.shape) != shape[:3] + (2,) or \
             not lse.is_contiguous():
         raise ValueError(f"lse: expected a contiguous float32 {shape[:3] + (2,)} tensor, "
@@ -290,7 +289,7 @@ def _check_backward(sz, dout, out, lse, bias, bias_requires_grad):
 
 
 @on_tensor_device
-def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropout_p=0.0,
+def scaled_dot_product_attention_bwd(dout, q, k, v, lse, bias, scale, dropout_p=0.0,
                                      seed=None, bias_requires_grad=False, grads=None):
     """Backward launcher: returns ``(dq, dk, dv, dbias)``: new contiguous tensors, or
     ``grads``, three tensors of the shapes of q, k, v (any strides, e.g. the slices of
@@ -301,7 +300,7 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, out, lse, bias, scale, dropo
     bias dtype.
     """
     sz = _check_inputs(q, k, v, bias)
-    _check_backward(sz, dout, out, lse, bias, bias_requires_grad)
+    _check_backward(sz, dout, lse, bias, bias_requires_grad)
     dq, dk, dv = grads or (torch.empty_like(t, memory_format=torch.contiguous_format)
                            for t in (q, k, v))
     red_shape = None

@@ -227,7 +227,7 @@ def _qkvpacked_fwd_fake(qkv, bias, scale, dropout_p, seed, backend):
     return _fwd_fake(*_unpack(qkv), bias, scale, dropout_p, seed, backend)
 
 
-def _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend,
+def _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend,
          qkv=None):
     """(dq, dk, dv, dbias), or (dqkv, dbias) written in place of a stack when q, k, v are
     the slices of the packed ``qkv``; dbias is an empty tensor unless
@@ -239,8 +239,8 @@ def _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_gr
         return (*(torch.zeros_like(t) for t in tokens), dbias)
     fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad)
     lse4 = fold.view(lse).contiguous()
-    args = (fold.view(dout), fold.q, fold.k, fold.v, fold.view(out), lse4, fold.bias, scale,
-            dropout_p, seed, bias_requires_grad)
+    args = (fold.view(dout), fold.q, fold.k, fold.v, lse4, fold.bias, scale, dropout_p, seed,
+            bias_requires_grad)
     launchers = _launchers(backend, q)
     if qkv is None:
         dq, dk, dv, dbias = launchers.scaled_dot_product_attention_bwd(*args)
@@ -260,23 +260,22 @@ def _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_gr
 
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-            dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool,
+            lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, dropout_p: float,
+            seed: Optional[torch.Tensor], bias_requires_grad: bool,
             backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias), see ``_bwd``."""
-    return _bwd(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
-                backend)
+    return _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend)
 
 
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_qkvpacked_bwd",
                          mutates_args=())
-def _qkvpacked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                      dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool,
+def _qkvpacked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor,
+                      bias: Optional[torch.Tensor], scale: float, dropout_p: float,
+                      seed: Optional[torch.Tensor], bias_requires_grad: bool,
                       backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (dqkv, dbias), see ``_bwd``."""
-    return _bwd(dout, *_unpack(qkv), out, lse, bias, scale, dropout_p, seed,
-                bias_requires_grad, backend, qkv=qkv)
+    return _bwd(dout, *_unpack(qkv), lse, bias, scale, dropout_p, seed, bias_requires_grad,
+                backend, qkv=qkv)
 
 
 def _dbias_fake(q, bias, bias_requires_grad):
@@ -284,14 +283,13 @@ def _dbias_fake(q, bias, bias_requires_grad):
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
-              backend):
+def _bwd_fake(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             _dbias_fake(q, bias, bias_requires_grad))
 
 
 @_qkvpacked_bwd_op.register_fake
-def _qkvpacked_bwd_fake(dout, qkv, out, lse, bias, scale, dropout_p, seed, bias_requires_grad,
+def _qkvpacked_bwd_fake(dout, qkv, lse, bias, scale, dropout_p, seed, bias_requires_grad,
                         backend):
     return qkv.new_empty(qkv.shape), _dbias_fake(qkv, bias, bias_requires_grad)
 
@@ -304,8 +302,7 @@ def _gradients(dout, inputs, out, lse, tokens, need):
     bias_grad = bias is not None and bias.dtype != torch.bool and need[tokens]
     bwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_bwd if tokens == 3 else
            torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_bwd)
-    return bwd(dout, *inputs[:tokens], out, lse, bias, scale, dropout_p, seed, bias_grad,
-               backend)
+    return bwd(dout, *inputs[:tokens], lse, bias, scale, dropout_p, seed, bias_grad, backend)
 
 
 _attention_autograd.register(((_fwd_op, 3), (_qkvpacked_fwd_op, 1)), _gradients)
