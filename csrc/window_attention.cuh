@@ -6,8 +6,9 @@
 
 namespace pyvit {
 
-// Largest window area (wh * ww) the kernels take: a window is one 64-token tile.
-constexpr int kWindowAttentionMaxArea = 64;
+// Largest window area (wh * ww) the kernels take (24 x 24, Swin V2's largest window):
+// the kernels sweep a window in 64-token tiles, at most 9 of them.
+constexpr int kWindowAttentionMaxArea = 576;
 
 // A (B, H, W, heads, D) tensor read through its strides (elements, in that order).
 struct WindowAttentionTokens {
@@ -31,6 +32,10 @@ struct WindowAttentionParams {
   DType dtype = DType::kFloat32;  // of q, k, v, out, dout and the token outputs
   int B = 0, H = 0, W = 0, heads = 0, D = 0;
   int wh = 1, ww = 1, sh = 0, sw = 0;
+  // MaxViT's grid attention (timm's grid_partition): slot (ty, tx) of window (wy, wx) is
+  // token (ty * n_wh + wy, tx * n_ww + wx); the caller guarantees H % wh == W % ww == 0
+  // and no shift.
+  bool grid_partition = false;
   float scale = 1.f;         // applied to q k^T
   float mask_value = -100.f;  // added between tokens of different shift regions
   // Cosine attention: (heads,) fp32, exp(min(logit_scale, log 100)); null: scaled q k^T.

@@ -56,7 +56,7 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
                const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& gain,
                int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w,
-               double scale, double mask_value) {
+               double scale, double mask_value, bool grid_partition) {
   Call call;
   pyvit::WindowAttentionParams& p = call.p;
   p.dtype = check_float_tensor(op, "q", q, 5);
@@ -84,6 +84,12 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK_VALUE(shift_h >= 0 && shift_w >= 0 && shift_h < window_h && shift_w < window_w, op,
                     ": shift_size must satisfy 0 <= shift < window_size (", window_h, ", ",
                     window_w, ") per axis, got (", shift_h, ", ", shift_w, ")");
+  TORCH_CHECK_VALUE(!grid_partition || (p.H % window_h == 0 && p.W % window_w == 0 &&
+                                         shift_h == 0 && shift_w == 0),
+                    op, ": grid_partition needs H, W multiples of the window (", window_h, ", ",
+                    window_w, ") and no shift, got (H, W) = (", p.H, ", ", p.W, "), shift (",
+                    shift_h, ", ", shift_w, ")");
+  p.grid_partition = grid_partition;
   p.wh = static_cast<int>(window_h);
   p.ww = static_cast<int>(window_w);
   p.sh = static_cast<int>(shift_h);
@@ -125,10 +131,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
     const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& gain,
     int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w, double scale,
-    double mask_value) {
+    double mask_value, bool grid_partition) {
   constexpr const char* op = "window_attention_fwd";
   Call call = make_call(op, q, k, v, table, pad_k, pad_v, gain, window_h, window_w, shift_h,
-                        shift_w, scale, mask_value);
+                        shift_w, scale, mask_value, grid_partition);
   pyvit::WindowAttentionParams& p = call.p;
   at::Tensor out = at::empty(q.sizes(), q.options());
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
@@ -167,10 +173,10 @@ ParamGrads backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
                     const std::optional<at::Tensor>& pad_v,
                     const std::optional<at::Tensor>& gain, int64_t window_h, int64_t window_w,
                     int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-                    bool table_grad, bool pad_grad, bool gain_grad, const at::Tensor& dq,
-                    const at::Tensor& dk, const at::Tensor& dv) {
+                    bool grid_partition, bool table_grad, bool pad_grad, bool gain_grad,
+                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   Call call = make_call(op, q, k, v, table, pad_k, pad_v, gain, window_h, window_w, shift_h,
-                        shift_w, scale, mask_value);
+                        shift_w, scale, mask_value, grid_partition);
   pyvit::WindowAttentionParams& p = call.p;
   check_tokens(op, "dout", dout, q);
   // Part of the op's contract (the Triton backward reads it); these kernels need only lse.
@@ -226,15 +232,15 @@ window_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& pad_k,
                      const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& gain,
                      int64_t window_h, int64_t window_w, int64_t shift_h, int64_t shift_w,
-                     double scale, double mask_value, bool table_grad, bool pad_grad,
-                     bool gain_grad) {
+                     double scale, double mask_value, bool grid_partition, bool table_grad,
+                     bool pad_grad, bool gain_grad) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   auto [dtable, dpad_k, dpad_v, dlog_gain] =
       backward("window_attention_bwd", dout, q, k, v, out, lse, table, pad_k, pad_v, gain,
-               window_h, window_w, shift_h, shift_w, scale, mask_value, table_grad, pad_grad,
-               gain_grad, dq, dk, dv);
+               window_h, window_w, shift_h, shift_w, scale, mask_value, grid_partition,
+               table_grad, pad_grad, gain_grad, dq, dk, dv);
   return {dq, dk, dv, dtable, dpad_k, dpad_v, dlog_gain};
 }
 
@@ -248,8 +254,8 @@ window_attention_qkvpacked_bwd(const at::Tensor& dout, const at::Tensor& qkv,
                                const std::optional<at::Tensor>& pad_v,
                                const std::optional<at::Tensor>& gain, int64_t window_h,
                                int64_t window_w, int64_t shift_h, int64_t shift_w, double scale,
-                               double mask_value, bool table_grad, bool pad_grad,
-                               bool gain_grad) {
+                               double mask_value, bool grid_partition, bool table_grad,
+                               bool pad_grad, bool gain_grad) {
   constexpr const char* op = "window_attention_qkvpacked_bwd";
   TORCH_CHECK_VALUE(qkv.dim() == 6 && qkv.size(3) == 3, op,
                     ": qkv must have shape (B, H, W, 3, heads, D), got ", qkv.sizes());
@@ -257,8 +263,8 @@ window_attention_qkvpacked_bwd(const at::Tensor& dout, const at::Tensor& qkv,
   auto [dtable, dpad_k, dpad_v, dlog_gain] =
       backward(op, dout, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, table,
                pad_k, pad_v, gain, window_h, window_w, shift_h, shift_w, scale, mask_value,
-               table_grad, pad_grad, gain_grad, dqkv.select(3, 0), dqkv.select(3, 1),
-               dqkv.select(3, 2));
+               grid_partition, table_grad, pad_grad, gain_grad, dqkv.select(3, 0),
+               dqkv.select(3, 1), dqkv.select(3, 2));
   return {dqkv, dtable, dpad_k, dpad_v, dlog_gain};
 }
 
@@ -271,17 +277,19 @@ PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
   m.def(
       "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? pad_k, "
       "Tensor? pad_v, Tensor? gain, int window_h, int window_w, int shift_h, int shift_w, "
-      "float scale, float mask_value) -> (Tensor, Tensor)");
+      "float scale, float mask_value, bool grid_partition) -> (Tensor, Tensor)");
   m.def(
       "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? table, Tensor? pad_k, Tensor? pad_v, Tensor? gain, int window_h, int window_w, "
-      "int shift_h, int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad, "
-      "bool gain_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int shift_h, int shift_w, float scale, float mask_value, bool grid_partition, "
+      "bool table_grad, bool pad_grad, bool gain_grad) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   m.def(
       "window_attention_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, "
       "Tensor? table, Tensor? pad_k, Tensor? pad_v, Tensor? gain, int window_h, int window_w, "
-      "int shift_h, int shift_w, float scale, float mask_value, bool table_grad, bool pad_grad, "
-      "bool gain_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int shift_h, int shift_w, float scale, float mask_value, bool grid_partition, "
+      "bool table_grad, bool pad_grad, bool gain_grad) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def("window_attention_window_area_limit() -> int",
         &window_attention_bind::window_area_limit);
 }

@@ -252,7 +252,8 @@ class KernelCase(NamedTuple):
     """``table`` / ``pad``: the call passes a bias table / pads, in ``param_dtype``
     ("input": q's dtype); ``layout`` "packed": q, k, v are slices of one projection,
     "qkvpacked": that projection goes to window_attention_qkvpacked, "mixed": three
-    differently strided tensors. Runs on ``backends``; ``name`` is its test id."""
+    differently strided tensors; ``partition``: the operator's. Runs on ``backends``;
+    ``name`` is its test id."""
     name: str
     backends: Tuple[str, ...]
     geometry: Geometry
@@ -262,6 +263,7 @@ class KernelCase(NamedTuple):
     layout: str = "packed"
     scale: Optional[float] = None
     mask_value: float = -100.0
+    partition: str = "block"
 
 
 # Windows per backward program: the interpreter and the host build aim at 4 programs /
@@ -303,19 +305,30 @@ CASES = [
     KernelCase("D130-five-chunks-shift-h-inf-mask", ("cuda",),
                Geometry(B=1, H=4, W=7, heads=1, D=130, window=(3, 5), shift=(2, 0)),
                param_dtype="float32", mask_value=float("-inf")),
-    # Windows over 64 tokens: the tiled Triton kernels. Swin at 384 (12x12) on a padded
+    # Windows over 64 tokens: the tiled kernels. Swin at 384 (12x12) on a padded
     # 2x2 window grid (all four window kinds, pad gradients); 9x10 with a -inf mask, where
     # a whole key block of a row can be masked; a 72-token window with head dim 64
-    # (float32 must be refused).
-    KernelCase("tiled-N144-pad-shift-D32", ("triton",),
+    # (float32 must be refused by Triton; two head-dim chunks on CUDA); Swin V2's 24x24 on
+    # CUDA (nine 64-slot tiles, the second window padded).
+    KernelCase("tiled-N144-pad-shift-D32", ("triton", "cuda"),
                Geometry(B=1, H=14, W=17, heads=2, D=32, window=12, shift=(6, 5)),
                param_dtype="float32", layout="qkvpacked"),
-    KernelCase("tiled-N90-inf-mask-D16", ("triton",),
+    KernelCase("tiled-N90-inf-mask-D16", ("triton", "cuda"),
                Geometry(B=1, H=10, W=11, heads=1, D=16, window=(9, 10), shift=(4, 3)),
                layout="mixed", scale=0.37, mask_value=float("-inf")),
-    KernelCase("tiled-N72-D64-notable", ("triton",),
+    KernelCase("tiled-N72-D64-notable", ("triton", "cuda"),
                Geometry(B=1, H=8, W=9, heads=1, D=64, window=(8, 9), shift=(3, 0)),
                table=False, pad=False, param_dtype=None),
+    KernelCase("tiled-w24-N576-D8", ("cuda",),
+               Geometry(B=1, H=24, W=26, heads=1, D=8, window=24, shift=(12, 5)),
+               param_dtype="float32"),
+    # MaxViT's grid attention: one tile (a 2x3 grid of 3x4 windows) and tiled (81 slots).
+    KernelCase("grid-N12-D16", ("triton", "cuda"),
+               Geometry(B=2, H=6, W=12, heads=2, D=16, window=(3, 4), shift=0), pad=False,
+               param_dtype="float32", partition="grid"),
+    KernelCase("grid-tiled-N81-D16", ("triton", "cuda"),
+               Geometry(B=1, H=18, W=9, heads=1, D=16, window=9, shift=0), pad=False,
+               layout="mixed", partition="grid"),
 ]
 KERNEL_CASES = [pytest.param(backend, case, id=f"{backend}-{case.name}")
                 for case in CASES for backend in case.backends]
@@ -372,7 +385,7 @@ def test_kernel_matches_reference(backend, case, dtype):
     with_table, with_pad, layout = case.table, case.pad, case.layout
     param_dtype = case.param_dtype
     kwargs = dict(window_size=window, shift_size=shift, scale=case.scale,
-                  mask_value=case.mask_value)
+                  mask_value=case.mask_value, partition=case.partition)
     area = _pair(window)[0] * _pair(window)[1]
     if backend == "triton" and dtype == torch.float32 and D > kernels.max_head_dim_fp32(area):
         # Not a skip: the Triton backend must refuse this call, with its reason.
@@ -400,6 +413,22 @@ def test_kernel_matches_reference(backend, case, dtype):
         assert g.dtype == t.dtype and g.shape == t.shape, name
     _assert_rule(["out", *(f"grad of {name}" for name in names)], (out, *grads), inputs,
                  with_table, with_pad, grad, **kwargs)
+
+
+def test_tiled_near_one_hot_row_gradients():
+    # Every query aligned with its own key (probability ~0.997) in an 81-slot window, the
+    # tiled kernels' case: dS = P (dP - delta) cancels, so delta must come from the fp32
+    # tiles, not from the output rounded to float16.
+    _use("triton")
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 9, 9, 1, 64, generator=gen)
+    q = (0.15 * k + 0.1 * torch.randn(k.shape, generator=gen)).half().requires_grad_()
+    v = torch.randn(k.shape, generator=gen).half().requires_grad_()
+    k = k.half().requires_grad_()
+    grad = torch.randn(k.shape, generator=gen, dtype=torch.float64)
+    kwargs = dict(window_size=9, scale=1.0)
+    out, grads = _run("triton", [q, k, v], False, False, grad, **kwargs)
+    _assert_rule(["out", "q", "k", "v"], (out, *grads), [q, k, v], False, False, grad, **kwargs)
 
 
 class CosineCase(NamedTuple):
@@ -433,10 +462,10 @@ COSINE_CASES = [
                backends=("triton", "cuda")),
     CosineCase("tiled-N90-D32-inf-mask", Geometry(B=1, H=10, W=11, heads=1, D=32,
                                                   window=(9, 10), shift=(4, 3)),
-               (3.0,), layout="mixed", mask_value=float("-inf")),
+               (3.0,), layout="mixed", mask_value=float("-inf"), backends=("triton", "cuda")),
     CosineCase("tiled-w12-N144-D16-pad", Geometry(B=1, H=14, W=17, heads=2, D=16, window=12,
                                                   shift=(6, 5)), (2.3, 6.0),
-               param_dtype="input"),
+               param_dtype="input", backends=("triton", "cuda")),
 ]
 
 
@@ -497,8 +526,8 @@ def test_cosine_kernel_matches_reference(backend, case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("backend, window", [("triton", (4, 5)), ("triton", (9, 8)),
-                                             ("cuda", (4, 5))],
-                         ids=["triton", "triton-tiled", "cuda"])
+                                             ("cuda", (4, 5)), ("cuda", (9, 8))],
+                         ids=["triton", "triton-tiled", "cuda", "cuda-tiled"])
 def test_cosine_rows_below_eps(backend, window, dtype):
     """A query row, a key row and the pad key (timm's k_bias = 0) of norm zero, below
     F.normalize's eps: their cosines are 0 and their gradients dx_hat / eps (~1e12 times
@@ -556,21 +585,23 @@ def test_cosine_logit_scale_clamp_edge():
         torch.testing.assert_close(grads[backend], grads["reference"], rtol=1e-4, atol=1e-5)
 
 
-def test_cosine_24x24_window():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_24x24_window(backend):
     """Swin V2's largest window (swinv2_base_window12to24_192to384): 576 tokens in the
     tiled kernels, two windows (the second padded), shifted, with table and pads."""
     case = CosineCase("w24", Geometry(B=1, H=24, W=26, heads=1, D=16, window=24,
                                       shift=(12, 12)), (3.5,))
+    _use(backend)
     inputs, grad = _cosine_inputs(case, torch.float16)
     kwargs = dict(window_size=24, shift_size=12, cosine=True)
-    out, grads = _run("triton", inputs, True, True, grad, **kwargs)
+    out, grads = _run(backend, inputs, True, True, grad, **kwargs)
     _assert_rule(["out", *(f"grad of {name}" for name in _cosine_names(case))], (out, *grads),
                  inputs, True, True, grad, **kwargs)
 
 
 @pytest.mark.parametrize("backend, window", [("triton", (4, 5)), ("triton", (9, 8)),
-                                             ("cuda", (4, 5))],
-                         ids=["triton", "triton-tiled", "cuda"])
+                                             ("cuda", (4, 5)), ("cuda", (9, 8))],
+                         ids=["triton", "triton-tiled", "cuda", "cuda-tiled"])
 def test_cosine_backward_is_deterministic(backend, window):
     case = CosineCase("det", Geometry(B=1, H=window[0] + 2, W=window[1] + 3, heads=2, D=32,
                                       window=window, shift=(2, 1)), (2.0, 5.0),
@@ -652,8 +683,8 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend, window", [("triton", (3, 5)), ("triton", (9, 8)),
-                                             ("cuda", (3, 5))],
-                         ids=["triton", "triton-tiled", "cuda"])
+                                             ("cuda", (3, 5)), ("cuda", (9, 8))],
+                         ids=["triton", "triton-tiled", "cuda", "cuda-tiled"])
 def test_negative_scale(backend, window):
     """A negative scale flips the scores' sign: key slots past N (15 of a 32-slot tile;
     72 tokens in 32-key blocks) must stay -inf after it, not turn into +inf (NaN)."""
@@ -716,7 +747,7 @@ class _LaunchRecorder:
 class LaunchCase(NamedTuple):
     """One head on an H x W grid; ``tf32``: torch allows TF32; ``passes``: the backward
     PASSes the launchers run; ``cosine``: Swin V2's cosine attention (a logit scale,
-    with its gradient)."""
+    with its gradient); ``partition``: the operator's (block windows are shifted)."""
     name: str
     H: int
     W: int
@@ -727,13 +758,15 @@ class LaunchCase(NamedTuple):
     tf32: bool
     passes: set
     cosine: bool = False
+    partition: str = "block"
 
 
 # The dtable reduction reads the fp32 partials whatever the inputs' dtype. Padded grids,
 # table and pads needing gradients. 64-token tiles at D = 64: dq / dk / dv, dbias alone,
 # pads (two head-dim chunks); half precision D = 32 (Swin): dbias fused, one-chunk pad
-# pass; float32 as TF32 and as 3xTF32 (dbias alone at D = 64, tiled past 32 tokens);
-# windows over 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias.
+# pass; float32 as TF32 and as 3xTF32 (dbias alone, tiled past 32 tokens); windows over
+# 64 tokens: the tiled kernels' dq, dk / dv (with the pads) and dbias; MaxViT's grid
+# partition (no padding: no pad pass; dbias alone).
 LAUNCH_CASES = [
     LaunchCase("N35-D64-fp16", H=7, W=9, window=(5, 7), D=64, dtype=torch.float16,
                table_dtype=torch.float16, tf32=False, passes={0, 1, 2}),
@@ -742,7 +775,7 @@ LAUNCH_CASES = [
     LaunchCase("N20-D32-tf32", H=9, W=10, window=(4, 5), D=32, dtype=torch.float32,
                table_dtype=torch.float32, tf32=True, passes={0, 1}),
     LaunchCase("N20-D32-fp32x3", H=9, W=10, window=(4, 5), D=32, dtype=torch.float32,
-               table_dtype=torch.float32, tf32=False, passes={0, 1}),
+               table_dtype=torch.float32, tf32=False, passes={0, 1, 2}),
     LaunchCase("N20-D64-fp32x3", H=9, W=10, window=(4, 5), D=64, dtype=torch.float32,
                table_dtype=torch.float32, tf32=False, passes={0, 1, 2}),
     LaunchCase("tiled-N49-D32-fp32x3", H=9, W=8, window=7, D=32, dtype=torch.float32,
@@ -757,6 +790,10 @@ LAUNCH_CASES = [
                table_dtype=torch.float32, tf32=False, passes={0, 1, 2}, cosine=True),
     LaunchCase("cos-tiled-N35-D64-bf16", H=7, W=9, window=(5, 7), D=64, dtype=torch.bfloat16,
                table_dtype=torch.bfloat16, tf32=False, passes={2, 3, 4}, cosine=True),
+    LaunchCase("grid-N49-D32-fp16", H=14, W=7, window=7, D=32, dtype=torch.float16,
+               table_dtype=torch.float32, tf32=False, passes={0, 2}, partition="grid"),
+    LaunchCase("grid-tiled-N81-D32-bf16", H=9, W=18, window=9, D=32, dtype=torch.bfloat16,
+               table_dtype=torch.bfloat16, tf32=False, passes={3, 4, 2}, partition="grid"),
 ]
 
 
@@ -765,7 +802,7 @@ def test_launches_are_static_compile_specs(monkeypatch, case):
     """The static compile check (tests/test_static_compile.py) covers what the launchers
     pick: every launch is a spec of the sm_80 row (the interpreter's), table dtype
     included (fp32 parameters under autocast, or the model's dtype)."""
-    _, H, W, window, D, dtype, table_dtype, tf32, passes, cosine = case
+    _, H, W, window, D, dtype, table_dtype, tf32, passes, cosine, partition = case
     specs = {(s["fn"].__name__, tuple(sorted((k, v) for k, v in s["constexprs"].items()
                                              if not k.startswith("stride_"))),
               s["num_warps"], s["num_stages"], s["dtype"],
@@ -779,9 +816,10 @@ def test_launches_are_static_compile_specs(monkeypatch, case):
         *_packed_qkv(1, H, W, 1, D, dtype), _table(window, 1, table_dtype),
         *torch.randn(2, 1, D), *[torch.full((1,), 2.0)] * cosine)]
     with _tf32(tf32):
-        out = ops.window_attention(*tensors[:4], window_size=window, shift_size=2,
+        out = ops.window_attention(*tensors[:4], window_size=window,
+                                   shift_size=0 if partition == "grid" else 2,
                                    pad_kv=tensors[4:6], logit_scale=(tensors[6:] or [None])[0],
-                                   backend="triton")
+                                   partition=partition, backend="triton")
         torch.autograd.grad(out, tensors, torch.randn_like(out))
     assert {dict(c)["PASS"] for _, c, *_ in launches if "PASS" in dict(c)} == passes
     assert any(name == "_window_attention_dtable_kernel" for name, *_ in launches)
@@ -799,7 +837,7 @@ def test_triton_grids_keep_heads_off_axis_1(monkeypatch):
     table = _table(2, heads, torch.float32)
     geometry = ((2, 2), (0, 0), 1.0, -100.0)
     out, lse = kernels.window_attention_fwd(q, k, v, table, None, None, *geometry)
-    kernels.window_attention_bwd(out, q, k, v, out, lse, table, None, None, *geometry,
+    kernels.window_attention_bwd(out, q, k, v, lse, table, None, None, *geometry,
                                  (True,) * 7)
     assert len(grids) > 2 and all(n <= 65535 for g in grids for n in g[1:]), grids
 
@@ -814,13 +852,13 @@ def test_custom_op_opcheck(backend, cosine):
     table = _table((4, 5), 2, torch.float32).requires_grad_()
     pad_k, pad_v = (t.requires_grad_() for t in torch.randn(2, 2, 16))
     logit_scale = torch.tensor([[[1.0]], [[5.0]]], requires_grad=True) if cosine else None
-    args = (q, k, v, table, pad_k, pad_v, logit_scale, 4, 5, 1, 2, 0.25, -100.0, backend)
+    args = (q, k, v, table, pad_k, pad_v, logit_scale, 4, 5, 1, 2, 0.25, -100.0, False, backend)
     torch.library.opcheck(torch.ops.pyvit_ops.window_attention_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
     out, lse = torch.ops.pyvit_ops.window_attention_fwd(*args)
     bwd_args = (torch.randn_like(out), q, k, v, out, lse, table, pad_k, pad_v, logit_scale, 4, 5,
-                1, 2, 0.25, -100.0, True, True, cosine, backend)
+                1, 2, 0.25, -100.0, False, True, True, cosine, backend)
     torch.library.opcheck(torch.ops.pyvit_ops.window_attention_bwd, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -920,6 +958,9 @@ BAD_INPUTS = [
     ("mask_value", lambda a: float("nan"), ValueError, "mask_value: expected a number below +inf"),
     ("mask_value", lambda a: None, TypeError, "mask_value: expected a float"),
     ("backend", lambda a: "cudnn", ValueError, "backend: expected one of"),
+    ("partition", lambda a: "strided", ValueError, "partition: expected 'block' or 'grid'"),
+    ("partition", lambda a: "grid", ValueError,
+     "partition='grid': expected H, W multiples of the window (4, 5)"),
 ]
 
 
@@ -939,14 +980,15 @@ def test_bad_inputs(name, make, exc, message):
     ("triton", dict(D=48, window=(8, 5)), "float32 with head dim 48 > 32 (window area 40)"),
     ("triton", dict(window=(25, 24), grid=(25, 24)), "window area 25x24 = 600 > 576"),
     ("triton", dict(dtype=torch.float64), "float64 runs only on the reference backend"),
-    ("cuda", dict(window=(9, 8)), "window area 9x8 = 72 > 64"),
+    ("cuda", dict(window=(25, 24), grid=(25, 24)), "window area 25x24 = 600 > 576"),
 ])
 def test_forced_backend_reasons(backend, change, reason):
     D, window = change.get("D", 8), change.get("window", (4, 5))
     q, k, v = _packed_qkv(1, *change.get("grid", (9, 10)), 2, D,
                           change.get("dtype", torch.float32))
     with pytest.raises(_backend.BackendUnavailableError, match="window_attention") as info:
-        ops.window_attention(q, k, v, window_size=window, backend=backend)
+        ops.window_attention(q, k, v, window_size=window, backend=backend,
+                             partition=change.get("partition", "block"))
     assert reason in str(info.value)
 
 
@@ -988,21 +1030,22 @@ def test_cpu_default_is_reference():
 
 # The CUDA bindings validate what they are given, whoever calls them.
 FWD_ARG_NAMES = ("q", "k", "v", "table", "pad_k", "pad_v", "gain", "window_h", "window_w",
-                 "shift_h", "shift_w", "scale", "mask_value")
+                 "shift_h", "shift_w", "scale", "mask_value", "grid_partition")
 
 
 def _fwd_args(**changes):
     q, k, v = _packed_qkv(1, 9, 10, 2, 8, torch.float32)
     args = dict(q=q, k=k, v=v, table=_table((4, 5), 2, torch.float32), pad_k=torch.zeros(2, 8),
                 pad_v=torch.zeros(2, 8), gain=None, window_h=4, window_w=5, shift_h=2, shift_w=1, scale=0.35,
-                mask_value=-100.0)
+                mask_value=-100.0, grid_partition=False)
     args.update({name: change(args) if callable(change) else change
                  for name, change in changes.items()})
     return [args[name] for name in FWD_ARG_NAMES]
 
 
 BAD_BINDING_INPUTS = [
-    (dict(window_h=9, window_w=8), ValueError, "windows of at most 64 tokens, got 9x8 = 72"),
+    (dict({name: lambda a: torch.zeros(1, 25, 24, 2, 8) for name in "qkv"}, window_h=25,
+          window_w=24), ValueError, "windows of at most 576 tokens, got 25x24 = 600"),
     (dict(window_h=10), ValueError, "window_size must be positive and at most the grid"),
     (dict(shift_h=4), ValueError, "shift_size must satisfy 0 <= shift < window_size"),
     (dict(k=lambda a: a["k"].half()), TypeError, "k must have the dtype of q"),
@@ -1011,6 +1054,7 @@ BAD_BINDING_INPUTS = [
     (dict(pad_v=None), ValueError, "pad_k and pad_v must both be given"),
     (dict(gain=torch.ones(3)), ValueError, "gain must have shape [2], got [3]"),
     (dict(q=lambda a: a["q"].double()), TypeError, "q must be float32, float16 or bfloat16"),
+    (dict(grid_partition=True), ValueError, "grid_partition needs H, W multiples of the window"),
 ]
 
 

@@ -49,10 +49,11 @@ def _config(block_n, block_d, dtype_name, backward, arch, cosine=False):
     """(num_warps, num_stages) of a single-tile launch: the most tile per thread and the
     deepest pipeline without spills on sm_80 / sm_90a (docs/design/window_attention.md,
     "Configurations"). The cosine backward (``cosine``) holds norms and normalised
-    operands besides: 8 warps at head dim 128 and for 3xTF32 at 64, no pipeline."""
+    operands besides: 8 warps at head dim 128, for 3xTF32 and for float32 at 64, no
+    pipeline."""
     if block_n == 32:
-        warps = 8 if cosine and backward and (block_d == 128 or (
-            dtype_name == "fp32x3" and block_d == 64)) else 4
+        warps = 8 if cosine and backward and (block_d == 128 or dtype_name == "fp32x3" or (
+            dtype_name in _FP32 and block_d == 64)) else 4
     elif backward:
         warps = 4 if block_d == 32 and dtype_name not in _FP32 else 8
     else:
@@ -80,39 +81,43 @@ def _tiled_config(block_d, dtype_name, pass_, cosine=False):
     """The ``TiledConfig`` of a tiled launch (``pass_`` None: the forward, whose key loop
     is pipelined), the same on both archs. Exceptions to ``_TILED_BLOCKS``, each to stay
     spill-free: half-precision dq at D = 32 takes 32-query blocks; 3xTF32 takes 16-key
-    dk / dv blocks and 8 warps in the forward. Cosine attention (``cosine``): every
-    backward pass takes the same blocks (they divide by the probability sums of the
-    ``_DQ`` pass's tiles), 32 x 32, or 32 x 16 with 3xTF32 and at D = 128, with 8 warps
-    for 32 x 32 dk / dv and 32 x 16 dq; the forward at D = 64 takes 32 x 32."""
+    dk / dv blocks and 8 warps in the forward; dq and dk / dv take 8 warps in float32,
+    at D = 64 and for 32 x 64 blocks. Cosine attention (``cosine``): every backward pass
+    takes the same blocks (they divide by the probability sums of the ``_DQ`` pass's
+    tiles), 32 x 32, or 32 x 16 (8 warps) in float32 and at D = 128, with 8 warps for
+    32 x 32 dk / dv; the forward at D = 64 takes 32 x 32 and 8 warps."""
     if cosine and pass_ is not None:
-        narrow = dtype_name == "fp32x3" or block_d == 128
-        warps = 8 if pass_ == (_DQ.value if narrow else _DKV.value) else 4
+        narrow = dtype_name in _FP32 or block_d == 128
+        warps = 8 if pass_ == (_DQ.value if narrow else _DKV.value) or narrow else 4
         return TiledConfig(32, 16 if narrow else 32, warps, 1)
     if cosine and block_d == 64:
-        return TiledConfig(32, 32, 8 if dtype_name == "fp32x3" else 4, 2)
+        return TiledConfig(32, 32, 8, 2)
     if dtype_name == "fp32x3" and pass_ == _DKV.value:
-        return TiledConfig(32, 16, 4, 1)
+        return TiledConfig(32, 16, 8, 1)
     blocks = (32, 64) if dtype_name not in _FP32 and (block_d, pass_) == (32, _DQ.value) \
         else _TILED_BLOCKS[block_d, pass_]
-    warps = 8 if dtype_name == "fp32x3" and pass_ is None else 4
+    wide = pass_ in (_DQ.value, _DKV.value) and (dtype_name in _FP32 or blocks == (32, 64)
+                                                 or block_d == 64)
+    warps = 8 if dtype_name == "fp32x3" and pass_ is None or wide else 4
     return TiledConfig(*blocks, warps, 2 if pass_ is None else 1)
 
 
-def _split_bias(block_n, block_d, dtype_name, cosine=False):
+def _split_bias(block_n, block_d, dtype_name, cosine=False, grid_partition=False):
     """Whether dbias takes its own pass: its ``BLOCK_N x BLOCK_N`` fp32 accumulator, live
     across the window loop, fits beside the dq / dk / dv products of 64-token windows
-    only at half-precision head dim 32 (Swin), beside 3xTF32 32-token windows only up
-    to head dim 32; never beside the cosine backward's."""
+    only at half-precision head dim 32 with block partitions (Swin), beside 32-token
+    windows except with 3xTF32; never beside the cosine backward's."""
     if cosine:
         return True
     if block_n > _BLOCK_NS[0]:
-        return block_d > 32 or dtype_name in _FP32
-    return block_d > 32 and dtype_name == "fp32x3"
+        return block_d > 32 or dtype_name in _FP32 or grid_partition
+    return dtype_name == "fp32x3"
 
 
-def _bwd_passes(block_n, block_d, dtype_name, bias_grad, pad_grad, cosine=False):
+def _bwd_passes(block_n, block_d, dtype_name, bias_grad, pad_grad, cosine=False,
+                grid_partition=False):
     """(PASS, BIAS_GRAD) of every backward launch, in order."""
-    split = bias_grad and _split_bias(block_n, block_d, dtype_name, cosine)
+    split = bias_grad and _split_bias(block_n, block_d, dtype_name, cosine, grid_partition)
     passes = [(_QKV.value, bias_grad and not split)]
     if split:
         passes.append((_BIAS.value, True))
@@ -270,11 +275,11 @@ def _window_groups(g, device, tiles=1):
 
 
 def _scalar_args(window_size, shift_size, scale, mask_value, gain):
-    """The kernels' window, shift and score arguments. Cosine attention (``gain`` given)
-    scales the cosine by the gain instead; its bias and mask enter the score accumulator
-    in log2 units (1 / scale = log2 e)."""
+    """The kernels' ``window`` tuple (wh, ww, sh, sw) and score arguments. Cosine
+    attention (``gain`` given) scales the cosine by the gain instead; its bias and mask
+    enter the score accumulator in log2 units (1 / scale = log2 e)."""
     scale = math.log(2.0) if gain is not None else float(scale)
-    return (*window_size, *shift_size, scale, 1.0 / scale, float(mask_value))
+    return (*window_size, *shift_size), scale, 1.0 / scale, float(mask_value)
 
 
 def _gain_arg(gain, device):
@@ -286,9 +291,12 @@ def _gain_arg(gain, device):
 
 @on_tensor_device
 def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, scale, mask_value,
-                         gain=None):
+                         gain=None, grid_partition=False):
     """Forward; returns ``out`` (contiguous (B, H, W, heads, D)) and ``lse`` (fp32,
-    ``(num_windows, heads, N)``, base 2). Arguments are validated by the caller:
+    ``(num_windows, heads, N, 2)``: each score row's max and log2 of its sum, base 2).
+    ``grid_partition``: windows of slots strided across the image (MaxViT's grid
+    attention; H, W multiples of the window, no shift). Arguments are validated by the
+    caller:
     window_size / shift_size are (h, w) pairs with shift < window <= grid,
     N <= ``MAX_WINDOW_AREA``, D <= 128, scale nonzero, table ((2wh-1)(2ww-1), heads) or
     None, pad_k / pad_v (heads, D) or None (zeros). ``gain``: None, or ``(heads,)``
@@ -296,7 +304,7 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
     and mask (``scale`` unused), rows normalised as ``F.normalize`` does."""
     g = _geometry(q, window_size, shift_size)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(g.num_windows, g.heads, g.N, dtype=torch.float32, device=q.device)
+    lse = torch.empty(g.num_windows, g.heads, g.N, 2, dtype=torch.float32, device=q.device)
     check_int32(q=q, k=k, v=v, out=out)
     if out.numel() == 0:
         return out, lse
@@ -316,10 +324,11 @@ def window_attention_fwd(q, k, v, table, pad_k, pad_v, window_size, shift_size, 
     groups = _window_groups(g, q.device, tiles)
     kernel[(sum(groups.programs) * tiles,)](
         q, k, v, _table_arg(table, q.device), _pad_rows(pad_k, q), _pad_rows(pad_v, q),
-        _gain_arg(gain, q.device), out, lse, *g.grid_args, groups.per_program,
+        _gain_arg(gain, q.device), out, lse, g.grid_args, groups.per_program,
         *_scalar_args(window_size, shift_size, scale, mask_value, gain),
-        *q.stride(), *k.stride(), *v.stride(),
-        HAS_TABLE=table is not None, COSINE=gain is not None, BLOCK_D=block_d,
+        q.stride(), k.stride(), v.stride(),
+        HAS_TABLE=table is not None, COSINE=gain is not None, GRID_PARTITION=grid_partition,
+        BLOCK_D=block_d,
         PRECISION=_precision(dtype_name),
         **blocks, num_warps=num_warps, num_stages=num_stages)
     return out, lse
@@ -335,8 +344,8 @@ class _Partials(NamedTuple):
 
 
 def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, gain, dq, dk, dv, dlog_gain,
-                     window_size, shift_size, scale, mask_value, want_bias, want_pad,
-                     dtype_name):
+                     window_size, shift_size, scale, mask_value, grid_partition, want_bias,
+                     want_pad, dtype_name):
     """Backward launches of windows of one tile (``_bwd_passes``; ``dtype_name``: the
     call's config key, ``_dtype_name``), returning their ``_Partials`` (no pad groups
     unless ``want_pad``).
@@ -357,14 +366,15 @@ def _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, gain, dq, dk, dv, 
                                     gain is not None)
     args = (q, k, v, dout, lse, _table_arg(table, q.device),
             _pad_rows(pad_k, q), _pad_rows(pad_v, q), _gain_arg(gain, q.device), dq, dk, dv,
-            dbias, dpad, dlog_gain, *g.grid_args, per_program)
+            dbias, dpad, dlog_gain, g.grid_args, per_program)
     rest = (*_scalar_args(window_size, shift_size, scale, mask_value, gain),
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
-    config = dict(HAS_TABLE=table is not None, COSINE=gain is not None, BLOCK_N=block_n,
+            q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(2))
+    config = dict(HAS_TABLE=table is not None, COSINE=gain is not None,
+                  GRID_PARTITION=grid_partition, BLOCK_N=block_n,
                   BLOCK_D=block_d, PRECISION=_precision(dtype_name), num_warps=num_warps,
                   num_stages=num_stages)
     for pass_, bias_grad in _bwd_passes(block_n, block_d, dtype_name, want_bias, want_pad,
-                                        gain is not None):
+                                        gain is not None, grid_partition):
         # The pad pass walks the last-row / last-column programs only.
         grid, first = ((sum(programs[1:]), programs[0]) if pass_ == _PAD.value
                        else (sum(programs), 0))
@@ -395,8 +405,9 @@ class _TiledLaunch(NamedTuple):
     groups: _Groups
 
 
-def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, gain, dq, dk, dv, dlog_gain,
-               window_size, shift_size, scale, mask_value, want_bias, want_pad, dtype_name):
+def _bwd_tiled(dout, q, k, v, lse, table, pad_k, pad_v, gain, dq, dk, dv, dlog_gain,
+               window_size, shift_size, scale, mask_value, grid_partition, want_bias, want_pad,
+               dtype_name):
     """Backward launches of the tiled kernels (``_tiled_passes``), returning their
     ``_Partials``. Each launch groups windows for its own tile count; the ``_DKV``
     launch writes one pad partial per program when ``want_pad``."""
@@ -415,18 +426,18 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, gain, dq, dk, dv, d
                        dtype=torch.float32, device=q.device)
     delta = torch.empty(g.num_windows, g.heads, g.N, dtype=torch.float32, device=q.device)
     # The cosine kernels' probability sums per query (see the tiled backward kernel).
-    psum = torch.empty(lse.shape if gain is not None else 0, dtype=torch.float32,
+    psum = torch.empty(delta.shape if gain is not None else 0, dtype=torch.float32,
                        device=q.device)
-    args = (q, k, v, dout, out.contiguous(), lse, delta, psum, _table_arg(table, q.device),
+    args = (q, k, v, dout, lse, delta, psum, _table_arg(table, q.device),
             _pad_rows(pad_k, q), _pad_rows(pad_v, q), _gain_arg(gain, q.device), dq, dk, dv,
-            dbias, dpad, dlog_gain, *g.grid_args)
+            dbias, dpad, dlog_gain, g.grid_args)
     rest = (*_scalar_args(window_size, shift_size, scale, mask_value, gain),
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dq.stride(2))
+            q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(2))
     for pass_ in _tiled_passes(want_bias):
         config, tiles, groups = launches[pass_]
         _window_attention_bwd_tiled_kernel[(sum(groups.programs) * tiles,)](
             *args, groups.per_program, *rest, HAS_TABLE=table is not None,
-            COSINE=gain is not None, PASS=pass_,
+            COSINE=gain is not None, GRID_PARTITION=grid_partition, PASS=pass_,
             PAD_GRAD=want_pad and pass_ == _DKV.value, BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_D=block_d, PRECISION=_precision(dtype_name),
             num_warps=config.num_warps, num_stages=config.num_stages)
@@ -435,8 +446,9 @@ def _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, gain, dq, dk, dv, d
 
 
 @on_tensor_device
-def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_size, shift_size,
-                         scale, mask_value, needs_input_grad, dqkv=None, gain=None):
+def window_attention_bwd(dout, q, k, v, lse, table, pad_k, pad_v, window_size, shift_size,
+                         scale, mask_value, needs_input_grad, dqkv=None, gain=None,
+                         grid_partition=False):
     """Gradients ``(dq, dk, dv, dtable, dpad_k, dpad_v, dlog_gain)``; an entry is None
     when the matching flag of ``needs_input_grad`` (same order) is False, dlog_gain also
     without ``gain`` (the forward's). dq / dk / dv are contiguous (B, H, W, heads, D) in
@@ -457,7 +469,7 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     else:
         dq, dk, dv = dqkv.unbind(3)
-    check_int32(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
+    check_int32(q=q, k=k, v=v, dout=dout, dq=dq)
     if dq.numel() == 0:
         # No token (an empty batch or grid, or no head): nothing to launch, and the
         # parameters get zero gradients.
@@ -473,16 +485,16 @@ def window_attention_bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, window_si
                 and (H % wh != 0 or W % ww != 0))
     dtype_name = _dtype_name(q.dtype)
     # The cosine kernels write each query's share of the gradient of log(gain).
-    dlog_gain = torch.empty(lse.shape if gain is not None else 0, dtype=torch.float32,
+    dlog_gain = torch.empty(lse.shape[:-1] if gain is not None else 0, dtype=torch.float32,
                             device=q.device)
     if _tiled(N, dtype_name, gain is not None):
-        partials = _bwd_tiled(dout, q, k, v, out, lse, table, pad_k, pad_v, gain, dq, dk, dv,
-                              dlog_gain, window_size, shift_size, scale, mask_value, want_bias,
-                              want_pad, dtype_name)
+        partials = _bwd_tiled(dout, q, k, v, lse, table, pad_k, pad_v, gain, dq, dk, dv,
+                              dlog_gain, window_size, shift_size, scale, mask_value,
+                              grid_partition, want_bias, want_pad, dtype_name)
     else:
         partials = _bwd_single_tile(dout, q, k, v, lse, table, pad_k, pad_v, gain, dq, dk, dv,
                                     dlog_gain, window_size, shift_size, scale, mask_value,
-                                    want_bias, want_pad, dtype_name)
+                                    grid_partition, want_bias, want_pad, dtype_name)
     dtable = None
     if want_bias:
         # One pass over the partials, straight into the table's (rows, heads) layout and dtype.

@@ -13,16 +13,22 @@ _QKV, _PAD, _BIAS, _DQ, _DKV = (tl.constexpr(i) for i in range(5))
 
 
 class Grid(NamedTuple):
-    """The windows of a launch: an H x W image in n_wh x n_ww windows of WH x WW slots,
-    shifted by (SH, SW)."""
+    """The windows of a launch: B images of H x W tokens (HEADS heads of D channels) in
+    n_wh x n_ww windows of WH x WW slots, shifted by (SH, SW). With ``GRID_PARTITION``
+    (MaxViT's grid attention) a window's slots are n_wh rows and n_ww columns apart and
+    its index is the offset of its first slot; otherwise they are adjacent."""
+    B: tl.tensor
     H: tl.tensor
     W: tl.tensor
     n_wh: tl.tensor
     n_ww: tl.tensor
+    HEADS: tl.tensor
+    D: tl.tensor
     WH: tl.tensor
     WW: tl.tensor
     SH: tl.tensor
     SW: tl.tensor
+    GRID_PARTITION: tl.constexpr
 
 
 class Program(NamedTuple):
@@ -66,6 +72,14 @@ class HeadRows(NamedTuple):
 
 
 @triton.jit
+def _grid(sizes, window, GRID_PARTITION: tl.constexpr):
+    """The ``Grid`` of a launch from its arguments ``sizes`` (B, H, W, n_wh, n_ww, heads,
+    D) and ``window`` (WH, WW, SH, SW)."""
+    return Grid(sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6],
+                window[0], window[1], window[2], window[3], GRID_PARTITION)
+
+
+@triton.jit
 def _slots(grid, t0, BLOCK: tl.constexpr):
     """Slots t0 + [0, BLOCK). t // WW goes through an fp32 reciprocal, exact here
     ((t + 0.5) / WW stays 0.5 / WW away from integers), since integer division by a
@@ -76,12 +90,13 @@ def _slots(grid, t0, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _program_windows(pid, HEADS, B, grid, WINDOWS_PER_PROGRAM):
+def _program_windows(pid, grid, WINDOWS_PER_PROGRAM):
     """The ``Program`` of ``pid``. Windows are split into four kinds, each walked by its
     own programs: interior, last row, last column, corner. A program's windows
     therefore share one shift mask."""
-    h = pid % HEADS
-    g = pid // HEADS
+    B = grid.B
+    h = pid % grid.HEADS
+    g = pid // grid.HEADS
     n0 = B * (grid.n_wh - 1) * (grid.n_ww - 1)
     n1 = B * (grid.n_ww - 1)
     n2 = B * (grid.n_wh - 1)
@@ -103,7 +118,7 @@ def _program_windows(pid, HEADS, B, grid, WINDOWS_PER_PROGRAM):
 
 
 @triton.jit
-def _bias_mask(table_ptr, HEADS, prog, grid, inv_scale, mask_value, rows, cols,
+def _bias_mask(table_ptr, prog, grid, inv_scale, mask_value, rows, cols,
                HAS_TABLE: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
     """The score accumulator start ``(bias + shift mask) / scale`` of a tile of ``rows``
     by ``cols`` (``Slots``), -inf on key slots past N, the bias gathered from the table
@@ -130,11 +145,11 @@ def _bias_mask(table_ptr, HEADS, prog, grid, inv_scale, mask_value, rows, cols,
         if KEYS_AS_ROWS:
             row_c = tl.where(cols.in_win, centre + col_c, centre)
             rel = row_c[None, :] - col_r[:, None]
-            acc0 += tl.load(table_ptr + rel * HEADS + prog.h).to(tl.float32)
+            acc0 += tl.load(table_ptr + rel * grid.HEADS + prog.h).to(tl.float32)
         else:
             row_r = tl.where(rows.in_win, centre + col_r, centre)
             rel = row_r[:, None] - col_c[None, :]
-            acc0 += tl.load(table_ptr + rel * HEADS + prog.h).to(tl.float32)
+            acc0 += tl.load(table_ptr + rel * grid.HEADS + prog.h).to(tl.float32)
     # -inf before the product by 1 / scale: the sign comes out right for any scale.
     if KEYS_AS_ROWS:
         acc0 = tl.where(rows.in_win[:, None], acc0, float("-inf")) * inv_scale
@@ -150,8 +165,12 @@ def _window_tokens(e, prog, grid, slots):
     b = e // (prog.ny * prog.nx)
     wy = (e // prog.nx) % prog.ny + tl.where(prog.last_row, grid.n_wh - 1, 0)
     wx = e % prog.nx + tl.where(prog.last_col, grid.n_ww - 1, 0)
-    py = wy * grid.WH + slots.ty
-    px = wx * grid.WW + slots.tx
+    if grid.GRID_PARTITION:
+        py = slots.ty * grid.n_wh + wy
+        px = slots.tx * grid.n_ww + wx
+    else:
+        py = wy * grid.WH + slots.ty
+        px = wx * grid.WW + slots.tx
     real = slots.in_win & (py < grid.H) & (px < grid.W)
     # Rolling by -shift puts original token (p + shift) mod size at p.
     oy = py + grid.SH
@@ -164,7 +183,7 @@ def _window_tokens(e, prog, grid, slots):
 
 @triton.jit
 def _head_rows(pad_k_ptr, pad_v_ptr, h, D, BLOCK_D: tl.constexpr):
-    """The ``HeadRows`` of head ``h``."""
+    """The ``HeadRows`` of head ``h`` (of ``D`` channels)."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     pad_k = tl.load(pad_k_ptr + h * D + d, mask=d_ok, other=0.0)
@@ -274,6 +293,25 @@ def _value_weights(p, s, lse):
     bf16): against a finite value the output moves by < 2^-126 |v| / l. Weights the
     reference rounds to 0 are 0 (NaN against inf, as there)."""
     return tl.where(s - lse[:, None] > -150.0, tl.maximum(p, 1.1754943508222875e-38), 0.0)
+
+
+@triton.jit
+def _store_row_stats(lse_ptr, row, m, l, mask):
+    """Score rows' max ``m`` and log2 of their sum ``l`` (log2 units), apart: the
+    backward recomputes the scores, and s - m is exact where one float m + log2(l)
+    would round log2(l) by a visible part of a probability (scores near 1e5 have an
+    ulp of 2^-7). The buffer is (windows, heads, N, 2) float32; ``row`` indexes (windows,
+    heads, N)."""
+    tl.store(lse_ptr + 2 * row, m, mask=mask)
+    tl.store(lse_ptr + 2 * row + 1, tl.log2(l), mask=mask)
+
+
+@triton.jit
+def _load_row_stats(lse_ptr, row, mask):
+    """``_store_row_stats``' (m, log2 l) of ``row``; rows outside ``mask`` get m = +inf,
+    so that their probabilities 2^(s - m - log2 l) are 0."""
+    m = tl.load(lse_ptr + 2 * row, mask=mask, other=float("inf"))
+    return m, tl.load(lse_ptr + 2 * row + 1, mask=mask, other=0.0)
 
 
 @triton.jit

@@ -4,9 +4,8 @@ Backends: "reference" (``pyvit_ops.reference.window_attention``, differentiable
 PyTorch), "triton" (``pyvit_ops.kernels.window_attention``) and "cuda" (the C++
 extension's ``window_attention_fwd`` / ``_bwd``). The kernel backends go through the
 custom ops ``pyvit_ops::window_attention_fwd`` / ``_bwd``, which return / take the
-output and its fp32 row statistics: the base-2 log-sum-exp of shape
-``(num_windows, heads, N)`` (Triton), or the base-2 row max and log2 of the row sum apart,
-``(num_windows, heads, N, 2)`` (CUDA), ``num_windows = B * ceil(H / wh) * ceil(W / ww)``,
+output and its fp32 row statistics: the base-2 row max and log2 of the row sum apart,
+``(num_windows, heads, N, 2)``, ``num_windows = B * ceil(H / wh) * ceil(W / ww)``,
 ``N = wh * ww``; their
 ``_qkvpacked`` twins take one ``(B, H, W, 3, heads, D)`` qkv and return its gradient.
 They take the logit scale as given (``(heads,)`` or ``(heads, 1, 1)``, None: no cosine
@@ -61,15 +60,15 @@ def _gain(logit_scale):
 
 
 def _fwd(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
-         mask_value, backend):
+         mask_value, grid_partition, backend):
     if backend == "triton":
         return _triton_module().window_attention_fwd(
             q, k, v, table, pad_k, pad_v, (window_h, window_w), (shift_h, shift_w), scale,
-            mask_value, gain=_gain(logit_scale))
+            mask_value, gain=_gain(logit_scale), grid_partition=grid_partition)
     if backend == "cuda":
         return tuple(_ext.lib(q).window_attention_fwd(
             q, k, v, table, pad_k, pad_v, _gain(logit_scale), window_h, window_w, shift_h,
-            shift_w, scale, mask_value))
+            shift_w, scale, mask_value, grid_partition))
     raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
 
 
@@ -78,10 +77,10 @@ def _window_attention_fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
         pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor],
         logit_scale: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
-        shift_w: int, scale: float, mask_value: float,
+        shift_w: int, scale: float, mask_value: float, grid_partition: bool,
         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w,
-                scale, mask_value, backend)
+                scale, mask_value, grid_partition, backend)
 
 
 @torch.library.custom_op("pyvit_ops::window_attention_qkvpacked_fwd", mutates_args=())
@@ -89,50 +88,50 @@ def _window_attention_qkvpacked_fwd(
         qkv: torch.Tensor, table: Optional[torch.Tensor], pad_k: Optional[torch.Tensor],
         pad_v: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor], window_h: int,
         window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
-        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        grid_partition: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``window_attention_fwd`` of the three slices of qkv ``(B, H, W, 3, heads, D)``
     (the kernels read strided slices)."""
     return _fwd(*qkv.unbind(3), table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
-                shift_w, scale, mask_value, backend)
+                shift_w, scale, mask_value, grid_partition, backend)
 
 
-def _lse_shape(q, window_h, window_w, backend):
+def _lse_shape(q, window_h, window_w):
     B, H, W, heads, _ = q.shape
-    rows = (B * math.ceil(H / window_h) * math.ceil(W / window_w), heads, window_h * window_w)
-    return rows + (2,) if backend == "cuda" else rows
+    return (B * math.ceil(H / window_h) * math.ceil(W / window_w), heads, window_h * window_w, 2)
 
 
 @_window_attention_fwd.register_fake
 def _(q, k, v, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
-      mask_value, backend):
+      mask_value, grid_partition, backend):
     return (q.new_empty(q.shape),
-            q.new_empty(_lse_shape(q, window_h, window_w, backend), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
 
 
 @_window_attention_qkvpacked_fwd.register_fake
 def _(qkv, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h, shift_w, scale,
-      mask_value, backend):
+      mask_value, grid_partition, backend):
     q = qkv.select(3, 0)
     return (q.new_empty(q.shape),
-            q.new_empty(_lse_shape(q, window_h, window_w, backend), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, window_h, window_w), dtype=torch.float32))
 
 
 def _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
-         shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad, backend, qkv=None):
+         shift_w, scale, mask_value, grid_partition, table_grad, pad_grad, logit_scale_grad,
+         backend, qkv=None):
     """(dq, dk, dv, dtable, dpad_k, dpad_v, dlogit_scale), or (dqkv, dtable, dpad_k, dpad_v,
     dlogit_scale) written in place of a stack when q, k, v are the slices of the packed
     ``qkv``; dtable / dpads / dlogit_scale are empty tensors unless ``table_grad`` /
     ``pad_grad`` / ``logit_scale_grad`` (custom ops cannot return None)."""
-    geometry = (window_h, window_w, shift_h, shift_w, scale, mask_value)
+    geometry = (window_h, window_w, shift_h, shift_w, scale, mask_value, grid_partition)
     gain = _gain(logit_scale)
     if backend == "triton":
         dqkv = None if qkv is None else torch.empty(qkv.shape, dtype=qkv.dtype,
                                                    device=qkv.device)
         *grads, dlog_gain = _triton_module().window_attention_bwd(
-            dout, q, k, v, out, lse, table, pad_k, pad_v, (window_h, window_w),
+            dout, q, k, v, lse, table, pad_k, pad_v, (window_h, window_w),
             (shift_h, shift_w), scale, mask_value,
             (True, True, True, table_grad, pad_grad, pad_grad, logit_scale_grad), dqkv=dqkv,
-            gain=gain)
+            gain=gain, grid_partition=grid_partition)
         if dqkv is not None:
             grads = (dqkv, *grads[3:])
     elif backend == "cuda":
@@ -165,14 +164,14 @@ def _window_attention_bwd(
         out: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
         pad_k: Optional[torch.Tensor], pad_v: Optional[torch.Tensor],
         logit_scale: Optional[torch.Tensor], window_h: int, window_w: int, shift_h: int,
-        shift_w: int, scale: float, mask_value: float, table_grad: bool, pad_grad: bool,
-        logit_scale_grad: bool, backend: str
+        shift_w: int, scale: float, mask_value: float, grid_partition: bool, table_grad: bool,
+        pad_grad: bool, logit_scale_grad: bool, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(dq, dk, dv, dtable, dpad_k, dpad_v, dlogit_scale), see ``_bwd``."""
     return _bwd(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w,
-                shift_h, shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad,
-                backend)
+                shift_h, shift_w, scale, mask_value, grid_partition, table_grad, pad_grad,
+                logit_scale_grad, backend)
 
 
 @torch.library.custom_op("pyvit_ops::window_attention_qkvpacked_bwd", mutates_args=())
@@ -181,12 +180,13 @@ def _window_attention_qkvpacked_bwd(
         table: Optional[torch.Tensor], pad_k: Optional[torch.Tensor],
         pad_v: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor], window_h: int,
         window_w: int, shift_h: int, shift_w: int, scale: float, mask_value: float,
-        table_grad: bool, pad_grad: bool, logit_scale_grad: bool, backend: str
+        grid_partition: bool, table_grad: bool, pad_grad: bool, logit_scale_grad: bool,
+        backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dqkv, dtable, dpad_k, dpad_v, dlogit_scale), see ``_bwd``."""
     return _bwd(dout, *qkv.unbind(3), out, lse, table, pad_k, pad_v, logit_scale, window_h,
-                window_w, shift_h, shift_w, scale, mask_value, table_grad, pad_grad,
-                logit_scale_grad, backend, qkv=qkv)
+                window_w, shift_h, shift_w, scale, mask_value, grid_partition, table_grad,
+                pad_grad, logit_scale_grad, backend, qkv=qkv)
 
 
 def _param_grads_fake(q, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
@@ -200,7 +200,8 @@ def _param_grads_fake(q, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
 
 @_window_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
-      shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad, backend):
+      shift_w, scale, mask_value, grid_partition, table_grad, pad_grad, logit_scale_grad,
+      backend):
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
             *_param_grads_fake(q, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
                                logit_scale_grad))
@@ -208,7 +209,8 @@ def _(dout, q, k, v, out, lse, table, pad_k, pad_v, logit_scale, window_h, windo
 
 @_window_attention_qkvpacked_bwd.register_fake
 def _(dout, qkv, out, lse, table, pad_k, pad_v, logit_scale, window_h, window_w, shift_h,
-      shift_w, scale, mask_value, table_grad, pad_grad, logit_scale_grad, backend):
+      shift_w, scale, mask_value, grid_partition, table_grad, pad_grad, logit_scale_grad,
+      backend):
     return (qkv.new_empty(qkv.shape),
             *_param_grads_fake(qkv, table, pad_k, pad_v, logit_scale, table_grad, pad_grad,
                                logit_scale_grad))
@@ -231,7 +233,7 @@ _attention_autograd.register(((_window_attention_fwd, 3), (_window_attention_qkv
 
 
 def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value,
-                logit_scale):
+                logit_scale, partition):
     _checks.check_tensor("q", q, ndim=5)
     _checks.check_tensor("k", k, ndim=5)
     _checks.check_tensor("v", v, ndim=5)
@@ -251,6 +253,12 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
     if not (0 <= sh < wh and 0 <= sw < ww):
         raise ValueError(f"shift_size: expected 0 <= shift < window_size {(wh, ww)} per axis, "
                          f"got {(sh, sw)}")
+    if partition not in ("block", "grid"):
+        raise ValueError(f"partition: expected 'block' or 'grid', got {partition!r}")
+    if partition == "grid" and (H % wh or W % ww or sh or sw):
+        raise ValueError(f"partition='grid': expected H, W multiples of the window {(wh, ww)} "
+                         f"and no shift (as timm's grid_partition), got (H, W) = {(H, W)}, "
+                         f"shift {(sh, sw)}")
     allowed = tuple(dict.fromkeys((q.dtype, torch.float32)))
     pad_k = pad_v = None
     if table is not None:
@@ -295,7 +303,8 @@ def _check_args(q, k, v, table, pad_kv, window_size, shift_size, scale, mask_val
 
 
 def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
-                     pad_kv=None, mask_value=-100.0, logit_scale=None, backend=None):
+                     pad_kv=None, mask_value=-100.0, logit_scale=None, partition="block",
+                     backend=None):
     """Swin window attention of image-layout token grids, fused.
 
     q, k, v: ``(B, H, W, heads, D)``, not rolled, padded or partitioned (typically
@@ -321,7 +330,10 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     logits ``cos(q_i, k_j) * exp(min(logit_scale, log 100)) + bias + mask`` with
     ``F.normalize``'s eps; ``scale`` must then be None, the table holds the final bias
     (timm's ``16 * sigmoid(cpb_mlp(...))``) and the logit scale's gradient is 0 where
-    the clamp holds it. Cosine attention runs on the reference and Triton backends.
+    the clamp holds it. partition: "block" (Swin's windows of adjacent tokens) or "grid"
+    (MaxViT's grid attention, timm's ``grid_partition``: window (i, j) holds the tokens
+    ``(a * H / wh + i, c * W / ww + j)``; H, W multiples of the window, no shift), read by
+    index arithmetic, not a copy.
     Table, pads and logit scale may be in q's dtype or float32. Gradients flow to q, k, v, the
     table and the pads, deterministically (no atomics) on every backend.
     backend: None (automatic: Triton first on CUDA tensors of every dtype), "reference",
@@ -336,12 +348,12 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     a float32 table and pads are read as is: fp32 masters with fp32 gradients.
     """
     return _window_attention((q, k, v), rel_pos_bias_table, window_size, shift_size, scale,
-                             pad_kv, mask_value, logit_scale, backend)
+                             pad_kv, mask_value, logit_scale, partition, backend)
 
 
 def window_attention_qkvpacked(qkv, rel_pos_bias_table=None, *, window_size, shift_size=0,
                                scale=None, pad_kv=None, mask_value=-100.0, logit_scale=None,
-                               backend=None):
+                               partition="block", backend=None):
     """``window_attention(*qkv.unbind(3), ...)`` of one packed projection
     ``qkv: (B, H, W, 3, heads, D)`` (timm's ``qkv(x).view(B, H, W, 3, heads, D)``), with
     the same arguments and result. Its gradient comes back as one
@@ -353,11 +365,11 @@ def window_attention_qkvpacked(qkv, rel_pos_bias_table=None, *, window_size, shi
     if qkv.shape[3] != 3:
         raise ValueError(f"qkv: expected shape (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
     return _window_attention((qkv,), rel_pos_bias_table, window_size, shift_size, scale,
-                             pad_kv, mask_value, logit_scale, backend)
+                             pad_kv, mask_value, logit_scale, partition, backend)
 
 
 def _window_attention(tokens, table, window_size, shift_size, scale, pad_kv, mask_value,
-                      logit_scale, backend):
+                      logit_scale, partition, backend):
     """``tokens``: (q, k, v) or (qkv,)."""
     low = _backend.autocast_dtype(tokens[0])
     if low is not None:
@@ -368,21 +380,24 @@ def _window_attention(tokens, table, window_size, shift_size, scale, pad_kv, mas
                 tuple(_backend.autocast_cast(t, low) for t in tokens),
                 _backend.autocast_cast(table, low, keep_float32=True), window_size, shift_size,
                 scale, pad_kv, mask_value,
-                _backend.autocast_cast(logit_scale, low, keep_float32=True), backend)
+                _backend.autocast_cast(logit_scale, low, keep_float32=True), partition, backend)
     q, k, v = tokens if len(tokens) == 3 else tokens[0].unbind(3)
     window_size, shift_size, pad_k, pad_v, scale, mask_value = _check_args(
-        q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value, logit_scale)
+        q, k, v, table, pad_kv, window_size, shift_size, scale, mask_value, logit_scale,
+        partition)
     backend = _backend.choose(
         _OP, backend,
         lambda b: (_reasons(b, q, k, v, table, pad_kv, window_size, packed=len(tokens) == 1)
-                   + capabilities.feature_reasons(_OP, b, "cosine", logit_scale is not None)),
+                   + capabilities.feature_reasons(_OP, b, "cosine", logit_scale is not None)
+                   + capabilities.feature_reasons(_OP, b, "grid_partition",
+                                                  partition == "grid")),
         device=q.device)
     if backend == "reference":
         return reference.window_attention(
             q, k, v, table, window_size=window_size, shift_size=shift_size, scale=scale,
-            pad_kv=pad_kv, mask_value=mask_value, logit_scale=logit_scale)
+            pad_kv=pad_kv, mask_value=mask_value, logit_scale=logit_scale, partition=partition)
     fwd = (torch.ops.pyvit_ops.window_attention_fwd if len(tokens) == 3 else
            torch.ops.pyvit_ops.window_attention_qkvpacked_fwd)
     out, _ = fwd(*tokens, table, pad_k, pad_v, logit_scale, *window_size, *shift_size, scale,
-                 mask_value, backend)
+                 mask_value, partition == "grid", backend)
     return out

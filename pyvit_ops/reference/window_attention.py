@@ -108,8 +108,26 @@ def shift_mask(H, W, window_size, shift_size, mask_value=-100.0, *, dtype=torch.
     return torch.zeros(differ.shape, dtype=dtype, device=device).masked_fill(differ, mask_value)
 
 
+def _grid_to_blocks(x, window_size):
+    """(B, H, W, heads, D) with the tokens of each grid-partition window (slots n_wh rows
+    and n_ww columns apart, timm's ``grid_partition``) moved into one block window:
+    token (a * n_wh + i, c * n_ww + j) goes to (i * wh + a, j * ww + c)."""
+    B, H, W, heads, D = x.shape
+    wh, ww = window_size
+    x = x.reshape(B, wh, H // wh, ww, W // ww, heads, D).permute(0, 2, 1, 4, 3, 5, 6)
+    return x.reshape(B, H, W, heads, D)
+
+
+def _blocks_to_grid(x, window_size):
+    """Inverse of ``_grid_to_blocks``."""
+    B, H, W, heads, D = x.shape
+    wh, ww = window_size
+    x = x.reshape(B, H // wh, wh, W // ww, ww, heads, D).permute(0, 2, 1, 4, 3, 5, 6)
+    return x.reshape(B, H, W, heads, D)
+
+
 def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_size=0, scale=None,
-                     pad_kv=None, mask_value=-100.0, logit_scale=None):
+                     pad_kv=None, mask_value=-100.0, logit_scale=None, partition="block"):
     """Swin W-MSA / SW-MSA of q, k, v (B, H, W, heads, D) -> (B, H, W, heads, D).
 
     window_size, shift_size: (h, w) pairs or ints. rel_pos_bias_table:
@@ -117,10 +135,16 @@ def window_attention(q, k, v, rel_pos_bias_table=None, *, window_size, shift_siz
     key / value of padded tokens (zeros when None); they are rounded to q's dtype, as
     the projection that produces them in timm would. logit_scale: None, or ``heads``
     values (timm's ``(heads, 1, 1)`` parameter) for Swin V2's cosine attention, which
-    takes no ``scale``. Inputs are assumed valid (``pyvit_ops.window_attention`` checks
-    them).
+    takes no ``scale``. partition: "block", or "grid" (MaxViT's grid attention: no shift,
+    H and W multiples of the window). Inputs are assumed valid
+    (``pyvit_ops.window_attention`` checks them).
     """
     wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
+    if partition == "grid":
+        out = window_attention(*(_grid_to_blocks(t, (wh, ww)) for t in (q, k, v)),
+                               rel_pos_bias_table, window_size=(wh, ww), scale=scale,
+                               pad_kv=pad_kv, logit_scale=logit_scale)
+        return _blocks_to_grid(out, (wh, ww))
     sh, sw = (shift_size, shift_size) if isinstance(shift_size, int) else shift_size
     B, H, W, heads, D = q.shape
     N = wh * ww

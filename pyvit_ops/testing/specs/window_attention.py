@@ -13,11 +13,15 @@ from pyvit_ops.kernels import window_attention as kernels
 from pyvit_ops.kernels._common import DTYPE_NAMES
 
 _STRIDE_AXES = ("b", "h", "w", "head", "d")
+# The tuple arguments of sizes: ``sizes`` (B, H, W, n_wh, n_ww, heads, D) and ``window``
+# (WH, WW, SH, SW).
+_SIZES_TUPLE = ("B", "H", "W", "n_wh", "n_ww", "HEADS", "D")
+_WINDOW_TUPLE = ("WH", "WW", "SH", "SW")
 
 
 class _Tensor(NamedTuple):
-    """A pointer argument ``<name>_ptr`` and, if ``strided``, its stride arguments
-    ``stride_<name>_<axis>`` over (B, H, W, heads, D)."""
+    """A pointer argument ``<name>_ptr`` and, if ``strided``, its stride tuple
+    ``stride_<name>`` over (B, H, W, heads, D)."""
     name: str
     element: str          # "data" (the inputs' dtype), "table" (the table's), "fp32"
     strided: bool = False
@@ -25,7 +29,7 @@ class _Tensor(NamedTuple):
 
 class _Kernel(NamedTuple):
     tensors: tuple        # of _Tensor
-    sizes: tuple          # i32 arguments
+    sizes: tuple          # i32 arguments besides the sizes / window tuples
     floats: tuple         # fp32 arguments
     divisible: tuple      # i32 arguments that are multiples of 16 at the head dims listed
 
@@ -33,20 +37,18 @@ class _Kernel(NamedTuple):
 _INPUTS = (_Tensor("q", "data", True), _Tensor("k", "data", True), _Tensor("v", "data", True),
            _Tensor("table", "table"), _Tensor("pad_k", "data"), _Tensor("pad_v", "data"),
            _Tensor("gain", "fp32"), _Tensor("lse", "fp32"))
-_SIZES = ("B", "H", "W", "n_wh", "n_ww", "HEADS", "D", "WINDOWS_PER_PROGRAM", "WH", "WW",
-          "SH", "SW")
+_SIZES = ("WINDOWS_PER_PROGRAM",)
 _FLOATS = ("scale", "inv_scale", "mask_value")
-_FWD = _Kernel(_INPUTS + (_Tensor("out", "data"),), _SIZES, _FLOATS, ("D",))
+_FWD = _Kernel(_INPUTS + (_Tensor("out", "data"),), _SIZES, _FLOATS, (("sizes", 6),))
 _GRADS = (_Tensor("dout", "data", True), _Tensor("dq", "data"), _Tensor("dk", "data"),
           _Tensor("dv", "data"), _Tensor("dbias", "fp32"), _Tensor("dpad", "fp32"),
           _Tensor("dlog_gain", "fp32"))
 # dq / dk / dv share one token stride: heads * D, or 3 * heads * D packed.
 _BWD = _Kernel(_INPUTS + _GRADS, _SIZES + ("FIRST_PROGRAM", "stride_dqkv_token"), _FLOATS,
-               ("D", "stride_dqkv_token"))
-# The tiled backward reads the forward's output for delta, which its dq pass stores (and,
-# for cosine attention, the probability sums).
-_BWD_TILED = _BWD._replace(tensors=_BWD.tensors + (_Tensor("out", "data"),
-                                                   _Tensor("delta", "fp32"),
+               (("sizes", 6), "stride_dqkv_token"))
+# The tiled backward's dq pass stores delta for the other passes (and, for cosine
+# attention, the probability sums).
+_BWD_TILED = _BWD._replace(tensors=_BWD.tensors + (_Tensor("delta", "fp32"),
                                                    _Tensor("psum", "fp32")),
                            sizes=_SIZES + ("stride_dqkv_token",))
 _KERNELS = {
@@ -58,19 +60,21 @@ _KERNELS = {
 
 
 def _arguments(kernel, dtype, table):
-    """``{argument: type}`` of every runtime argument and the ones divisible by 16. The
-    head-dim strides are the constexpr 1 (Triton specialises them for dense rows); the
-    other strides are multiples of 16 for the head dims listed (so are heads * D)."""
+    """``{argument: type}`` of every runtime argument and the arguments (tuple elements
+    as paths) divisible by 16. The head-dim stride is the constant 1 in its tuple
+    (Triton specialises it for dense rows); the other strides are multiples of 16 for
+    the head dims listed (so are heads * D)."""
     element = {"data": "fp32" if dtype in kernels._FP32 else dtype, "table": table,
                "fp32": "fp32"}
     types, divisible = {}, list(kernel.divisible)
     for t in kernel.tensors:
         types[f"{t.name}_ptr"] = f"*{element[t.element]}"
         if t.strided:
-            for axis in _STRIDE_AXES:
-                name = f"stride_{t.name}_{axis}"
-                types[name] = "constexpr" if axis == "d" else "i32"
-                divisible += [name] if axis != "d" else []
+            name = f"stride_{t.name}"
+            types[name] = tuple(1 if axis == "d" else "i32" for axis in _STRIDE_AXES)
+            divisible += [(name, i) for i, axis in enumerate(_STRIDE_AXES) if axis != "d"]
+    types["sizes"] = ("i32",) * len(_SIZES_TUPLE)
+    types["window"] = ("i32",) * len(_WINDOW_TUPLE)
     types.update({name: "i32" for name in kernel.sizes})
     types.update({name: "fp32" for name in kernel.floats})
     return types, divisible
@@ -78,7 +82,7 @@ def _arguments(kernel, dtype, table):
 
 def _spec(name, fn, dtype, constexprs, num_warps, num_stages, archs, table):
     types, divisible = _arguments(_KERNELS[fn], dtype, table)
-    constexprs = dict(constexprs, **{a: 1 for a, kind in types.items() if kind == "constexpr"})
+    constexprs = dict(constexprs)
     constexprs["PRECISION"] = kernels._precision(dtype)
     signature = {}
     for arg in fn.arg_names:
@@ -101,12 +105,26 @@ def _flags(table, cosine):
     return f"{'_table' if table else ''}{'_cos' if cosine else ''}"
 
 
+def _grid_partitions(dtype, block_n, block_d, cosine):
+    """GRID_PARTITION values compiled: MaxViT's grid attention changes only where a
+    window's tokens are, so its variants are compiled for MaxViT's case alone: half
+    precision, head dims 32 and 64, 49-token windows (one 64-slot tile) and larger
+    (tiled, ``block_n`` None), no cosine (the table is checked per variant)."""
+    grid = (dtype in ("fp16", "bf16") and block_d in (32, 64) and not cosine
+            and block_n in (None, 64))
+    return (False, True) if grid else (False,)
+
+
 def _single_tile_picks(pick):
-    for arch, dtype, block_n, block_d, c in itertools.product(
-            (80, 90), kernels._SPEC_DTYPES, kernels._BLOCK_NS, kernels._BLOCK_DS, (True, False)):
+    for arch, dtype, block_n, block_d, c, grid in (
+            (*key, grid) for key in itertools.product(
+                (80, 90), kernels._SPEC_DTYPES, kernels._BLOCK_NS, kernels._BLOCK_DS,
+                (True, False))
+            for grid in _grid_partitions(key[1], key[2], key[3], key[4])):
         if (dtype in kernels._FP32 and block_d > kernels.max_head_dim_fp32(block_n)
                 or kernels._tiled(block_n, dtype, c)):
             continue
+        tag = "_grid" if grid else ""
         for kernel, backward in ((kernels._window_attention_fwd_kernel, False),
                                  (kernels._window_attention_bwd_kernel, True)):
             variants = [((("HAS_TABLE", t), ("COSINE", c)), _flags(t, c)) for t in (True, False)]
@@ -114,17 +132,21 @@ def _single_tile_picks(pick):
                 # (HAS_TABLE, dbias wanted, pad launch) as window_attention_bwd sees them.
                 variants = []
                 for t, bias, pad in itertools.product((True, False), repeat=3):
-                    if bias and not t:
+                    if bias and not t or grid and (pad or not t):
                         continue
-                    for p, g in kernels._bwd_passes(block_n, block_d, dtype, bias, pad, c):
+                    for p, g in kernels._bwd_passes(block_n, block_d, dtype, bias, pad, c,
+                                                    grid):
                         variants.append(((("HAS_TABLE", t), ("COSINE", c), ("PASS", p),
                                           ("BIAS_GRAD", g),
                                           ("BLOCK_K", kernels._chunk(block_d, p))),
                                          f"{_flags(t, c)}"
                                          f"{('', '_pad', '_bias')[p]}{'_dbias' if g else ''}"))
+            elif grid:
+                variants = variants[:1]  # with a table
             for constexprs, suffix in variants:
-                constexprs += (("BLOCK_N", block_n), ("BLOCK_D", block_d))
-                pick((f"{kernel.__name__}_n{block_n}_d{block_d}{suffix}_{dtype}", kernel,
+                constexprs += (("GRID_PARTITION", grid), ("BLOCK_N", block_n),
+                               ("BLOCK_D", block_d))
+                pick((f"{kernel.__name__}_n{block_n}_d{block_d}{suffix}{tag}_{dtype}", kernel,
                       dtype, constexprs,
                       *kernels._config(block_n, block_d, dtype, backward, arch, c)), arch)
 
@@ -146,16 +168,20 @@ def _tiled_picks(pick):
             for pass_ in kernels._tiled_passes(bias):
                 variants += [(pass_, t, c, pad) for pad in
                              ((False, True) if pass_ == kernels._DKV.value else (False,))]
-        for pass_, t, c, pad in dict.fromkeys(variants):
+        variants = [(*v, False) for v in dict.fromkeys(variants)] + [
+            (p, t, c, pad, True) for p, t, c, pad in dict.fromkeys(variants)
+            if t and not pad and True in _grid_partitions(dtype, None, block_d, c)]
+        for pass_, t, c, pad, grid in variants:
             kernel = kernels._window_attention_fwd_tiled_kernel if pass_ is None \
                 else kernels._window_attention_bwd_tiled_kernel
-            constexprs = (("HAS_TABLE", t), ("COSINE", c))
+            constexprs = (("HAS_TABLE", t), ("COSINE", c), ("GRID_PARTITION", grid))
             if pass_ is not None:
                 constexprs += (("PASS", pass_), ("PAD_GRAD", pad))
             config = kernels._tiled_config(block_d, dtype, pass_, c)
             constexprs += (("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n),
                            ("BLOCK_D", block_d))
-            suffix = f"{_flags(t, c)}{tiled_names[pass_]}{'_pad' if pad else ''}"
+            suffix = (f"{_flags(t, c)}{tiled_names[pass_]}{'_pad' if pad else ''}"
+                      f"{'_grid' if grid else ''}")
             pick((f"{kernel.__name__}_m{config.block_m}_n{config.block_n}_d{block_d}{suffix}"
                   f"_{dtype}", kernel, dtype, constexprs, config.num_warps, config.num_stages),
                  arch)
