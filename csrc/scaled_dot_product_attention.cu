@@ -16,6 +16,9 @@
 // float bias that needs a gradient, a kernel per (bias group, tile) that recomputes dS
 // for each broadcast batch index in order (and every query tile when the bias is
 // broadcast over the queries) and sums it, so no (*batch, Nq, Nk) gradient is formed.
+// BEiT's relative-position table (rel_pos) is read through the same bias_value, its
+// index computed; its gradient is the dbias kernel's (heads, Nq, Nk) fp32 sum over the
+// batch, gathered per table row by the dtable kernel.
 #include <algorithm>
 #include <type_traits>
 
@@ -27,6 +30,11 @@ namespace pyvit {
 namespace sdpa {
 
 constexpr int kThreads = 128;
+// __launch_bounds__'s blocks per SM: the relative-position table's instances (a few more
+// integer operations per logit) declare 1, else ptxas trades a spill for occupancy in
+// some of them; 0 leaves the dense-bias instances to its default.
+template <bool kTable>
+constexpr int kMinBlocks = kTable ? 1 : 0;
 constexpr int kWarps = kThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -66,12 +74,30 @@ PV_DEVICE bool dropout_keep(const SdpaParams& p, std::int64_t z, int row, int co
                       static_cast<std::uint32_t>(seed >> 32)) >= p.dropout_threshold;
 }
 
-// The bias term of logit (row, col) in natural units: the float bias, or 0 / -inf for a
-// bool mask.
-template <typename T>
+// The row of the relative-position table that logit (row, col) reads: patch pair (i, j)
+// at (dy, dx) = pos(i) - pos(j) reads (dy + gh - 1)(2gw - 1) + dx + gw - 1; with a class
+// token the last three rows are class -> patch, patch -> class and class -> class (timm's
+// gen_relative_position_index). With f(t) = y (2gw - 1) + x = t + (t / gw)(gw - 1) for
+// patch t at (y, x), the row is f(i) - f(j) + f(gh - 1, gw - 1); t / gw is a multiply
+// (SdpaRelPos::div), and every grid constant comes precomputed: registers are what the
+// backward kernels lack.
+PV_DEVICE int rel_pos_index(const SdpaRelPos& g, int row, int col) {
+  const unsigned r = row - g.lead, c = col - g.lead;  // >= tokens (wrapped): a class token
+  const auto f = [&](unsigned t) { return t + __umulhi(t, g.div) * (g.gw - 1); };
+  if (r < g.tokens && c < g.tokens) return static_cast<int>(f(r) - f(c) + g.center);
+  return static_cast<int>(g.offsets + (r >= g.tokens ? (c >= g.tokens ? 2 : 0) : 1));
+}
+
+// The bias term of logit (row, col) in natural units: the float bias (or its table entry),
+// or 0 / -inf for a bool mask.
+template <typename T, bool kTable>
 PV_DEVICE float bias_value(const SdpaParams& p, int z1, int z2, int row, int col) {
-  const std::int64_t off = z1 * p.b_stride[0] + z2 * p.b_stride[1] + row * p.b_stride[2] +
-                           col * p.b_stride[3];
+  std::int64_t off = z1 * p.b_stride[0] + z2 * p.b_stride[1];
+  if constexpr (kTable) {
+    off += rel_pos_index(p.rel_pos, row, col) * p.b_stride[3];
+  } else {
+    off += row * p.b_stride[2] + col * p.b_stride[3];
+  }
   switch (p.bias_kind) {
     case SdpaBias::kBool:
       return static_cast<const std::uint8_t*>(p.bias)[off] != 0 ? 0.f : -INFINITY;
@@ -123,14 +149,16 @@ struct BlockTile {
   int z1, z2;
 };
 PV_DEVICE BlockTile block_tile(const SdpaParams& p, int length, int block) {
-  const int tiles = static_cast<int>(ceil_div(length, block));
-  const std::int64_t z = blockIdx.x / tiles;
-  return {static_cast<int>(blockIdx.x % tiles) * block, z, static_cast<int>(z / p.Z2),
-          static_cast<int>(z % p.Z2)};
+  const unsigned tiles = static_cast<unsigned>(ceil_div(length, block));
+  // (32-bit divisions: the grid is 32-bit; a 64-bit one is a call, whose register save
+  // spills in the backward kernels)
+  const unsigned z = blockIdx.x / tiles, Z2 = p.Z2;
+  return {static_cast<int>(blockIdx.x % tiles) * block, z, static_cast<int>(z / Z2),
+          static_cast<int>(z % Z2)};
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
+template <typename T, int DP, bool kTable>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kTable>) fwd_kernel(const SdpaParams p) {
   constexpr int BM = Tiles<DP>::kFwdM, BN = Tiles<DP>::kFwdN, RPW = BM / kWarps;
   static_assert(BN == 32, "the softmax step gives one key per lane");
   __shared__ float qs[BM * DP], ks[BN * (DP + 1)], vs[BN * DP], ps[BM * (BN + 1)];
@@ -156,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
       float s = -INFINITY;
       if (row < p.Nq && col < p.Nk) {
         s = dot_row<DP>(qs + i * DP, ks + j * (DP + 1)) * p.scale;
-        if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col);
+        if (p.bias_kind != SdpaBias::kNone) s += bias_value<T, kTable>(p, z1, z2, row, col);
       }
       ps[i * (BN + 1) + j] = s;
     }
@@ -213,8 +241,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const SdpaParams p) {
 // holds two rows, the four lanes of its group a row's 32 keys) and P, rounded to T as the
 // operand of P V, stays in registers. Tiles are staged in shared memory as T with rows
 // padded by 16 bytes, so that the 8 rows an ldmatrix reads fall in different banks.
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const SdpaParams p) {
+template <typename T, int DP, bool kTable>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kTable>) fwd_mma_kernel(const SdpaParams p) {
   constexpr int BM = 16 * kWarps, BN = 32, LD = DP + 8;
   alignas(16) __shared__ T qs[BM * LD], ks[BN * LD], vs[BN * LD];
   const auto [row0, z, z1, z2] = block_tile(p, p.Nq, BM);
@@ -257,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const SdpaParams p) {
         float x = -INFINITY;
         if (row < p.Nq && col < p.Nk) {
           x = s[n].reg[e] * p.scale;
-          if (p.bias_kind != SdpaBias::kNone) x += bias_value<T>(p, z1, z2, row, col);
+          if (p.bias_kind != SdpaBias::kNone) x += bias_value<T, kTable>(p, z1, z2, row, col);
         }
         s[n].reg[e] = x;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
@@ -373,11 +401,11 @@ PV_DEVICE void load_keys(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, int z1, i
 struct ProbTerms {
   float prob, kept, dp;
 };
-template <int DP, int BM, int BN, typename T>
+template <int DP, int BM, int BN, typename T, bool kTable>
 PV_DEVICE ProbTerms prob_terms(const BwdTiles<DP, BM, BN>& t, const SdpaParams& p,
                                std::int64_t z, int z1, int z2, int i, int j, int row, int col) {
   float s = dot_row<DP>(t.qs + i * DP, t.ks + j * (DP + 1)) * p.scale;
-  if (p.bias_kind != SdpaBias::kNone) s += bias_value<T>(p, z1, z2, row, col);
+  if (p.bias_kind != SdpaBias::kNone) s += bias_value<T, kTable>(p, z1, z2, row, col);
   const float prob = exp2f((s - t.m[i]) * kLog2e - t.log2_l[i]);
   const float dp = dot_row<DP>(t.dos + i * DP, t.vs + j * (DP + 1));
   if (!p.dropout) return {prob, prob, dp};
@@ -387,14 +415,14 @@ PV_DEVICE ProbTerms prob_terms(const BwdTiles<DP, BM, BN>& t, const SdpaParams& 
 
 // ps = the kept, rescaled probabilities and dss = dS = P * (dP - delta) of the tile, 0
 // outside the matrix. Element e = tid + kThreads * r is the thread's r-th.
-template <int DP, int BM, int BN, typename T>
+template <int DP, int BM, int BN, typename T, bool kTable>
 PV_DEVICE void probs_and_dscores(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, std::int64_t z,
                                  int z1, int z2, int row0, int col0) {
   for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
     const int i = e / BN, j = e % BN, row = row0 + i, col = col0 + j;
     float pv = 0.f, ds = 0.f;
     if (row < p.Nq && col < p.Nk) {
-      const ProbTerms terms = prob_terms<DP, BM, BN, T>(t, p, z, z1, z2, i, j, row, col);
+      const ProbTerms terms = prob_terms<DP, BM, BN, T, kTable>(t, p, z, z1, z2, i, j, row, col);
       pv = terms.kept;
       ds = terms.prob * (terms.dp - t.delta[i]);
     }
@@ -403,8 +431,8 @@ PV_DEVICE void probs_and_dscores(BwdTiles<DP, BM, BN>& t, const SdpaParams& p, s
   }
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
+template <typename T, int DP, bool kTable>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kTable>) dkdv_kernel(const SdpaParams p) {
   constexpr int BM = Tiles<DP>::kKvM, BN = Tiles<DP>::kKvN;
   static_assert(kThreads == 4 * BN, "four threads per key");
   __shared__ BwdTiles<DP, BM, BN> t;
@@ -416,7 +444,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
     __syncthreads();
     load_queries<DP, BM, BN, T>(t, p, z, z1, z2, row0, true);
     __syncthreads();
-    probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, row0, col0);
+    probs_and_dscores<DP, BM, BN, T, kTable>(t, p, z, z1, z2, row0, col0);
     __syncthreads();
     for (int i = 0; i < BM; ++i) {
       const float pij = t.ps[i * (BN + 1) + j], dsij = t.dss[i * (BN + 1) + j];
@@ -443,8 +471,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const SdpaParams p) {
   }
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
+template <typename T, int DP, bool kTable>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kTable>) dq_kernel(const SdpaParams p) {
   constexpr int BM = Tiles<DP>::kQM, BN = Tiles<DP>::kQN;
   static_assert(kThreads == 8 * BM, "eight threads per query");
   __shared__ BwdTiles<DP, BM, BN> t;
@@ -466,7 +494,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
       const int r = e / BN, c = e % BN, row = row0 + r, col = col0 + c;
       ProbTerms terms{0.f, 0.f, 0.f};
       if (row < p.Nq && col < p.Nk) {
-        terms = prob_terms<DP, BM, BN, T>(t, p, z, z1, z2, r, c, row, col);
+        terms = prob_terms<DP, BM, BN, T, kTable>(t, p, z, z1, z2, r, c, row, col);
       }
       t.ps[r * (BN + 1) + c] = terms.prob;
       t.dss[r * (BN + 1) + c] = terms.prob * terms.dp;
@@ -491,7 +519,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const SdpaParams p) {
     __syncthreads();
     load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
     __syncthreads();
-    probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, row0, col0);
+    probs_and_dscores<DP, BM, BN, T, kTable>(t, p, z, z1, z2, row0, col0);
     __syncthreads();
     for (int j = 0; j < BN; ++j) {
       const float dsij = t.dss[i * (BN + 1) + j];
@@ -529,8 +557,9 @@ struct DbiasPlan {
   }
 };
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) dbias_kernel(const SdpaParams p, const DbiasPlan plan) {
+template <typename T, int DP, bool kTable>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kTable>)
+    dbias_kernel(const SdpaParams p, const DbiasPlan plan) {
   constexpr int BM = Tiles<DP>::kQM, BN = Tiles<DP>::kQN, PER = BM * BN / kThreads;
   __shared__ BwdTiles<DP, BM, BN> t;
   const int num_m = static_cast<int>(ceil_div(p.Nq, BM));
@@ -550,7 +579,7 @@ __global__ void __launch_bounds__(kThreads) dbias_kernel(const SdpaParams p, con
       load_queries<DP, BM, BN, T>(t, p, z, z1, z2, m * BM, true);
       load_keys<DP, BM, BN, T>(t, p, z1, z2, col0);
       __syncthreads();
-      probs_and_dscores<DP, BM, BN, T>(t, p, z, z1, z2, m * BM, col0);
+      probs_and_dscores<DP, BM, BN, T, kTable>(t, p, z, z1, z2, m * BM, col0);
       // Each thread reads back the elements it wrote itself: no barrier needed.
       for (int r = 0; r < PER; ++r) {
         const int e = threadIdx.x + kThreads * r;
@@ -590,12 +619,57 @@ __global__ void __launch_bounds__(kThreads) dbias_kernel(const SdpaParams p, con
   }
 }
 
+// The relative-position table's gradient: thread (g, r) sums head group g's dS (the fp32
+// scratch dbias_kernel wrote) over the logits that read table row r, in a fixed order:
+// a patch offset's pairs in row-major query order, then the class token's row or column.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dtable_kernel(const SdpaParams p, const DbiasPlan plan) {
+  const std::int64_t e = std::int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (e >= std::int64_t{plan.ng} * p.dtable_rows) return;
+  const int g = static_cast<int>(e / p.dtable_rows), r = static_cast<int>(e % p.dtable_rows);
+  int z1, z2;
+  plan.coords(g, 0, p.Z2, z1, z2);
+  const float* ds = static_cast<const float*>(p.dbias) + z1 * p.db_stride[0] + z2 * p.db_stride[1];
+  const auto at = [&](int row, int col) { return ds[row * p.db_stride[2] + col * p.db_stride[3]]; };
+  const int gh = p.rel_pos.gh, gw = p.rel_pos.gw, lead = p.rel_pos.lead;
+  const int patch = static_cast<int>(p.rel_pos.offsets);
+  float sum = 0.f;
+  if (r == patch + 2) {
+    sum = at(0, 0);
+  } else if (r >= patch) {
+    for (int t = 1; t <= gh * gw; ++t) sum += r == patch ? at(0, t) : at(t, 0);
+  } else {
+    const int dy = r / (2 * gw - 1) - (gh - 1), dx = r % (2 * gw - 1) - (gw - 1);
+    // Queries whose key at (dy, dx) is inside the grid.
+    for (int y = dy > 0 ? dy : 0; y < (dy < 0 ? gh + dy : gh); ++y) {
+      for (int x = dx > 0 ? dx : 0; x < (dx < 0 ? gw + dx : gw); ++x) {
+        const int i = y * gw + x;
+        sum += at(lead + i, lead + i - (dy * gw + dx));
+      }
+    }
+  }
+  const std::int64_t off = z1 * p.dt_stride[0] + z2 * p.dt_stride[1] + r;
+  if (p.dtable_f32) {
+    static_cast<float*>(p.dtable)[off] = sum;
+  } else {
+    static_cast<T*>(p.dtable)[off] = from_float<T>(sum);
+  }
+}
+
+// f(T{}, padded head dim, whether the bias is a relative-position table) as compile-time
+// constants: the table's index arithmetic is its own kernel variant, so the dense-bias
+// kernels' registers stay as they are.
 template <typename F>
 cudaError_t dispatch(const SdpaParams& p, const F& f) {
   return PV_DTYPE_SWITCH(p.dtype, T, [&] {
-    if (p.D <= 32) return f(T{}, std::integral_constant<int, 32>{});
-    if (p.D <= 64) return f(T{}, std::integral_constant<int, 64>{});
-    return f(T{}, std::integral_constant<int, 128>{});
+    const auto with_dp = [&](auto dp) {
+      if (p.rel_pos.gh > 0) return f(T{}, dp, std::true_type{});
+      return f(T{}, dp, std::false_type{});
+    };
+    if (p.D <= 32) return with_dp(std::integral_constant<int, 32>{});
+    if (p.D <= 64) return with_dp(std::integral_constant<int, 64>{});
+    return with_dp(std::integral_constant<int, 128>{});
   });
 }
 
@@ -604,15 +678,17 @@ cudaError_t dispatch(const SdpaParams& p, const F& f) {
 cudaError_t scaled_dot_product_attention_fwd(const SdpaParams& p, cudaStream_t stream) {
   const std::int64_t z = std::int64_t{p.Z1} * p.Z2;
   if (z == 0 || p.Nq == 0) return cudaSuccess;
-  return sdpa::dispatch(p, [&](auto t, auto dp) {
+  return sdpa::dispatch(p, [&](auto t, auto dp, auto table) {
     using T = decltype(t);
     constexpr int DP = decltype(dp)::value;
+    constexpr bool kTable = decltype(table)::value;
     if constexpr (std::is_same_v<T, float>) {
       const auto grid = static_cast<unsigned>(ceil_div(p.Nq, sdpa::Tiles<DP>::kFwdM) * z);
-      PV_LAUNCH((sdpa::fwd_kernel<T, DP>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
+      PV_LAUNCH((sdpa::fwd_kernel<T, DP, kTable>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
     } else {
       const auto grid = static_cast<unsigned>(ceil_div(p.Nq, 16 * sdpa::kWarps) * z);
-      PV_LAUNCH((sdpa::fwd_mma_kernel<T, DP>), dim3(grid), dim3(sdpa::kThreads), 0, stream, p);
+      PV_LAUNCH((sdpa::fwd_mma_kernel<T, DP, kTable>), dim3(grid), dim3(sdpa::kThreads), 0, stream,
+                p);
     }
     return cudaGetLastError();
   });
@@ -624,25 +700,32 @@ cudaError_t scaled_dot_product_attention_bwd(const SdpaParams& p, cudaStream_t s
   sdpa::DbiasPlan plan;
   plan.bcast1 = p.b_stride[0] == 0 && p.Z1 > 1;
   plan.bcast2 = p.b_stride[1] == 0 && p.Z2 > 1;
-  plan.row_bcast = p.b_stride[2] == 0 && p.Nq > 1;
+  // (a table view has no query axis: its gradient is reduced per logit first)
+  plan.row_bcast = p.rel_pos.gh == 0 && p.b_stride[2] == 0 && p.Nq > 1;
   plan.nb = (plan.bcast1 ? p.Z1 : 1) * (plan.bcast2 ? p.Z2 : 1);
   plan.ng = static_cast<int>(z / plan.nb);
-  return sdpa::dispatch(p, [&](auto t, auto dp) {
+  return sdpa::dispatch(p, [&](auto t, auto dp, auto table) {
     using T = decltype(t);
     constexpr int DP = decltype(dp)::value;
+    constexpr bool kTable = decltype(table)::value;
     using Tiles = sdpa::Tiles<DP>;
     const dim3 block(sdpa::kThreads);
     const std::int64_t num_m = ceil_div(p.Nq, Tiles::kQM), num_n = ceil_div(p.Nk, Tiles::kQN);
     // dq first: it forms delta, which the other two read.
-    PV_LAUNCH((sdpa::dq_kernel<T, DP>), dim3(static_cast<unsigned>(num_m * z)), block, 0, stream, p);
+    PV_LAUNCH((sdpa::dq_kernel<T, DP, kTable>), dim3(static_cast<unsigned>(num_m * z)), block, 0,
+              stream, p);
     cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
-    PV_LAUNCH((sdpa::dkdv_kernel<T, DP>), dim3(static_cast<unsigned>(ceil_div(p.Nk, Tiles::kKvN) * z)),
-              block, 0, stream, p);
+    const auto kv_grid = static_cast<unsigned>(ceil_div(p.Nk, Tiles::kKvN) * z);
+    PV_LAUNCH((sdpa::dkdv_kernel<T, DP, kTable>), dim3(kv_grid), block, 0, stream, p);
     if ((error = cudaGetLastError()) != cudaSuccess || p.dbias == nullptr) return error;
     const std::int64_t blocks = plan.ng * (plan.row_bcast ? 1 : num_m) * num_n;
-    PV_LAUNCH((sdpa::dbias_kernel<T, DP>), dim3(static_cast<unsigned>(blocks)), block, 0, stream, p,
-              plan);
+    PV_LAUNCH((sdpa::dbias_kernel<T, DP, kTable>), dim3(static_cast<unsigned>(blocks)), block, 0,
+              stream, p, plan);
+    if ((error = cudaGetLastError()) != cudaSuccess || p.dtable == nullptr) return error;
+    const std::int64_t entries = std::int64_t{plan.ng} * p.dtable_rows;
+    const auto table_grid = static_cast<unsigned>(ceil_div(entries, sdpa::kThreads));
+    PV_LAUNCH((sdpa::dtable_kernel<T>), dim3(table_grid), block, 0, stream, p, plan);
     return cudaGetLastError();
   });
 }

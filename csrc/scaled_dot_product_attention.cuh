@@ -20,6 +20,23 @@ enum class SdpaBias : std::uint8_t { kNone, kBool, kFloat32, kSameAsQ };
 // (i * Nk + j, z, seed low, seed high) and key (0, 0) is >= dropout_threshold. The
 // kernels read the seed from device memory (*seed): the host never reads it, and a
 // CUDA graph replays the read, not a captured value.
+// With rel_pos.gh > 0 the float bias is timm's BEiT relative-position table (T, heads),
+// seen as a (Z1, Z2, 1, T) view: b_stride[0..1] select the batch element's head,
+// b_stride[3] steps between table rows, and logit (row, col) reads the row the kernels
+// compute from rel_pos. Its gradient (dtable set) is the dS sum over the broadcast batch
+// in the contiguous fp32 scratch dbias, (Z1 or 1, Z2 or 1, Nq, Nk) through db_stride,
+// then gathered into dtable ((Z1 or 1, Z2 or 1, T), written through dt_stride; float32
+// or q's dtype per dtable_f32).
+struct SdpaRelPos {
+  int gh = 0, gw = 0, lead = 0;  // the patch grid and the class tokens before it (0 or 1)
+  // Derived by the caller, so that the kernels read them as constants: gh * gw; the
+  // patch offsets' rows (2gh - 1)(2gw - 1), after which come the class token's three;
+  // the row of offset (0, 0); floor(2^32 / gw) + 1 (any value for gw = 1), with which
+  // t / gw is __umulhi(t, div) for every patch index t while gh * gw * gw < 2^32.
+  unsigned tokens = 0, offsets = 0, center = 0;
+  std::uint32_t div = 0;
+};
+
 struct SdpaParams {
   DType dtype = DType::kFloat32;
   SdpaBias bias_kind = SdpaBias::kNone;
@@ -38,6 +55,11 @@ struct SdpaParams {
   std::uint32_t dropout_threshold = 0;
   const std::int64_t* seed = nullptr;
   bool dbias_f32 = false;
+  SdpaRelPos rel_pos;
+  void* dtable = nullptr;
+  std::int64_t dt_stride[2] = {};
+  int dtable_rows = 0;
+  bool dtable_f32 = false;
 };
 
 // Largest head dim the kernels take.

@@ -22,11 +22,13 @@ void copy_strides(std::int64_t (&dst)[4], const at::Tensor& t) {
   for (int d = 0; d < 4; ++d) dst[d] = t.stride(d);
 }
 
-// Shapes, dtypes, bias and dropout shared by the forward and backward.
+// Shapes, dtypes, bias and dropout shared by the forward and backward; rel_pos_grid
+// (gh, gw): the bias is a relative-position table view (scaled_dot_product_attention.cuh).
 pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const std::optional<at::Tensor>& bias,
                               double scale, double dropout_p,
-                              const std::optional<at::Tensor>& seed) {
+                              const std::optional<at::Tensor>& seed,
+                              c10::IntArrayRef rel_pos_grid) {
   pyvit::SdpaParams p;
   p.dtype = check_float_tensor(op, "q", q, 4);
   TORCH_CHECK_TYPE(check_float_tensor(op, "k", k, 4) == p.dtype &&
@@ -54,11 +56,32 @@ pyvit::SdpaParams sdpa_params(const char* op, const at::Tensor& q, const at::Ten
   p.Nq = static_cast<int>(Nq), p.Nk = static_cast<int>(Nk), p.D = static_cast<int>(D);
   p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
   copy_strides(p.q_stride, q), copy_strides(p.k_stride, k), copy_strides(p.v_stride, v);
+  TORCH_CHECK_VALUE(rel_pos_grid.empty() || (rel_pos_grid.size() == 2 && bias.has_value()),
+                    op, ": rel_pos_grid must be empty or (gh, gw) with a table, got ",
+                    rel_pos_grid);
+  if (!rel_pos_grid.empty()) {
+    const int64_t gh = rel_pos_grid[0], gw = rel_pos_grid[1], lead = Nq - gh * gw;
+    const int64_t rows = (2 * gh - 1) * (2 * gw - 1) + 3 * lead;
+    TORCH_CHECK_VALUE(gh >= 1 && gw >= 1 && (lead == 0 || lead == 1) && Nk == Nq &&
+                          bias->sizes() == c10::IntArrayRef({Z1, Z2, 1, rows}) &&
+                          bias->scalar_type() != at::kBool,
+                      op, ": a relative-position table for Nq = Nk = ", gh, " * ", gw,
+                      " (+ 1 class token) must be a float [", Z1, ", ", Z2, ", 1, T] view, got Nq ",
+                      Nq, ", Nk ", Nk, ", table ", bias->sizes());
+    TORCH_CHECK_VALUE(gh * gw * gw < (int64_t{1} << 32), op, ": a ", gh, " x ", gw,
+                      " relative-position grid needs gh * gw * gw < 2**32");
+    pyvit::SdpaRelPos& g = p.rel_pos;
+    g.gh = static_cast<int>(gh), g.gw = static_cast<int>(gw), g.lead = static_cast<int>(lead);
+    g.tokens = static_cast<unsigned>(gh * gw);
+    g.offsets = static_cast<unsigned>((2 * gh - 1) * (2 * gw - 1));
+    g.center = (g.offsets - 1) / 2;
+    g.div = static_cast<std::uint32_t>((int64_t{1} << 32) / std::max<int64_t>(gw, 2) + 1);
+  }
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     check_same_device(op, "bias", b, "q", q);
-    TORCH_CHECK_VALUE(b.sizes() == c10::IntArrayRef({Z1, Z2, Nq, Nk}), op,
-                      ": bias must be a [", Z1, ", ", Z2, ", ", Nq, ", ", Nk,
+    TORCH_CHECK_VALUE(!rel_pos_grid.empty() || b.sizes() == c10::IntArrayRef({Z1, Z2, Nq, Nk}),
+                      op, ": bias must be a [", Z1, ", ", Z2, ", ", Nq, ", ", Nk,
                       "] view (broadcast dims with stride 0), got ", b.sizes());
     if (b.scalar_type() == at::kBool) {
       p.bias_kind = pyvit::SdpaBias::kBool;
@@ -96,9 +119,11 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& v,
                                             const std::optional<at::Tensor>& bias, double scale,
                                             double dropout_p,
-                                            const std::optional<at::Tensor>& seed) {
+                                            const std::optional<at::Tensor>& seed,
+                                            at::OptionalIntArrayRef rel_pos_grid) {
   constexpr const char* op = "scaled_dot_product_attention_fwd";
-  pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
+  pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed,
+                                    rel_pos_grid.value_or(c10::IntArrayRef{}));
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   // Per row: the max logit and log2 of the sum of exponentials.
   at::Tensor lse = at::empty({p.Z1, p.Z2, p.Nq, 2}, q.options().dtype(at::kFloat));
@@ -116,8 +141,9 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                     const std::optional<at::Tensor>& bias, double scale, double dropout_p,
                     const std::optional<at::Tensor>& seed, bool bias_requires_grad,
-                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed);
+                    c10::IntArrayRef rel_pos_grid, at::Tensor& dq, at::Tensor& dk,
+                    at::Tensor& dv) {
+  pyvit::SdpaParams p = sdpa_params(op, q, k, v, bias, scale, dropout_p, seed, rel_pos_grid);
   check_like(op, "dout", dout, 4, "q", q);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), op, ": dout must have the shape of q ",
                     q.sizes(), ", got ", dout.sizes());
@@ -138,7 +164,9 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
                       like.sizes(), ", got ", g.sizes());
   }
   at::Tensor dbias = at::empty({0}, q.options());
+  at::Tensor scratch;  // a table's dS sums, (reduced Z1, reduced Z2, Nq, Nk) fp32
   const bool empty = dq.numel() == 0 || dk.numel() == 0;
+  const bool table = !rel_pos_grid.empty();
   if (bias_requires_grad) {
     // The bias view's shape with each broadcast dim (stride 0, size > 1) reduced to 1.
     std::vector<int64_t> reduced(4);
@@ -147,9 +175,18 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
     }
     // A bias constant along the keys (or a single key) has a zero gradient (softmax is
     // shift-invariant).
-    const bool zero = empty || p.b_stride[3] == 0 || p.Nk == 1;
+    const bool zero = empty || (p.b_stride[3] == 0 && !table) || p.Nk == 1;
     dbias = zero ? at::zeros(reduced, bias->options()) : at::empty(reduced, bias->options());
-    if (!zero) {
+    if (!zero && table) {
+      p.dtable = dbias.mutable_data_ptr();
+      p.dtable_f32 = dbias.scalar_type() == at::kFloat;
+      p.dtable_rows = static_cast<int>(reduced[3]);
+      for (int d = 0; d < 2; ++d) p.dt_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
+      scratch = at::empty({reduced[0], reduced[1], p.Nq, p.Nk}, q.options().dtype(at::kFloat));
+      p.dbias = scratch.mutable_data_ptr();
+      p.dbias_f32 = true;
+      for (int d = 0; d < 4; ++d) p.db_stride[d] = scratch.size(d) == 1 ? 0 : scratch.stride(d);
+    } else if (!zero) {
       p.dbias = dbias.mutable_data_ptr();
       p.dbias_f32 = dbias.scalar_type() == at::kFloat;
       for (int d = 0; d < 4; ++d) p.db_stride[d] = reduced[d] == 1 ? 0 : dbias.stride(d);
@@ -179,13 +216,15 @@ at::Tensor backward(const char* op, const at::Tensor& dout, const at::Tensor& q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
-    double dropout_p, const std::optional<at::Tensor>& seed, bool bias_requires_grad) {
+    double dropout_p, const std::optional<at::Tensor>& seed, bool bias_requires_grad,
+    at::OptionalIntArrayRef rel_pos_grid) {
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), contiguous);
   at::Tensor dk = at::empty(k.sizes(), contiguous);
   at::Tensor dv = at::empty(v.sizes(), contiguous);
   at::Tensor dbias = backward("scaled_dot_product_attention_bwd", dout, q, k, v, lse, bias,
-                              scale, dropout_p, seed, bias_requires_grad, dq, dk, dv);
+                              scale, dropout_p, seed, bias_requires_grad,
+                              rel_pos_grid.value_or(c10::IntArrayRef{}), dq, dk, dv);
   return {dq, dk, dv, dbias};
 }
 
@@ -193,9 +232,11 @@ at::Tensor sdpa_bwd_into(const at::Tensor& dout, const at::Tensor& q, const at::
                          const at::Tensor& v, const at::Tensor& lse,
                          const std::optional<at::Tensor>& bias, double scale, double dropout_p,
                          const std::optional<at::Tensor>& seed, bool bias_requires_grad,
-                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                         at::OptionalIntArrayRef rel_pos_grid) {
   return backward("scaled_dot_product_attention_bwd_into", dout, q, k, v, lse, bias, scale,
-                  dropout_p, seed, bias_requires_grad, dq, dk, dv);
+                  dropout_p, seed, bias_requires_grad, rel_pos_grid.value_or(c10::IntArrayRef{}),
+                  dq, dk, dv);
 }
 
 // The limits above, for the Python layer to ask before launching (pyvit_ops.capabilities).
@@ -207,15 +248,17 @@ int64_t batch_tokens_limit() { return kMaxBatchTokens; }
 PV_TORCH_LIBRARY_FRAGMENT(PV_OPS_NAMESPACE, m) {
   m.def(
       "scaled_dot_product_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, "
-      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+      "float scale, float dropout_p, Tensor? seed, int[]? rel_pos_grid=None) -> "
+      "(Tensor, Tensor)");
   m.def(
       "scaled_dot_product_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, "
       "Tensor? bias, float scale, float dropout_p, Tensor? seed, "
-      "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool bias_requires_grad, int[]? rel_pos_grid=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "scaled_dot_product_attention_bwd_into(Tensor dout, Tensor q, Tensor k, Tensor v, "
       "Tensor lse, Tensor? bias, float scale, float dropout_p, Tensor? seed, "
-      "bool bias_requires_grad, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor");
+      "bool bias_requires_grad, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, "
+      "int[]? rel_pos_grid=None) -> Tensor");
   m.def("scaled_dot_product_attention_head_dim_limit() -> int", &sdpa_bind::head_dim_limit);
   m.def("scaled_dot_product_attention_batch_tokens_limit() -> int",
         &sdpa_bind::batch_tokens_limit);

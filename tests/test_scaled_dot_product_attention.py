@@ -20,6 +20,9 @@ from pyvit_ops.kernels import scaled_dot_product_attention as kernels
 from pyvit_ops.ops import scaled_dot_product_attention as sdpa_ops
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention as sdpa
 from pyvit_ops.ops.scaled_dot_product_attention import scaled_dot_product_attention_qkvpacked
+from pyvit_ops.reference.scaled_dot_product_attention import rel_pos_bias as ref_rel_pos_bias
+from pyvit_ops.reference.scaled_dot_product_attention import rel_pos_index as ref_rel_pos_index
+from pyvit_ops.reference.scaled_dot_product_attention import rel_pos_rows as ref_rel_pos_rows
 from pyvit_ops.reference.scaled_dot_product_attention import scaled_dot_product_attention as ref
 from pyvit_ops.testing import host
 from op_cases import VALID_CALLS, assert_rejects, bad_call, meta, randn
@@ -694,6 +697,154 @@ def test_torch_compile_fullgraph_with_dropout():
     assert torch.equal(out, expected)
     for g, e in zip(grads, expected_grads):
         assert torch.equal(g, e)
+
+
+# ----------------------------------------------------------------------------- BEiT table
+
+
+def _table_case(batch, grid, lead, d, dtype, table_dtype=None):
+    """q, k, v (*batch, N, d) and a (T, heads) table for a gh x gw grid after ``lead``
+    class tokens, heads = batch[-1]."""
+    gh, gw = grid
+    n = gh * gw + lead
+    q, k, v = (_randn(*batch, n, d, dtype=dtype) for _ in range(3))
+    table = _randn(ref_rel_pos_rows(gh, gw, lead), batch[-1], dtype=table_dtype or dtype)
+    return q, k, v, table
+
+
+def _compare_table(q, k, v, table, grid, backend):
+    """Forward and the gradients of q, k, v and the table under the tolerance rule; the
+    yardstick gathers the dense bias in the inputs' dtype."""
+    dout = _randn(*q.shape, dtype=torch.float64)
+    got = _grads(lambda q_, k_, v_, t_: sdpa(q_, k_, v_, rel_pos_table=t_, rel_pos_grid=grid,
+                                             backend=backend), [q, k, v, table], dout)
+    oracle = _grads(lambda q_, k_, v_, t_: ref(q_, k_, v_, rel_pos_table=t_, rel_pos_grid=grid),
+                    [t.double() for t in (q, k, v, table)], dout)
+    n = q.shape[-2]
+    own = _grads(lambda q_, k_, v_, t_: sdpa_torch_own(
+        q_, k_, v_, ref_rel_pos_bias(t_, grid, n).to(q.dtype), q.shape[-1] ** -0.5),
+        [q, k, v, table], dout)
+    assert got[4].shape == table.shape and got[4].dtype == table.dtype
+    for name, g, o, w in zip(["out", "dq", "dk", "dv", "dtable"], got, oracle, own):
+        assert_within(name, g, o, w, q.dtype)
+
+
+def test_reference_rel_pos_index_matches_timm():
+    beit = pytest.importorskip("timm.models.beit")
+    for grid in [(3, 5), (2, 2), (1, 4), (14, 14)]:
+        index = ref_rel_pos_index(grid, grid[0] * grid[1] + 1)
+        assert torch.equal(index, beit.gen_relative_position_index(grid))
+        assert index.max() == ref_rel_pos_rows(*grid, 1) - 1
+    # Without a class token: the patch block alone.
+    assert torch.equal(ref_rel_pos_index((2, 3), 6),
+                       beit.gen_relative_position_index((2, 3))[1:, 1:])
+
+
+def test_reference_rel_pos_table_gradcheck_float64():
+    torch.manual_seed(0)
+    q, k, v, table = (t.requires_grad_() for t in _table_case(
+        (1, 2), (2, 3), 1, 4, torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda *a: ref(*a[:3], rel_pos_table=a[3], rel_pos_grid=(2, 3)), (q, k, v, table))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, grid, lead, d", [
+    ((2, 3), (3, 5), 1, 16),  # BEiT's layout at an awkward grid
+    ((1, 2), (4, 3), 0, 32),  # no class token, one batch element
+    ((3, 1), (4, 1), 1, 16),  # one head (the batch folds alone), a one-column grid
+])
+def test_kernel_rel_pos_table(backend, dtype, batch, grid, lead, d):
+    torch.manual_seed(0)
+    _compare_table(*_table_case(batch, grid, lead, d, dtype), grid, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_rel_pos_table_float32_under_half_inputs(dbias_backend, dtype):
+    """An fp32 table beside half inputs (a master parameter under autocast) keeps an fp32
+    gradient; the split batch reduction (``dbias_backend``) sums partials before the
+    gather."""
+    torch.manual_seed(1)
+    q, k, v, table = _table_case((3, 2), (3, 3), 1, 16, dtype, torch.float32)
+    _compare_table(q, k, v, table, (3, 3), dbias_backend)
+
+
+def test_kernel_rel_pos_table_qkvpacked(backend):
+    """The packed projection of timm's BEiT attention, (B, N, 3, heads, D), against the
+    unpacked call."""
+    torch.manual_seed(2)
+    B, heads, grid, D = 2, 3, (2, 4), 16
+    N = grid[0] * grid[1] + 1
+    qkv = _randn(B, N, 3, heads, D).requires_grad_()
+    table = _randn(ref_rel_pos_rows(*grid, 1), heads).requires_grad_()
+    out = scaled_dot_product_attention_qkvpacked(qkv, rel_pos_table=table, rel_pos_grid=grid,
+                                                 backend=backend)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, [qkv, table], dout)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    expected = sdpa(q, k, v, rel_pos_table=table, rel_pos_grid=grid, backend=backend)
+    want = torch.autograd.grad(expected, [qkv, table], dout)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_kernel_rel_pos_table_backward_is_deterministic(backend):
+    torch.manual_seed(3)
+    q, k, v, table = _table_case((4, 2), (3, 4), 1, 16, torch.float32)
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in (q, k, v, table)]
+        out = sdpa(*ins[:3], rel_pos_table=ins[3], rel_pos_grid=(3, 4), backend=backend)
+        runs.append(torch.autograd.grad(out, ins, dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_custom_op_opcheck_rel_pos_table(backend):
+    torch.manual_seed(0)
+    q, k, v, table = (t.requires_grad_() for t in _table_case((2, 2), (2, 3), 1, 16,
+                                                                torch.float32))
+    torch.library.opcheck(torch.ops.pyvit_ops.scaled_dot_product_attention_fwd.default,
+                          (q, k, v, table, 0.25, 0.0, None, backend, [2, 3]))
+
+
+def test_kernel_rel_pos_table_is_not_gathered_in_pytorch(backend, monkeypatch):
+    """The kernels take the (T, heads) table itself: the dense gather is never formed."""
+    def no_gather(*args):
+        raise AssertionError("the dense (heads, N, N) bias was gathered")
+
+    monkeypatch.setattr(sdpa_ops.reference, "rel_pos_bias", no_gather)
+    q, k, v, table = (t.requires_grad_() for t in _table_case((1, 2), (2, 3), 1, 16,
+                                                                torch.float32))
+    out = sdpa(q, k, v, rel_pos_table=table, rel_pos_grid=(2, 3), backend=backend)
+    out.sum().backward()
+    assert table.grad.shape == table.shape
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(rel_pos_grid=(2, 3)), ValueError, "rel_pos_table, rel_pos_grid: expected both"),
+    (dict(table=True, attn_bias=torch.zeros(7, 7)), ValueError, "attn_bias: must be None"),
+    (dict(table=True, rel_pos_grid=(2,)), ValueError, "rel_pos_grid: expected \\(gh, gw\\)"),
+    (dict(table=True, rel_pos_grid=(0, 7)), ValueError, "rel_pos_grid: expected"),
+    (dict(table=True, rel_pos_grid=(2, 2)), ValueError, "rel_pos_grid: expected Nq = Nk"),
+    (dict(rel_pos_table=torch.zeros(28, 2), rel_pos_grid=(3, 2)), ValueError,
+     "rel_pos_table: expected shape \\(18, 2\\)"),
+    (dict(rel_pos_table=torch.zeros(18, 3), rel_pos_grid=(2, 3)), ValueError,
+     "rel_pos_table: expected shape \\(18, 2\\)"),
+    (dict(rel_pos_table=torch.zeros(18, 2, dtype=torch.float64), rel_pos_grid=(2, 3)),
+     TypeError, "rel_pos_table: expected dtype float32"),
+    (dict(rel_pos_table=torch.zeros(18, 2, device="meta"), rel_pos_grid=(2, 3)), ValueError,
+     "rel_pos_table: expected device"),
+])
+def test_bad_rel_pos_table(kwargs, exc, match):
+    q, k, v = _qkv(3, 2, 7, 8)
+    if kwargs.pop("table", False):
+        kwargs.setdefault("rel_pos_table", torch.zeros(18, 2))
+        kwargs.setdefault("rel_pos_grid", (2, 3))
+    with pytest.raises(exc, match=match):
+        sdpa(q, k, v, **kwargs)
 
 
 # ----------------------------------------------------------------------------- errors

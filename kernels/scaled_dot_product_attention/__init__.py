@@ -5,7 +5,10 @@ tile math they share); docs/design/scaled_dot_product_attention.md explains the 
 
 Layout contract of the launchers: q ``(Z1, Z2, Nq, D)``, k/v ``(Z1, Z2, Nk, D)``, any
 strides; the bias is None or a ``(Z1, Z2, Nq, Nk)`` view whose broadcast dims have
-stride 0, float (added to the logits) or bool (True = attend)."""
+stride 0, float (added to the logits) or bool (True = attend). With ``rel_pos_grid``
+(gh, gw) the bias is instead timm's BEiT relative-position table as a ``(Z1, Z2, 1, T)``
+view (the table's column of each batch element's head, stride 0 over the batch dims it
+is shared by), gathered in the kernels by ``_rel_pos_index``."""
 import math
 from typing import NamedTuple
 
@@ -14,10 +17,12 @@ import triton
 
 from pyvit_ops.capabilities import capability
 from pyvit_ops.kernels._common import on_tensor_device, sample_span, sm_count
+from pyvit_ops.reference.scaled_dot_product_attention import rel_pos_rows
 
 from ._backward import (_scaled_dot_product_attention_bwd_dkdv_kernel,
                         _scaled_dot_product_attention_bwd_dq_kernel)
 from ._dropout import _scaled_dot_product_attention_dropout_mask_kernel
+from ._dtable import _scaled_dot_product_attention_dtable_kernel
 from ._forward import _scaled_dot_product_attention_fwd_kernel
 
 # Head dims padded to the next power of two (masked), at most this.
@@ -25,7 +30,7 @@ MAX_HEAD_DIM = capability("scaled_dot_product_attention", "triton").limit("head_
 # SMs of the GPU used to size the dbias batch split when the device is not CUDA
 # (interpreter); A100 has 108, H100 132.
 _DEFAULT_SMS = 108
-BIAS_NONE, BIAS_FLOAT, BIAS_BOOL = 0, 1, 2
+BIAS_NONE, BIAS_FLOAT, BIAS_BOOL, BIAS_TABLE = 0, 1, 2, 3
 # Register cap passed to ptxas (.maxnreg) for the attention kernels: without it ptxas
 # sometimes settles at 96-168 registers and spills a few values in these loops.
 _MAXNREG = 255
@@ -60,14 +65,17 @@ def _precision(dtype):
 # Tile configs: measured points, spill-free on sm_80 / sm_90a in the light and the
 # heaviest variant of every config (pyvit_ops.testing.specs.scaled_dot_product_attention).
 
-def _fwd_config(Nq, block_d, dtype, offs64=False):
-    """The forward kernel's tiles; ``offs64``: its 64-bit-offset variant."""
+def _fwd_config(Nq, block_d, dtype, offs64=False, table=False):
+    """The forward kernel's tiles; ``offs64``: its 64-bit-offset variant; ``table``: its
+    relative-position-table variant."""
     if dtype == torch.float32:
         return TileConfig(16, 32, 4, 2) if Nq <= 16 or block_d >= 64 else TileConfig(64, 32, 4, 2)
     if Nq <= 16:  # CaiT class attention (Nq = 1): the smallest tl.dot tile
         return TileConfig(16, 64, 4, 2)
     block_n = 32 if block_d == 128 else 64
-    if offs64:  # (64-bit K / V tile offsets spill at 64 x 64 (d64), 64 x 32 (d128) on sm_80)
+    # (64-bit K / V tile offsets spill at 64 x 64 (d64), 64 x 32 (d128) on sm_80, and so
+    # does the table's index tile at 128 x 64 (d64))
+    if offs64 or table:
         block_n //= 2
     # ViT N = 197 / 577: 128 queries per program (8 warps).
     return TileConfig(64, block_n, 4, 2) if Nq <= 64 else TileConfig(128, block_n, 8, 2)
@@ -100,9 +108,11 @@ class _Bias(NamedTuple):
     kind: int
 
 
-def _bias_args(bias, like):
+def _bias_args(bias, like, rel_pos_grid=None):
     if bias is None:
         return _Bias(like, (0, 0, 0, 0), BIAS_NONE)
+    if rel_pos_grid:
+        return _Bias(bias, bias.stride(), BIAS_TABLE)
     if bias.dtype == torch.bool:  # read as bytes
         return _Bias(bias.view(torch.uint8), bias.stride(), BIAS_BOOL)
     return _Bias(bias, bias.stride(), BIAS_FLOAT)
@@ -123,7 +133,15 @@ class _Sizes(NamedTuple):
     D: int
 
 
-def _check_inputs(q, k, v, bias):
+def _grid_arg(rel_pos_grid, Nq):
+    """The kernels' ``rel_pos_grid`` (gh, gw, class tokens); (1, 1, 0) without a table."""
+    if not rel_pos_grid:
+        return (1, 1, 0)
+    gh, gw = rel_pos_grid
+    return (gh, gw, Nq - gh * gw)
+
+
+def _check_inputs(q, k, v, bias, rel_pos_grid=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v: expected 4-D (Z1, Z2, N, D) tensors, got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -134,7 +152,16 @@ def _check_inputs(q, k, v, bias):
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q: head dim must be <= {MAX_HEAD_DIM}, got {D}")
-    if bias is not None and tuple(bias.shape) != (Z1, Z2, Nq, Nk):
+    if rel_pos_grid:
+        gh, gw = rel_pos_grid
+        lead = Nq - gh * gw
+        if Nk != Nq or lead not in (0, 1) or bias is None or \
+                tuple(bias.shape) != (Z1, Z2, 1, rel_pos_rows(gh, gw, lead)):
+            raise ValueError(f"bias: expected a relative-position table view "
+                             f"({Z1}, {Z2}, 1, T) for Nq = Nk = {gh} * {gw} (+ 1 class "
+                             f"token), got Nq {Nq}, Nk {Nk}, table "
+                             f"{None if bias is None else tuple(bias.shape)}")
+    elif bias is not None and tuple(bias.shape) != (Z1, Z2, Nq, Nk):
         raise ValueError(f"bias: expected a ({Z1}, {Z2}, {Nq}, {Nk}) view, got {tuple(bias.shape)}")
     return _Sizes(Z1, Z2, Nq, Nk, D)
 
@@ -170,26 +197,29 @@ def _dropout_args(dropout_p, seed, q, Nk):
 
 
 @on_tensor_device
-def scaled_dot_product_attention_fwd(q, k, v, bias, scale, dropout_p=0.0, seed=None):
+def scaled_dot_product_attention_fwd(q, k, v, bias, scale, dropout_p=0.0, seed=None,
+                                     rel_pos_grid=None):
     """Forward launcher: returns ``(out (Z1, Z2, Nq, D) in q's dtype, lse (Z1, Z2, Nq, 2)
     fp32)``, lse holding each row's max logit and log2 of its sum of exponentials (kept
     apart: see docs/design/scaled_dot_product_attention.md). ``seed``: with dropout, a
-    one-element int64 tensor on q's device."""
-    sz = _check_inputs(q, k, v, bias)
+    one-element int64 tensor on q's device; ``rel_pos_grid``: (gh, gw) when the bias is a
+    relative-position table (module docstring)."""
+    sz = _check_inputs(q, k, v, bias, rel_pos_grid)
     out = torch.empty((sz.Z1, sz.Z2, sz.Nq, sz.D), device=q.device, dtype=q.dtype)
     lse = torch.empty((sz.Z1, sz.Z2, sz.Nq, 2), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     block_d = _block_d(sz.D)
     offs64 = _offs64(q, k, v, bias, out)
-    cfg = _fwd_config(sz.Nq, block_d, q.dtype, offs64)
-    b = _bias_args(bias, q)
+    cfg = _fwd_config(sz.Nq, block_d, q.dtype, offs64, bool(rel_pos_grid))
+    b = _bias_args(bias, q, rel_pos_grid)
     drop = _dropout_args(dropout_p, seed, q, sz.Nk)
     grid = (triton.cdiv(sz.Nq, cfg.block_m) * sz.Z1 * sz.Z2,)
     _scaled_dot_product_attention_fwd_kernel[grid](
         q, k, v, b.tensor, out, lse, drop.seed, float(scale), drop.p, drop.scale,
         q.stride(), k.stride(), v.stride(), b.strides, out.stride(), sz.Z2, sz.Nq, sz.Nk, sz.D,
-        BIAS=b.kind, DROPOUT=drop.enabled, PRECISION=_precision(q.dtype), OFFS64=offs64,
+        _grid_arg(rel_pos_grid, sz.Nq), BIAS=b.kind, DROPOUT=drop.enabled,
+        PRECISION=_precision(q.dtype), OFFS64=offs64,
         BLOCK_D=block_d, **launch_options(cfg))
     return out, lse
 
@@ -241,9 +271,10 @@ class _BackwardPlan(NamedTuple):
     db: _DBias
 
 
-def _backward_plan(q, bias, bs, sz, block_d, red_shape):
+def _backward_plan(q, bias, bs, sz, block_d, red_shape, table=False):
     """Tiles, batch walks and the dbias reduction of a backward call (``red_shape``: the
-    dbias shape, None when no reduction runs)."""
+    dbias shape, None when no reduction runs); a ``table`` gradient takes the dq kernel's
+    fp32 tile partials, which the dtable kernel gathers."""
     dq_cfg, kv_cfg = _dq_config(sz.Nq, block_d, q.dtype), _dkdv_config(block_d, q.dtype)
     num_m, num_n = triton.cdiv(sz.Nq, dq_cfg.block_m), triton.cdiv(sz.Nk, kv_cfg.block_n)
     dq_plan = _BatchPlan(sz.Z1, sz.Z2, blocks=num_m)
@@ -253,7 +284,7 @@ def _backward_plan(q, bias, bs, sz, block_d, red_shape):
                              _DBias(False, False, False, q, 0, (0, 0, 0, 0)))
     bcast = dict(bcast1=bs[0] == 0 and sz.Z1 > 1, bcast2=bs[1] == 0 and sz.Z2 > 1,
                  device=q.device)
-    column = bs[2] == 0 and sz.Nq > 1
+    column = not table and bs[2] == 0 and sz.Nq > 1
     if column:
         kv_plan = plan = _BatchPlan(sz.Z1, sz.Z2, blocks=num_n, **bcast)
     else:
@@ -261,7 +292,7 @@ def _backward_plan(q, bias, bs, sz, block_d, red_shape):
     # A half-precision bias tile summed over one batch index only: the dq kernel stores
     # the gradient itself, in the bias dtype and shape (an fp32 buffer is the gradient
     # already). Its tile config keeps the same query blocks, hence the same plan.
-    if not column and plan.nb == 1 and torch.float32 not in (q.dtype, bias.dtype):
+    if not (column or table) and plan.nb == 1 and torch.float32 not in (q.dtype, bias.dtype):
         buf = torch.empty(red_shape, device=q.device, dtype=bias.dtype)
         return _BackwardPlan(_dq_config(sz.Nq, block_d, q.dtype, direct=True), kv_cfg,
                              dq_plan, kv_plan,
@@ -290,16 +321,17 @@ def _check_backward(sz, dout, lse, bias, bias_requires_grad):
 
 @on_tensor_device
 def scaled_dot_product_attention_bwd(dout, q, k, v, lse, bias, scale, dropout_p=0.0,
-                                     seed=None, bias_requires_grad=False, grads=None):
+                                     seed=None, bias_requires_grad=False, rel_pos_grid=None,
+                                     grads=None):
     """Backward launcher: returns ``(dq, dk, dv, dbias)``: new contiguous tensors, or
     ``grads``, three tensors of the shapes of q, k, v (any strides, e.g. the slices of
     one packed qkv gradient), written in place.
 
     dbias is None unless ``bias_requires_grad``; then it has the bias view's
     non-broadcast shape (each dim with stride 0 and size > 1 reduced to 1), in the
-    bias dtype.
+    bias dtype (a table view's: ``(Z1 or 1, Z2 or 1, 1, T)``).
     """
-    sz = _check_inputs(q, k, v, bias)
+    sz = _check_inputs(q, k, v, bias, rel_pos_grid)
     _check_backward(sz, dout, lse, bias, bias_requires_grad)
     dq, dk, dv = grads or (torch.empty_like(t, memory_format=torch.contiguous_format)
                            for t in (q, k, v))
@@ -312,15 +344,18 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, lse, bias, scale, dropout_p=
         return dq, dk, dv, _zero_dbias(red_shape, bias)
 
     block_d = _block_d(sz.D)
-    b = _bias_args(bias, q)
+    b = _bias_args(bias, q, rel_pos_grid)
     drop = _dropout_args(dropout_p, seed, q, sz.Nk)
     # rowsum(P * dP): the dq kernel forms it, the dk/dv kernel reads it.
     delta = torch.empty(lse.shape[:-1], device=q.device, dtype=torch.float32)
 
     # A bias constant along the keys (stride 0 on Nk, or a single key) has an exactly
     # zero gradient (softmax is shift-invariant): zeros, without a kernel.
-    zero_dbias = bias_requires_grad and (b.strides[3] == 0 or sz.Nk == 1)
-    plan = _backward_plan(q, bias, b.strides, sz, block_d, None if zero_dbias else red_shape)
+    # (a table's strides are not the logits': its gradient is zero with one key only)
+    table = b.kind == BIAS_TABLE
+    zero_dbias = bias_requires_grad and ((b.strides[3] == 0 and not table) or sz.Nk == 1)
+    plan = _backward_plan(q, bias, b.strides, sz, block_d, None if zero_dbias else red_shape,
+                          table)
     db = plan.db
     common = dict(BIAS=b.kind, DROPOUT=drop.enabled, PRECISION=_precision(q.dtype),
                   OFFS64=_offs64(q, k, v, bias, dout, dq, dk, dv,
@@ -329,13 +364,14 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, lse, bias, scale, dropout_p=
     inputs = (q, k, v, b.tensor, dout, lse, delta)
     strides = (q.stride(), k.stride(), v.stride(), b.strides, dout.stride())
     scalars = (drop.seed, float(scale), drop.p, drop.scale)
+    grid_arg = _grid_arg(rel_pos_grid, sz.Nq)
     _scaled_dot_product_attention_bwd_dq_kernel[plan.dq_plan.grid](
         *inputs, dq, db.buf, *scalars, *strides, dq.stride(), db.split_stride, db.strides,
-        sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.dq_plan.args(), DBIAS=db.tile,
+        sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.dq_plan.args(), grid_arg, DBIAS=db.tile,
         DBIAS_DIRECT=db.direct, **plan.dq_plan.flags(), **common, **launch_options(plan.dq))
     _scaled_dot_product_attention_bwd_dkdv_kernel[plan.kv_plan.grid](
         *inputs, dk, dv, db.buf, *scalars, *strides, dk.stride(), dv.stride(),
-        db.split_stride, db.strides, sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.kv_plan.args(),
+        db.split_stride, db.strides, sz.Z2, sz.Nq, sz.Nk, sz.D, *plan.kv_plan.args(), grid_arg,
         DBIAS=db.column, **plan.kv_plan.flags(), **common, **launch_options(plan.dkdv))
     if sz.Nk == 1:
         # One key: softmax is the constant 1 (0 on a masked row), so the logits, q and k
@@ -343,7 +379,34 @@ def scaled_dot_product_attention_bwd(dout, q, k, v, lse, bias, scale, dropout_p=
         # only if they rebuild P = 1 bit for bit, which their logits (other tile shapes
         # and operand orders than the forward's) do not promise.
         dq.zero_(), dk.zero_()
+    if table and db.tile:
+        return dq, dk, dv, _dtable(db.buf, red_shape, bias.dtype, grid_arg)
     return dq, dk, dv, _dbias(db, red_shape, bias, sz)
+
+
+def dtable_options(patches, lead):
+    """The dtable kernel's constexprs and launch options for ``patches`` = gh * gw patch
+    tokens (the most pairs of a table row) after ``lead`` class tokens: a row's pairs
+    in one BLOCK_P tile, BLOCK_R rows per program, at most 2048 pairs (16 per thread of
+    4 warps)."""
+    block_p = max(16, triton.next_power_of_2(patches))
+    return dict(LEAD=lead, BLOCK_R=max(1, min(32, 2048 // block_p)), BLOCK_P=block_p,
+                num_warps=4, num_stages=1)
+
+
+def _dtable(partials, red_shape, dtype, grid_arg):
+    """The table view's gradient ``red_shape`` (G1, G2, 1, T) in ``dtype``, gathered from
+    the dq kernel's fp32 partials, a contiguous (splits, G1, G2, rows, cols) buffer (head
+    group g = g1 * G2 + g2 starts g x rows x cols in), in one pass."""
+    gh, gw, lead = grid_arg
+    rows = red_shape[-1]
+    dtable = torch.empty(red_shape, device=partials.device, dtype=dtype)
+    opts = dtable_options(gh * gw, lead)
+    grid = (red_shape[0] * red_shape[1], triton.cdiv(rows, opts["BLOCK_R"]))
+    _scaled_dot_product_attention_dtable_kernel[grid](
+        partials, dtable, (partials.stride(0), partials.stride(2), partials.stride(3)),
+        partials.shape[0], rows, gh, gw, **opts)
+    return dtable
 
 
 def _dbias(db, red_shape, bias, sz):

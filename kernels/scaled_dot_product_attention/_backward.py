@@ -4,8 +4,8 @@ import triton
 import triton.language as tl
 
 from ._dropout import _dropped, _keep_mask
-from ._tiles import (_add_bias, _batch_ptr, _head_tile, _load_rows, _logit_ptrs, _probs,
-                     _row_stats, _store_rows, _wide)
+from ._tiles import (_add_bias, _batch_ptr, _bias_ptrs, _head_tile, _load_rows, _logit_ptrs,
+                     _probs, _row_stats, _store_rows, _wide)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
         seed_ptr, sm_scale, dropout_p, dropout_scale,
         stride_q, stride_k, stride_v, stride_bias, stride_dout, stride_dk, stride_dv,
-        stride_dbias_split, stride_dbias, Z2, Nq, Nk, D, NG, NB, B_CHUNK,
+        stride_dbias_split, stride_dbias, Z2, Nq, Nk, D, NG, NB, B_CHUNK, rel_pos_grid,
         BIAS: tl.constexpr, DBIAS: tl.constexpr, BCAST1: tl.constexpr, BCAST2: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -94,8 +94,8 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
             # Padded rows get row max +inf, hence probability 0.
             m, log2_l = _row_stats(lse_ptr, z * Nq + rows, mask_m)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale
-            st = _add_bias(st, _logit_ptrs(b_base, rows[None, :], cols[:, None], stride_bias,
-                                           OFFS64),
+            st = _add_bias(st, _bias_ptrs(b_base, rows[None, :], cols[:, None], stride_bias,
+                                          rel_pos_grid, BIAS, OFFS64),
                            mask_n[:, None] & mask_m[None, :], BIAS)
             pt = _probs(st, m[None, :], log2_l[None, :])
             keep = _keep_mask(seed_ptr, z, rows[None, :] * Nk + cols[:, None], dropout_p,
@@ -123,7 +123,7 @@ def _scaled_dot_product_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _key_block(q, do, m, log2_l, rows, mask_m, start_n, k_base, v_base, b_base,
-               stride_k, stride_v, stride_bias, seed_ptr, z, sm_scale, dropout_p,
+               stride_k, stride_v, stride_bias, rel_pos_grid, seed_ptr, z, sm_scale, dropout_p,
                dropout_scale, Nk, D, BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr, OFFS64: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr):
@@ -135,8 +135,8 @@ def _key_block(q, do, m, log2_l, rows, mask_m, start_n, k_base, v_base, b_base,
     k = _load_rows(k_base, cols, offs_d, stride_k, kv_mask, OFFS64)
     v = _load_rows(v_base, cols, offs_d, stride_v, kv_mask, OFFS64)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-    s = _add_bias(s, _logit_ptrs(b_base, rows[:, None], cols[None, :], stride_bias, OFFS64),
-                  tile_mask, BIAS)
+    s = _add_bias(s, _bias_ptrs(b_base, rows[:, None], cols[None, :], stride_bias,
+                                rel_pos_grid, BIAS, OFFS64), tile_mask, BIAS)
     # Padded keys: -inf (probability 0); else exp(0 - m) could even overflow.
     s = tl.where(mask_n[None, :], s, float("-inf"))
     p = _probs(s, m[:, None], log2_l[:, None])
@@ -150,7 +150,7 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
         seed_ptr, sm_scale, dropout_p, dropout_scale,
         stride_q, stride_k, stride_v, stride_bias, stride_dout, stride_dq,
-        stride_dbias_split, stride_dbias, Z2, Nq, Nk, D, NG, NB, B_CHUNK,
+        stride_dbias_split, stride_dbias, Z2, Nq, Nk, D, NG, NB, B_CHUNK, rel_pos_grid,
         BIAS: tl.constexpr, DBIAS: tl.constexpr, DBIAS_DIRECT: tl.constexpr,
         BCAST1: tl.constexpr, BCAST2: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
@@ -184,7 +184,8 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
         for start_n in range(0, Nk, BLOCK_N):
             _, _, _, p, dp = _key_block(
                 q, do, m, log2_l, rows, mask_m, start_n, k_base, v_base, b_base, stride_k,
-                stride_v, stride_bias, seed_ptr, z, sm_scale, dropout_p, dropout_scale, Nk, D,
+                stride_v, stride_bias, rel_pos_grid, seed_ptr, z, sm_scale, dropout_p,
+                dropout_scale, Nk, D,
                 BIAS, DROPOUT, PRECISION, OFFS64, BLOCK_N, BLOCK_D)
             delta += tl.sum(p * dp, 1)
             p_sum += tl.sum(p, 1)
@@ -198,7 +199,8 @@ def _scaled_dot_product_attention_bwd_dq_kernel(
         for start_n in range(0, Nk, BLOCK_N):
             cols, tile_mask, k, p, dp = _key_block(
                 q, do, m, log2_l, rows, mask_m, start_n, k_base, v_base, b_base, stride_k,
-                stride_v, stride_bias, seed_ptr, z, sm_scale, dropout_p, dropout_scale, Nk, D,
+                stride_v, stride_bias, rel_pos_grid, seed_ptr, z, sm_scale, dropout_p,
+                dropout_scale, Nk, D,
                 BIAS, DROPOUT, PRECISION, OFFS64, BLOCK_N, BLOCK_D)
             ds = _dscores(p, dp, delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ._dropout import _dropout_keep
-from ._tiles import (_LOG2E, _add_bias, _batch_ptr, _head_tile, _load_rows, _logit_ptrs,
+from ._tiles import (_LOG2E, _add_bias, _batch_ptr, _bias_ptrs, _head_tile, _load_rows,
                      _query_program, _store_rows, _wide)
 
 
@@ -12,7 +12,7 @@ from ._tiles import (_LOG2E, _add_bias, _batch_ptr, _head_tile, _load_rows, _log
 def _scaled_dot_product_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
         seed_ptr, sm_scale, dropout_p, dropout_scale,
-        stride_q, stride_k, stride_v, stride_bias, stride_out, Z2, Nq, Nk, D,
+        stride_q, stride_k, stride_v, stride_bias, stride_out, Z2, Nq, Nk, D, rel_pos_grid,
         BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, z, z1, z2 = _query_program(Nq, Z2, BLOCK_M)
@@ -34,7 +34,8 @@ def _scaled_dot_product_attention_fwd_kernel(
                      + offs_d[:, None] * stride_k[3],
                      mask=(offs_d < D)[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
-        s = _add_bias(s, _logit_ptrs(b_base, rows[:, None], cols[None, :], stride_bias, OFFS64),
+        s = _add_bias(s, _bias_ptrs(b_base, rows[:, None], cols[None, :], stride_bias,
+                                    rel_pos_grid, BIAS, OFFS64),
                       mask_m[:, None] & mask_n[None, :], BIAS)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -62,9 +62,41 @@ def _logit_ptrs(base, rows, cols, stride, OFFS64: tl.constexpr):
 
 
 @triton.jit
+def _rel_pos_index(rows, cols, grid):
+    """The row of timm's BEiT relative-position table that logit (``rows``, ``cols``)
+    reads (shaped to broadcast to the tile), by arithmetic: ``grid`` = (gh, gw, lead),
+    ``lead`` (0 or 1) class tokens before the gh x gw patch tokens. Patch pair (i, j)
+    reads row (dy + gh - 1)(2gw - 1) + dx + gw - 1, (dy, dx) = pos(i) - pos(j), which is
+    f(i) - f(j) + f(gh - 1, gw - 1) with f(y, x) = y (2gw - 1) + x: one division per
+    row and per column, not per logit. The last three rows are class -> patch, patch ->
+    class and class -> class."""
+    GH = grid[0]
+    GW = grid[1]
+    LEAD = grid[2]
+    i = rows - LEAD
+    j = cols - LEAD
+    idx = ((i // GW) * (2 * GW - 1) + i % GW) - ((j // GW) * (2 * GW - 1) + j % GW) \
+        + (GH - 1) * (2 * GW - 1) + GW - 1
+    patch = (2 * GH - 1) * (2 * GW - 1)
+    return tl.where(rows < LEAD, tl.where(cols < LEAD, patch + 2, patch),
+                    tl.where(cols < LEAD, patch + 1, idx))
+
+
+@triton.jit
+def _bias_ptrs(base, rows, cols, stride, grid, BIAS: tl.constexpr, OFFS64: tl.constexpr):
+    """Pointers of the bias read by logits (``rows``, ``cols``): the (Nq, Nk) matrix's
+    (``_logit_ptrs``), or with BIAS == 3 the table rows of ``_rel_pos_index`` (``stride``:
+    (z1, z2, unused, table row) strides)."""
+    if BIAS == 3:
+        return base + _rel_pos_index(rows, cols, grid) * stride[3]
+    return _logit_ptrs(base, rows, cols, stride, OFFS64)
+
+
+@triton.jit
 def _add_bias(s, ptrs, mask, BIAS: tl.constexpr):
-    """Logits ``s`` plus a float bias, or -inf where a bool mask is False."""
-    if BIAS == 1:
+    """Logits ``s`` plus a float bias (BIAS 1 or a gathered table, 3), or -inf where a
+    bool mask (2) is False."""
+    if BIAS == 1 or BIAS == 3:
         s += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     elif BIAS == 2:
         s = tl.where(tl.load(ptrs, mask=mask, other=1) != 0, s, float("-inf"))

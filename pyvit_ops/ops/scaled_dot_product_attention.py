@@ -6,7 +6,7 @@ into Z1, Z2 as strided views (no copy) wherever the strides of q, k, v and of th
 broadcast bias allow it (see ``_Fold``).
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -20,9 +20,11 @@ _OP = "scaled_dot_product_attention"
 # --------------------------------------------------------------------------- limits
 
 
-def _reasons(backend, q, k, v, attn_bias):
-    """Why ``backend`` cannot run this call ([] = it can)."""
-    reasons = _backend.common_reasons(backend, _OP, tensors=[q, k, v, attn_bias])
+def _reasons(backend, q, k, v, attn_bias, table=None):
+    """Why ``backend`` cannot run this call ([] = it can); ``table``: a relative-position
+    table (then ``attn_bias`` is None)."""
+    reasons = _backend.common_reasons(backend, _OP, tensors=[q, k, v, attn_bias, table])
+    reasons += capabilities.feature_reasons(_OP, backend, "rel_pos_table", table is not None)
     D = q.shape[-1]
     reasons += capabilities.limit_reasons(_OP, backend, "head_dim", D, f"head dim {D}")
     batch, tokens = math.prod(q.shape[:-2]), max(q.shape[-2], k.shape[-2])
@@ -81,6 +83,38 @@ def _check_args(q, k, v, attn_bias, scale, dropout_p):
         raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
 
 
+def _check_table(q, k, attn_bias, table, grid):
+    """``rel_pos_table`` (T, heads) and ``rel_pos_grid`` (gh, gw) of a call: both or
+    neither, no ``attn_bias`` beside them, T and the token count of the grid."""
+    if (table is None) != (grid is None):
+        raise ValueError("rel_pos_table, rel_pos_grid: expected both or neither, got "
+                         f"{'a table' if table is not None else 'no table'} and grid {grid!r}")
+    if table is None:
+        return
+    if attn_bias is not None:
+        raise ValueError("attn_bias: must be None with rel_pos_table (one bias source per "
+                         "call; add a dense bias to the gathered table in PyTorch instead)")
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)):
+        raise ValueError(f"rel_pos_grid: expected (gh, gw), two positive ints, got {grid!r}")
+    _checks.check_tensor("rel_pos_table", table, ndim=2)
+    _checks.check_same_device(q=q, rel_pos_table=table)
+    if table.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"rel_pos_table: expected dtype float32 or {q.dtype} (as q), got "
+                        f"{table.dtype}")
+    gh, gw = grid
+    n, heads = q.shape[-2], q.shape[-3]
+    lead = n - gh * gw
+    if k.shape[-2] != n or lead not in (0, 1):
+        raise ValueError(f"rel_pos_grid: expected Nq = Nk = {gh} * {gw} tokens, or one class "
+                         f"token more, got Nq {n}, Nk {k.shape[-2]}")
+    rows = reference.rel_pos_rows(gh, gw, lead)
+    if tuple(table.shape) != (rows, heads):
+        raise ValueError(f"rel_pos_table: expected shape ({rows}, {heads}) ((2gh - 1)(2gw - 1)"
+                         f"{' + 3' if lead else ''} rows, one column per head: q's dim -3), "
+                         f"got {tuple(table.shape)}")
+
+
 # --------------------------------------------------------------------------- folding
 
 
@@ -112,9 +146,13 @@ class _Fold:
     needs three groups (e.g. a ``(nW, 1, N, N)`` mask over ``(B, nW, H)``), the bias is
     materialised over the batch dims after its leading broadcast ones, and its gradient
     is summed back to the bias's shape afterwards.
+
+    A relative-position table (``table``) is viewed as ``(*batch, 1, T)``: its column of
+    each batch element's head (q's dim -3), stride 0 over the other batch dims, which
+    then fold with q, k, v into at most two groups.
     """
 
-    def __init__(self, q, k, v, bias, bias_grad):
+    def __init__(self, q, k, v, bias, bias_grad, table=False):
         self.batch = tuple(q.shape[:-2])
         self.nq, self.nk = q.shape[-2], k.shape[-2]
         self.bias_shape = None if bias is None else tuple(bias.shape)
@@ -124,7 +162,9 @@ class _Fold:
             if bias_grad and any(st == 0 and n > 1 for st, n in zip(bias.stride(), bias.shape)):
                 # A bias that is itself an expanded view has a gradient per position.
                 bias = bias.contiguous()
-            bias_full = bias.expand(full)
+            bias_full = (bias.t().unsqueeze(-2).expand(*self.batch, 1, bias.shape[0]) if table
+                         else bias.expand(full))
+        self.table = table
         nb = len(self.batch)
         groups = self._groups([q, k, v, bias_full])
         if len(groups) > 2:
@@ -172,6 +212,8 @@ class _Fold:
 
     def unfold_dbias(self, dbias4):
         """The launcher's reduced dbias back in the bias's own shape."""
+        if self.table:  # (heads or 1, T): the only batch dim with a stride is the head's
+            return dbias4.reshape(-1, self.bias_shape[0]).t().contiguous()
         full = self.bias_full
         reduced = [n if (st != 0 and n > 1) else 1 for st, n in zip(full.stride(), full.shape)]
         lead = (1,) * (full.dim() - len(self.bias_shape))
@@ -194,41 +236,43 @@ def _launchers(backend, q):
     raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
 
 
-def _fwd(q, k, v, bias, scale, dropout_p, seed, backend):
-    fold = _Fold(q, k, v, bias, bias_grad=False)
+def _fwd(q, k, v, bias, scale, dropout_p, seed, backend, rel_pos_grid):
+    fold = _Fold(q, k, v, bias, bias_grad=False, table=rel_pos_grid is not None)
     out, lse = _launchers(backend, q).scaled_dot_product_attention_fwd(
-        fold.q, fold.k, fold.v, fold.bias, scale, dropout_p, seed)
+        fold.q, fold.k, fold.v, fold.bias, scale, dropout_p, seed, rel_pos_grid=rel_pos_grid)
     return fold.unfold(out, out.shape[-2:]), fold.unfold(lse, lse.shape[-2:])
 
 
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-            scale: float, dropout_p: float, seed: Optional[torch.Tensor],
-            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, bias, scale, dropout_p, seed, backend)
+            scale: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
+            rel_pos_grid: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward; with ``rel_pos_grid`` (gh, gw) ``bias`` is a relative-position table."""
+    return _fwd(q, k, v, bias, scale, dropout_p, seed, backend, rel_pos_grid)
 
 
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_qkvpacked_fwd",
                          mutates_args=())
 def _qkvpacked_fwd_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                      dropout_p: float, seed: Optional[torch.Tensor],
-                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                      dropout_p: float, seed: Optional[torch.Tensor], backend: str,
+                      rel_pos_grid: Optional[List[int]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``scaled_dot_product_attention_fwd`` of the slices of qkv ``(B, N, 3, heads, D)``."""
-    return _fwd(*_unpack(qkv), bias, scale, dropout_p, seed, backend)
+    return _fwd(*_unpack(qkv), bias, scale, dropout_p, seed, backend, rel_pos_grid)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, bias, scale, dropout_p, seed, backend):
+def _fwd_fake(q, k, v, bias, scale, dropout_p, seed, backend, rel_pos_grid=None):
     return q.new_empty(q.shape), q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
 
 
 @_qkvpacked_fwd_op.register_fake
-def _qkvpacked_fwd_fake(qkv, bias, scale, dropout_p, seed, backend):
+def _qkvpacked_fwd_fake(qkv, bias, scale, dropout_p, seed, backend, rel_pos_grid=None):
     return _fwd_fake(*_unpack(qkv), bias, scale, dropout_p, seed, backend)
 
 
 def _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend,
-         qkv=None):
+         rel_pos_grid, qkv=None):
     """(dq, dk, dv, dbias), or (dqkv, dbias) written in place of a stack when q, k, v are
     the slices of the packed ``qkv``; dbias is an empty tensor unless
     ``bias_requires_grad``."""
@@ -237,22 +281,25 @@ def _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, b
         tokens = (q, k, v) if qkv is None else (qkv,)
         dbias = torch.zeros_like(bias) if bias_requires_grad else q.new_empty(0)
         return (*(torch.zeros_like(t) for t in tokens), dbias)
-    fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad)
+    fold = _Fold(q, k, v, bias, bias_grad=bias_requires_grad, table=rel_pos_grid is not None)
     lse4 = fold.view(lse).contiguous()
     args = (fold.view(dout), fold.q, fold.k, fold.v, lse4, fold.bias, scale, dropout_p, seed,
             bias_requires_grad)
     launchers = _launchers(backend, q)
     if qkv is None:
-        dq, dk, dv, dbias = launchers.scaled_dot_product_attention_bwd(*args)
+        dq, dk, dv, dbias = launchers.scaled_dot_product_attention_bwd(
+            *args, rel_pos_grid=rel_pos_grid)
         tokens = (fold.unfold(dq, q.shape[-2:]), fold.unfold(dk, k.shape[-2:]),
                   fold.unfold(dv, v.shape[-2:]))
     else:
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         grads = [fold.view_in_place(g) for g in _unpack(dqkv)]
         if backend == "cuda":
-            dbias = launchers.scaled_dot_product_attention_bwd_into(*args, *grads)
+            dbias = launchers.scaled_dot_product_attention_bwd_into(
+                *args, *grads, rel_pos_grid=rel_pos_grid)
         else:
-            dbias = launchers.scaled_dot_product_attention_bwd(*args, grads=grads)[3]
+            dbias = launchers.scaled_dot_product_attention_bwd(
+                *args, rel_pos_grid=rel_pos_grid, grads=grads)[3]
         tokens = (dqkv,)
     dbias = fold.unfold_dbias(dbias) if bias_requires_grad else q.new_empty(0)
     return (*tokens, dbias)
@@ -261,21 +308,24 @@ def _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, b
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, dropout_p: float,
-            seed: Optional[torch.Tensor], bias_requires_grad: bool,
-            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            seed: Optional[torch.Tensor], bias_requires_grad: bool, backend: str,
+            rel_pos_grid: Optional[List[int]] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias), see ``_bwd``."""
-    return _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend)
+    return _bwd(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend,
+                rel_pos_grid)
 
 
 @torch.library.custom_op("pyvit_ops::scaled_dot_product_attention_qkvpacked_bwd",
                          mutates_args=())
 def _qkvpacked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor,
                       bias: Optional[torch.Tensor], scale: float, dropout_p: float,
-                      seed: Optional[torch.Tensor], bias_requires_grad: bool,
-                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                      seed: Optional[torch.Tensor], bias_requires_grad: bool, backend: str,
+                      rel_pos_grid: Optional[List[int]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (dqkv, dbias), see ``_bwd``."""
     return _bwd(dout, *_unpack(qkv), lse, bias, scale, dropout_p, seed, bias_requires_grad,
-                backend, qkv=qkv)
+                backend, rel_pos_grid, qkv=qkv)
 
 
 def _dbias_fake(q, bias, bias_requires_grad):
@@ -283,14 +333,15 @@ def _dbias_fake(q, bias, bias_requires_grad):
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend):
+def _bwd_fake(dout, q, k, v, lse, bias, scale, dropout_p, seed, bias_requires_grad, backend,
+              rel_pos_grid=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             _dbias_fake(q, bias, bias_requires_grad))
 
 
 @_qkvpacked_bwd_op.register_fake
 def _qkvpacked_bwd_fake(dout, qkv, lse, bias, scale, dropout_p, seed, bias_requires_grad,
-                        backend):
+                        backend, rel_pos_grid=None):
     return qkv.new_empty(qkv.shape), _dbias_fake(qkv, bias, bias_requires_grad)
 
 
@@ -298,11 +349,12 @@ def _qkvpacked_bwd_fake(dout, qkv, lse, bias, scale, dropout_p, seed, bias_requi
 
 
 def _gradients(dout, inputs, out, lse, tokens, need):
-    bias, scale, dropout_p, seed, backend = inputs[tokens:]
+    bias, scale, dropout_p, seed, backend, rel_pos_grid = inputs[tokens:]
     bias_grad = bias is not None and bias.dtype != torch.bool and need[tokens]
     bwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_bwd if tokens == 3 else
            torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_bwd)
-    return bwd(dout, *inputs[:tokens], lse, bias, scale, dropout_p, seed, bias_grad, backend)
+    return bwd(dout, *inputs[:tokens], lse, bias, scale, dropout_p, seed, bias_grad, backend,
+               rel_pos_grid)
 
 
 _attention_autograd.register(((_fwd_op, 3), (_qkvpacked_fwd_op, 1)), _gradients)
@@ -312,7 +364,7 @@ _attention_autograd.register(((_fwd_op, 3), (_qkvpacked_fwd_op, 1)), _gradients)
 
 
 def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout_p=0.0,
-                                 backend=None):
+                                 rel_pos_table=None, rel_pos_grid=None, backend=None):
     """``softmax(q @ k^T * scale + attn_bias) @ v`` over any leading batch dims.
 
     q: ``(*batch, Nq, D)``; k, v: ``(*batch, Nk, D)``; ``scale`` defaults to
@@ -323,6 +375,16 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     The gradient of a float bias comes back in the bias's own shape, reduced over its
     broadcast dims inside the kernels. A bias constant along the keys gets an exactly
     zero gradient (softmax is shift-invariant).
+
+    ``rel_pos_table`` ``(T, heads)`` with ``rel_pos_grid`` ``(gh, gw)``: BEiT's relative
+    position bias (timm's ``relative_position_bias_table`` layout) instead of
+    ``attn_bias``, for q ``(*batch, heads, N, D)`` and N = gh * gw patch tokens, or one
+    class token first and then them. Logit (i, j) adds ``rel_pos_table[index[i, j], h]``:
+    patch tokens at offset (dy, dx) = pos(i) - pos(j) read row
+    (dy + gh - 1)(2gw - 1) + dx + gw - 1, and with a class token the last three of
+    T = (2gh - 1)(2gw - 1) + 3 rows are class -> patch, patch -> class, class -> class
+    (timm's ``gen_relative_position_index``). The kernels gather it by index arithmetic
+    (no ``(heads, N, N)`` bias is formed); its gradient comes back in the table's shape.
 
     ``dropout_p`` drops attention probabilities (kept ones scaled by 1 / (1 - p)). On
     the Triton / CUDA backends the mask is a hash of a seed that each call draws from
@@ -341,11 +403,12 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     and the operator runs in it (float32 accumulation, output in that dtype); a
     float32 ``attn_bias`` is read as is (an fp32 parameter keeps fp32 gradients).
     """
-    return _attention((q, k, v), attn_bias, scale, dropout_p, backend)
+    return _attention((q, k, v), attn_bias, scale, dropout_p, backend, rel_pos_table,
+                      rel_pos_grid)
 
 
 def scaled_dot_product_attention_qkvpacked(qkv, attn_bias=None, *, scale=None, dropout_p=0.0,
-                                           backend=None):
+                                           rel_pos_table=None, rel_pos_grid=None, backend=None):
     """``scaled_dot_product_attention(q, k, v, ...)`` of one packed projection
     ``qkv: (B, N, 3, heads, D)`` (timm's ``qkv(x).reshape(B, N, 3, heads, D)``), q, k, v
     being its ``(B, heads, N, D)`` slices; same keywords, returns ``(B, heads, N, D)``.
@@ -356,30 +419,35 @@ def scaled_dot_product_attention_qkvpacked(qkv, attn_bias=None, *, scale=None, d
     _checks.check_tensor("qkv", qkv, ndim=5)
     if qkv.shape[2] != 3:
         raise ValueError(f"qkv: expected shape (B, N, 3, heads, D), got {tuple(qkv.shape)}")
-    return _attention((qkv,), attn_bias, scale, dropout_p, backend)
+    return _attention((qkv,), attn_bias, scale, dropout_p, backend, rel_pos_table,
+                      rel_pos_grid)
 
 
-def _attention(tokens, attn_bias, scale, dropout_p, backend):
+def _attention(tokens, attn_bias, scale, dropout_p, backend, table=None, grid=None):
     """``tokens``: (q, k, v) or (qkv,)."""
     low = _backend.autocast_dtype(tokens[0])
     if low is not None:
         with _backend.autocast_disabled(tokens[0]):
             return _attention(tuple(_backend.autocast_cast(t, low) for t in tokens),
                               _backend.autocast_cast(attn_bias, low, keep_float32=True),
-                              scale, dropout_p, backend)
+                              scale, dropout_p, backend,
+                              _backend.autocast_cast(table, low, keep_float32=True), grid)
     q, k, v = tokens if len(tokens) == 3 else _unpack(tokens[0])
     _check_args(q, k, v, attn_bias, scale, dropout_p)
+    _check_table(q, k, attn_bias, table, grid)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    backend = _backend.choose(_OP, backend, lambda b: _reasons(b, q, k, v, attn_bias),
+    backend = _backend.choose(_OP, backend, lambda b: _reasons(b, q, k, v, attn_bias, table),
                               device=q.device)
     if backend == "reference":
         return reference.scaled_dot_product_attention(q, k, v, attn_bias, scale=scale,
-                                                      dropout_p=dropout_p)
+                                                      dropout_p=dropout_p, rel_pos_table=table,
+                                                      rel_pos_grid=grid)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     fwd = (torch.ops.pyvit_ops.scaled_dot_product_attention_fwd if len(tokens) == 3 else
            torch.ops.pyvit_ops.scaled_dot_product_attention_qkvpacked_fwd)
-    out, _ = fwd(*tokens, attn_bias, scale, dropout_p, seed, backend)
+    out, _ = fwd(*tokens, attn_bias if table is None else table, scale, dropout_p, seed, backend,
+                 None if grid is None else list(grid))
     return out
 
 

@@ -29,8 +29,42 @@ def _safe_softmax(s):
     return e / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
+def rel_pos_rows(gh, gw, lead):
+    """Rows of the relative-position table of a gh x gw grid after ``lead`` (0 or 1) class
+    tokens: one per offset, three more for the class token."""
+    return (2 * gh - 1) * (2 * gw - 1) + 3 * lead
+
+
+def rel_pos_index(grid, n, device=None):
+    """The ``(n, n)`` rows of timm's BEiT relative-position table that the logits read,
+    for a ``grid`` = (gh, gw) of patch tokens after ``n - gh * gw`` (0 or 1) class tokens
+    (timm's ``gen_relative_position_index`` with a class token): patch pair (i, j) reads
+    row (dy + gh - 1)(2gw - 1) + dx + gw - 1, (dy, dx) = pos(i) - pos(j); the last three
+    rows are class -> patch, patch -> class and class -> class."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                            indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    patch = (ys[:, None] - ys[None, :] + gh - 1) * (2 * gw - 1) + xs[:, None] - xs[None, :] \
+        + gw - 1
+    if n == gh * gw:
+        return patch
+    rows = rel_pos_rows(gh, gw, 0)
+    index = torch.full((n, n), rows, dtype=patch.dtype, device=device)
+    index[1:, 0] = rows + 1
+    index[0, 0] = rows + 2
+    index[1:, 1:] = patch
+    return index
+
+
+def rel_pos_bias(table, grid, n):
+    """The dense ``(heads, n, n)`` bias of a ``(T, heads)`` relative-position table
+    (``rel_pos_index``), differentiable in the table."""
+    return table[rel_pos_index(grid, n, table.device)].permute(2, 0, 1)
+
+
 def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout_p=0.0,
-                                 dropout_mask=None):
+                                 dropout_mask=None, rel_pos_table=None, rel_pos_grid=None):
     """``softmax(q @ k^T * scale + attn_bias) @ v`` over any leading batch dims.
 
     q: ``(*batch, Nq, D)``, k and v: ``(*batch, Nk, D)``; ``scale`` defaults to
@@ -40,8 +74,11 @@ def scaled_dot_product_attention(q, k, v, attn_bias=None, *, scale=None, dropout
     through the plain composition ``softmax(q k^T * scale + bias) @ v``; without it
     torch's ``scaled_dot_product_attention`` computes the same thing (drawing its own
     mask when ``dropout_p > 0``), and the tests check the two agree. Kept
-    probabilities are scaled by ``1 / (1 - dropout_p)``.
+    probabilities are scaled by ``1 / (1 - dropout_p)``. ``rel_pos_table`` (T, heads)
+    with ``rel_pos_grid`` (gh, gw) is the bias ``rel_pos_bias`` instead of ``attn_bias``.
     """
+    if rel_pos_table is not None:
+        attn_bias = rel_pos_bias(rel_pos_table, rel_pos_grid, q.shape[-2])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype

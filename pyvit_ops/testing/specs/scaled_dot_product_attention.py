@@ -67,7 +67,14 @@ _KERNELS = {
     "dropout_mask": _Kernel(kernels._scaled_dot_product_attention_dropout_mask_kernel,
                             (_Tensor("keep", "u8"), _SEED), ("dropout_p",), ("numel", "nq_nk"),
                             False),
+    "dtable": _Kernel(kernels._scaled_dot_product_attention_dtable_kernel,
+                      (_Tensor("dbias", "fp32", ("split", "group", "m")),
+                       _Tensor("dtable", "data")),
+                      (), ("SPLITS", "ROWS", "GH", "GW"), False),
 }
+# The kernels' rel_pos_grid (gh, gw, class tokens): (1, 1, 0) without a table (the 1s
+# specialised to constexprs, 0 divisible by 16), BEiT's class token 1 with one.
+_NO_GRID, _BEIT_GRID = (1, 1, "i32"), ("i32", "i32", 1)
 
 
 def _elements(dtype, flags):
@@ -75,13 +82,13 @@ def _elements(dtype, flags):
     unread bias and seed; DBIAS_DIRECT stores a half bias's gradient in its dtype, else
     dbias is reduced in an fp32 buffer."""
     direct = flags.get("DBIAS_DIRECT", False)
-    return {"data": dtype, "fp32": "fp32", "u8": "u8",
-            "bias": "fp32" if flags.get("BIAS") == kernels.BIAS_FLOAT and not direct else dtype,
+    wide = flags.get("BIAS") in (kernels.BIAS_FLOAT, kernels.BIAS_TABLE) and not direct
+    return {"data": dtype, "fp32": "fp32", "u8": "u8", "bias": "fp32" if wide else dtype,
             "dbias": dtype if direct else "fp32",
             "seed": "i64" if flags.get("DROPOUT", True) else dtype}
 
 
-def _arguments(kernel, elements, aligned_dbias):
+def _arguments(kernel, elements, aligned_dbias, grid):
     """The signature entry of every runtime argument, and the arguments and stride-tuple
     elements (as paths) divisible by 16. A unit stride is the constexpr 1 in its tuple,
     as the JIT specialises it. Head dims are multiples of 16 in practice (16 ... 128),
@@ -96,13 +103,18 @@ def _arguments(kernel, elements, aligned_dbias):
             signature[f"stride_{t.name}_split"] = "i32"
             divisible += [f"stride_{t.name}_split"] if aligned else []
         if t.axes:
-            unit = _UNIT_AXES.get(t.element, ())
+            # (a table view's unit stride is the head's: (T, heads) read by column)
+            unit = ("z2",) if t.name == "bias" and grid == _BEIT_GRID else \
+                _UNIT_AXES.get(t.element, ())
             name = f"stride_{t.name}"
             signature[name] = tuple(1 if axis in unit else "i32" for axis in t.axes)
             divisible += [(name, i) for i, axis in enumerate(t.axes)
                           if aligned and axis not in unit]
     signature.update({name: "fp32" for name in kernel.scalars})
     signature.update({name: "i32" for name in kernel.sizes})
+    if "rel_pos_grid" in kernel.fn.arg_names:
+        signature["rel_pos_grid"] = grid
+        divisible += [] if grid == _BEIT_GRID else [("rel_pos_grid", 2)]
     return signature, divisible
 
 
@@ -111,10 +123,14 @@ def _spec(name, key, dtype, flags, options):
     ``options``: its launch options (the BLOCK_M / BLOCK_N constexprs among them)."""
     kernel = _KERNELS[key]
     fn = kernel.fn
+    grid = _BEIT_GRID if flags.get("BIAS") == kernels.BIAS_TABLE else _NO_GRID
     signature, divisible = _arguments(kernel, _elements(dtype, flags),
-                                      aligned_dbias=not flags.get("DBIAS_DIRECT", False))
+                                      aligned_dbias=not flags.get("DBIAS_DIRECT", False),
+                                      grid=grid)
     options = dict(options)
-    constexprs = dict(flags, **{k: options.pop(k) for k in ("BLOCK_M", "BLOCK_N") if k in options})
+    constexprs = dict(flags, **{k: options.pop(k) for k in ("BLOCK_M", "BLOCK_N", "LEAD",
+                                                            "BLOCK_R", "BLOCK_P")
+                                if k in options})
     signature.update({arg: "constexpr" for arg in constexprs})
     if set(signature) != set(fn.arg_names):
         raise ValueError(f"{fn.__name__}: arguments not described "
@@ -174,4 +190,40 @@ def static_compile_specs():
                     dtype, dict(common, **bcast, DBIAS=heavy), kernels.launch_options(cfg)))
     specs.append(_spec("sdpa_dropout_mask", "dropout_mask", "u8", dict(BLOCK=kernels._MASK_BLOCK),
                        dict(num_warps=4, num_stages=1)))
+    return specs + _table_specs()
+
+
+# BEiT's head dim 64 at 14x14 (224 px) and 24x24 / 32x32 (384 / 512 px) patch grids.
+_TABLE_BLOCK_D = 64
+_TABLE_PATCHES = (14 * 14, 32 * 32)
+
+
+def _table_specs():
+    """The relative-position table mode (BIAS_TABLE, BEiT's class token) of the configs
+    BEiT's N = 197 / 577 / 1025 tokens at head dim 64 pick, with dropout and the table
+    gradient (the dq kernel's tile partials over a batch-broadcast table, then the
+    dtable kernel at each pair-tile size)."""
+    specs = []
+    for torch_dtype in _DTYPES:
+        dtype = DTYPE_NAMES[torch_dtype]
+        common = dict(BIAS=kernels.BIAS_TABLE, DROPOUT=True,
+                      PRECISION=kernels._precision(torch_dtype), OFFS64=False,
+                      BLOCK_D=_TABLE_BLOCK_D)
+        tag = f"d{_TABLE_BLOCK_D}_table_{dtype}"
+        cfg = kernels._fwd_config(197, _TABLE_BLOCK_D, torch_dtype, table=True)
+        specs.append(_spec(f"sdpa_fwd_m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}_{tag}",
+                           "fwd", dtype, common, kernels.launch_options(cfg)))
+        bcast = dict(BCAST1=True, BCAST2=False)
+        cfg = kernels._dq_config(197, _TABLE_BLOCK_D, torch_dtype)
+        specs.append(_spec(f"sdpa_bwd_dq_m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}_{tag}",
+                           "dq", dtype, dict(common, **bcast, DBIAS=True, DBIAS_DIRECT=False),
+                           kernels.launch_options(cfg)))
+        cfg = kernels._dkdv_config(_TABLE_BLOCK_D, torch_dtype)
+        specs.append(_spec(f"sdpa_bwd_dkdv_m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}_{tag}",
+                           "dkdv", dtype, dict(common, **bcast, DBIAS=False),
+                           kernels.launch_options(cfg)))
+        for patches in _TABLE_PATCHES:
+            options = kernels.dtable_options(patches, 1)
+            specs.append(_spec(f"sdpa_dtable_p{options['BLOCK_P']}r{options['BLOCK_R']}_{dtype}",
+                               "dtable", dtype, {}, options))
     return specs
