@@ -39,7 +39,8 @@ import time
 
 import torch
 
-OPS = ("scaled_dot_product_attention", "window_attention", "elsa_attention", "avg_pool2d")
+OPS = ("scaled_dot_product_attention", "window_attention", "elsa_attention", "avg_pool2d",
+       "talking_heads_attention")
 PASSES = ("fwd", "bwd", "full")
 NAIVE = "naive"
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

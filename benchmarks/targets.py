@@ -12,11 +12,13 @@ TIMING = {
     "avg_pool2d": (2.5, None),
     "elsa_attention": (10.0, None),
     "scaled_dot_product_attention": (3.0, "beit_b"),
+    "talking_heads_attention": (3.0, None),
 }
 # fused bytes / compulsory bytes, per pass, for the memory-bound operators.
 TRAFFIC = {"window_attention": {"fwd": 1.10, "bwd": 1.5},
            "elsa_attention": {"fwd": 1.10, "bwd": 1.5},
            "avg_pool2d": {"fwd": 1.10, "bwd": 1.5},
+           "talking_heads_attention": {"fwd": 1.10, "bwd": 1.5},
            "scaled_dot_product_attention": {"fwd": 2.0, "bwd": 2.0}}
 SDPA_MAX_TOKENS = 577  # the SDPA traffic target holds up to ViT-384's sequence length
 # The CUDA C++ sources whose kernels compute matrix products (scores, outputs, gradients).

@@ -190,6 +190,57 @@ def _format(r):
             f"  {tail}  ({r['seconds']} s)")
 
 
+class BeitTable:
+    """BEiT-B's relative-position table at 224 px (N = 197, 12 heads, D = 64) as an op
+    script of ``measure``: naive is timm's non-fused path (the (heads, N, N) bias gathered
+    from the (T, heads) table by its index buffer, then the composition); fused, the
+    table passed to ``scaled_dot_product_attention_qkvpacked`` and gathered in the
+    kernels. Everything else is the SDPA script's."""
+
+    GRID = (14, 14)
+
+    def __init__(self):
+        self.sdpa = harness.load_op("scaled_dot_product_attention")
+        self.OP, self.reduce, self.flops = self.sdpa.OP, self.sdpa.reduce, self.sdpa.flops
+
+    def model_shapes(self):
+        return [harness.Shape("beit_b", "224.relpos_table",
+                              dict(heads=12, nq=197, nk=197, dim=64, bias=False))]
+
+    def tiny_shapes(self):
+        return []
+
+    def describe(self, params, batch):
+        from pyvit_ops.reference.scaled_dot_product_attention import rel_pos_rows
+
+        rows = rel_pos_rows(*self.GRID, 1)
+        return self.sdpa.describe(params, batch) + f" table={rows}x{params['heads']}"
+
+    def make_inputs(self, params, batch, device, dtype):
+        from pyvit_ops.reference.scaled_dot_product_attention import (rel_pos_index,
+                                                                      rel_pos_rows)
+
+        inp = self.sdpa.make_inputs(params, batch, device, dtype)
+        gen = torch.Generator(device=device).manual_seed(1)
+        table = torch.randn(rel_pos_rows(*self.GRID, 1), params["heads"], generator=gen,
+                            device=device).to(dtype).requires_grad_()
+        inp.leaves["table"] = inp.reads["table"] = table
+        inp.extra["index"] = rel_pos_index(self.GRID, params["nq"], device)
+        return inp
+
+    @staticmethod
+    def naive(inp):
+        n = inp.index.shape[0]
+        bias = inp.table[inp.index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        attn = (inp.q * inp.scale) @ inp.k.transpose(-2, -1) + bias.unsqueeze(0)
+        return attn.softmax(dim=-1) @ inp.v
+
+    def fused(self, inp):
+        return harness.pyvit_function(f"{self.OP}_qkvpacked")(
+            inp.qkv, rel_pos_table=inp.table, rel_pos_grid=self.GRID, scale=inp.scale,
+            backend="triton")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python benchmarks/traffic.py",
                                      description=__doc__.split("\n\n")[0])
@@ -211,8 +262,10 @@ def main(argv=None):
     _enable_interpreter()
     start = time.perf_counter()
     records = []
-    for op in args.ops:
-        module = harness.load_op(op)
+    modules = [harness.load_op(op) for op in args.ops]
+    if "scaled_dot_product_attention" in args.ops:
+        modules.append(BeitTable())
+    for module in modules:
         for shape in harness.selected_shapes(module, args.tiny, args.models):
             records += measure(module, shape, args.batch, _DTYPES[args.dtype], args.max_units,
                                fused=not args.naive_only)

@@ -1,6 +1,8 @@
-"""Benchmark of ``pyvit_ops.window_attention`` at Swin-T/S/B stage shapes (224 and 384) and
+"""Benchmark of ``pyvit_ops.window_attention`` at Swin-T/S/B stage shapes (224 and 384),
 Swin V2 stage shapes (swinv2_tiny_window8_256, swinv2_tiny_window16_256,
-swinv2_base_window12to24_192to384: scaled cosine attention, ``logit_scale``).
+swinv2_base_window12to24_192to384: scaled cosine attention, ``logit_scale``) and MaxViT's
+grid attention (maxvit_tiny_tf_224, ``partition="grid"``; timm's ``grid_partition`` /
+``grid_reverse`` around the same attention on the naive side).
 
 Baseline (``naive``): timm's ``SwinTransformerBlock._attn`` + ``WindowAttention`` math path
 (timm's default: its fused path is experimental): roll, pad, partition, ``q * scale @ kᵀ``
@@ -41,6 +43,9 @@ _WINDOWS = {224: 7, 384: 12}
 _SWINV2S = (("swinv2_tiny_window8_256", 96, (3, 6, 12, 24), 256, 8),
             ("swinv2_tiny_window16_256", 96, (3, 6, 12, 24), 256, 16),
             ("swinv2_base_window12to24_192to384", 128, (4, 8, 16, 32), 384, 24))
+# MaxViT-T at 224: stage 3 (14 x 14 map, 256 channels in heads of 32), 7 x 7 grid windows.
+_MAXVIT_GRID = Shape("maxvit_tiny_tf_224", "s3.grid",
+                     dict(heads=8, dim=32, grid=14, window=7, shift=0, partition="grid"))
 
 
 # The model shapes the default CPU run times (their names start with these); --full: all.
@@ -68,7 +73,7 @@ def model_shapes():
             shapes += _stages(model, embed, heads, res, window, prefix=f"{res}.")
     for model, embed, heads, res, window in _SWINV2S:
         shapes += _stages(model, embed, heads, res, window, cosine=True)
-    return shapes
+    return shapes + [_MAXVIT_GRID]
 
 
 def tiny_shapes():
@@ -82,7 +87,8 @@ def tiny_shapes():
 def describe(params, batch):
     p = params
     return (f"B={batch} grid={p['grid']}x{p['grid']} heads={p['heads']} D={p['dim']} "
-            f"window={p['window']} shift={p['shift']}" + (" cosine" if p.get("cosine") else ""))
+            f"window={p['window']} shift={p['shift']}" + (" cosine" if p.get("cosine") else "")
+            + (" grid partition" if p.get("partition") == "grid" else ""))
 
 
 def _relative_position_index(ws, device):
@@ -148,13 +154,29 @@ def make_inputs(params, batch, device, dtype, requires_grad=True):
         leaves=leaves,
         reads={"q": q, "k": k, "v": v, "table": table, "logit_scale": logit_scale},
         extra={"qkv": qkv, "window": ws, "shift": params["shift"], "scale": scale,
+               "grid_partition": params.get("partition") == "grid",
                "index": _relative_position_index(ws, device),
                "mask": _shift_mask(padded, ws, params["shift"], device, dtype)})
 
 
+def _grid_partition(x, ws):
+    """(B, H, W, C) -> (B * nW, ws, ws, C), timm's (MaxViT) ``grid_partition``: window
+    (i, j) holds the tokens (a * H / ws + i, c * W / ws + j)."""
+    B, H, W, C = x.shape
+    x = x.view(B, ws, H // ws, ws, W // ws, C).permute(0, 2, 4, 1, 3, 5)
+    return x.contiguous().view(-1, ws, ws, C)
+
+
+def _grid_reverse(windows, ws, H, W):
+    """Inverse of ``_grid_partition``, timm's ``grid_reverse``."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C).permute(0, 3, 1, 4, 2, 5)
+    return x.contiguous().view(-1, H, W, C)
+
+
 def _windows(inp):
-    """timm's layout work before attention: roll, pad, partition; returns q, k, v of shape
-    (B * nW, heads, N, D) and the padded grid size."""
+    """timm's layout work before attention: roll, pad, partition (or MaxViT's grid
+    partition); returns q, k, v of shape (B * nW, heads, N, D) and the padded grid size."""
     qkv, ws, shift = inp.qkv, inp.window, inp.shift
     B, H, W, _, heads, D = qkv.shape
     x = qkv.reshape(B, H, W, 3 * heads * D)
@@ -162,7 +184,8 @@ def _windows(inp):
         x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
     x = F.pad(x, (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
     Hp, Wp = x.shape[1:3]
-    x = _partition(x, ws).view(-1, ws * ws, 3 * heads * D)
+    x = (_grid_partition if inp.grid_partition else _partition)(x, ws)
+    x = x.view(-1, ws * ws, 3 * heads * D)
     q, k, v = x.reshape(x.shape[0], ws * ws, 3, heads, D).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v, Hp, Wp
 
@@ -172,7 +195,8 @@ def _merge(x, inp, Hp, Wp):
     B, H, W, _, heads, D = inp.qkv.shape
     ws, shift = inp.window, inp.shift
     x = x.transpose(1, 2).reshape(-1, ws, ws, heads * D)
-    x = _reverse(x, ws, Hp, Wp)[:, :H, :W, :].contiguous()
+    x = (_grid_reverse if inp.grid_partition else _reverse)(x, ws, Hp, Wp)
+    x = x[:, :H, :W, :].contiguous()
     if shift:
         x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
     return x.view(B, H, W, heads, D)
@@ -264,6 +288,8 @@ def natten_provider():
     def run(inp):
         if inp.shift:
             raise Unavailable("NATTEN has no shifted-window region mask")
+        if inp.grid_partition:
+            raise Unavailable("NATTEN has no grid partition")
         if inp.logit_scale is not None:
             raise Unavailable("NATTEN has no cosine attention")
         H = inp.qkv.shape[1]
@@ -288,7 +314,8 @@ def _pyvit(inp, backend):
     table = inp.table if inp.logit_scale is None else 16 * torch.sigmoid(inp.table)
     return harness.pyvit_function(f"{OP}_qkvpacked")(
         inp.qkv, table, window_size=inp.window, shift_size=inp.shift, scale=inp.scale,
-        mask_value=MASK_VALUE, logit_scale=inp.logit_scale, backend=backend)
+        mask_value=MASK_VALUE, logit_scale=inp.logit_scale,
+        partition="grid" if inp.grid_partition else "block", backend=backend)
 
 
 def fused(inp):

@@ -147,7 +147,8 @@ OPERATORS = (
         ("triton", "cuda"),
         "the Triton kernels multiply on tensor cores in every dtype (`tl.dot` → HMMA / wgmma; "
         "float32 inputs as 3xTF32, close to float32 accuracy); the CUDA C++ kernels multiply "
-        "float32 inputs with FMAs"),
+        "float32 inputs with FMAs",
+        features=(("rel_pos_table", "BEiT relative-position table (`rel_pos_table`)"),)),
     Operator(
         "window_attention", ("window_attention", "window_attention_qkvpacked"),
         ("triton", "cuda"),
@@ -155,7 +156,8 @@ OPERATORS = (
         "when torch allows TF32 matmuls), take windows up to 24x24 and run Swin V2's cosine "
         "attention; the CUDA kernel multiplies float32 inputs with FMAs and also takes the "
         "float32 head dims the Triton kernels decline",
-        features=(("cosine", "Swin V2 cosine attention (`logit_scale`)"),)),
+        features=(("cosine", "Swin V2 cosine attention (`logit_scale`)"),
+                  ("grid_partition", "MaxViT grid attention (`partition=\"grid\"`)"))),
     Operator(
         "elsa_attention", ("elsa_attention",), ("cuda", "triton"),
         "memory-bound aggregation: the CUDA kernels stage the softmax and the haloed "
@@ -166,6 +168,12 @@ OPERATORS = (
         "memory-bound: both read once and write once; the CUDA kernel has the cheaper "
         "indexing and no launch overhead",
         semantics="`count_include_pad=False`, no `ceil_mode`, padding ≤ kernel // 2"),
+    Operator(
+        "talking_heads_attention", ("talking_heads_attention",), ("triton",),
+        "the only kernel backend: one program holds every head of a query block, the head "
+        "mixes are reductions over the head axis in registers, the products run on tensor "
+        "cores (float32 inputs as 3xTF32)",
+        semantics="no attention dropout (timm's `attn_drop` runs on the reference)"),
 )
 
 OPERATOR_NAMES = tuple(o.name for o in OPERATORS)
@@ -192,8 +200,10 @@ CAPABILITIES = {(c.op, c.backend): c for c in (
     _triton("scaled_dot_product_attention", "3xTF32 tensor-core products",
             limits=(Limit("head_dim", "head dim", "the Triton kernels hold the head dim, padded "
                           "to a power of two, in registers", 128),),
-            conditions=("head-dim strides × (head dim − 1) < 2³¹",)),
+            conditions=("head-dim strides × (head dim − 1) < 2³¹",),
+            features=("rel_pos_table",)),
     _cuda("scaled_dot_product_attention",
+          features=("rel_pos_table",),
           limits=(Limit("head_dim", "head dim", "the CUDA kernels are compiled for head dims "
                         "padded to 32, 64 and 128", 128),
                   Limit("batch_tokens", "batch × tokens", "the CUDA kernels index their grid "
@@ -210,11 +220,13 @@ CAPABILITIES = {(c.op, c.backend): c for c in (
                     Limit("float32_head_dim", "float32 head dim", "the Triton kernel's fp32 "
                           "tiles would spill registers", dtype=torch.float32,
                           key="window_area", steps=((32, 64), (576, 32)))),
-            conditions=("offsets inside one image < 2³¹",), features=("cosine",)),
+            conditions=("offsets inside one image < 2³¹",),
+            features=("cosine", "grid_partition")),
     _cuda("window_attention",
-          limits=(Limit("window_area", "window area (wh × ww)", "the CUDA kernel holds a whole "
-                        "window in one score tile", 64),),
-          features=("cosine",)),
+          limits=(Limit("window_area", "window area (wh × ww)", "the CUDA kernels sweep a "
+                        "window in 64-token tiles (online-softmax forward, three-sweep "
+                        "backward above 64 tokens), built for windows up to 24x24", 576),),
+          features=("cosine", "grid_partition")),
     _reference("elsa_attention"),
     _triton("elsa_attention",
             limits=(Limit("head_channels", "channels per head", "a Triton program holds one "
@@ -230,11 +242,26 @@ CAPABILITIES = {(c.op, c.backend): c for c in (
     _cuda("avg_pool2d",
           limits=(Limit("image", "images and elements per image (input and output)",
                         "the CUDA kernels index them in 32 bits", INT32_MAX),)),
+    _reference("talking_heads_attention"),
+    _triton("talking_heads_attention", "3xTF32 tensor-core products",
+            limits=(Limit("heads", "heads", "a Triton program holds every head's tiles in "
+                          "registers (at 16 heads the dk kernel spills on sm_80)", 8),
+                    Limit("float32_heads", "float32 heads", "a Triton program's fp32 tiles of "
+                          "every head would not fit its registers and shared memory (8 heads "
+                          "take 160 KB)", 4, dtype=torch.float32),
+                    Limit("head_dim", "head dim", "a Triton program holds every head's tiles "
+                          "in registers, the head dim padded to a power of two", 64)),
+            conditions=("offsets inside one sample < 2³¹",)),
 )}
 
 def capability(op, backend):
     """The declaration of ``backend`` for ``op``."""
     return CAPABILITIES[op, backend]
+
+
+def declared_backends(op):
+    """The backends with a declaration for ``op``, in ``BACKENDS`` order."""
+    return tuple(b for b in BACKENDS if (op, b) in CAPABILITIES)
 
 
 def get_operator(name):
@@ -248,7 +275,7 @@ def feature_reasons(op, backend, name, used):
     if not used or name in capability(op, backend).features:
         return []
     what = dict(get_operator(op).features)[name]
-    runs = [b for b in BACKENDS if name in capability(op, b).features]
+    runs = [b for b in declared_backends(op) if name in capability(op, b).features]
     return [f"the {backend} kernels have no {what}; it runs on the {' / '.join(runs)} backend"]
 
 
@@ -278,7 +305,7 @@ def dtype_reasons(op, backend, tensors):
     reasons = []
     for dtype in dict.fromkeys(t.dtype for t in tensors if t.dtype.is_floating_point):
         if dtype not in capability(op, backend).dtypes:
-            runs = [b for b in BACKENDS if dtype in capability(op, b).dtypes]
+            runs = [b for b in declared_backends(op) if dtype in capability(op, b).dtypes]
             name = str(dtype).removeprefix("torch.")
             reasons.append(f"{name} runs only on the {' / '.join(runs)} backend" if runs else
                            f"{name} is not supported")
@@ -317,7 +344,7 @@ def support_matrix_markdown():
     lines = ["| operator | backend | dtypes | fwd / bwd | float32 arithmetic | architectures "
              "| limits |", "|---|---|---|---|---|---|---|"]
     for op in OPERATORS:
-        for backend in BACKENDS:
+        for backend in declared_backends(op.name):
             cap = capability(op.name, backend)
             name = ", ".join(f"`{f}`" for f in op.functions) if backend == "reference" else ""
             dtypes = ", ".join(_DTYPE_NAMES[d] for d in cap.dtypes)

@@ -46,7 +46,7 @@ def collect():
     operators = {}
     for op in OPERATORS:
         entry = {}
-        for backend in _backend.BACKENDS:
+        for backend in capabilities.declared_backends(op):
             reasons = _backend.common_reasons(backend, op, [probe])
             if backend != "reference" and device == "cpu":
                 reasons = reasons or ["CPU tensors run on the reference backend automatically"]
@@ -98,7 +98,7 @@ def main(argv=None):
     print(f"{'cuda_extension':14s} built={ext['built']} archs={ext['archs']} ({ext['reason']})")
     for op, entry in info["operators"].items():
         print(f"\n{op}  (automatic order on CUDA: {', '.join(entry['automatic_order_on_cuda'])})")
-        for backend in _backend.BACKENDS:
+        for backend in capabilities.declared_backends(op):
             e = entry[backend]
             declared = capabilities.capability(op, backend)
             print(f"  {backend:10s} {'yes' if e['available'] else 'no ':3s}  {e['reason']}")

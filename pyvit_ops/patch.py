@@ -2,9 +2,9 @@
 pyvit_ops operators in place.
 
 What is swapped (and what is not):
-- ``timm.layers.Attention`` (ViT, DeiT, CaiT's patch attention is TalkingHeadAttn and
-  stays: its talking-head projections sit between the logits and the softmax, which
-  no fused attention can absorb) → ``pyvit_ops.nn.Attention``;
+- ``timm.layers.Attention`` (ViT, DeiT) → ``pyvit_ops.nn.Attention``;
+- ``timm.models.cait.TalkingHeadAttn`` (CaiT's self attention) →
+  ``pyvit_ops.nn.TalkingHeadsAttention`` (both head mixes inside the fused operator);
 - ``timm.models.cait.ClassAttn`` → ``pyvit_ops.nn.ClassAttn`` (Nq = 1);
 - ``timm.models.swin_transformer.SwinTransformerBlock`` → its ``_attn`` (roll, pad,
   partition, masked window attention, reverse) becomes one call of
@@ -22,11 +22,14 @@ What is swapped (and what is not):
   (windows without bias, timm's zero padding as the operator's ``pad_kv``);
 - ``timm.models.eva.EvaAttention`` (EVA, EVA02) → ``pyvit_ops.nn.EvaAttention`` (rotary
   embedding in PyTorch, then the fused attention);
-- ``timm.models.maxxvit.PartitionAttentionCl`` with block partitioning (MaxViT / MaxxViT
-  window attention) → its ``_partition_attn`` (partition, attention with the relative
-  position bias, reverse) becomes one call of ``pyvit_ops.nn.BlockAttention``. Grid
-  partitioning (tokens strided across the map), the NCHW ``PartitionAttention2d`` and
-  CoAtNet's whole-map ``Attention2d`` keep timm's modules.
+- ``timm.models.beit.Attention`` (BEiT, BEiT v2) → ``pyvit_ops.nn.BeitAttention`` (the
+  block's relative position table gathered in the kernels; a model's shared table goes
+  in as its dense bias);
+- ``timm.models.maxxvit.PartitionAttentionCl`` (MaxViT / MaxxViT block and grid
+  attention) → its ``_partition_attn`` (block or grid partition, attention with the
+  relative position bias, reverse) becomes one call of ``pyvit_ops.nn.PartitionAttention``.
+  The NCHW ``PartitionAttention2d`` and CoAtNet's whole-map ``Attention2d`` keep timm's
+  modules.
 Parameters are shared, not copied: the patched model trains the same tensors and
 its state_dict keys are unchanged (state dicts load both ways). The patched model
 pickles (``torch.save`` of the whole model), deep-copies, and takes timm's
@@ -38,8 +41,10 @@ from torch import nn
 
 from pyvit_ops import _backend
 from pyvit_ops.nn.attention import Attention, ClassAttn
+from pyvit_ops.nn.beit import BeitAttention
+from pyvit_ops.nn.cait import TalkingHeadsAttention
 from pyvit_ops.nn.eva import EvaAttention
-from pyvit_ops.nn.maxvit import BlockAttention
+from pyvit_ops.nn.maxvit import PartitionAttention
 from pyvit_ops.nn.pooling import Pooling
 from pyvit_ops.nn.spatial_reduction import SpatialReductionAttention
 from pyvit_ops.nn.twins import LocallyGroupedAttention
@@ -47,7 +52,8 @@ from pyvit_ops.nn.window_attention import WindowAttention, WindowAttentionV2
 
 # Every module patch_timm swaps in (a model holding one is patched).
 PATCHED = (Attention, ClassAttn, WindowAttention, WindowAttentionV2, Pooling,
-           SpatialReductionAttention, LocallyGroupedAttention, EvaAttention, BlockAttention)
+           SpatialReductionAttention, LocallyGroupedAttention, EvaAttention, PartitionAttention,
+           BeitAttention, TalkingHeadsAttention)
 
 
 def _swin_attn(block, x):
@@ -57,25 +63,29 @@ def _swin_attn(block, x):
     return block.attn(x, window_size=tuple(block.window_size), shift_size=tuple(block.shift_size))
 
 
-def _maxvit_block_attn(block, x):
-    return block.attn(x, window_size=block.partition_size)
+def _maxvit_partition_attn(block, x):
+    return block.attn(x, window_size=block.partition_size,
+                      partition="block" if block.partition_block else "grid")
 
 
 def _module_swaps():
     """{timm class: maker of its replacement} of the modules swapped one for one."""
     from timm.layers import Attention as TimmAttention
-    from timm.models import eva, pvt_v2, twins
+    from timm.models import beit, eva, pvt_v2, twins
     from timm.models.cait import ClassAttn as TimmClassAttn
+    from timm.models.cait import TalkingHeadAttn as TimmTalkingHeadAttn
     from timm.models.metaformer import Pooling as TimmPooling
 
     return {
         TimmAttention: Attention.from_timm,
         TimmClassAttn: ClassAttn.from_timm,
+        TimmTalkingHeadAttn: TalkingHeadsAttention.from_timm,
         TimmPooling: lambda m, backend: Pooling(m.pool.kernel_size, backend=backend),
         pvt_v2.Attention: SpatialReductionAttention.from_timm,
         twins.GlobalSubSampleAttn: SpatialReductionAttention.from_timm,
         twins.LocallyGroupedAttn: LocallyGroupedAttention.from_timm,
         eva.EvaAttention: EvaAttention.from_timm,
+        beit.Attention: BeitAttention.from_timm,
     }
 
 
@@ -90,8 +100,8 @@ def _block_swap(block):
         return WindowAttention, "_attn", _swin_attn
     if isinstance(block, SwinTransformerV2Block):
         return WindowAttentionV2, "_attn", _swin_attn
-    if isinstance(block, PartitionAttentionCl) and block.partition_block:
-        return BlockAttention, "_partition_attn", _maxvit_block_attn
+    if isinstance(block, PartitionAttentionCl):
+        return PartitionAttention, "_partition_attn", _maxvit_partition_attn
     return None
 
 
@@ -136,7 +146,8 @@ def patch_timm(model, backend=None):
     if not any(isinstance(m, PATCHED) for m in model.modules()):
         raise ValueError(f"model: no timm module to patch in {type(model).__name__} (expected "
                          "Swin V1/V2 blocks, ViT/DeiT Attention, CaiT ClassAttn, MetaFormer "
-                         "Pooling, PVT v2 / Twins / EVA attention or MaxViT block attention)")
+                         "Pooling, PVT v2 / Twins / EVA / BEiT attention or MaxViT block "
+                         "attention)")
     return model
 
 

@@ -14,6 +14,7 @@ from pyvit_ops import _backend, _ext, capabilities, info
 from pyvit_ops.ops import avg_pool2d as pool_ops
 from pyvit_ops.ops import elsa_attention as elsa_ops
 from pyvit_ops.ops import scaled_dot_product_attention as sdpa_ops
+from pyvit_ops.ops import talking_heads_attention as talking_heads_ops
 from pyvit_ops.ops import window_attention as window_ops
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -64,7 +65,7 @@ def test_a_build_with_other_limits_does_not_run(host_ops, monkeypatch):
         _ext.read_limits(_ext.HOST_NAMESPACE)
         ok, why = _ext.has_op("window_attention_fwd", "cpu")
         assert not ok
-        assert "window_attention_window_area_limit: built 64, declared 49" in why
+        assert "window_attention_window_area_limit: built 576, declared 49" in why
         assert "rebuild" in why
     finally:
         monkeypatch.undo()
@@ -98,12 +99,18 @@ def test_automatic_order_is_the_declared_one():
     assert tuple(_backend.PRIORITY) == capabilities.OPERATOR_NAMES
     for op in capabilities.OPERATORS:
         assert _backend.PRIORITY[op.name] == op.order
-        assert sorted(op.order) == ["cuda", "triton"]
+        assert sorted(op.order) == sorted(
+            b for b in capabilities.declared_backends(op.name) if b != "reference")
+
+
+# Operators without CUDA C++ kernels (the dispatcher never picks "cuda" for them).
+NO_CUDA = {"talking_heads_attention"}
 
 
 def test_every_operator_and_backend_is_declared():
     assert set(capabilities.CAPABILITIES) == {
-        (op, b) for op in capabilities.OPERATOR_NAMES for b in capabilities.BACKENDS}
+        (op, b) for op in capabilities.OPERATOR_NAMES for b in capabilities.BACKENDS
+        if not (b == "cuda" and op in NO_CUDA)}
 
 
 # ----------------------------------------------------------------------------- reasons
@@ -173,6 +180,23 @@ def _pool_output_elements(backend, n, key):
     return _pool(backend, (1, 1, 1, 1), (1, n, 1, 1))
 
 
+def _talking_heads(backend, H, D, dtype=torch.float16):
+    q, w, b = _t(1, H, 4, D, dtype=dtype), _t(H, H), _t(H)
+    return talking_heads_ops._reasons(backend, q, q, q, (w, b, w, b))
+
+
+def _talking_heads_heads(backend, H, key):
+    return _talking_heads(backend, H, 16)
+
+
+def _talking_heads_fp32_heads(backend, H, key):
+    return _talking_heads(backend, H, 16, torch.float32)
+
+
+def _talking_heads_head_dim(backend, D, key):
+    return _talking_heads(backend, 4, D)
+
+
 CALLS = {
     ("scaled_dot_product_attention", "head_dim"): [_sdpa_head_dim],
     ("scaled_dot_product_attention", "batch_tokens"): [_sdpa_batch_tokens],
@@ -181,6 +205,9 @@ CALLS = {
     ("window_attention", "window_area"): [_window_area],
     ("elsa_attention", "head_channels"): [_elsa_head_channels],
     ("elsa_attention", "kernel_size"): [_elsa_kernel_size],
+    ("talking_heads_attention", "heads"): [_talking_heads_heads],
+    ("talking_heads_attention", "float32_heads"): [_talking_heads_fp32_heads],
+    ("talking_heads_attention", "head_dim"): [_talking_heads_head_dim],
     ("avg_pool2d", "image"): [_pool_input_images, _pool_input_elements, _pool_output_images,
                               _pool_output_elements],
 }
@@ -222,7 +249,7 @@ def test_limit_gives_a_reason_past_it_and_none_at_it(op, backend, name, key, bou
         over = call(backend, bound + 1, key)
         assert len(over) == 1 and f"{bound + 1}" in over[0] and f"> {bound}" in over[0], \
             (call.__name__, over)
-        for other in capabilities.BACKENDS:
+        for other in capabilities.declared_backends(op):
             if capabilities.capability(op, other).limit(name) is None:
                 assert not [r for r in call(other, bound + 1, key) if f"> {bound}" in r], \
                     (call.__name__, other)

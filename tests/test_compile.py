@@ -69,7 +69,7 @@ def _window_fwd(backend):
     cosine = "cosine" in capabilities.capability("window_attention", backend).features
     logit_scale = _r(heads, 1, 1) if cosine else None
     return (q, k, v, table, _r(heads, D), _r(heads, D), logit_scale, wh, ww, 1, 1,
-            D ** -0.5, -100.0, backend)
+            D ** -0.5, -100.0, False, backend)
 
 
 def _window_bwd(backend):
@@ -117,6 +117,19 @@ def _pool_bwd(backend):
     return (_r(*x.shape), x, *params)
 
 
+def _talking_heads_fwd():
+    # Triton only: the custom ops take no backend (there are no CUDA C++ kernels).
+    heads, D = 2, 4
+    return (*(_r(1, heads, 5, D) for _ in range(3)), _r(heads, heads), _r(heads),
+            _r(heads, heads), _r(heads), 0.5)
+
+
+def _talking_heads_bwd():
+    q, k, v, wl, bl, ww, bw, scale = _talking_heads_fwd()
+    out, stats = OPS.talking_heads_attention_fwd(q, k, v, wl, bl, ww, bw, scale)
+    return (_r(*out.shape), q, k, v, wl, bl, ww, bw, stats, scale)
+
+
 OPCHECK_CASES = {
     "scaled_dot_product_attention_fwd": _sdpa_fwd,
     "scaled_dot_product_attention_bwd": _sdpa_bwd,
@@ -130,6 +143,8 @@ OPCHECK_CASES = {
     "elsa_attention_bwd": _elsa_bwd,
     "avg_pool2d_fwd": _pool_fwd,
     "avg_pool2d_bwd": _pool_bwd,
+    "talking_heads_attention_fwd": lambda backend: _talking_heads_fwd(),
+    "talking_heads_attention_bwd": lambda backend: _talking_heads_bwd(),
 }
 
 
@@ -164,7 +179,8 @@ def test_every_custom_op_is_covered():
 # inputs do not require grad, which opcheck would otherwise backpropagate through.
 NO_DOUBLE_BACKWARD = {"scaled_dot_product_attention_bwd",
                       "scaled_dot_product_attention_qkvpacked_bwd", "window_attention_bwd",
-                      "window_attention_qkvpacked_bwd", "elsa_attention_bwd"}
+                      "window_attention_qkvpacked_bwd", "elsa_attention_bwd",
+                      "talking_heads_attention_bwd"}
 
 KERNEL_BACKENDS = ("triton", "cuda")
 BACKENDS = ("reference",) + KERNEL_BACKENDS
@@ -269,6 +285,14 @@ def _elsa_call(backend):
     return fn, [_r(1, 4, 4, 5), _r(1, 18, 4, 5), _r(4, 3, 3), _r(4, 3, 3)]
 
 
+def _talking_heads_call(backend):
+    def fn(q, k, v, wl, bl, ww, bw):
+        return pyvit_ops.talking_heads_attention(q, k, v, wl, bl, ww, bw, scale=0.5,
+                                                 backend=backend)
+    return fn, [_r(1, 2, 5, 4), _r(1, 2, 5, 4), _r(1, 2, 5, 4), _r(2, 2), _r(2), _r(2, 2),
+                _r(2)]
+
+
 def _avg_pool_call(backend):
     def fn(x):
         return pyvit_ops.avg_pool2d(x, 3, stride=2, padding=1, backend=backend)
@@ -289,6 +313,7 @@ OPERATOR_CASES = {
     "elsa_attention": _elsa_call,
     "avg_pool2d": _avg_pool_call,
     "poolformer_pool": _poolformer_call,
+    "talking_heads_attention": _talking_heads_call,
 }
 
 
@@ -307,6 +332,9 @@ COMPILE_MODES = [pytest.param(b, None, 1e-5, id=b) for b in BACKENDS] + [
 @pytest.mark.parametrize("backend, autocast, tol", COMPILE_MODES)
 @pytest.mark.parametrize("name", list(OPERATOR_CASES))
 def test_compile_operator(name, backend, autocast, tol, request):
+    op = name.removesuffix("_qkvpacked").replace("poolformer_pool", "avg_pool2d")
+    if backend not in capabilities.declared_backends(op):
+        pytest.skip(f"{op} has no {backend} kernels")
     _use(backend, request)
     torch.manual_seed(0)
     fn, inputs = OPERATOR_CASES[name](backend)
@@ -326,7 +354,7 @@ def test_compile_window_attention_dynamic(name, backend, request):
 
 def _module_cases():
     """name -> (module maker, input shape, the forward's other arguments)."""
-    from timm.models import eva, maxxvit, pvt_v2, twins
+    from timm.models import beit, eva, maxxvit, pvt_v2, twins
     nn = pyvit_ops.nn
     rel_mlp = functools.partial(maxxvit.RelPosMlp, window_size=(2, 2))
     return {
@@ -345,9 +373,14 @@ def _module_cases():
         "EvaAttention": (lambda: nn.EvaAttention.from_timm(
             eva.EvaAttention(8, 2, norm_layer=torch.nn.LayerNorm)), (2, 5, 8), {}),
         # eval(): RelPosMlp's dropout.
-        "BlockAttention": (lambda: nn.BlockAttention.from_timm(maxxvit.AttentionCl(
+        "PartitionAttention": (lambda: nn.PartitionAttention.from_timm(maxxvit.AttentionCl(
             8, 8, dim_head=4, rel_pos_cls=rel_mlp)).eval(), (1, 4, 2, 8),
             dict(window_size=2)),
+        "BeitAttention": (lambda: nn.BeitAttention.from_timm(beit.Attention(
+            8, 2, qkv_bias=True, window_size=(2, 2))), (2, 5, 8), {}),
+        "TalkingHeadsAttention": (lambda: nn.TalkingHeadsAttention(8, num_heads=2,
+                                                                   qkv_bias=True),
+                                  (2, 5, 8), {}),
     }
 
 
@@ -355,11 +388,14 @@ def test_every_module_is_covered():
     assert set(pyvit_ops.nn.__all__) == set(_module_cases())
 
 
-# WindowAttentionV2's cosine attention runs where the capability data says it does.
+# WindowAttentionV2's cosine attention and talking heads run where the capability data
+# says they do.
 @pytest.mark.parametrize("name,backend", [
-    (name, backend) for name in pyvit_ops.nn.__all__
-    for backend in BACKENDS if name != "WindowAttentionV2" or
-    "cosine" in capabilities.capability("window_attention", backend).features])
+    (name, backend) for name in pyvit_ops.nn.__all__ for backend in BACKENDS
+    if (name != "WindowAttentionV2" or
+        "cosine" in capabilities.capability("window_attention", backend).features)
+    and (name != "TalkingHeadsAttention" or
+         backend in capabilities.declared_backends("talking_heads_attention"))])
 def test_compile_module(name, backend, request):
     _use(backend, request)
     torch.manual_seed(0)

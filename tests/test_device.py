@@ -108,6 +108,10 @@ def _sdpa_calls():
     mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(2)) > 0.3
     _backward(pyvit_ops.scaled_dot_product_attention(q, k, v, mask, backend="triton"))
     sdpa_kernels.dropout_keep_mask(torch.tensor([5]), (1, 2, 3, 4), 0.5)
+    # BEiT's relative-position table (with a class token): its dtable kernel.
+    qkv, table = _leaves((2, 7, 3, 2, 8), (18, 2))
+    _backward(pyvit_ops.scaled_dot_product_attention_qkvpacked(
+        qkv, rel_pos_table=table, rel_pos_grid=(2, 3), backend="triton"))
 
 
 def _window_calls():
@@ -145,8 +149,16 @@ def _pool_calls():
     _backward(pyvit_ops.poolformer_pool(x, 3, backend="triton"))
 
 
+def _talking_heads_calls():
+    """Forward and backward (dq, dk, dv kernels with the head-mix gradients)."""
+    q, k, v, wl, bl, ww, bw = _leaves(*[(1, 2, 5, 8)] * 3, (2, 2), (2,), (2, 2), (2,))
+    _backward(pyvit_ops.talking_heads_attention(q, k, v, wl, bl, ww, bw, scale=0.3,
+                                                backend="triton"))
+
+
 OP_CALLS = {"scaled_dot_product_attention": _sdpa_calls, "window_attention": _window_calls,
-            "elsa_attention": _elsa_calls, "avg_pool2d": _pool_calls}
+            "elsa_attention": _elsa_calls, "avg_pool2d": _pool_calls,
+            "talking_heads_attention": _talking_heads_calls}
 
 
 def _kernel_names(module):

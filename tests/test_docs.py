@@ -14,11 +14,12 @@ import pyvit_ops
 MODULES = [
     "pyvit_ops", "pyvit_ops.nn", "pyvit_ops.nn.attention", "pyvit_ops.nn.elsa",
     "pyvit_ops.nn.pooling", "pyvit_ops.nn.window_attention", "pyvit_ops.nn._timm", "pyvit_ops.patch",
-    "pyvit_ops.nn.eva", "pyvit_ops.nn.maxvit", "pyvit_ops.nn.twins", "pyvit_ops.nn.spatial_reduction",
+    "pyvit_ops.nn.eva", "pyvit_ops.nn.maxvit", "pyvit_ops.nn.cait", "pyvit_ops.nn.twins", "pyvit_ops.nn.spatial_reduction",
     "pyvit_ops.testing.coverage",
     "pyvit_ops.info", "pyvit_ops.check", "pyvit_ops._backend", "pyvit_ops.capabilities",
     *(f"pyvit_ops.{pkg}.{op}" for pkg in ("ops", "reference") for op in (
-        "scaled_dot_product_attention", "window_attention", "elsa_attention", "avg_pool2d")),
+        "scaled_dot_product_attention", "window_attention", "elsa_attention", "avg_pool2d",
+        "talking_heads_attention")),
 ]
 
 API_REFERENCE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api.md"

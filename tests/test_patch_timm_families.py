@@ -1,4 +1,4 @@
-"""pyvit_ops.patch_timm on the PVT v2, Twins, EVA02 and MaxViT families: small timm
+"""pyvit_ops.patch_timm on the PVT v2, Twins, EVA02, MaxViT, BEiT and CaiT families: small timm
 models patched against unpatched (outputs, input and parameter gradients) on the
 reference backend in float64, the Triton kernels (interpreter) and the CUDA kernels
 (host emulation) in float32; every attention module of the family swapped, state_dict
@@ -51,12 +51,27 @@ def _eva02():
 
 
 def _maxvit():
-    # maxvit_rmlp (MLP position bias) with 4x2 block windows on a 4x4 map; the grid
-    # attention block stays timm's.
+    # maxvit_rmlp (MLP position bias) with 4x2 block and grid windows on a 4x4 map.
     return timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=16,
                              embed_dim=(16,), depths=(1,), stem_width=(8, 8),
                              transformer_dim_head=8, transformer_rel_pos_dim=16,
                              transformer_window_size=(4, 2), num_classes=10), (2, 3, 16, 16)
+
+
+def _beit(depth=1, **pos):
+    from timm.models.beit import Beit
+
+    # A 3x5 patch grid behind the class token (16 tokens, table rows 5 * 9 + 3).
+    return Beit(img_size=(24, 40), patch_size=8, embed_dim=32, depth=depth, num_heads=2,
+                init_values=0.1, num_classes=10, **pos), (2, 3, 24, 40)
+
+
+def _cait():
+    # A talking-heads block (25 tokens: two query / key tiles, 4 heads) and a class
+    # attention block.
+    return timm.create_model("cait_xxs24_224", pretrained=False, img_size=80, embed_dim=32,
+                             depth=1, depth_token_only=1, num_heads=4,
+                             num_classes=10), (2, 3, 80, 80)
 
 
 # name: (maker, coverage family whose attention classes must all be swapped). One stage
@@ -68,11 +83,24 @@ MODELS = {
     "twins_svt": (lambda: _twins((7,), (2,), (2, 3, 24, 36)), "Twins-SVT"),
     "eva02": (_eva02, "EVA02"),
     "maxvit": (_maxvit, "MaxViT"),
+    # The block's table gathered in the kernels.
+    "beit": (lambda: _beit(use_abs_pos_emb=False, use_rel_pos_bias=True), "BEiT"),
+    # One model-level table shared by two blocks: its dense bias as attn_bias.
+    "beit_shared": (lambda: _beit(2, use_abs_pos_emb=False, use_shared_rel_pos_bias=True),
+                    "BEiT"),
+    "cait": (_cait, "CaiT"),
 }
+# Models holding an operator without CUDA kernels (talking_heads_attention): a forced
+# "cuda" backend raises BackendUnavailableError there.
+NO_CUDA = {"cait"}
 FLOAT64_MODELS = {
     "pvt_v2_linear": (lambda: _pvt_v2(True), "PVT v2"),
     # sr_ratio 2 on an 8x8 map, then 1 (GlobalSubSampleAttn without reduction).
     "twins_pcpvt": (lambda: _twins(None, (1, 1), (2, 3, 32, 32)), "Twins-PCPVT"),
+    # Absolute positions, no table: plain attention.
+    "beit_abs_pos": (lambda: _beit(use_abs_pos_emb=True), "BEiT"),
+    # A block table and the shared one: their sum as attn_bias.
+    "beit_both": (lambda: _beit(use_rel_pos_bias=True, use_shared_rel_pos_bias=True), "BEiT"),
 }
 ALL_MODELS = {**MODELS, **FLOAT64_MODELS}
 MIXERS = {family.name: family.mixers for family in coverage.FAMILIES}
@@ -106,7 +134,8 @@ def _unswapped(model, family):
 
 @pytest.mark.parametrize("name,backend,dtype,atol,rtol", [
     pytest.param(name, *case, id=f"{name}-{case[0]}") for name in ALL_MODELS
-    for case in (CASES[:1] if name in FLOAT64_MODELS else CASES)])
+    for case in (CASES[:1] if name in FLOAT64_MODELS else CASES)
+    if not (name in NO_CUDA and case[0] == "cuda")])
 def test_patched_family_matches_timm(name, backend, dtype, atol, rtol):
     use_backend(backend)
     torch.manual_seed(0)
@@ -115,12 +144,7 @@ def test_patched_family_matches_timm(name, backend, dtype, atol, rtol):
     model = _randomized(model).to(dtype).eval()
     patched = pyvit_ops.patch_timm(copy.deepcopy(model), backend=backend)
     left = _unswapped(patched, family)
-    if name == "maxvit":  # grid attention stays timm's, block attention is swapped
-        assert left and all(not patched.get_submodule(n[:-len(".attn")]).partition_block
-                            for n in left)
-        assert any(isinstance(m, pnn.BlockAttention) for m in patched.modules())
-    else:
-        assert not left, f"not swapped: {left}"
+    assert not left, f"not swapped: {left}"
     assert patched.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(shape, dtype=dtype)
     _assert_same_results(_run(model, x), _run(patched, x), atol, rtol)
@@ -180,25 +204,43 @@ def test_eva_attention_masks_match_timm():
                              1e-10, 1e-10)
 
 
-# (rel_pos_type, head_first): each of timm's position modules, both qkv channel orders.
-MAXVIT_BLOCKS = [("bias", True), ("bias", False), ("bias_tf", False), ("mlp", True), ("", True)]
+# (partition, rel_pos_type, head_first): each of timm's position modules, both qkv channel
+# orders, block and grid partitions.
+MAXVIT_BLOCKS = [("block", "bias", True), ("block", "bias", False), ("block", "bias_tf", False),
+                 ("block", "mlp", True), ("block", "", True), ("grid", "bias", False),
+                 ("grid", "mlp", True)]
 
 
-@pytest.mark.parametrize("rel_pos_type,head_first", MAXVIT_BLOCKS, ids=str)
-def test_maxvit_block_attention_matches_timm(rel_pos_type, head_first):
+@pytest.mark.parametrize("partition,rel_pos_type,head_first", MAXVIT_BLOCKS, ids=str)
+def test_maxvit_partition_attention_matches_timm(partition, rel_pos_type, head_first):
     from timm.models.maxxvit import MaxxVitTransformerCfg, PartitionAttentionCl
 
     torch.manual_seed(0)
-    cfg = MaxxVitTransformerCfg(dim_head=8, window_size=(2, 3), rel_pos_type=rel_pos_type,
-                                head_first=head_first, rel_pos_dim=16)
-    block = _randomized(PartitionAttentionCl(16, "block", cfg)).double().eval()
+    cfg = MaxxVitTransformerCfg(dim_head=8, window_size=(2, 3), grid_size=(2, 3),
+                                rel_pos_type=rel_pos_type, head_first=head_first,
+                                rel_pos_dim=16)
+    block = _randomized(PartitionAttentionCl(16, partition, cfg)).double().eval()
     patched = pyvit_ops.patch_timm(copy.deepcopy(block), backend="reference")
-    assert isinstance(patched.attn, pnn.BlockAttention)
+    assert isinstance(patched.attn, pnn.PartitionAttention)
     x = torch.randn(2, 4, 6, 16, dtype=torch.float64)
     _assert_same_results(_run(block, x), _run(patched, x), 1e-10, 1e-10)
     patched.set_partition_size((4, 3))  # timm's resize of the position module
     block.set_partition_size((4, 3))
     _assert_same_results(_run(block, x), _run(patched, x), 1e-10, 1e-10)
+
+
+def test_beit_attention_set_input_size_matches_timm():
+    """timm's resize of the patch grid (``set_input_size``: ``set_window_size`` of every
+    block's table) on the patched model, whose kernels then gather the new grid."""
+    torch.manual_seed(0)
+    model, _ = _beit(use_abs_pos_emb=False, use_rel_pos_bias=True)
+    model = _randomized(model).double().eval()
+    patched = pyvit_ops.patch_timm(copy.deepcopy(model), backend="reference")
+    for m in (model, patched):
+        m.set_input_size(img_size=(32, 16))
+    assert patched.blocks[0].attn.relative_position_bias_table.shape == (7 * 3 + 3, 2)
+    x = torch.randn(2, 3, 32, 16, dtype=torch.float64)
+    _assert_same_results(_run(model, x), _run(patched, x), 1e-10, 1e-10)
 
 
 def test_twins_locally_grouped_attention_rejects_dropout():

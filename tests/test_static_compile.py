@@ -135,8 +135,8 @@ def test_occupancy(registers, shared, num_warps, arch, warps, limit):
         assert got_limit == limit
 
 
-KERNEL_MODULES = ["avg_pool2d", "scaled_dot_product_attention", "window_attention",
-                  "elsa_attention"]
+KERNEL_MODULES = ["avg_pool2d", "elsa_attention", "scaled_dot_product_attention",
+                  "talking_heads_attention", "window_attention"]
 
 
 def test_every_kernel_module_is_checked():

@@ -1,4 +1,4 @@
-"""MaxViT block (window) attention on pyvit_ops.window_attention."""
+"""MaxViT block (window) and grid attention on pyvit_ops.window_attention."""
 from torch import nn
 
 from pyvit_ops import _checks
@@ -38,15 +38,17 @@ def bias_table(rel_pos, num_heads):
                      f"{type(rel_pos).__name__}")
 
 
-class BlockAttention(nn.Module):
-    """MaxViT / MaxxViT block attention (non-overlapping windows with a relative position
-    bias), a drop-in for the ``attn`` (timm ``maxxvit.AttentionCl``) of a channels-last
-    ``PartitionAttentionCl`` block with ``partition_type="block"``, made by ``from_timm``.
+class PartitionAttention(nn.Module):
+    """MaxViT / MaxxViT block or grid attention (windows with a relative position bias),
+    a drop-in for the ``attn`` (timm ``maxxvit.AttentionCl``) of a channels-last
+    ``PartitionAttentionCl`` block, made by ``from_timm``.
 
-    ``forward(x: (B, H, W, dim), window_size) -> (B, H, W, dim)``: the qkv projection, the
-    partition into ``window_size`` windows, attention with the bias and the reverse as one
-    fused ``pyvit_ops.window_attention`` call (no partitioned copy), then ``proj``. H and W
-    must be multiples of the window, as timm asserts. The bias of ``rel_pos`` (any of
+    ``forward(x: (B, H, W, dim), window_size, partition="block") -> (B, H, W, dim)``: the
+    qkv projection, the partition into ``window_size`` windows (``"block"``: adjacent
+    tokens; ``"grid"``: tokens strided across the map, timm's ``grid_partition``),
+    attention with the bias and the reverse as one fused ``pyvit_ops.window_attention``
+    call (no partitioned copy), then ``proj``. H and W must be multiples of the window,
+    as timm asserts. The bias of ``rel_pos`` (any of
     timm's ``RelPosBias``, ``RelPosBiasTf``, ``RelPosMlp``) becomes the operator's table
     in PyTorch (``bias_table``), its gradient flowing back to timm's parameters. Both qkv
     channel orders (``head_first``) are read in place. Submodule names are timm's, so
@@ -64,9 +66,9 @@ class BlockAttention(nn.Module):
         bias_table(module.rel_pos, module.num_heads)
         return _timm.share(cls, module, "timm AttentionCl", _TIMM_PARTS, backend)
 
-    def forward(self, x, window_size):
+    def forward(self, x, window_size, partition="block"):
         """``x``: ``(B, H, W, dim)`` grid, H and W multiples of ``window_size`` (int or
-        ``(h, w)``) -> ``(B, H, W, dim)``."""
+        ``(h, w)``) -> ``(B, H, W, dim)``; ``partition``: "block" or "grid"."""
         _checks.check_features("x", x, 4, self.qkv.in_features, "(B, H, W, C)")
         B, H, W, _ = x.shape
         wh, ww = _checks.pair("window_size", window_size)
@@ -74,7 +76,8 @@ class BlockAttention(nn.Module):
             raise ValueError(f"x: expected H, W multiples of the window {(wh, ww)} (timm "
                              f"partitions without padding), got {(H, W)}")
         heads, D = self.num_heads, self.dim_head
-        kwargs = dict(window_size=(wh, ww), scale=self.scale, backend=self.backend)
+        kwargs = dict(window_size=(wh, ww), scale=self.scale, partition=partition,
+                      backend=self.backend)
         table = bias_table(self.rel_pos, heads)
         if self.head_first:  # channels (heads, 3, D): strided q, k, v views
             q, k, v = self.qkv(x).view(B, H, W, heads, 3, D).unbind(4)

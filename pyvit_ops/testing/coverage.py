@@ -38,6 +38,12 @@ def _create(name, **kwargs):
     return make
 
 
+def _vit_like(name, model, mixer):
+    """The ``Family`` of a plain ViT-shaped model: 16 channels in 2 heads, 48-pixel images."""
+    return Family(name, model, _create(model, img_size=48, embed_dim=16, num_heads=2),
+                  (2, 3, 48, 48), (mixer,))
+
+
 def _poolformer():
     from timm.models.metaformer import GroupNorm1, MetaFormer, Pooling
 
@@ -80,15 +86,9 @@ FAMILIES = [
            _create("swinv2_tiny_window8_256", img_size=(36, 44), embed_dim=8,
                    num_heads=(1, 2, 2, 4)), (2, 3, 36, 44),
            ("models.swin_transformer_v2.WindowAttention",)),
-    Family("ViT", "vit_tiny_patch16_224",
-           _create("vit_tiny_patch16_224", img_size=48, embed_dim=16, num_heads=2),
-           (2, 3, 48, 48), ("layers.Attention",)),
-    Family("DeiT", "deit_tiny_patch16_224",
-           _create("deit_tiny_patch16_224", img_size=48, embed_dim=16, num_heads=2),
-           (2, 3, 48, 48), ("layers.Attention",)),
-    Family("DeiT III", "deit3_small_patch16_224",
-           _create("deit3_small_patch16_224", img_size=48, embed_dim=16, num_heads=2),
-           (2, 3, 48, 48), ("layers.Attention",)),
+    _vit_like("ViT", "vit_tiny_patch16_224", "layers.Attention"),
+    _vit_like("DeiT", "deit_tiny_patch16_224", "layers.Attention"),
+    _vit_like("DeiT III", "deit3_small_patch16_224", "layers.Attention"),
     Family("CaiT", "cait_xxs24_224",
            _create("cait_xxs24_224", img_size=32, embed_dim=16, num_heads=2), (2, 3, 32, 32),
            ("models.cait.TalkingHeadAttn", "models.cait.ClassAttn")),
@@ -108,6 +108,8 @@ FAMILIES = [
     Family("EVA02", "eva02_tiny_patch14_224",
            _create("eva02_tiny_patch14_224", img_size=42, embed_dim=16, num_heads=2,
                    ref_feat_shape=(3, 3)), (2, 3, 42, 42), ("models.eva.EvaAttention",)),
+    _vit_like("BEiT", "beit_base_patch16_224", "models.beit.Attention"),
+    _vit_like("BEiT v2", "beitv2_base_patch16_224", "models.beit.Attention"),
     Family("MaxViT", "maxvit_rmlp_pico_rw_256",
            _create("maxvit_rmlp_pico_rw_256", img_size=64, embed_dim=(8, 16, 16, 32),
                    stem_width=(8, 8), transformer_dim_head=8, transformer_rel_pos_dim=16),
