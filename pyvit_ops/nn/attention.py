@@ -86,7 +86,31 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-class ClassAttn(nn.Module):
+class _CaitAttention(nn.Module):
+    """What CaiT's attention modules share with timm's: ``num_heads``, ``scale``,
+    ``backend``, ``attn_drop``, ``proj`` and ``proj_drop``; ``from_timm`` wraps a timm
+    module of the subclass's kind (``_TIMM``: its name in errors, the parts shared)."""
+
+    _TIMM = ("", ())
+
+    def __init__(self, dim, num_heads, attn_drop, proj_drop, backend):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.backend = backend
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_timm(cls, module, backend=None):
+        """Wrap the timm module, sharing its submodules (and so its parameters)."""
+        return _timm.share(cls, module, *cls._TIMM, backend)
+
+
+class ClassAttn(_CaitAttention):
     """CaiT class attention (the class token attends to all tokens: Nq = 1),
     a drop-in for ``timm.models.cait.ClassAttn`` with its parameter names (``q``,
     ``k``, ``v``, ``proj``).
@@ -96,25 +120,14 @@ class ClassAttn(nn.Module):
     ``pyvit_ops.scaled_dot_product_attention``.
     """
 
+    _TIMM = ("timm ClassAttn", _CLASS_ATTN_PARTS)
+
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0,
                  backend=None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.backend = backend
+        super().__init__(dim, num_heads, attn_drop, proj_drop, backend)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    @classmethod
-    def from_timm(cls, module, backend=None):
-        """Wrap a timm ``ClassAttn``, sharing its submodules (and so its parameters)."""
-        return _timm.share(cls, module, "timm ClassAttn", _CLASS_ATTN_PARTS, backend)
 
     def forward(self, x):
         """``x``: ``(B, N, dim)``, class token first -> ``(B, 1, dim)``."""

@@ -6,7 +6,7 @@ so timm checkpoints load unchanged.
 from torch import nn
 
 from pyvit_ops import _checks
-from pyvit_ops.nn import _timm
+from pyvit_ops.nn.attention import _CaitAttention
 from pyvit_ops.ops.talking_heads_attention import talking_heads_attention
 from pyvit_ops.reference import talking_heads_attention as reference
 
@@ -14,7 +14,7 @@ from pyvit_ops.reference import talking_heads_attention as reference
 _PARTS = ("num_heads", "scale", "qkv", "attn_drop", "proj", "proj_l", "proj_w", "proj_drop")
 
 
-class TalkingHeadsAttention(nn.Module):
+class TalkingHeadsAttention(_CaitAttention):
     """Talking-heads attention, a drop-in for ``timm.models.cait.TalkingHeadAttn``
     (CaiT's self-attention blocks): heads mixed by ``proj_l`` before the softmax and by
     ``proj_w`` after it, in one fused operator that keeps no (B, heads, N, N) tensor.
@@ -26,25 +26,14 @@ class TalkingHeadsAttention(nn.Module):
     kernels have no attention dropout.
     """
 
+    _TIMM = ("timm TalkingHeadAttn", _PARTS)
+
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0,
                  backend=None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.backend = backend
+        super().__init__(dim, num_heads, attn_drop, proj_drop, backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
         self.proj_l = nn.Linear(num_heads, num_heads)
         self.proj_w = nn.Linear(num_heads, num_heads)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    @classmethod
-    def from_timm(cls, module, backend=None):
-        """Wrap a timm ``TalkingHeadAttn``, sharing its submodules (and so its parameters)."""
-        return _timm.share(cls, module, "timm TalkingHeadAttn", _PARTS, backend)
 
     def forward(self, x):
         """``x``: ``(B, N, dim)`` -> ``(B, N, dim)``."""
