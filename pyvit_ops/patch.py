@@ -115,7 +115,7 @@ def patch_timm(model, backend=None):
     ``backend``: None (automatic per call), "reference", "triton" or "cuda"; the
     ``PYVIT_OPS_BACKEND`` environment variable applies when it is None.
     Raises ValueError for what the fused modules cannot express: attention dropout in
-    a window module (Swin, Twins' ``LocallyGroupedAttn``, MaxViT block attention), a
+    a window module (Swin, Twins' ``LocallyGroupedAttn``, MaxViT partition attention), a
     gated timm ``Attention``, a MaxViT relative position module other than timm's three;
     and when ``model`` holds none of those modules (nor already patched ones): a model
     that is not one of these timm families would otherwise run unchanged, silently.

@@ -912,10 +912,11 @@ BAD_CALLS = [
     bad_call(_valid, dict(mask_value=float("nan")),
              ValueError, "mask_value: expected a number below"),
     bad_call(_valid, dict(backend=1), ValueError, "backend: expected one of"),
-    bad_call(_valid, dict(window_size=9, shift_size=0, rel_pos_bias_table=randn(289, 2),
-                          q=randn(1, 9, 9, 2, 4), k=randn(1, 9, 9, 2, 4), v=randn(1, 9, 9, 2, 4),
-                          pad_kv=None, backend="cuda"),
-             _backend.BackendUnavailableError, "window area 9x9 = 81 > 64"),
+    bad_call(_valid, dict(window_size=(25, 24), shift_size=0,
+                          rel_pos_bias_table=randn(49 * 47, 2), q=randn(1, 25, 24, 2, 4),
+                          k=randn(1, 25, 24, 2, 4), v=randn(1, 25, 24, 2, 4), pad_kv=None,
+                          backend="cuda"),
+             _backend.BackendUnavailableError, "window area 25x24 = 600 > 576"),
 ]
 
 
